@@ -1,0 +1,52 @@
+"""qwenhw's offload backend: torch + transformers + accelerate (+ DeepSpeed ZeRO-3), runs anywhere.
+
+Registers through the `qwenhw` entry point exactly as a third-party plugin would.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import qwenhw
+from qwenhw.backend import Availability, package_versions
+
+from . import planner
+
+
+class OffloadBackend(qwenhw.Backend):
+    name = "offload"
+    description = "torch + transformers + accelerate: CPU-only, GPU + host RAM + disk, MoE hybrid, DeepSpeed ZeRO-3"
+    vendors = ("cpu", "nvidia", "intel")
+    install = "pip install './plugins/offload[engine]'"
+
+    def software(self) -> Availability:
+        versions = package_versions("torch", "transformers", "accelerate", "deepspeed")
+        missing = [n for n in ("torch", "transformers", "accelerate") if versions[n] is None]
+        if missing:
+            return Availability(False, f"{', '.join(missing)} not installed", self.install,
+                                {k: v for k, v in versions.items() if v})
+        return Availability(True, "torch " + versions["torch"], None, {k: v for k, v in versions.items() if v})
+
+    def plans(self, spec, hardware, request) -> Iterable[qwenhw.Plan]:
+        plans = planner.plans(spec, hardware, request)
+        if request.engine:  # forced engine inside this backend
+            plans = [p for p in plans if p.engine == request.engine] or [
+                planner._unfit(spec, hardware, request, request.engine,
+                               f"the offload backend has no engine {request.engine!r} for this hardware "
+                               f"(engines: transformers, hybrid-moe, deepspeed-zero3)")]
+        return plans
+
+    def artifacts(self, plan) -> dict[str, str]:
+        from .artifacts import artifacts
+
+        return artifacts(plan)
+
+    def load(self, plan) -> qwenhw.Engine:
+        from .engines import load
+
+        return load(plan)
+
+
+@qwenhw.hookimpl
+def register_backends(register):
+    register(OffloadBackend())

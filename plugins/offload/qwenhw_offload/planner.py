@@ -1,0 +1,319 @@
+"""Plans of the offload backend: CPU-only, GPU + host RAM (+ disk), MoE hybrid, DeepSpeed ZeRO-3. Pure.
+
+Memory model (checked against measurements: tests for CPU RSS, bench/ for GPU peaks):
+  device total = weights placed there + KV cache for context x concurrency + activation peak + runtime.
+Speed model: decode reads every resident weight byte once per token from where it lives; weights that
+live off the computing device cross the host link (accelerate streams them), except in the MoE hybrid
+engine, where routed experts are computed by the CPU from host RAM.
+"""
+
+from __future__ import annotations
+
+import math
+
+from qwenhw.hardware.profile import GiB, HardwareProfile, Node
+from qwenhw.models import memory as mm
+from qwenhw.models.spec import ModelSpec
+from qwenhw.planning.layout import experts_touched
+from qwenhw.planning.plan import DeviceUse, Estimate, Offload, Parallel, Plan, Request
+from qwenhw.planning.precision import stored_dtype, with_weight_dtype
+
+from .placement import place
+
+PREFILL_CHUNK = 2048  # tokens one forward pass sees at most when we plan the activation peak
+CUDA_CONTEXT = 0.55 * GiB  # CUDA context + cuBLAS workspaces, outside torch's allocator statistics
+CPU_RUNTIME = 16 * 2**20  # allocator slack seen on top of weights in CPU runs (tests measure it)
+RAM_HEADROOM = 0.85  # leave the OS and the page cache some room
+GPU_UTILISATION = 0.92
+CPU_EFFICIENCY = 0.6  # fraction of RAM bandwidth torch's CPU kernels reach at batch 1
+DEFAULT_CONTEXT = 8192
+
+
+def activation_bytes(spec: ModelSpec, context: int, concurrency: int) -> float:
+    """Peak activation bytes of one forward pass (prefill of up to PREFILL_CHUNK tokens per sequence).
+
+    Hidden states, q/k/v, the MLP or routed-expert intermediates, fp32 router logits and fp32 LM-head
+    logits for the last position.
+    """
+    tokens = concurrency * min(context, PREFILL_CHUNK)
+    h = spec.hidden_size
+    attn = h + (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim * 2
+    if spec.moe:
+        mlp = spec.moe.top_k * (h + 3 * spec.moe.moe_intermediate_size) + 2 * spec.moe.num_experts
+    else:
+        mlp = 3 * spec.intermediate_size
+    logits = concurrency * spec.vocab_size * 4 * 2  # fp32 logits and their softmax
+    return tokens * (4 * h + attn + mlp) * 2 + logits
+
+
+def kv_bytes(spec: ModelSpec, context: int, concurrency: int, kv_dtype: str) -> float:
+    return (mm.kv_bytes_per_token(spec, kv_dtype) * context + mm.linear_state_bytes_per_seq(spec)) * concurrency
+
+
+def cpu_dtype(spec: ModelSpec, node: Node, requested: str | None) -> str:
+    if requested not in (None, "auto"):
+        return requested
+    stored = stored_dtype(spec)
+    if stored in ("bf16", "fp16") and not node.cpu.native_bf16:
+        return "fp32"  # without AVX512-BF16/AMX, bf16 matmuls are emulated and slow
+    return stored if stored in ("bf16", "fp16", "fp32") else "bf16"
+
+
+def plans(spec: ModelSpec, hw: HardwareProfile, req: Request) -> list[Plan]:
+    node = hw.node
+    if spec.quant.method is not None and req.dtype in (None, "auto"):
+        # transformers on CPU cannot run FP8-block or AWQ/GPTQ kernels: serve dequantized in bf16
+        req_dtype = "bf16"
+    else:
+        req_dtype = req.dtype
+    if req_dtype in ("fp8", "int4", "int8"):
+        why = (f"the offload backend runs {req_dtype} only through other engines; use --backend vllm "
+               f"(GPU) or intel (ipex-llm low-bit) for {req_dtype}, or --dtype bf16 here")
+        return [_unfit(spec, hw, req, "transformers", why)]
+    context = req.context or min(spec.max_position, DEFAULT_CONTEXT)
+    kv_dtype = "bf16" if req.kv_dtype in (None, "auto") else req.kv_dtype
+    out = [cpu_plan(spec, hw, req, req_dtype, context, kv_dtype)]
+    gpus = node.gpus("nvidia") or node.gpus("intel")
+    if gpus:
+        out.append(gpu_plan(spec, hw, req, req_dtype or "auto", context, kv_dtype, hybrid=False))
+        if spec.is_moe:
+            out.append(gpu_plan(spec, hw, req, req_dtype or "auto", context, kv_dtype, hybrid=True))
+    out.append(zero3_plan(spec, hw, req, req_dtype, context, kv_dtype))
+    return out
+
+
+def _ram_budget(node: Node, req: Request) -> float:
+    if req.cpu_memory_gib is not None:
+        return req.cpu_memory_gib * GiB
+    ram = node.cpu.ram_available_bytes or node.cpu.ram_bytes
+    return ram * RAM_HEADROOM
+
+
+def _context_fit(fixed: float, per_token: float, room: float, spec: ModelSpec, concurrency: int) -> int:
+    if per_token <= 0:
+        return spec.max_position
+    return max(0, min(spec.max_position, int((room - fixed) / (per_token * concurrency))))
+
+
+def cpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str | None, context: int,
+             kv_dtype: str) -> Plan:
+    """transformers on the CPU; layers that do not fit in RAM are memory-mapped from disk."""
+    node = hw.node
+    dt = cpu_dtype(spec, node, dtype)
+    served = with_weight_dtype(spec, dt)
+    wb = mm.weight_bytes_split(served)
+    ram = _ram_budget(node, req)
+    kv = kv_bytes(served, context, req.concurrency, kv_dtype)
+    act = activation_bytes(served, context, req.concurrency)
+    runtime = CPU_RUNTIME
+    room = ram - kv - act - runtime
+    disk_room = node.disk.free_bytes * 0.9
+    placement = place(served, [("cpu", max(room, 0.0)), ("disk", disk_room)], experts_last=False)
+    reasons = [f"CPU-only: {node.cpu.physical_cores} physical cores, weights in {dt}"
+               + (" (AVX512-BF16/AMX present)" if dt == "bf16" and node.cpu.native_bf16 else "")]
+    if dt == "fp32" and stored_dtype(spec) in ("bf16", "fp16"):
+        reasons.append("this CPU lacks AVX512-BF16/AMX: fp32 doubles the weights but avoids emulated bf16")
+    fits = placement is not None and room > 0
+    disk = placement.used.get("disk", 0.0) if placement else 0.0
+    cpu_w = placement.used.get("cpu", 0.0) if placement else wb.total
+    if not fits:
+        reasons.insert(0, f"needs {(wb.total + kv + act) / GiB:.1f} GiB; host RAM budget {ram / GiB:.1f} GiB and "
+                          f"disk {disk_room / GiB:.0f} GiB free cannot hold it")
+    elif disk:
+        reasons.append(f"{disk / GiB:.2f} GiB of layers do not fit the {ram / GiB:.2f} GiB RAM budget: "
+                       f"memory-mapped from {node.disk.path} (slow: {node.disk.read_gbs:.1f} GB/s)")
+    est = _cpu_estimate(served, node, req.concurrency, disk_fraction=disk / max(wb.total, 1))
+    devices = (DeviceUse("cpu", "cpu", ram / GiB, cpu_w / GiB, kv / GiB, (act + runtime) / GiB),)
+    if disk:
+        devices += (DeviceUse("disk", "disk", disk_room / GiB, disk / GiB),)
+    per_token = mm.kv_bytes_per_token(served, kv_dtype)
+    return Plan(
+        model=spec.name, backend="offload", engine="transformers", fits=fits, parallel=Parallel(),
+        devices=devices, offload=Offload(cpu_gib=0.0, disk_gib=disk / GiB), context=context,
+        max_context=_context_fit(cpu_w + act + runtime, per_token, ram, served, req.concurrency) if not disk else context,
+        concurrency=req.concurrency, dtype=dt, kv_dtype=kv_dtype, estimate=est, reasons=tuple(reasons),
+        config={"device_map": placement.device_map if placement else {}, "dtype": dt, "main_device": "cpu",
+                "threads": node.cpu.physical_cores, "offload_folder": None if not disk else "auto"},
+    )
+
+
+def _cpu_estimate(spec: ModelSpec, node: Node, concurrency: int, disk_fraction: float = 0.0) -> Estimate:
+    bw = max(node.cpu.memory_bandwidth_gbs, 1.0) * 1e9 * CPU_EFFICIENCY
+    stream = _stream_bytes(spec, concurrency)
+    t = stream * (1 - disk_fraction) / bw + stream * disk_fraction / (node.disk.read_gbs * 1e9)
+    flops = 2 * spec.active_params() * concurrency
+    t = max(t, flops / (max(node.cpu.bf16_tflops, 0.05) * 1e12 * 0.4))
+    prefill = max(node.cpu.bf16_tflops, 0.05) * 1e12 * 0.4 / (2 * spec.active_params())
+    bound = "disk reads" if disk_fraction > 0.05 else "host RAM bandwidth"
+    return Estimate(1 / t, concurrency / t, prefill, bound)
+
+
+def _stream_bytes(spec: ModelSpec, batch: int) -> float:
+    wb = mm.weight_bytes_split(spec)
+    head = wb.embeddings if spec.tie_embeddings else wb.embeddings / 2
+    experts = experts_touched(spec, batch) * mm.expert_bytes(spec) * spec.num_moe_layers if spec.moe else 0.0
+    return wb.non_expert + head + experts
+
+
+def gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, context: int, kv_dtype: str,
+             hybrid: bool) -> Plan:
+    """One GPU plus host RAM (plus disk). `hybrid`: MoE experts computed on the CPU, hot ones cached on GPU."""
+    node = hw.node
+    gpu = (node.gpus("nvidia") or node.gpus("intel"))[0]
+    served = with_weight_dtype(spec, dtype if dtype != "auto" else "auto")
+    if served.quant.method is not None:
+        served = with_weight_dtype(spec, "bf16")
+    dt = stored_dtype(served)
+    wb = mm.weight_bytes_split(served)
+    cap = gpu.memory_bytes * GPU_UTILISATION
+    if req.gpu_memory_gib is not None:
+        cap = min(cap, req.gpu_memory_gib * GiB)
+    kv = kv_bytes(served, context, req.concurrency, kv_dtype)
+    act = activation_bytes(served, context, req.concurrency)
+    room = cap - kv - act - CUDA_CONTEXT
+    ram = _ram_budget(node, req)
+    dev = gpu.device_id
+    engine = "hybrid-moe" if hybrid else "transformers"
+    if hybrid:
+        # experts all live in host RAM (the CPU computes them); the GPU keeps the rest + a hot-expert cache
+        placement = place(served, [(dev, max(room, 0.0)), ("cpu", ram)], experts_last=True)
+        if placement is not None:
+            experts_gpu = placement.expert_bytes_on.get(dev, 0.0)
+            cache = experts_gpu
+            for name, where in list(placement.device_map.items()):
+                if name.endswith(".mlp.experts"):
+                    placement.device_map[name] = "cpu"
+            placement.used[dev] -= experts_gpu
+            placement.used["cpu"] = placement.used.get("cpu", 0.0) + experts_gpu
+        else:
+            cache = 0.0
+    else:
+        placement = place(served, [(dev, max(room, 0.0)), ("cpu", ram), ("disk", node.disk.free_bytes * 0.9)],
+                          experts_last=spec.is_moe)
+        cache = 0.0
+    reasons: list[str] = []
+    fits = placement is not None and room > 0
+    gpu_w = placement.used.get(dev, 0.0) if placement else 0.0
+    cpu_w = placement.used.get("cpu", 0.0) if placement else 0.0
+    disk_w = placement.used.get("disk", 0.0) if placement else 0.0
+    if room <= 0:
+        reasons.append(f"KV cache ({kv / GiB:.1f} GiB) and activations ({act / GiB:.1f} GiB) alone exceed the "
+                       f"{cap / GiB:.1f} GiB GPU budget: lower --context or --concurrency")
+    elif placement is None:
+        reasons.append(f"weights ({wb.total / GiB:.1f} GiB) exceed GPU {room / GiB:.1f} + RAM {ram / GiB:.1f} GiB")
+    if hybrid and fits:
+        reasons.append(
+            f"MoE hybrid: attention, norms, router and embeddings on {dev} ({gpu_w / GiB:.1f} GiB); all routed "
+            f"experts in host RAM ({cpu_w / GiB:.1f} GiB) computed by {node.cpu.physical_cores} CPU cores; "
+            f"{cache / GiB:.1f} GiB of GPU memory left for a cache of the most-used experts"
+        )
+    elif fits and (cpu_w or disk_w):
+        what = "routed experts first" if spec.is_moe else "whole layers"
+        reasons.append(f"{gpu_w / GiB:.1f} GiB on {dev}; {cpu_w / GiB:.1f} GiB in host RAM and "
+                       f"{disk_w / GiB:.1f} GiB on disk ({what} offloaded; accelerate streams them per token)")
+    elif fits:
+        reasons.append(f"everything fits on {dev} ({gpu_w / GiB:.1f} GiB of weights)")
+    est = _gpu_estimate(served, node, gpu, req.concurrency, context, kv_dtype, gpu_w, cpu_w, disk_w, hybrid, cache,
+                        wb.experts)
+    devices = [DeviceUse(dev, f"{gpu.vendor}-gpu", cap / GiB, gpu_w / GiB + cache / GiB, kv / GiB,
+                         (act + CUDA_CONTEXT) / GiB)]
+    if cpu_w:
+        devices.append(DeviceUse("cpu", "cpu", ram / GiB, cpu_w / GiB))
+    if disk_w:
+        devices.append(DeviceUse("disk", "disk", node.disk.free_bytes * 0.9 / GiB, disk_w / GiB))
+    per_token = mm.kv_bytes_per_token(served, kv_dtype)
+    return Plan(
+        model=spec.name, backend="offload", engine=engine, fits=fits, parallel=Parallel(), devices=tuple(devices),
+        offload=Offload(cpu_gib=cpu_w / GiB, disk_gib=disk_w / GiB, experts_on_cpu=spec.is_moe and cpu_w > 0,
+                        gpu_expert_cache_gib=cache / GiB),
+        context=context,
+        max_context=_context_fit(gpu_w + cache + act + CUDA_CONTEXT, per_token, cap, served, req.concurrency),
+        concurrency=req.concurrency, dtype=dt, kv_dtype=kv_dtype, estimate=est, reasons=tuple(reasons),
+        config={"device_map": placement.device_map if placement else {}, "dtype": dt, "main_device": dev,
+                "threads": node.cpu.physical_cores, "expert_cache_bytes": int(cache),
+                "offload_folder": "auto" if disk_w else None},
+    )
+
+
+def _gpu_estimate(spec, node, gpu, concurrency, context, kv_dtype, gpu_w, cpu_w, disk_w, hybrid, cache,
+                  experts_total) -> Estimate:
+    total = gpu_w + cpu_w + disk_w + cache or 1.0
+    stream = _stream_bytes(spec, concurrency)
+    kv_read = concurrency * context / 2 * mm.kv_bytes_per_token(spec, kv_dtype)
+    gpu_bw = gpu.bandwidth_gbs * 1e9 * 0.75
+    if hybrid and spec.moe:
+        expert_stream = experts_touched(spec, concurrency) * mm.expert_bytes(spec) * spec.num_moe_layers
+        hit = cache / experts_total if experts_total else 0.0  # uniform routing: cache hit rate = share cached
+        t = (stream - expert_stream + kv_read) / gpu_bw
+        t += expert_stream * (1 - hit) / (max(node.cpu.memory_bandwidth_gbs, 1) * 1e9 * CPU_EFFICIENCY)
+        t += expert_stream * hit / gpu_bw
+        t += spec.num_moe_layers * 2 * 25e-6  # two host<->device hops per MoE layer
+        bound = "host RAM bandwidth (CPU experts)"
+    else:
+        frac_gpu, frac_cpu, frac_disk = gpu_w / total, cpu_w / total, disk_w / total
+        t = (stream * frac_gpu + kv_read) / gpu_bw
+        t += stream * frac_cpu / (node.host_to_device_gbs * 1e9 * 0.5)  # accelerate copies, unpinned
+        t += stream * frac_disk / (node.disk.read_gbs * 1e9)
+        bound = "GPU memory bandwidth" if frac_cpu + frac_disk < 0.02 else "host-to-GPU copies"
+    # transformers' per-token Python and kernel-launch overhead bounds small models (~3 ms per layer set)
+    t = max(t, spec.num_layers * 0.3e-3)
+    prefill = gpu.bf16_tflops * 1e12 * 0.4 / (2 * spec.active_params())
+    return Estimate(1 / t, concurrency / t, prefill, bound)
+
+
+def zero3_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str | None, context: int,
+               kv_dtype: str) -> Plan:
+    """DeepSpeed ZeRO-3 inference: parameters live in host RAM (or NVMe) and are gathered layer by layer."""
+    node = hw.node
+    gpus = node.gpus("nvidia")
+    dt = cpu_dtype(spec, node, dtype) if not gpus else (stored_dtype(spec) if spec.quant.method is None else "bf16")
+    served = with_weight_dtype(spec, dt)
+    wb = mm.weight_bytes_split(served)
+    ram = _ram_budget(node, req)
+    kv = kv_bytes(served, context, req.concurrency, kv_dtype)
+    act = activation_bytes(served, context, req.concurrency)
+    largest_layer = max(sum(served.layer_params(i)) for i in range(served.num_layers)) * wb.total / max(served.total_params(), 1)
+    nvme = wb.total > ram * 0.9
+    reasons = [f"DeepSpeed ZeRO-3 inference: parameters offloaded to {'NVMe' if nvme else 'host RAM'} and "
+               f"fetched one layer at a time (largest layer {largest_layer / GiB:.2f} GiB)"]
+    compute = gpus[0].device_id if gpus else "cpu"
+    if gpus:
+        cap = gpus[0].memory_bytes * GPU_UTILISATION if req.gpu_memory_gib is None else req.gpu_memory_gib * GiB
+        on_dev = 2 * largest_layer + wb.embeddings + kv + act + CUDA_CONTEXT
+        fits = on_dev <= cap and (wb.total <= ram or node.disk.free_bytes > wb.total * 1.2)
+        devices = (DeviceUse(compute, "nvidia-gpu", cap / GiB, (2 * largest_layer + wb.embeddings) / GiB, kv / GiB,
+                             (act + CUDA_CONTEXT) / GiB),
+                   DeviceUse("cpu", "cpu", ram / GiB, 0.0 if nvme else wb.total / GiB))
+        link = node.host_to_device_gbs * 1e9 * 0.7
+    else:
+        on_dev = wb.total + kv + act + CPU_RUNTIME
+        fits = on_dev <= ram or (nvme and node.disk.free_bytes > wb.total * 1.2)
+        devices = (DeviceUse("cpu", "cpu", ram / GiB, (0.0 if nvme else wb.total) / GiB, kv / GiB,
+                             (act + CPU_RUNTIME) / GiB),)
+        link = max(node.cpu.memory_bandwidth_gbs, 1.0) * 1e9 * 0.3  # gather = copy inside RAM
+    if nvme:
+        devices += (DeviceUse("disk", "disk", node.disk.free_bytes * 0.9 / GiB, wb.total / GiB),)
+        link = min(link, node.disk.read_gbs * 1e9)
+    if not fits:
+        reasons.insert(0, f"ZeRO-3 needs {on_dev / GiB:.1f} GiB on {compute} and {wb.total / GiB:.1f} GiB of "
+                          f"parameters in RAM or NVMe")
+    # every parameter (experts included: ZeRO gathers whole modules) crosses the link each token
+    t = wb.total / link
+    est = Estimate(1 / t, req.concurrency / t, 0.0, "parameter gathering")
+    return Plan(
+        model=spec.name, backend="offload", engine="deepspeed-zero3", fits=fits, devices=devices,
+        offload=Offload(cpu_gib=0.0 if nvme else wb.total / GiB, disk_gib=wb.total / GiB if nvme else 0.0),
+        context=context, max_context=context, concurrency=req.concurrency, dtype=dt, kv_dtype=kv_dtype,
+        estimate=est, reasons=tuple(reasons),
+        config={"dtype": dt, "offload_device": "nvme" if nvme else "cpu", "compute_device": compute,
+                "threads": node.cpu.physical_cores, "nvme_path": node.disk.path if nvme else None},
+    )
+
+
+def _unfit(spec: ModelSpec, hw: HardwareProfile, req: Request, engine: str, why: str) -> Plan:
+    return Plan(model=spec.name, backend="offload", engine=engine, fits=False, reasons=(why,),
+                context=req.context or 0, concurrency=req.concurrency, hardware=hw.name)
+
+
+def gib_round(x: float) -> float:
+    return math.ceil(x * 100) / 100

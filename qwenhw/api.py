@@ -1,0 +1,125 @@
+"""The public Python API: detect -> plan -> load. The CLI calls exactly these."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from . import plugins
+from .engine.base import Engine
+from .errors import BadInput, DoesNotFit, LoadFailed, QwenhwError
+from .hardware import HardwareProfile, resolve_hardware
+from .hardware import detect as _detect_local
+from .models import ModelSpec, resolve_model
+from .planning.plan import Plan, Request
+from .planning.precision import KV_DTYPES, check_dtype
+from .planning.select import choose
+
+log = logging.getLogger("qwenhw")
+
+
+def detect() -> HardwareProfile:
+    """This machine, including devices found by plugin probes."""
+    reg = plugins.load()
+    return _detect_local(extra_probes=list(reg.probes.values()))
+
+
+def hardware_profile(hardware: HardwareProfile | str | None) -> HardwareProfile:
+    if hardware is None:
+        return detect()
+    if isinstance(hardware, HardwareProfile):
+        return hardware
+    return resolve_hardware(str(hardware))
+
+
+def model_spec(model: ModelSpec | str) -> ModelSpec:
+    if isinstance(model, ModelSpec):
+        return model
+    reg = plugins.load()
+    if model in reg.models:
+        return reg.models[model]
+    return resolve_model(str(model))
+
+
+def make_request(context: int | None = None, concurrency: int = 1, dtype: str | None = None,
+                 kv_dtype: str | None = None, backend: str | None = None, engine: str | None = None, gpu_memory_gib: float | None = None,
+                 cpu_memory_gib: float | None = None, allow_offload: bool = True) -> Request:
+    if context is not None and context < 16:
+        raise BadInput(f"--context {context} is too small: a request needs at least 16 tokens (try 4096).")
+    if concurrency < 1:
+        raise BadInput(f"--concurrency {concurrency} must be at least 1.")
+    for name, value in (("gpu_memory_gib", gpu_memory_gib), ("cpu_memory_gib", cpu_memory_gib)):
+        if value is not None and value < 0:
+            raise BadInput(f"{name}={value} is negative; give a budget in GiB, e.g. 20.")
+    return Request(
+        context=context,
+        concurrency=concurrency,
+        dtype=check_dtype(dtype),
+        kv_dtype=check_dtype(kv_dtype, KV_DTYPES, "--kv-dtype"),
+        backend=backend,
+        engine=engine,
+        gpu_memory_gib=gpu_memory_gib,
+        cpu_memory_gib=cpu_memory_gib,
+        allow_offload=allow_offload,
+    )
+
+
+def plan(model: ModelSpec | str, hardware: HardwareProfile | str | None = None, **request: Any) -> Plan:
+    """Plan how to run `model` (catalog name, hub id or checkpoint dir) on `hardware` (default: this machine).
+
+    Keyword arguments: context, concurrency, dtype, kv_dtype, backend, gpu_memory_gib, cpu_memory_gib.
+    """
+    spec = model_spec(model)
+    hw = hardware_profile(hardware)
+    req = make_request(**request)
+    if req.context is not None and req.context > spec.max_position:
+        raise BadInput(
+            f"--context {req.context} exceeds {spec.name}'s maximum of {spec.max_position} tokens "
+            f"(max_position_embeddings). Ask for at most {spec.max_position}."
+        )
+    reg = plugins.load()
+    return choose(spec, hw, req, reg.backends, reg.faults)
+
+
+def load(model: ModelSpec | str | Plan, **overrides: Any) -> Engine:
+    """Detect, plan and load. Falls back to the next-ranked plan if loading fails, and says so."""
+    chosen = model if isinstance(model, Plan) else plan(model, None, **overrides)
+    if not chosen.fits:
+        raise DoesNotFit(
+            f"{chosen.model} does not fit {chosen.hardware}: " + "; ".join(chosen.reasons) + ".", plan=chosen
+        )
+    reg = plugins.load()
+    history: list[str] = list(chosen.history)
+    failures: list[str] = []
+    for candidate in (chosen,) + tuple(chosen.alternatives):
+        label = f"{candidate.backend} ({candidate.engine}, {candidate.parallel})"
+        backend = reg.backends.get(candidate.backend)
+        if backend is None:
+            failures.append(f"{label}: backend not registered here")
+            continue
+        if not candidate.available:
+            failures.append(f"{label}: not installed ({candidate.install})")
+            history.append(f"skipped {label}: not installed here ({candidate.install})")
+            continue
+        try:
+            engine = backend.load(candidate.replace(history=tuple(history)))
+        except QwenhwError:
+            raise  # missing weights, bad config: another plan will not help
+        except Exception as exc:  # OOM or a backend fault: try the next plan, loudly
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            kind = "out of memory" if _is_oom(exc) else "backend fault"
+            note = f"{label} failed to load ({kind}: {reason}); falling back to the next-ranked plan"
+            history.append(note)
+            failures.append(f"{label}: {reason}")
+            log.warning(note)
+            print(f"qwenhw: {note}", file=sys.stderr)
+            continue
+        engine.plan = candidate.replace(history=tuple(history) + (f"loaded {label}",))
+        return engine
+    raise LoadFailed(f"Every plan for {chosen.model} failed to load: " + "; ".join(failures) + ".")
+
+
+def _is_oom(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return isinstance(exc, MemoryError) or "out of memory" in text or "outofmemory" in text

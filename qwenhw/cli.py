@@ -1,0 +1,274 @@
+"""The `qwenhw` command: a thin layer over the Python API. Errors print one paragraph, never a traceback."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from . import api, plugins
+from .errors import DoesNotFit, QwenhwError
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+
+
+def friendly(fn: Callable) -> Callable:
+    """Turn QwenhwError (and Ctrl-C) into a message and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except QwenhwError as exc:
+            click.echo(f"qwenhw: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("qwenhw: interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="qwenhw")
+def main() -> None:
+    """Run Qwen models well on the hardware you have: detect, plan, pick a backend, run."""
+
+
+# --- detect ------------------------------------------------------------------------------------------
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the hardware profile as JSON.")
+@click.option("--list", "list_bundled", is_flag=True, help="List the bundled profiles usable with --hardware.")
+@click.option("--hardware", help="Show a bundled profile or a profile file instead of this machine.")
+@friendly
+def detect(as_json: bool, list_bundled: bool, hardware: str | None) -> None:
+    """Detect this machine's GPUs, CPU, RAM and disk."""
+    from .hardware import bundled_names
+
+    if list_bundled:
+        names = bundled_names()
+        click.echo(json.dumps(names) if as_json else "\n".join(names))
+        return
+    profile = api.hardware_profile(hardware)
+    if as_json:
+        click.echo(profile.to_json())
+        return
+    from rich.table import Table
+
+    console = _console()
+    console.print(f"[bold]{profile.name}[/bold]: {profile.summary()}")
+    for node in profile.nodes:
+        table = Table("device", "name", "memory GiB", "bandwidth GB/s", "bf16 TFLOP/s", "notes")
+        for a in node.accelerators:
+            notes = f"cc {a.compute_capability}" if a.compute_capability else ""
+            table.add_row(a.device_id, a.name, f"{a.memory_bytes / 2**30:.1f}", f"{a.bandwidth_gbs:.0f}",
+                          f"{a.bf16_tflops:.0f}", notes)
+        c = node.cpu
+        table.add_row("cpu", c.model, f"{c.ram_bytes / 2**30:.1f}", f"{c.memory_bandwidth_gbs:.0f}",
+                      f"{c.bf16_tflops:.1f}", f"{c.sockets} socket(s), {c.physical_cores} cores, "
+                      f"{' '.join(f for f in c.flags if f.startswith(('avx512', 'amx', 'avx2')))}")
+        table.add_row("disk", node.disk.path, f"{node.disk.free_bytes / 2**30:.0f} free", "", "", "")
+        console.print(table)
+        for link in node.links[:8]:
+            console.print(f"  link {link.a}<->{link.b}: {link.kind} {link.bandwidth_gbs:.0f} GB/s")
+    for probe in profile.probes:
+        console.print(f"  probe {probe.name}: {'ok' if probe.ok else 'nothing'} - {probe.detail}", style="dim")
+
+
+# --- backends ----------------------------------------------------------------------------------------
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--hardware", help="Judge availability for a bundled profile or profile file instead of this machine.")
+@friendly
+def backends(as_json: bool, hardware: str | None) -> None:
+    """Every registered backend, available or not, and why."""
+    reg = plugins.load()
+    profile = api.hardware_profile(hardware)
+    rows = []
+    for name, backend in sorted(reg.backends.items()):
+        try:
+            a = backend.probe(profile)
+            rows.append({"name": name, "available": a.ok, "reason": a.reason, "install": a.install,
+                         "versions": a.versions, "distribution": reg.owners[name],
+                         "version": reg.versions.get(reg.owners[name]), "vendors": list(backend.vendors),
+                         "description": backend.description})
+        except Exception as exc:
+            rows.append({"name": name, "available": False, "reason": f"probe raised {type(exc).__name__}: {exc}",
+                         "distribution": reg.owners[name]})
+    faults = [{"plugin": f.plugin, "stage": f.stage, "error": f.error} for f in reg.faults]
+    if as_json:
+        click.echo(json.dumps({"hardware": profile.name, "backends": rows, "faults": faults}, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table("backend", "available", "why", "from")
+    for r in rows:
+        why = r["reason"] + (f" - install: {r['install']}" if r.get("install") and not r["available"] else "")
+        table.add_row(r["name"], "yes" if r["available"] else "no", why, f"{r['distribution']} {r.get('version') or ''}")
+    console = _console()
+    console.print(table)
+    for f in faults:
+        console.print(f"[red]plugin {f['plugin']} failed in {f['stage']}:[/red] {f['error']}")
+
+
+@main.command("plugins")
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def plugins_cmd(as_json: bool) -> None:
+    """Installed plugins, their hooks and versions."""
+    reg = plugins.load()
+    rows = []
+    for name, plugin in reg.pm.list_name_plugin():
+        hooks = sorted(h.name for h in reg.pm.get_hookcallers(plugin) or [])
+        rows.append({"name": name, "version": reg.versions.get(name), "hooks": hooks})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            click.echo(f"{r['name']} {r['version']}: {', '.join(r['hooks'])}")
+
+
+# --- plan --------------------------------------------------------------------------------------------
+def request_options(fn: Callable) -> Callable:
+    options = [
+        click.option("--hardware", help="Bundled profile name (see `qwenhw detect --list`) or a profile JSON file."),
+        click.option("--context", type=int, help="Tokens per sequence (prompt + output)."),
+        click.option("--concurrency", type=int, default=1, show_default=True, help="Sequences served together."),
+        click.option("--dtype", help="Weight dtype: auto, bf16, fp16, fp32, fp8, int8, int4."),
+        click.option("--kv-dtype", help="KV-cache dtype: auto, bf16, fp8."),
+        click.option("--backend", help="Force a backend (see `qwenhw backends`)."),
+        click.option("--engine", help="Force an engine of the backend (e.g. deepspeed-zero3)."),
+        click.option("--gpu-memory-gib", type=float, help="Per-GPU memory budget in GiB."),
+        click.option("--cpu-memory-gib", type=float, help="Host RAM budget in GiB."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _request(kw: dict[str, Any]) -> dict[str, Any]:
+    keys = ("context", "concurrency", "dtype", "kv_dtype", "backend", "engine", "gpu_memory_gib", "cpu_memory_gib")
+    return {k: kw[k] for k in keys if k in kw}
+
+
+@main.command()
+@click.argument("model")
+@request_options
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--emit", type=click.Path(file_okay=False), help="Write the plan's launch files into this folder.")
+@friendly
+def plan(model: str, hardware: str | None, as_json: bool, emit: str | None, **kw: Any) -> None:
+    """Plan how to run MODEL (catalog name, hub id or checkpoint dir); exit 3 if nothing fits."""
+    result = api.plan(model, hardware, **_request(kw))
+    if emit:
+        out = Path(emit)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, text in result.artifacts.items():
+            (out / name).write_text(text)
+        (out / "plan.json").write_text(result.to_json())
+    if as_json:
+        click.echo(result.to_json())
+    else:
+        print_plan(result)
+        if emit:
+            click.echo(f"wrote {', '.join(sorted(result.artifacts) + ['plan.json'])} to {emit}")
+    if not result.fits:
+        sys.exit(DoesNotFit.exit_code)
+
+
+def print_plan(result: Any) -> None:
+    from rich.table import Table
+
+    console = _console()
+    verdict = "[green]fits[/green]" if result.fits else "[red]does not fit[/red]"
+    console.print(f"[bold]{result.model}[/bold] on {result.hardware}: [bold]{result.backend}[/bold] "
+                  f"({result.engine}), {result.parallel}, {verdict}")
+    if result.devices:
+        table = Table("device", "kind", "weights", "KV cache", "overhead", "total", "capacity", title="memory (GiB)")
+        for d in result.devices:
+            table.add_row(d.id, d.kind, f"{d.weights_gib:.2f}", f"{d.kv_cache_gib:.2f}", f"{d.overhead_gib:.2f}",
+                          f"{d.total_gib:.2f}", f"{d.capacity_gib:.2f}")
+        console.print(table)
+    if result.fits:
+        e = result.estimate
+        console.print(f"estimate: {e.decode_tok_s:.1f} tok/s per sequence, {e.throughput_tok_s:.1f} tok/s total at "
+                      f"concurrency {result.concurrency}; bound by {e.bound}; context {result.context} "
+                      f"(max {result.max_context})")
+    for r in result.reasons:
+        console.print(f"  - {r}")
+    for w in result.warnings:
+        console.print(f"  [yellow]! {w}[/yellow]")
+    if result.rejected:
+        console.print("[dim]not chosen:[/dim]")
+        for r in result.rejected:
+            console.print(f"  [dim]{r.backend}: {r.why}[/dim]")
+    for name, text in result.artifacts.items():
+        if "\n" not in text.strip():
+            console.print(f"[bold]{name}[/bold]: {text.strip()}")
+    if result.artifacts:
+        console.print(f"[dim]launch files: {', '.join(result.artifacts)} (write them with --emit DIR)[/dim]")
+
+
+# --- run ---------------------------------------------------------------------------------------------
+def _load(model: str, kw: dict[str, Any]):
+    engine = api.load(model, **_request(kw))
+    p = engine.plan
+    click.echo(f"qwenhw: {p.model} with {p.backend} ({p.engine}), {p.parallel}", err=True)
+    return engine
+
+
+@main.command()
+@click.argument("model")
+@click.option("--prompt", required=True, help="The user message.")
+@click.option("--think/--no-think", default=None, help="Qwen3 thinking mode (default: the model's own).")
+@click.option("--max-tokens", type=int, default=512, show_default=True)
+@click.option("--temperature", type=float, help="0 for greedy; default per mode as Qwen recommends.")
+@click.option("--raw", is_flag=True, help="Complete the prompt as raw text (no chat template).")
+@request_options
+@friendly
+def run(model: str, prompt: str, think: bool | None, max_tokens: int, temperature: float | None, raw: bool,
+        hardware: str | None, **kw: Any) -> None:
+    """Load MODEL and answer one prompt."""
+    if max_tokens < 1:
+        raise QwenhwError(f"--max-tokens {max_tokens} must be at least 1.")
+    with _load(model, kw) as engine:
+        if raw:
+            for delta in engine.stream(prompt, max_tokens=max_tokens,
+                                       temperature=1.0 if temperature is None else temperature):
+                click.echo(delta, nl=False)
+            click.echo()
+            return
+        console = _console()
+        messages = [{"role": "user", "content": prompt}]
+        for kind, text in engine.chat_stream(messages, thinking=think, max_tokens=max_tokens, temperature=temperature):
+            console.print(text, end="", style="dim" if kind == "reasoning" else None, markup=False)
+        console.print()
+
+
+@main.command()
+@click.option("--path", type=click.Path(file_okay=False), help="Where to build the tiny checkpoint.")
+@click.option("--skip-chat", is_flag=True, help="Only plan; do not load the model.")
+@friendly
+def demo(path: str | None, skip_chat: bool) -> None:
+    """The whole path on a tiny real-architecture Qwen3-MoE: detect, plan, load, chat, and what this
+    machine could run among the real Qwen models."""
+    from .demo import run_demo
+
+    run_demo(path, skip_chat=skip_chat)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

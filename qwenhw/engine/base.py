@@ -1,0 +1,204 @@
+"""One protocol for every backend: generate, stream, chat (thinking on/off), close.
+
+A backend engine implements `_complete` (and `_stream` if it can stream natively) over prompt strings and a
+`render_chat` that applies Qwen3's chat template. Chat, modes, sampling defaults and the reasoning split
+live here once.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+from .thinking import SAMPLING, StreamSplitter, resolve_mode, split_reasoning
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    token_ids: tuple[int, ...] = ()
+    prompt_tokens: int = 0
+    finish_reason: str = "length"  # "stop" | "length"
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    content: str
+    reasoning: str
+    text: str  # raw generated text
+    thinking: bool  # whether this turn was in thinking mode
+    prompt: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "length"
+    token_ids: tuple[int, ...] = field(default=(), repr=False)
+
+
+class Engine:
+    """Base engine. Thread-safe: one generation at a time (requests queue, never interleave)."""
+
+    def __init__(self, plan: Any = None):
+        self.plan = plan
+        self._lock = threading.Lock()
+        self.closed = False
+
+    # --- what a backend implements ----------------------------------------------------------------
+    def _complete(self, prompts: list[str], sampling: Sampling) -> list[Completion]:
+        raise NotImplementedError
+
+    def _stream(self, prompt: str, sampling: Sampling) -> Iterator[str]:
+        """Yield text deltas. Default: one chunk (backends override to stream token by token)."""
+        yield self._complete([prompt], sampling)[0].text
+
+    def render_chat(self, messages: list[dict], enable_thinking: bool | None) -> str:
+        """Apply the model's chat template (`enable_thinking` left out when None)."""
+        raise NotImplementedError
+
+    @property
+    def model_thinking(self) -> str:
+        spec = getattr(self.plan, "spec", None) or {}
+        return spec.get("thinking", "hybrid") if isinstance(spec, dict) else "hybrid"
+
+    # --- the protocol -----------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        max_tokens: int = 256,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stop: Sequence[str] | None = None,
+        seed: int | None = None,
+    ) -> list[Completion]:
+        """Complete raw prompts. One prompt string or a list; always returns a list."""
+        self._check_open()
+        batch = [prompts] if isinstance(prompts, str) else list(prompts)
+        sampling = Sampling(max_tokens, temperature, top_p, top_k, tuple(stop or ()), seed)
+        with self._lock:
+            return self._complete(batch, sampling)
+
+    def stream(
+        self,
+        prompt: str,
+        max_tokens: int = 256,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stop: Sequence[str] | None = None,
+        seed: int | None = None,
+    ) -> Iterator[str]:
+        self._check_open()
+        sampling = Sampling(max_tokens, temperature, top_p, top_k, tuple(stop or ()), seed)
+        with self._lock:
+            yield from self._stream(prompt, sampling)
+
+    def chat_prompt(self, messages: list[dict], thinking: bool | None = None) -> tuple[str, bool]:
+        """The rendered prompt and whether the turn thinks."""
+        thinks, flag = resolve_mode(thinking, messages, self.model_thinking)
+        return self.render_chat(messages, flag), thinks
+
+    def _chat_sampling(self, thinks: bool, max_tokens: int, **overrides: Any) -> Sampling:
+        values = dict(SAMPLING[thinks])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        stop = tuple(values.pop("stop", None) or ())
+        return Sampling(max_tokens=max_tokens, stop=stop, **values)
+
+    def chat(
+        self,
+        messages: list[dict],
+        thinking: bool | None = None,
+        max_tokens: int = 1024,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        stop: Sequence[str] | None = None,
+        seed: int | None = None,
+    ) -> ChatResult:
+        """One assistant turn. `thinking` None follows /think and /no_think and the model's default.
+
+        Sampling defaults follow Qwen's advice for the turn's mode; pass temperature=0 for greedy.
+        """
+        self._check_open()
+        prompt, thinks = self.chat_prompt(messages, thinking)
+        sampling = self._chat_sampling(thinks, max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                       stop=stop, seed=seed)
+        with self._lock:
+            out = self._complete([prompt], sampling)[0]
+        parts = split_reasoning(out.text)
+        return ChatResult(
+            content=parts.content,
+            reasoning=parts.reasoning,
+            text=out.text,
+            thinking=thinks,
+            prompt=prompt,
+            prompt_tokens=out.prompt_tokens,
+            completion_tokens=out.completion_tokens,
+            finish_reason=out.finish_reason,
+            token_ids=out.token_ids,
+        )
+
+    def chat_stream(
+        self,
+        messages: list[dict],
+        thinking: bool | None = None,
+        max_tokens: int = 1024,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        stop: Sequence[str] | None = None,
+        seed: int | None = None,
+    ) -> Iterator[tuple[str, str]]:
+        """Yield ("reasoning" | "content", text) pieces as they are generated."""
+        self._check_open()
+        prompt, thinks = self.chat_prompt(messages, thinking)
+        sampling = self._chat_sampling(thinks, max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                       stop=stop, seed=seed)
+        # Thinking-2507 templates open <think> in the prompt: the stream starts inside the reasoning
+        splitter = StreamSplitter(in_reasoning=prompt.rstrip().endswith("<think>"))
+        with self._lock:
+            for delta in self._stream(prompt, sampling):
+                yield from splitter.feed(delta)
+        yield from splitter.flush()
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    def count_tokens(self, text: str) -> int:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.closed = True
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this engine is closed; load the model again with qwenhw.load()")
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # engines hold GPU memory and worker processes: release them
+        try:
+            if not self.closed:
+                self.close()
+        except Exception:
+            pass

@@ -1,0 +1,153 @@
+"""An Engine over a Hugging Face-style causal LM (transformers, accelerate dispatch, ipex-llm, DeepSpeed).
+
+Backends build the model their way and hand it here; generation, streaming and the chat template are shared.
+torch and transformers are imported only when an engine is created.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Iterator
+
+from .base import Completion, Engine, Sampling
+
+
+class HFEngine(Engine):
+    def __init__(self, model: Any, tokenizer: Any, plan: Any = None, device: str | None = None,
+                 on_close: Any = None):
+        super().__init__(plan)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device or _input_device(model)
+        self._on_close = on_close
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    # --- templates and tokens -------------------------------------------------------------------
+    def render_chat(self, messages: list[dict], enable_thinking: bool | None) -> str:
+        extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def _eos_ids(self) -> list[int]:
+        eos = getattr(self.model.generation_config, "eos_token_id", None) or self.tokenizer.eos_token_id
+        ids = eos if isinstance(eos, list) else [eos]
+        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end >= 0 and im_end not in ids:
+            ids.append(im_end)  # chat turns end with <|im_end|> even where generation_config forgets it
+        return [i for i in ids if i is not None]
+
+    def _generate_kwargs(self, sampling: Sampling) -> dict[str, Any]:
+        kw: dict[str, Any] = {
+            "max_new_tokens": sampling.max_tokens,
+            "eos_token_id": self._eos_ids(),
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
+        if sampling.greedy:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kw.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
+                      top_k=sampling.top_k or None)
+        if sampling.stop:
+            kw.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
+        return kw
+
+    def _encode(self, prompts: list[str]) -> Any:
+        self.tokenizer.padding_side = "left"  # decoder-only: pad on the left so new tokens line up
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    # --- generation -----------------------------------------------------------------------------
+    def _complete(self, prompts: list[str], sampling: Sampling) -> list[Completion]:
+        import torch
+
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        enc = self._encode(prompts)
+        with torch.inference_mode():
+            out = self.model.generate(**enc, **self._generate_kwargs(sampling))
+        width = enc["input_ids"].shape[1]
+        eos = set(self._eos_ids()) | {self.tokenizer.pad_token_id}
+        results = []
+        for row, mask in zip(out, enc["attention_mask"]):
+            new = row[width:].tolist()
+            finish = "length"
+            while new and new[-1] in eos:  # drop padding and the end-of-turn token
+                new.pop()
+                finish = "stop"
+            text = self.tokenizer.decode(new, skip_special_tokens=False)
+            text, stopped = _cut_at_stop(text, sampling.stop)
+            results.append(Completion(text=text, token_ids=tuple(new), prompt_tokens=int(mask.sum()),
+                                      finish_reason="stop" if stopped else finish))
+        return results
+
+    def _stream(self, prompt: str, sampling: Sampling) -> Iterator[str]:
+        import torch
+        from transformers import TextIteratorStreamer
+
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        enc = self._encode([prompt])
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with torch.inference_mode():
+                    self.model.generate(**enc, **self._generate_kwargs(sampling), streamer=streamer)
+            except BaseException as exc:  # surface in the consumer, not a stray thread traceback
+                errors.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        text, sent = "", 0
+        for piece in streamer:  # generate() itself stops at stop strings; we only trim them off
+            text += piece
+            cut, stopped = _cut_at_stop(text, sampling.stop)
+            if len(cut) > sent:
+                yield cut[sent:]
+                sent = len(cut)
+            if stopped:
+                break
+        worker.join()
+        if errors:
+            raise errors[0]
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        super().close()
+        if self._on_close:
+            self._on_close()
+        self.model = None
+        import gc
+
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:
+            pass
+
+
+def _input_device(model: Any) -> str:
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        for key in ("model.embed_tokens", "embed_tokens", ""):
+            if key in device_map and device_map[key] not in ("disk",):
+                dev = device_map[key]
+                return f"cuda:{dev}" if isinstance(dev, int) else str(dev)
+    try:
+        return str(next(model.parameters()).device)
+    except Exception:
+        return "cpu"
+
+
+def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    cut = min((text.find(s) for s in stops if s and s in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)

@@ -1,0 +1,174 @@
+"""GPU layouts (TP/PP/DP/EP), their per-GPU memory and a roofline speed. Pure functions over sizes.
+
+Backends call these with their own rules (utilisation caps, overheads, which layouts they can run);
+nothing here knows about a particular engine.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+from ..hardware.profile import Accelerator, HardwareProfile, Node
+from ..models import memory as mm
+from ..models.spec import ModelSpec
+from .plan import Estimate, Parallel
+
+# Fractions of datasheet rates that real kernels reach at batch-1 decode / large prefill.
+BANDWIDTH_EFFICIENCY = 0.75
+COMPUTE_EFFICIENCY = 0.45
+ALLREDUCE_LATENCY_S = 12e-6  # per all-reduce, NVLink; PCIe is slower (see link_latency)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Bytes one GPU holds under a layout (the fullest rank)."""
+
+    weights: float  # resident weight bytes
+    kv_per_token: float  # KV bytes per token on one rank
+    state_per_seq: float  # fixed per-sequence state (Qwen3-Next linear attention)
+
+
+def powers_of_two(limit: int) -> list[int]:
+    out, n = [], 1
+    while n <= limit:
+        out.append(n)
+        n *= 2
+    return out
+
+
+def candidate_layouts(spec: ModelSpec, hardware: HardwareProfile, expert_parallel: bool = True) -> Iterator[Parallel]:
+    """Every TP x PP x DP (x EP) that uses whole nodes or a power-of-two slice of one node.
+
+    TP stays within a node (it all-reduces twice per layer); PP may span nodes.
+    """
+    nodes = len(hardware.nodes)
+    per_node = min(len(n.accelerators) for n in hardware.nodes) if nodes else 0
+    if per_node == 0:
+        return
+    seen = set()
+    for used in powers_of_two(per_node):
+        node_counts = [1] if used < per_node else list(range(1, nodes + 1))
+        for n_nodes in node_counts:
+            world = used * n_nodes
+            for tp in powers_of_two(used):
+                for pp in [p for p in range(1, world // tp + 1) if (world // tp) % p == 0]:
+                    if n_nodes > 1 and pp % n_nodes:
+                        continue  # a PP stage must not straddle nodes
+                    dp = world // (tp * pp)
+                    eps = [1]
+                    if spec.is_moe and expert_parallel and tp * dp > 1:
+                        eps.append(tp * dp)
+                    for ep in eps:
+                        layout = Parallel(tp=tp, pp=pp, dp=dp, ep=ep)
+                        if layout not in seen:
+                            seen.add(layout)
+                            yield layout
+
+
+def head_rules(spec: ModelSpec, tp: int) -> str | None:
+    """Why attention cannot be split `tp` ways, or None."""
+    if spec.num_heads % tp:
+        return f"{spec.num_heads} attention heads are not divisible by TP={tp}"
+    return None
+
+
+def kv_replication(spec: ModelSpec, tp: int) -> int:
+    """How many ranks hold a copy of each KV head (1 when TP <= KV heads)."""
+    return max(1, tp // spec.num_kv_heads)
+
+
+def shard(spec: ModelSpec, layout: Parallel, kv_dtype: str = "bf16") -> Shard:
+    wb = mm.weight_bytes_split(spec)
+    tp, pp = layout.tp, layout.pp
+    # Embedding and LM head are vocab-parallel over TP; with PP the first stage holds one, the last the other.
+    emb = wb.embeddings / tp
+    if pp > 1 and not spec.tie_embeddings:
+        emb /= 2
+    experts = wb.experts / (layout.ep if layout.ep > 1 else tp)
+    weights = (wb.non_expert / tp + experts) / pp + emb
+    # TP beyond the KV-head count replicates heads: each rank still holds one whole head
+    kv_heads_per_rank = max(1, spec.num_kv_heads // tp)
+    kv = mm.kv_bytes_per_token(spec, kv_dtype) * kv_heads_per_rank / spec.num_kv_heads / pp
+    state = mm.linear_state_bytes_per_seq(spec) / tp / pp
+    return Shard(weights=weights, kv_per_token=kv, state_per_seq=state)
+
+
+def streamed_bytes(spec: ModelSpec, layout: Parallel, batch: int) -> float:
+    """Weight bytes one rank reads per decode step: its non-expert slice, the LM head slice and the
+    experts the batch's tokens are routed to (uniform routing; real checkpoints are more skewed)."""
+    wb = mm.weight_bytes_split(spec)
+    head = wb.embeddings if spec.tie_embeddings else wb.embeddings / 2
+    total = wb.non_expert / layout.tp / layout.pp + head / layout.tp
+    if spec.moe is not None:
+        touched = experts_touched(spec, batch)
+        per_rank = touched / layout.ep if layout.ep > 1 else touched / layout.tp
+        total += per_rank * mm.expert_bytes(spec) * spec.num_moe_layers / layout.pp
+    return total
+
+
+def experts_touched(spec: ModelSpec, tokens: int) -> float:
+    """Expected distinct experts a layer reads for `tokens` tokens routed uniformly.
+
+    >>> from qwenhw.models.spec import ModelSpec, MoE
+    >>> s = ModelSpec("x", "x", "qwen3_moe", 2048, 48, 32, 4, 128, 6144, 151936, 40960, moe=MoE(128, 8, 768))
+    >>> round(experts_touched(s, 1), 3), round(experts_touched(s, 16), 1)
+    (8.0, 81.4)
+    """
+    m = spec.moe
+    if m is None:
+        return 0.0
+    return m.num_experts * (1.0 - (1.0 - m.top_k / m.num_experts) ** tokens)
+
+
+def link_between(node: Node, tp: int) -> tuple[float, float]:
+    """(bandwidth GB/s, latency s) of the slowest link among the first `tp` GPUs of a node."""
+    if tp <= 1:
+        return math.inf, 0.0
+    bws = []
+    for a in range(tp):
+        for b in range(a + 1, tp):
+            link = node.link(a, b)
+            bws.append(link.bandwidth_gbs if link else 16.0)  # no link recorded: PCIe through the host
+    bw = min(bws) if bws else 16.0
+    latency = ALLREDUCE_LATENCY_S if bw >= 100 else 30e-6
+    return bw, latency
+
+
+def roofline(
+    spec: ModelSpec,
+    layout: Parallel,
+    gpu: Accelerator,
+    node: Node,
+    concurrency: int,
+    context: int,
+    kv_dtype: str = "bf16",
+    network_gbs: float = 0.0,
+) -> Estimate:
+    """Decode and prefill speed of a GPU layout, bound by memory bandwidth, compute or links."""
+    sh = shard(spec, layout, kv_dtype)
+    batch = max(1, math.ceil(concurrency / layout.dp))
+    stream = streamed_bytes(spec, layout, batch)
+    kv_read = batch * (context / 2) * sh.kv_per_token  # caches half full on average
+    t_mem = (stream + kv_read) / (gpu.bandwidth_gbs * 1e9 * BANDWIDTH_EFFICIENCY)
+    flops = 2 * spec.active_params() * batch / (layout.tp * layout.pp)
+    t_compute = flops / (max(gpu.bf16_tflops, 1.0) * 1e12 * COMPUTE_EFFICIENCY)
+    bw, latency = link_between(node, layout.tp)
+    t_comm = 0.0
+    if layout.tp > 1:
+        msg = batch * spec.hidden_size * 2
+        t_comm = 2 * spec.num_layers / layout.pp * (latency + 2 * msg * (layout.tp - 1) / layout.tp / (bw * 1e9))
+    if layout.ep > 1 and spec.moe is not None:
+        msg = batch * spec.hidden_size * 2 * spec.moe.top_k
+        t_comm += 2 * spec.num_moe_layers / layout.pp * (latency + msg / (bw * 1e9))
+    stage = max(t_mem, t_compute) + t_comm
+    if layout.pp > 1 and network_gbs and len(node.accelerators) < layout.world:
+        stage += batch * spec.hidden_size * 2 / (network_gbs * 1e9) + 20e-6
+    step = stage * layout.pp  # a token passes every stage in turn
+    in_flight = min(batch, layout.pp)  # PP overlaps different sequences
+    throughput = batch * layout.dp * in_flight / step
+    bound = "GPU memory bandwidth" if t_mem >= max(t_compute, t_comm) else ("compute" if t_compute >= t_comm else "GPU links")
+    prefill_flops = 2 * spec.active_params() / layout.tp / layout.pp
+    prefill = gpu.bf16_tflops * 1e12 * COMPUTE_EFFICIENCY / max(prefill_flops, 1.0) * layout.dp
+    return Estimate(decode_tok_s=1.0 / step, throughput_tok_s=throughput, prefill_tok_s=prefill, bound=bound)

@@ -1,0 +1,170 @@
+"""Ask every backend for candidate plans, rank them, and explain the choice. Pure over its inputs.
+
+The registry (plugins) is passed in; faults inside a backend are recorded on the plan, never raised.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Any, Mapping
+
+from ..errors import BadInput
+from ..hardware.profile import GiB, HardwareProfile
+from ..models import memory as mm
+from ..models.spec import ModelSpec
+from .plan import Plan, Rejection, Request
+
+MAX_ALTERNATIVES = 4
+
+
+def choose(spec: ModelSpec, hardware: HardwareProfile, request: Request, backends: Mapping[str, Any],
+           faults: list | None = None) -> Plan:
+    if request.backend and request.backend not in backends:
+        close = difflib.get_close_matches(request.backend, list(backends), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise BadInput(
+            f"No backend named {request.backend!r} is registered (registered: {', '.join(sorted(backends)) or 'none'})."
+            f"{hint} `qwenhw backends` lists them with why each is or is not available; built-in backends install "
+            f"with `pip install ./plugins/<name>`."
+        )
+    candidates: list[Plan] = []
+    rejected: list[Rejection] = []
+    for name, backend in backends.items():
+        if request.backend and name != request.backend:
+            continue
+        try:
+            availability = backend.probe(hardware)
+        except Exception as exc:
+            _fault(faults, name, "probe", exc)
+            rejected.append(Rejection(name, f"its probe raised {type(exc).__name__}: {exc}"))
+            continue
+        hardware_reason = backend.supports(hardware)
+        if hardware_reason:
+            rejected.append(Rejection(name, hardware_reason))
+            continue
+        try:
+            plans = list(backend.plans(spec, hardware, request))
+        except BadInput:
+            raise
+        except Exception as exc:
+            _fault(faults, name, "plans", exc)
+            rejected.append(Rejection(name, f"planning raised {type(exc).__name__}: {exc}"))
+            continue
+        if not plans:
+            rejected.append(Rejection(name, "proposed no plan for this model and hardware"))
+        for p in plans:
+            candidates.append(p.replace(
+                available=availability.ok,
+                install=None if availability.ok else (availability.install or getattr(backend, "install", None)),
+                hardware=hardware.name,
+                warnings=p.warnings + (() if availability.ok else (f"{name}: {availability.reason}",)),
+            ))
+    return rank(spec, hardware, request, candidates, rejected, backends)
+
+
+def rank(spec: ModelSpec, hardware: HardwareProfile, request: Request, candidates: list[Plan],
+         rejected: list[Rejection], backends: Mapping[str, Any]) -> Plan:
+    fitting = sorted((p for p in candidates if p.fits), key=_order)
+    runnable = [p for p in fitting if p.available]
+    if runnable:
+        best = runnable[0]
+        reasons = list(best.reasons)
+        for p in fitting:
+            if p is best:
+                break
+            # a faster plan exists but its software is not installed here
+            ratio = p.score / max(best.score, 1e-9)
+            reasons.append(
+                f"{p.backend} would run about {ratio:.1f}x faster ({p.estimate.throughput_tok_s:.1f} vs "
+                f"{best.estimate.throughput_tok_s:.1f} tok/s) but is not installed here: {p.install}"
+            )
+        best = best.replace(reasons=tuple(reasons))
+    elif fitting:
+        best = fitting[0]
+        best = best.replace(reasons=best.reasons + (f"{best.backend} is the best fit but is not installed here: {best.install}",))
+    elif candidates:
+        best = min(candidates, key=lambda p: (_shortfall(p), -p.score))
+        best = best.replace(reasons=best.reasons + tuple(fit_advice(spec, hardware, request)))
+    else:
+        best = Plan(model=spec.name, backend="none", engine="none", fits=False, hardware=hardware.name,
+                    reasons=("no registered backend can serve this hardware",) + tuple(fit_advice(spec, hardware, request)))
+    rejected = list(rejected) + _why_others_lost(best, candidates)
+    alternatives = tuple(p for p in runnable if p is not best and p.config != best.config)[:MAX_ALTERNATIVES]
+    spec_dict = spec.to_dict()
+    best = best.replace(
+        rejected=tuple(rejected),
+        alternatives=tuple(a.replace(spec=spec_dict, model_path=spec.path) for a in alternatives),
+        spec=spec_dict,
+        model_path=spec.path,
+    )
+    backend = backends.get(best.backend)
+    if backend is not None:
+        try:
+            best = best.replace(artifacts=backend.artifacts(best))
+        except Exception as exc:
+            best = best.replace(warnings=best.warnings + (f"artifacts failed: {type(exc).__name__}: {exc}",))
+    return best
+
+
+def _order(p: Plan) -> tuple:
+    # fastest first; among equals, fewer devices, no offload
+    return (-round(p.score, 6), len([d for d in p.devices if d.kind.endswith("gpu")]), p.offload.cpu_gib + p.offload.disk_gib)
+
+
+def _shortfall(p: Plan) -> float:
+    over = [max(0.0, d.total_gib - d.capacity_gib) for d in p.devices]
+    return sum(over) if over else math.inf
+
+
+def _why_others_lost(best: Plan, candidates: list[Plan]) -> list[Rejection]:
+    out: list[Rejection] = []
+    seen_backends = set()
+    for p in sorted(candidates, key=_order):
+        if p is best or p.config == best.config and p.backend == best.backend:
+            continue
+        label = f"{p.backend} ({p.engine}, {p.parallel})"
+        if not p.fits:
+            why = p.reasons[0] if p.reasons else "does not fit"
+        elif not p.available:
+            why = f"not installed here ({p.install})"
+        else:
+            why = (f"fits but slower: {p.estimate.throughput_tok_s:.1f} vs {best.estimate.throughput_tok_s:.1f} "
+                   f"tok/s estimated")
+        # keep one line per backend for fitting-but-slower, every non-fitting layout (they teach the rules)
+        if p.fits and p.backend in seen_backends:
+            continue
+        seen_backends.add(p.backend)
+        out.append(Rejection(label, why))
+    return out
+
+
+def _fault(faults: list | None, plugin: str, stage: str, exc: Exception) -> None:
+    if faults is not None:
+        from ..plugins import PluginFault
+
+        faults.append(PluginFault(plugin, stage, f"{type(exc).__name__}: {exc}"))
+
+
+def fit_advice(spec: ModelSpec, hardware: HardwareProfile, request: Request) -> list[str]:
+    """What would make the model fit: quantization, offload or more GPUs, with numbers."""
+    wb = mm.weight_bytes_split(spec)
+    gpus = hardware.accelerators
+    gpu_total = sum(a.memory_bytes for a in gpus) * 0.9
+    ram = sum(n.cpu.ram_bytes for n in hardware.nodes)
+    out = [f"weights need {wb.total / GiB:.1f} GiB in {spec.dtype if spec.quant.method is None else spec.quant.method}"]
+    if gpus:
+        out.append(f"the GPUs offer {gpu_total / GiB:.1f} GiB at 90% utilisation")
+        for label, factor in (("fp8", 0.5), ("int4 (AWQ/GPTQ)", 0.27)):
+            if spec.quant.method is None and wb.total * factor < gpu_total * 0.85:
+                out.append(f"quantized to {label} the weights take about {wb.total * factor / GiB:.1f} GiB and fit")
+        biggest = max(a.memory_bytes for a in gpus)
+        need = math.ceil(wb.total * 1.15 / (biggest * 0.9))
+        out.append(f"unquantized it needs about {need} GPUs of {biggest / GiB:.0f} GiB")
+    spill = max(0.0, wb.total * 1.05 - gpu_total)
+    if ram:
+        if spill and spill < ram * 0.85:
+            out.append(f"offloading {spill / GiB:.1f} GiB to host RAM ({ram / GiB:.0f} GiB) would fit, slower")
+        elif spill:
+            out.append(f"host RAM ({ram / GiB:.0f} GiB) is too small to take the {spill / GiB:.1f} GiB that do not fit")
+    return out
