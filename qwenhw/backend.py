@@ -89,7 +89,12 @@ class Backend:
 
     # --- execution ----------------------------------------------------------------------------
     def load(self, plan: "Plan") -> "Engine":
+        """An Engine for the plan: in this process, or through a worker process (qwenhw.engine.worker)."""
         raise NotImplementedError
+
+    def load_in_process(self, plan: "Plan") -> "Engine":
+        """Build the engine in this process; a worker process in the engine's own environment calls this."""
+        return self.load(plan)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} from {self.distribution or '?'}>"

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import click
 
 from . import api, plugins
-from .errors import DoesNotFit, QwenhwError
+from .errors import BadInput, DoesNotFit, QwenhwError
 
 
 def _console(stderr: bool = False):
@@ -239,7 +239,9 @@ def run(model: str, prompt: str, think: bool | None, max_tokens: int, temperatur
         hardware: str | None, **kw: Any) -> None:
     """Load MODEL and answer one prompt."""
     if max_tokens < 1:
-        raise QwenhwError(f"--max-tokens {max_tokens} must be at least 1.")
+        raise BadInput(f"--max-tokens {max_tokens} must be at least 1.")
+    if hardware:
+        raise BadInput("`qwenhw run` loads on this machine; --hardware is for `qwenhw plan`. Drop --hardware.")
     with _load(model, kw) as engine:
         if raw:
             for delta in engine.stream(prompt, max_tokens=max_tokens,

@@ -1,0 +1,176 @@
+"""Run a backend's engine in another Python environment and talk to it over a pipe.
+
+vLLM and the pinned Intel stack cannot share one environment with each other (or with the base one), so a
+backend whose engine is not importable here starts `<env python> -m qwenhw.engine.worker` with the plan,
+and the `WorkerEngine` proxy below forwards the Engine protocol as JSON lines over stdin/stdout.
+The worker environment needs qwenhw and the backend's plugin installed (both are pure Python).
+
+Environments are found through QWENHW_<BACKEND>_PYTHON or <cache>/envs/<backend>/bin/python.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+from .base import Completion, Engine, Sampling
+
+
+def worker_python(backend: str) -> str | None:
+    """The interpreter of the environment that holds `backend`'s engine, if one is configured."""
+    explicit = os.environ.get(f"QWENHW_{backend.upper().replace('-', '_')}_PYTHON")
+    if explicit:
+        return explicit if os.path.exists(explicit) else None
+    from ..tiny import default_cache
+
+    candidate = default_cache() / "envs" / backend / "bin" / "python"
+    return str(candidate) if candidate.exists() else None
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+class WorkerEngine(Engine):
+    """Proxy for an engine living in a worker process. One request at a time (the base lock)."""
+
+    def __init__(self, plan: Any, python: str, env: dict[str, str] | None = None, timeout: float = 600.0):
+        super().__init__(plan)
+        full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        root = str(Path(__file__).resolve().parents[2])  # qwenhw importable even when not installed there
+        full_env["PYTHONPATH"] = root + os.pathsep + full_env.get("PYTHONPATH", "")
+        self.proc = subprocess.Popen(
+            [python, "-m", "qwenhw.engine.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=None, text=True, env=full_env, bufsize=1,
+        )
+        self._io = threading.Lock()
+        reply = self._call({"op": "load", "plan": plan.to_dict()})
+        self.info = reply.get("info", {})
+
+    # --- transport --------------------------------------------------------------------------------
+    def _send(self, message: dict) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(message) + "\n")
+        self.proc.stdin.flush()
+
+    def _recv(self) -> dict:
+        assert self.proc.stdout is not None
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise WorkerError(f"the worker process exited (code {self.proc.poll()}); see its output above")
+            if line.startswith("@@qwenhw "):  # the worker's own prints go to stdout too: skip them
+                reply = json.loads(line[len("@@qwenhw "):])
+                if reply.get("error"):
+                    kind = reply.get("type", "Error")
+                    exc = MemoryError if kind in ("MemoryError", "OutOfMemoryError") else WorkerError
+                    raise exc(f"{kind} in worker: {reply['error']}")
+                return reply
+            sys.stderr.write(line)
+
+    def _call(self, message: dict) -> dict:
+        with self._io:
+            self._send(message)
+            return self._recv()
+
+    # --- Engine protocol --------------------------------------------------------------------------
+    def _complete(self, prompts: list[str], sampling: Sampling) -> list[Completion]:
+        reply = self._call({"op": "complete", "prompts": prompts, "sampling": sampling.__dict__})
+        return [Completion(c["text"], tuple(c["token_ids"]), c["prompt_tokens"], c["finish_reason"])
+                for c in reply["completions"]]
+
+    def _stream(self, prompt: str, sampling: Sampling) -> Iterator[str]:
+        with self._io:
+            self._send({"op": "stream", "prompt": prompt, "sampling": sampling.__dict__})
+            while True:
+                reply = self._recv()
+                if reply.get("done"):
+                    return
+                yield reply["delta"]
+
+    def render_chat(self, messages: list[dict], enable_thinking: bool | None) -> str:
+        return self._call({"op": "render", "messages": messages, "enable_thinking": enable_thinking})["prompt"]
+
+    def count_tokens(self, text: str) -> int:
+        return self._call({"op": "count", "text": text})["count"]
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        super().close()
+        try:
+            self._call({"op": "close"})
+        except Exception:
+            pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+# --- the worker side -------------------------------------------------------------------------------
+def _reply(message: dict, out) -> None:
+    out.write("@@qwenhw " + json.dumps(message) + "\n")
+    out.flush()
+
+
+def serve(stdin=None, stdout=None) -> None:
+    """Worker main loop: load the plan with its backend's in-process engine, then answer requests."""
+    from .. import plugins
+    from ..planning.plan import Plan
+
+    stdin = stdin or sys.stdin
+    out = stdout or sys.stdout
+    engine: Engine | None = None
+    for line in stdin:
+        msg = json.loads(line)
+        op = msg.get("op")
+        try:
+            if op == "load":
+                plan = Plan.from_dict(msg["plan"])
+                backend = plugins.load().backends[plan.backend]
+                engine = backend.load_in_process(plan)
+                _reply({"ok": True, "info": {"python": sys.executable}}, out)
+            elif op == "complete":
+                assert engine is not None
+                results = engine._complete(msg["prompts"], Sampling(**_sampling(msg["sampling"])))
+                _reply({"completions": [{"text": c.text, "token_ids": list(c.token_ids), "prompt_tokens":
+                        c.prompt_tokens, "finish_reason": c.finish_reason} for c in results]}, out)
+            elif op == "stream":
+                assert engine is not None
+                for delta in engine._stream(msg["prompt"], Sampling(**_sampling(msg["sampling"]))):
+                    _reply({"delta": delta}, out)
+                _reply({"done": True}, out)
+            elif op == "render":
+                assert engine is not None
+                _reply({"prompt": engine.render_chat(msg["messages"], msg["enable_thinking"])}, out)
+            elif op == "count":
+                assert engine is not None
+                _reply({"count": engine.count_tokens(msg["text"])}, out)
+            elif op == "close":
+                if engine is not None:
+                    engine.close()
+                _reply({"ok": True}, out)
+                return
+        except BaseException as exc:  # report, keep serving (the parent decides)
+            _reply({"error": str(exc) or repr(exc), "type": type(exc).__name__}, out)
+            if op == "load":
+                return
+
+
+def _sampling(d: dict) -> dict:
+    d = dict(d)
+    d["stop"] = tuple(d.get("stop") or ())
+    return d
+
+
+if __name__ == "__main__":
+    # keep the protocol channel clean: libraries that print go to stderr
+    channel = sys.stdout
+    sys.stdout = sys.stderr
+    serve(sys.stdin, channel)
