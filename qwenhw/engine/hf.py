@@ -90,13 +90,21 @@ class HFEngine(Engine):
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         enc = self._encode([prompt])
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []
+        cancel = threading.Event()
+
+        class Cancelled(StoppingCriteria):  # lets a consumer that stops reading (Ctrl-C, client gone) end generate()
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
 
         def run() -> None:
             try:
                 with torch.inference_mode():
-                    self.model.generate(**enc, **self._generate_kwargs(sampling), streamer=streamer)
+                    self.model.generate(**enc, **self._generate_kwargs(sampling), streamer=streamer,
+                                        stopping_criteria=StoppingCriteriaList([Cancelled()]))
             except BaseException as exc:  # surface in the consumer, not a stray thread traceback
                 errors.append(exc)
                 streamer.end()
@@ -104,15 +112,20 @@ class HFEngine(Engine):
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
         text, sent = "", 0
-        for piece in streamer:  # generate() itself stops at stop strings; we only trim them off
-            text += piece
-            cut, stopped = _cut_at_stop(text, sampling.stop)
-            if len(cut) > sent:
-                yield cut[sent:]
-                sent = len(cut)
-            if stopped:
-                break
-        worker.join()
+        try:
+            for piece in streamer:  # generate() itself stops at stop strings; we only trim them off
+                text += piece
+                cut, stopped = _cut_at_stop(text, sampling.stop)
+                if len(cut) > sent:
+                    yield cut[sent:]
+                    sent = len(cut)
+                if stopped:
+                    break
+        finally:
+            # also on close()/KeyboardInterrupt: stop generating before the engine lock is released, so the
+            # next request never shares the model with a run nobody reads
+            cancel.set()
+            worker.join()
         if errors:
             raise errors[0]
 

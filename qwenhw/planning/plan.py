@@ -66,9 +66,9 @@ class DeviceUse:
         return self.weights_gib + self.kv_cache_gib + self.overhead_gib
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["total_gib"] = self.total_gib
-        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in d.items()}
+        d = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in dataclasses.asdict(self).items()}
+        d["total_gib"] = round(d["weights_gib"] + d["kv_cache_gib"] + d["overhead_gib"], 4)  # round-trips exactly
+        return d
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ The registry (plugins) is passed in; faults inside a backend are recorded on the
 from __future__ import annotations
 
 import difflib
+import json
 import math
 from typing import Any, Mapping
 
@@ -91,7 +92,7 @@ def rank(spec: ModelSpec, hardware: HardwareProfile, request: Request, candidate
                     reasons=("no registered backend can serve this hardware",) + tuple(fit_advice(spec, hardware, request)))
     rejected = list(rejected) + _why_others_lost(best, candidates)
     alternatives = tuple(p for p in runnable if p is not best and p.config != best.config)[:MAX_ALTERNATIVES]
-    spec_dict = spec.to_dict()
+    spec_dict = json.loads(json.dumps(spec.to_dict()))  # JSON-shaped, so plans round-trip exactly
     best = best.replace(
         rejected=tuple(rejected),
         alternatives=tuple(a.replace(spec=spec_dict, model_path=spec.path) for a in alternatives),

@@ -53,7 +53,7 @@ def _load_transformers(plan: Any, path: str) -> HFEngine:
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     cleanup = (lambda: shutil.rmtree(folder, ignore_errors=True)) if folder else None
-    return HFEngine(model, tokenizer, plan=plan, on_close=cleanup)
+    return HFEngine(model, tokenizer, plan=plan, device=plan.config.get("main_device"), on_close=cleanup)
 
 
 def zero3_config(plan: Any) -> dict[str, Any]:

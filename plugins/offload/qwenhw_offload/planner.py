@@ -193,6 +193,10 @@ def gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, con
         cache = 0.0
     reasons: list[str] = []
     fits = placement is not None and room > 0
+    if hybrid and placement is not None and placement.used.get("cpu", 0.0) > ram:
+        fits = False
+        reasons.append(f"the hybrid engine keeps all routed experts in host RAM: {placement.used['cpu'] / GiB:.1f} "
+                       f"GiB needed, {ram / GiB:.1f} GiB available")
     gpu_w = placement.used.get(dev, 0.0) if placement else 0.0
     cpu_w = placement.used.get("cpu", 0.0) if placement else 0.0
     disk_w = placement.used.get("disk", 0.0) if placement else 0.0

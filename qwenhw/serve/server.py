@@ -1,0 +1,297 @@
+"""An OpenAI-compatible HTTP server over any Engine, on the standard library's ThreadingHTTPServer.
+
+Why the standard library: it has no dependencies (the core stays installable where no engine is), it runs
+in-process in a thread (tests start it on port 0), and one request at a time is all an Engine does anyway,
+so an async framework would buy nothing. Each connection gets a thread; requests wait at one gate, which
+is held from the prompt check to the last streamed byte, so answers never interleave. The tokenizer is
+only used behind the gate too (HF fast tokenizers are not safe to mutate from two threads).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Iterator
+
+from ..engine.base import Engine
+from . import protocol as p
+from .protocol import APIError
+
+log = logging.getLogger("qwenhw.serve")
+MAX_BODY = 16 * 2**20
+
+
+class OpenAIServer(ThreadingHTTPServer):
+    daemon_threads = True  # a stuck client must not keep the process alive at exit
+
+    def __init__(self, engine: Engine | None, host: str, port: int, api_key: str | None = None,
+                 served_model_name: str | list[str] | None = None, max_context: int | None = None,
+                 max_queue: int = 64, access_log: bool = False):
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        super().__init__((host, port), Handler)
+        self.engine = engine  # may be attached after binding: the CLI binds first, then loads
+        self.api_key = api_key or None
+        names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [])
+        self.names = names or ([engine.plan.model] if engine is not None and engine.plan else ["qwenhw"])
+        self._max_context = max_context
+        self.max_queue = max_queue
+        self.access_log = access_log
+        self.created = int(time.time())
+        self._gate = threading.Lock()
+        self._count = threading.Lock()
+        self._waiting = 0
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}/v1"
+
+    @property
+    def context_limit(self) -> int | None:
+        """Prompt + completion tokens per request: the context the plan was sized for (vLLM's max_model_len)."""
+        if self._max_context:
+            return self._max_context
+        plan = getattr(self.engine, "plan", None)
+        return (getattr(plan, "context", 0) or getattr(plan, "max_context", 0) or None) if plan else None
+
+    def start(self) -> threading.Thread:
+        """Serve in a daemon thread; stop with shutdown() then server_close()."""
+        thread = threading.Thread(target=self.serve_forever, name="qwenhw-serve", daemon=True)
+        thread.start()
+        return thread
+
+    @contextmanager
+    def turn(self) -> Iterator[Engine]:
+        """Wait for the engine (bounded queue), then hold it for the whole request."""
+        with self._count:
+            if self._waiting >= self.max_queue:
+                raise APIError(503, f"The server is busy ({self._waiting} requests queued); retry later.",
+                               code="queue_full")
+            self._waiting += 1
+        try:
+            with self._gate:
+                if self.engine is None or self.engine.closed:
+                    raise APIError(503, "The model is not loaded.", code="model_not_ready")
+                yield self.engine
+        finally:
+            with self._count:
+                self._waiting -= 1
+
+
+def make_server(engine: Engine | None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+                served_model_name: str | list[str] | None = None, **kwargs: Any) -> OpenAIServer:
+    """A bound, not yet running server. `server.start()` runs it in a thread; `serve_forever()` blocks."""
+    return OpenAIServer(engine, host, port, api_key, served_model_name, **kwargs)
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive for plain responses; streams use chunked encoding
+    server: OpenAIServer
+    server_version = "qwenhw"
+
+    # --- routing ---------------------------------------------------------------------------------------
+    def do_GET(self) -> None:
+        self._route({"/health": self._health, "/v1/models": self._models}, "GET")
+
+    def do_POST(self) -> None:
+        self._route({"/v1/chat/completions": self._chat, "/v1/completions": self._completions}, "POST")
+
+    def _route(self, routes: dict, method: str) -> None:
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        self._read = False  # one handler serves every request of a keep-alive connection
+        try:
+            handler = routes.get(path)
+            if handler is None:
+                known = {"/health", "/v1/models", "/v1/chat/completions", "/v1/completions"}
+                if path in known:
+                    raise APIError(405, f"{method} is not allowed on {path}.", code="method_not_allowed")
+                raise APIError(404, f"Unknown route {path}; this server has {', '.join(sorted(known))}.",
+                               code="not_found")
+            if path.startswith("/v1/"):
+                self._authorize()
+            handler()
+        except APIError as exc:
+            self._drain()
+            self._send_json(exc.status, exc.body())
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client left; the gate and the generation are already released
+        except Exception as exc:  # an engine fault: answer 500, keep serving
+            log.exception("request failed")
+            self._send_json(500, APIError(500, f"{type(exc).__name__}: {exc}").body())
+
+    def _authorize(self) -> None:
+        key = self.server.api_key
+        if key is None:
+            return
+        given = self.headers.get("Authorization", "")
+        token = given[7:].strip() if given[:7].lower() == "bearer " else ""
+        if not hmac.compare_digest(token.encode(), key.encode()):
+            raise APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
+                           code="invalid_api_key")
+
+    # --- endpoints -------------------------------------------------------------------------------------
+    def _health(self) -> None:
+        ready = self.server.engine is not None and not self.server.engine.closed
+        self._send_json(200 if ready else 503, {"status": "ok" if ready else "loading"})
+
+    def _models(self) -> None:
+        plan = getattr(self.server.engine, "plan", None)
+        data = [{"id": name, "object": "model", "created": self.server.created, "owned_by": "qwenhw",
+                 "root": getattr(plan, "model", name), "max_model_len": self.server.context_limit}
+                for name in self.server.names]
+        self._send_json(200, {"object": "list", "data": data})
+
+    def _chat(self) -> None:
+        call = p.parse(self._body(), True, self.server.names, self.server.context_limit)
+        with self.server.turn() as engine:
+            try:
+                prompt, _ = engine.chat_prompt(call.messages, call.thinking)
+            except Exception as exc:  # the chat template rejected the conversation (roles out of order, ...)
+                raise APIError(400, f"The chat template rejected the messages: {exc}", "messages") from exc
+            n_prompt = engine.count_tokens(prompt)
+            max_tokens = p.check_length(n_prompt, call.max_tokens, self.server.context_limit, "messages")
+            kwargs = dict(thinking=call.thinking, max_tokens=max_tokens, **call.sampling)
+            rid = p.new_id("chatcmpl")
+            if not call.stream:
+                r = engine.chat(call.messages, **kwargs)
+                self._send_json(200, p.chat_response(call, rid, r.content, r.reasoning, r.finish_reason,
+                                                     r.prompt_tokens, r.completion_tokens))
+                return
+            created = int(time.time())
+            self._start_stream()
+            self._event(p.chat_chunk(call, rid, created, {"role": "assistant", "content": ""}))
+            parts: dict[str, list[str]] = {"reasoning": [], "content": []}
+            try:
+                stream = engine.chat_stream(call.messages, **kwargs)
+                try:
+                    for kind, text in stream:
+                        parts[kind].append(text)
+                        delta = p.reasoning_fields(text) if kind == "reasoning" else {"content": text}
+                        self._event(p.chat_chunk(call, rid, created, delta))
+                finally:
+                    stream.close()  # a client that left stops the generation here
+                n_out, finish = self._stream_usage(engine, parts, max_tokens)
+                self._event(p.chat_chunk(call, rid, created, {}, finish))
+                if call.include_usage:
+                    self._event(p.chat_chunk(call, rid, created, usage_=p.usage(n_prompt, n_out)))
+            except (BrokenPipeError, ConnectionResetError):
+                raise
+            except Exception as exc:  # headers are gone: report in-band, as vLLM does
+                log.exception("stream failed")
+                self._event(APIError(500, f"{type(exc).__name__}: {exc}").body())
+            self._end_stream()
+
+    def _completions(self) -> None:
+        call = p.parse(self._body(), False, self.server.names, self.server.context_limit)
+        limit = self.server.context_limit
+        with self.server.turn() as engine:
+            n_prompts = [engine.count_tokens(text) for text in call.prompts]
+            # a batch shares one max_tokens: the longest prompt decides whether it fits
+            max_tokens = min(p.check_length(n, call.max_tokens, limit, "prompt") for n in n_prompts)
+            kwargs = dict(max_tokens=max_tokens, **{k: v for k, v in call.sampling.items() if v is not None})
+            rid, created = p.new_id("cmpl"), int(time.time())
+            if not call.stream:
+                outs = engine.generate(call.prompts, **kwargs)
+                choices = [{"index": i, "text": (call.prompts[i] if call.echo else "") + o.text,
+                            "finish_reason": o.finish_reason, "logprobs": None} for i, o in enumerate(outs)]
+                body = {"id": rid, "object": "text_completion", "created": created, "model": call.model,
+                        "choices": choices, "usage": p.usage(sum(o.prompt_tokens for o in outs),
+                                                             sum(o.completion_tokens for o in outs))}
+                self._send_json(200, body)
+                return
+            self._start_stream()
+            total = 0
+            try:
+                for i, prompt in enumerate(call.prompts):  # one after another: a stream is one sequence
+                    if call.echo:
+                        self._event(p.completion_chunk(call, rid, created, i, prompt))
+                    pieces: list[str] = []
+                    stream = engine.stream(prompt, **kwargs)
+                    try:
+                        for text in stream:
+                            pieces.append(text)
+                            self._event(p.completion_chunk(call, rid, created, i, text))
+                    finally:
+                        stream.close()
+                    n_out, finish = self._stream_usage(engine, {"content": pieces}, max_tokens)
+                    total += n_out
+                    self._event(p.completion_chunk(call, rid, created, i, "", finish))
+                if call.include_usage:
+                    self._event(p.completion_chunk(call, rid, created, usage_=p.usage(sum(n_prompts), total)))
+            except (BrokenPipeError, ConnectionResetError):
+                raise
+            except Exception as exc:
+                log.exception("stream failed")
+                self._event(APIError(500, f"{type(exc).__name__}: {exc}").body())
+            self._end_stream()
+
+    @staticmethod
+    def _stream_usage(engine: Engine, parts: dict[str, list[str]], max_tokens: int) -> tuple[int, str]:
+        # The stream protocol yields text only, so completion tokens are the text re-tokenized (exact for
+        # ordinary text, approximate for odd byte sequences); hitting max_tokens means "length".
+        text = "".join(parts.get("reasoning", [])) + "".join(parts["content"])
+        n = engine.count_tokens(text) if text else 0
+        if parts.get("reasoning"):
+            n += 2  # <think> and </think> are one token each
+        return min(n, max_tokens), "length" if n >= max_tokens else "stop"
+
+    # --- I/O -------------------------------------------------------------------------------------------
+    def _body(self) -> Any:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            raise APIError(413, f"The request body is over {MAX_BODY // 2**20} MiB.", code="request_too_large")
+        raw = self.rfile.read(length) if length else b""
+        self._read = True
+        try:
+            return json.loads(raw or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"The request body is not valid JSON: {exc}.", code="invalid_json") from exc
+
+    def _drain(self) -> None:
+        # an error before the body was read (auth, route): read it so keep-alive stays in step
+        if self._read or self.command != "POST":
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        if 0 < length <= MAX_BODY:
+            self.rfile.read(length)
+        elif length:
+            self.close_connection = True
+
+    def _send_json(self, status: int, obj: Any) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if status == 401:
+            self.send_header("WWW-Authenticate", "Bearer")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _start_stream(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def _event(self, obj: Any) -> None:
+        self._chunk(b"data: " + json.dumps(obj).encode() + b"\n\n")
+
+    def _end_stream(self) -> None:
+        self._chunk(b"data: [DONE]\n\n")
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        if self.server.access_log:
+            log.info("%s %s", self.address_string(), format % args)

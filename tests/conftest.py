@@ -1,0 +1,32 @@
+"""Shared fixtures: the tiny real-architecture checkpoints and a reference HF run on them."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("QWENHW_QUIET", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_moe(tmp_path_factory):
+    """A 2-layer Qwen3-MoE checkpoint with the real Qwen3 tokenizer (built offline, ~7 s)."""
+    from qwenhw import tiny
+
+    return tiny.build(tmp_path_factory.mktemp("ckpt") / "tiny-qwen3-moe", moe=True)
+
+
+@pytest.fixture(scope="session")
+def hf_reference(tiny_moe):
+    """Greedy tokens of plain transformers on the tiny checkpoint: what every backend must reproduce."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_moe)
+    model = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.bfloat16)
+    prompt = "The capital of France is"
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    return {"prompt": prompt, "tokens": out[0, ids.shape[1]:].tolist()}

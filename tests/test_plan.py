@@ -1,0 +1,92 @@
+"""Planning contracts: JSON schema, every bundled profile x several models, the headline cases."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import qwenhw
+from qwenhw.hardware import bundled_names
+from qwenhw.planning.plan import Plan
+
+MODELS = ["Qwen3-0.6B", "Qwen3-8B", "Qwen3-32B", "Qwen3-30B-A3B", "Qwen3-30B-A3B-FP8", "Qwen3-235B-A22B",
+          "Qwen3-Next-80B-A3B-Instruct", "Qwen2.5-72B-Instruct"]
+DEVICE_KEYS = {"id", "kind", "capacity_gib", "weights_gib", "kv_cache_gib", "overhead_gib", "total_gib"}
+
+
+def check_schema(d: dict) -> None:
+    assert {"model", "backend", "fits", "parallel", "devices", "offload", "max_context", "reasons", "rejected",
+            "artifacts"} <= set(d)
+    assert set(d["parallel"]) == {"tp", "pp", "dp", "ep"}
+    assert all(isinstance(v, int) and v >= 1 for v in d["parallel"].values())
+    for dev in d["devices"]:
+        assert DEVICE_KEYS <= set(dev)
+        parts = dev["weights_gib"] + dev["kv_cache_gib"] + dev["overhead_gib"]
+        assert abs(parts - dev["total_gib"]) < 0.01
+    assert {"cpu_gib", "disk_gib", "experts_on_cpu"} <= set(d["offload"])
+    assert all({"backend", "why"} == set(r) for r in d["rejected"])
+    assert isinstance(d["reasons"], list) and d["reasons"]
+    assert all(isinstance(v, str) for v in d["artifacts"].values())
+
+
+@pytest.mark.parametrize("profile", bundled_names())
+@pytest.mark.parametrize("model", MODELS)
+def test_every_profile_and_model_plans_and_serialises(profile, model):
+    plan = qwenhw.plan(model, hardware=profile)
+    d = json.loads(plan.to_json())
+    check_schema(d)
+    again = Plan.from_dict(d)
+    assert again.to_dict() == plan.to_dict()
+    if plan.fits:
+        for dev in plan.devices:
+            assert dev.total_gib <= dev.capacity_gib + 1e-6, (profile, model, dev)
+        assert plan.estimate.decode_tok_s > 0
+
+
+def test_moe_on_one_small_gpu_keeps_experts_in_host_ram():
+    plan = qwenhw.plan("Qwen3-30B-A3B", hardware="1xRTX4090-24G")
+    assert plan.fits
+    assert plan.offload.experts_on_cpu and plan.offload.cpu_gib > 40
+    gpu = next(d for d in plan.devices if d.kind == "nvidia-gpu")
+    assert gpu.total_gib <= gpu.capacity_gib <= 24
+
+
+def test_moe_on_small_gpu_with_small_ram_does_not_fit_and_says_why(tmp_path):
+    hw = qwenhw.api.hardware_profile("1xRTX4090-24G")
+    node = hw.node
+    small = hw.to_dict()
+    small["nodes"][0]["cpu"]["ram_bytes"] = 32 * 2**30
+    small["nodes"][0]["cpu"]["ram_available_bytes"] = 30 * 2**30
+    small["nodes"][0]["disk"]["free_bytes"] = 5 * 2**30
+    path = tmp_path / "small.json"
+    path.write_text(json.dumps(small))
+    plan = qwenhw.plan("Qwen3-30B-A3B", hardware=str(path))
+    assert node.cpu.ram_bytes > 32 * 2**30
+    assert not plan.fits
+    text = " ".join(plan.reasons)
+    assert "GiB" in text and ("fp8" in text or "int4" in text)
+
+
+def test_planning_is_pure_and_fast():
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys, time; t=time.perf_counter(); import qwenhw; "
+            "[qwenhw.plan(m, hardware=h) for m in ('Qwen3-30B-A3B','Qwen3-235B-A22B') for h in ('4xH100-80G','cpu-only')]; "
+            "assert 'torch' not in sys.modules, 'planning imported torch'; print(time.perf_counter()-t)")
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(out.stdout) < 2.0
+    assert time.perf_counter() - start < 5.0
+
+
+def test_local_checkpoint_plan_uses_exact_bytes(tiny_moe):
+    from qwenhw.models.checkpoint import tensor_bytes
+
+    plan = qwenhw.plan(str(tiny_moe))
+    exact = sum(n for _, _, n in tensor_bytes(str(tiny_moe)).values())
+    assert plan.spec["weight_bytes"] == exact
+    cpu = next(d for d in plan.devices if d.id == "cpu")
+    assert abs(cpu.weights_gib * 2**30 - exact) < 1024
