@@ -65,16 +65,22 @@ class ChatSession:
 
 
 def print_stream(console: Any, pieces: Iterable[tuple[str, str]]) -> None:
-    """Reasoning dimmed, then a blank line, then the answer; leading blank lines trimmed from each."""
-    last = None
+    """Reasoning dimmed, then a blank line, then the answer. The template's newlines around the think tags
+    are trimmed: whitespace is held back until more text of the same kind follows."""
+    last, held, printed, fresh = None, "", False, True
     for kind, text in pieces:
         if kind != last:
-            text = text.lstrip("\n")
-            if last is not None:
-                console.print("\n")  # reasoning ends: set the answer apart
-            last = kind
-        if text:
-            console.print(text, end="", style="dim" if kind == "reasoning" else None, markup=False)
+            if printed:
+                console.print("\n\n", end="")  # reasoning ends: set the answer apart
+            last, held, fresh = kind, "", True
+        text = held + text
+        if fresh:
+            text = text.lstrip()
+        body = text.rstrip()
+        held = text[len(body):]
+        if body:
+            console.print(body, end="", style="dim" if kind == "reasoning" else None, markup=False)
+            printed, fresh = True, False
 
 
 def run_chat(engine: Engine, session: ChatSession, console: Any) -> None:

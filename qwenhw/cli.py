@@ -238,10 +238,7 @@ def _load(model: str, kw: dict[str, Any]):
 def run(model: str, prompt: str, think: bool | None, max_tokens: int, temperature: float | None, raw: bool,
         hardware: str | None, **kw: Any) -> None:
     """Load MODEL and answer one prompt."""
-    if max_tokens < 1:
-        raise BadInput(f"--max-tokens {max_tokens} must be at least 1.")
-    if hardware:
-        raise BadInput("`qwenhw run` loads on this machine; --hardware is for `qwenhw plan`. Drop --hardware.")
+    _check_local(hardware, max_tokens, "run")
     with _load(model, kw) as engine:
         if raw:
             for delta in engine.stream(prompt, max_tokens=max_tokens,
@@ -249,11 +246,80 @@ def run(model: str, prompt: str, think: bool | None, max_tokens: int, temperatur
                 click.echo(delta, nl=False)
             click.echo()
             return
+        from .chat_repl import print_stream
+
+        # soft_wrap: streamed pieces are wrapped by the terminal, not cut by rich one piece at a time
         console = _console()
+        console.soft_wrap = True
         messages = [{"role": "user", "content": prompt}]
-        for kind, text in engine.chat_stream(messages, thinking=think, max_tokens=max_tokens, temperature=temperature):
-            console.print(text, end="", style="dim" if kind == "reasoning" else None, markup=False)
+        print_stream(console, engine.chat_stream(messages, thinking=think, max_tokens=max_tokens,
+                                                 temperature=temperature))
         console.print()
+
+
+def _check_local(hardware: str | None, max_tokens: int | None, command: str) -> None:
+    if max_tokens is not None and max_tokens < 1:
+        raise BadInput(f"--max-tokens {max_tokens} must be at least 1.")
+    if hardware:
+        raise BadInput(f"`qwenhw {command}` loads on this machine; --hardware is for `qwenhw plan`. Drop --hardware.")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--think/--no-think", default=None, help="Start with Qwen3 thinking on or off (default: the model's own).")
+@click.option("--max-tokens", type=int, default=1024, show_default=True, help="Longest reply (/set max_tokens N).")
+@click.option("--temperature", type=float, help="0 for greedy; default per mode as Qwen recommends.")
+@click.option("--system", help="A system prompt for the conversation.")
+@request_options
+@friendly
+def chat(model: str, think: bool | None, max_tokens: int, temperature: float | None, system: str | None,
+         hardware: str | None, **kw: Any) -> None:
+    """Talk to MODEL interactively: streamed replies, /think and /no_think, /reset, Ctrl-C stops a reply."""
+    from .chat_repl import ChatSession, run_chat
+
+    _check_local(hardware, max_tokens, "chat")
+    with _load(model, kw) as engine:
+        console = _console()
+        console.soft_wrap = True
+        run_chat(engine, ChatSession(engine, think, max_tokens, temperature, system), console)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it).")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--api-key", envvar="QWENHW_API_KEY", help="Require `Authorization: Bearer KEY` (env QWENHW_API_KEY).")
+@click.option("--served-model-name", help="The model name clients send (default: MODEL as given).")
+@request_options
+@friendly
+def serve(model: str, host: str, port: int, api_key: str | None, served_model_name: str | None,
+          hardware: str | None, **kw: Any) -> None:
+    """An OpenAI-compatible server for MODEL: /v1/chat/completions, /v1/completions, /v1/models, /health."""
+    import logging
+
+    from .serve import make_server
+
+    _check_local(hardware, None, "serve")
+    try:  # bind before the (long) load, so a taken port fails at once
+        server = make_server(None, host, port, api_key, served_model_name or model, access_log=True)
+    except OSError as exc:
+        raise BadInput(f"Cannot listen on {host}:{port}: {exc.strerror or exc}. Pick another --port.") from exc
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        with _load(model, kw) as engine:
+            server.engine = engine
+            lock = "requires an API key" if api_key else "no API key"
+            click.echo(f"qwenhw: serving {server.names[0]!r} at {server.url} ({lock}; "
+                       f"{server.context_limit} tokens of context per request). Ctrl-C stops.", err=True)
+            if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
+                click.echo(f"qwenhw: warning: {host} is reachable from other machines and no --api-key is set.",
+                           err=True)
+            try:
+                server.serve_forever()
+            except KeyboardInterrupt:
+                click.echo("qwenhw: stopped", err=True)
+    finally:
+        server.server_close()
 
 
 @main.command()

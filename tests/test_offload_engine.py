@@ -100,3 +100,33 @@ def test_artifacts_load_in_deepspeed_and_accelerate(tiny_moe, tmp_path):
         cfg = load_config_from_file(str(folder / "accelerate.yaml"))
         assert cfg.use_cpu is True and cfg.num_processes == 1
         compile((folder / "launch.py").read_text(), "launch.py", "exec")  # valid Python
+
+
+@pytest.mark.parametrize("engine, extra", [
+    ("transformers-fast", {}),
+    ("hybrid-moe", {}),
+    ("hybrid-moe", {"expert_cache_bytes": "half", "prefill_threshold": 4}),
+    ("hybrid-moe", {"expert_cache_bytes": "half", "cache_policy": "dynamic"}),
+])
+def test_lean_runtime_engines_match_transformers(tiny_moe, hf_reference, engine, extra):
+    """The fast path and the MoE hybrid (CPU experts, GPU-cache path, streamed prefill) run the
+    same arithmetic as transformers: identical greedy tokens on the tiny checkpoint."""
+    plan = qwenhw.plan(str(tiny_moe), backend="offload", engine=engine, context=256)
+    assert plan.engine == engine and plan.fits
+    config = dict(plan.config)
+    if extra.get("expert_cache_bytes") == "half":
+        from qwenhw.models.checkpoint import split_weight_bytes
+
+        config["expert_cache_bytes"] = split_weight_bytes(str(tiny_moe))["experts"] // 2
+    config.update({k: v for k, v in extra.items() if k != "expert_cache_bytes"})
+    with qwenhw.load(plan.replace(config=config)) as eng:
+        assert _greedy(eng, hf_reference["prompt"]) == hf_reference["tokens"]
+        if engine == "hybrid-moe":
+            stats = eng.hybrid.stats
+            assert stats["cpu_experts"] > 0
+            if extra:
+                assert stats["gpu_experts"] > 0  # the cache path ran too
+            if extra.get("prefill_threshold"):
+                assert stats["streamed_layers"] > 0
+        streamed = "".join(eng.stream(hf_reference["prompt"], max_tokens=8, temperature=0))
+        assert streamed == eng.generate(hf_reference["prompt"], max_tokens=8, temperature=0)[0].text

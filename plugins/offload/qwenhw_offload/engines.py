@@ -49,6 +49,10 @@ def _load_transformers(plan: Any, path: str) -> HFEngine:
         from .hybrid import load_hybrid
 
         return load_hybrid(plan, path, dtype)
+    if plan.engine == "transformers-fast":
+        from .engine_runtime import load_fast
+
+        return load_fast(plan, path, dtype)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -25,8 +25,20 @@ CUDA_CONTEXT = 0.55 * GiB  # CUDA context + cuBLAS workspaces, outside torch's a
 CPU_RUNTIME = 16 * 2**20  # allocator slack seen on top of weights in CPU runs (tests measure it)
 RAM_HEADROOM = 0.85  # leave the OS and the page cache some room
 GPU_UTILISATION = 0.92
-CPU_EFFICIENCY = 0.6  # fraction of RAM bandwidth torch's CPU kernels reach at batch 1
+CPU_EFFICIENCY = 0.6
+# Per-layer fixed costs of a decode step, measured on an H100 host (docs/benchmarks.md)
+EAGER_LAYER_OVERHEAD = 1.2e-3  # transformers generate(): Python + ~30 launches per layer
+GRAPH_LAYER_OVERHEAD = 30e-6  # CUDA graph replay
+HYBRID_LAYER_OVERHEAD = 80e-6  # router sync + hidden-state copies both ways
+CPU_EXPERT_OVERHEAD = 40e-6  # torch ops per expert on the CPU  # fraction of RAM bandwidth torch's CPU kernels reach at batch 1
 DEFAULT_CONTEXT = 8192
+FAST_ARCHITECTURES = ("qwen3", "qwen3_moe", "qwen2")
+# Routing statistics for the static expert cache come from a short, varied prompt.
+CALIBRATION_PROMPT = (
+    "You are a helpful assistant. Explain step by step how to compute 17 * 23, then write a Python function "
+    "that checks whether a string is a palindrome, summarise the causes of the French Revolution in three "
+    "sentences, and translate 'good morning, how are you?' into German, Spanish and Chinese."
+)
 
 
 def activation_bytes(spec: ModelSpec, context: int, concurrency: int) -> float:
@@ -75,9 +87,21 @@ def plans(spec: ModelSpec, hw: HardwareProfile, req: Request) -> list[Plan]:
     out = [cpu_plan(spec, hw, req, req_dtype, context, kv_dtype)]
     gpus = node.gpus("nvidia") or node.gpus("intel")
     if gpus:
-        out.append(gpu_plan(spec, hw, req, req_dtype or "auto", context, kv_dtype, hybrid=False))
-        if spec.is_moe:
+        whole = gpu_plan(spec, hw, req, req_dtype or "auto", context, kv_dtype, hybrid=False)
+        out.append(whole)
+        if spec.is_moe and (not whole.fits or whole.offload.cpu_gib or whole.offload.disk_gib):
             out.append(gpu_plan(spec, hw, req, req_dtype or "auto", context, kv_dtype, hybrid=True))
+    elif req.engine in ("transformers-fast", "hybrid-moe") and spec.architecture in FAST_ARCHITECTURES + ("qwen3_moe",):
+        # no GPU: the lean runtime runs on the CPU too (this is how CI checks it token for token)
+        base = out[0]
+        config = {**base.config, "cuda_graphs": False, "decode_experts": "batched_mm"}
+        if req.engine == "hybrid-moe":
+            if not spec.is_moe:
+                return [_unfit(spec, hw, req, "hybrid-moe", "the hybrid engine is for MoE models")]
+            config.update(expert_cache_bytes=0, prefill_threshold=32, cache_policy="static")
+        out.append(base.replace(engine=req.engine, config=config,
+                                reasons=base.reasons + (f"{req.engine} on the CPU (forced): the lean runtime without "
+                                                        f"CUDA graphs",)))
     out.append(zero3_plan(spec, hw, req, req_dtype, context, kv_dtype))
     return out
 
@@ -160,7 +184,7 @@ def gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, con
     """One GPU plus host RAM (plus disk). `hybrid`: MoE experts computed on the CPU, hot ones cached on GPU."""
     node = hw.node
     gpu = (node.gpus("nvidia") or node.gpus("intel"))[0]
-    served = with_weight_dtype(spec, dtype if dtype != "auto" else "auto")
+    served = with_weight_dtype(spec, dtype)
     if served.quant.method is not None:
         served = with_weight_dtype(spec, "bf16")
     dt = stored_dtype(served)
@@ -170,88 +194,102 @@ def gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, con
         cap = min(cap, req.gpu_memory_gib * GiB)
     kv = kv_bytes(served, context, req.concurrency, kv_dtype)
     act = activation_bytes(served, context, req.concurrency)
-    room = cap - kv - act - CUDA_CONTEXT
     ram = _ram_budget(node, req)
     dev = gpu.device_id
-    engine = "hybrid-moe" if hybrid else "transformers"
+    room = cap - kv - act - CUDA_CONTEXT
+    stage = cache = 0.0
     if hybrid:
-        # experts all live in host RAM (the CPU computes them); the GPU keeps the rest + a hot-expert cache
+        # all routed experts live in host RAM (the CPU computes them); the GPU holds everything else, one
+        # layer's experts as a staging buffer for prefill, and a cache of hot experts in what is left
+        stage = mm.expert_bytes(served) * served.moe.num_experts
+        room -= stage
         placement = place(served, [(dev, max(room, 0.0)), ("cpu", ram)], experts_last=True)
         if placement is not None:
-            experts_gpu = placement.expert_bytes_on.get(dev, 0.0)
-            cache = experts_gpu
-            for name, where in list(placement.device_map.items()):
+            for name in placement.device_map:
                 if name.endswith(".mlp.experts"):
                     placement.device_map[name] = "cpu"
-            placement.used[dev] -= experts_gpu
-            placement.used["cpu"] = placement.used.get("cpu", 0.0) + experts_gpu
-        else:
-            cache = 0.0
+            moved = placement.expert_bytes_on.get(dev, 0.0)
+            placement.used[dev] -= moved
+            placement.used["cpu"] += moved
+            one = mm.expert_bytes(served)
+            cache = min(wb.experts, max(0.0, room - placement.used[dev]) // one * one)
     else:
         placement = place(served, [(dev, max(room, 0.0)), ("cpu", ram), ("disk", node.disk.free_bytes * 0.9)],
                           experts_last=spec.is_moe)
-        cache = 0.0
-    reasons: list[str] = []
-    fits = placement is not None and room > 0
-    if hybrid and placement is not None and placement.used.get("cpu", 0.0) > ram:
-        fits = False
-        reasons.append(f"the hybrid engine keeps all routed experts in host RAM: {placement.used['cpu'] / GiB:.1f} "
-                       f"GiB needed, {ram / GiB:.1f} GiB available")
     gpu_w = placement.used.get(dev, 0.0) if placement else 0.0
     cpu_w = placement.used.get("cpu", 0.0) if placement else 0.0
     disk_w = placement.used.get("disk", 0.0) if placement else 0.0
+    fits = placement is not None and room > 0
+    reasons: list[str] = []
     if room <= 0:
-        reasons.append(f"KV cache ({kv / GiB:.1f} GiB) and activations ({act / GiB:.1f} GiB) alone exceed the "
-                       f"{cap / GiB:.1f} GiB GPU budget: lower --context or --concurrency")
+        reasons.append(f"KV cache ({kv / GiB:.1f} GiB), activations ({act / GiB:.1f} GiB)"
+                       + (f" and the prefill staging buffer ({stage / GiB:.1f} GiB)" if stage else "")
+                       + f" alone exceed the {cap / GiB:.1f} GiB GPU budget: lower --context or --concurrency")
     elif placement is None:
-        reasons.append(f"weights ({wb.total / GiB:.1f} GiB) exceed GPU {room / GiB:.1f} + RAM {ram / GiB:.1f} GiB")
-    if hybrid and fits:
+        reasons.append(f"weights ({wb.total / GiB:.1f} GiB) exceed GPU {room / GiB:.1f} + RAM {ram / GiB:.1f} GiB"
+                       + ("" if hybrid else " + disk"))
+    elif hybrid and cpu_w > ram:
+        fits = False
+        reasons.append(f"the hybrid engine keeps all routed experts in host RAM: {cpu_w / GiB:.1f} GiB needed, "
+                       f"{ram / GiB:.1f} GiB available")
+    elif hybrid:
         reasons.append(
             f"MoE hybrid: attention, norms, router and embeddings on {dev} ({gpu_w / GiB:.1f} GiB); all routed "
-            f"experts in host RAM ({cpu_w / GiB:.1f} GiB) computed by {node.cpu.physical_cores} CPU cores; "
-            f"{cache / GiB:.1f} GiB of GPU memory left for a cache of the most-used experts"
-        )
-    elif fits and (cpu_w or disk_w):
+            f"experts in host RAM ({cpu_w / GiB:.1f} GiB), only the top-{served.moe.top_k} of each token computed "
+            f"by {node.cpu.physical_cores} CPU cores; {cache / GiB:.1f} GiB of GPU memory caches the most-used "
+            f"experts ({cache / max(wb.experts, 1):.0%} of them)")
+    elif cpu_w or disk_w:
         what = "routed experts first" if spec.is_moe else "whole layers"
-        reasons.append(f"{gpu_w / GiB:.1f} GiB on {dev}; {cpu_w / GiB:.1f} GiB in host RAM and "
-                       f"{disk_w / GiB:.1f} GiB on disk ({what} offloaded; accelerate streams them per token)")
-    elif fits:
+        reasons.append(f"{gpu_w / GiB:.1f} GiB on {dev}; {cpu_w / GiB:.1f} GiB in host RAM and {disk_w / GiB:.1f} "
+                       f"GiB on disk ({what} offloaded; accelerate copies them to the GPU every token)")
+    else:
         reasons.append(f"everything fits on {dev} ({gpu_w / GiB:.1f} GiB of weights)")
-    est = _gpu_estimate(served, node, gpu, req.concurrency, context, kv_dtype, gpu_w, cpu_w, disk_w, hybrid, cache,
+    fast = not hybrid and fits and not cpu_w and not disk_w and spec.architecture in FAST_ARCHITECTURES
+    engine = "hybrid-moe" if hybrid else ("transformers-fast" if fast else "transformers")
+    if fast:
+        reasons.append("fast path: static KV cache and one CUDA graph per decode step over transformers' modules, "
+                       "batched expert matmuls")
+    est = _gpu_estimate(served, node, gpu, req.concurrency, context, kv_dtype, gpu_w, cpu_w, disk_w, engine, cache,
                         wb.experts)
-    devices = [DeviceUse(dev, f"{gpu.vendor}-gpu", cap / GiB, gpu_w / GiB + cache / GiB, kv / GiB,
-                         (act + CUDA_CONTEXT) / GiB)]
+    devices = [DeviceUse(dev, f"{gpu.vendor}-gpu", cap / GiB, (gpu_w + cache) / GiB, kv / GiB,
+                         (act + CUDA_CONTEXT + stage) / GiB)]
     if cpu_w:
         devices.append(DeviceUse("cpu", "cpu", ram / GiB, cpu_w / GiB))
     if disk_w:
         devices.append(DeviceUse("disk", "disk", node.disk.free_bytes * 0.9 / GiB, disk_w / GiB))
     per_token = mm.kv_bytes_per_token(served, kv_dtype)
+    config = {"device_map": placement.device_map if placement else {}, "dtype": dt, "main_device": dev,
+              "threads": node.cpu.physical_cores, "offload_folder": "auto" if disk_w else None}
+    if engine in ("hybrid-moe", "transformers-fast"):
+        config.update(cuda_graphs=True, decode_experts="batched_mm")
+    if hybrid:
+        config.update(expert_cache_bytes=int(cache), prefill_threshold=32, cache_policy="static",
+                      calibration_prompt=CALIBRATION_PROMPT)
     return Plan(
         model=spec.name, backend="offload", engine=engine, fits=fits, parallel=Parallel(), devices=tuple(devices),
         offload=Offload(cpu_gib=cpu_w / GiB, disk_gib=disk_w / GiB, experts_on_cpu=spec.is_moe and cpu_w > 0,
                         gpu_expert_cache_gib=cache / GiB),
         context=context,
-        max_context=_context_fit(gpu_w + cache + act + CUDA_CONTEXT, per_token, cap, served, req.concurrency),
+        max_context=_context_fit(gpu_w + cache + stage + act + CUDA_CONTEXT, per_token, cap, served,
+                                 req.concurrency),
         concurrency=req.concurrency, dtype=dt, kv_dtype=kv_dtype, estimate=est, reasons=tuple(reasons),
-        config={"device_map": placement.device_map if placement else {}, "dtype": dt, "main_device": dev,
-                "threads": node.cpu.physical_cores, "expert_cache_bytes": int(cache),
-                "offload_folder": "auto" if disk_w else None},
+        config=config,
     )
 
 
-def _gpu_estimate(spec, node, gpu, concurrency, context, kv_dtype, gpu_w, cpu_w, disk_w, hybrid, cache,
+def _gpu_estimate(spec, node, gpu, concurrency, context, kv_dtype, gpu_w, cpu_w, disk_w, engine, cache,
                   experts_total) -> Estimate:
     total = gpu_w + cpu_w + disk_w + cache or 1.0
     stream = _stream_bytes(spec, concurrency)
     kv_read = concurrency * context / 2 * mm.kv_bytes_per_token(spec, kv_dtype)
     gpu_bw = gpu.bandwidth_gbs * 1e9 * 0.75
-    if hybrid and spec.moe:
+    if engine == "hybrid-moe":
         expert_stream = experts_touched(spec, concurrency) * mm.expert_bytes(spec) * spec.num_moe_layers
-        hit = cache / experts_total if experts_total else 0.0  # uniform routing: cache hit rate = share cached
-        t = (stream - expert_stream + kv_read) / gpu_bw
-        t += expert_stream * (1 - hit) / (max(node.cpu.memory_bandwidth_gbs, 1) * 1e9 * CPU_EFFICIENCY)
-        t += expert_stream * hit / gpu_bw
-        t += spec.num_moe_layers * 2 * 25e-6  # two host<->device hops per MoE layer
+        hit = cache / experts_total if experts_total else 0.0  # uniform routing: hit rate = share cached
+        cpu_bw = max(node.cpu.memory_bandwidth_gbs, 1) * 1e9 * CPU_EFFICIENCY
+        t = (stream - expert_stream + kv_read) / gpu_bw + expert_stream * (1 - hit) / cpu_bw
+        # per MoE layer: a host sync and two small copies, and a few CPU kernel launches per expert
+        t += spec.num_moe_layers * (HYBRID_LAYER_OVERHEAD + spec.moe.top_k * (1 - hit) * CPU_EXPERT_OVERHEAD)
         bound = "host RAM bandwidth (CPU experts)"
     else:
         frac_gpu, frac_cpu, frac_disk = gpu_w / total, cpu_w / total, disk_w / total
@@ -259,8 +297,11 @@ def _gpu_estimate(spec, node, gpu, concurrency, context, kv_dtype, gpu_w, cpu_w,
         t += stream * frac_cpu / (node.host_to_device_gbs * 1e9 * 0.5)  # accelerate copies, unpinned
         t += stream * frac_disk / (node.disk.read_gbs * 1e9)
         bound = "GPU memory bandwidth" if frac_cpu + frac_disk < 0.02 else "host-to-GPU copies"
-    # transformers' per-token Python and kernel-launch overhead bounds small models (~3 ms per layer set)
-    t = max(t, spec.num_layers * 0.3e-3)
+        # Python and kernel launches per layer: CUDA graphs shrink them to replay cost
+        per_layer = GRAPH_LAYER_OVERHEAD if engine == "transformers-fast" else EAGER_LAYER_OVERHEAD
+        if spec.moe and engine == "transformers-fast":  # batched matmuls copy the routed experts once more
+            t += 2 * experts_touched(spec, concurrency) * mm.expert_bytes(spec) * spec.num_moe_layers / gpu_bw
+        t += spec.num_layers * per_layer
     prefill = gpu.bf16_tflops * 1e12 * 0.4 / (2 * spec.active_params())
     return Estimate(1 / t, concurrency / t, prefill, bound)
 

@@ -1,0 +1,96 @@
+"""Engines over the lean runtime: the all-on-GPU fast path and the MoE hybrid share this Engine."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator
+
+import torch
+
+from qwenhw.engine.base import Completion, Sampling
+from qwenhw.engine.hf import HFEngine, _cut_at_stop
+
+from .runtime import Runtime, SampleParams, supported
+
+
+class RuntimeEngine(HFEngine):
+    """Sequences run one at a time through the runtime's static cache (batch 1 is what it is fast at)."""
+
+    def __init__(self, model: Any, tokenizer: Any, runtime: Runtime, plan: Any = None):
+        super().__init__(model, tokenizer, plan=plan, device=str(runtime.device))
+        self.runtime = runtime
+        self.hybrid = None
+
+    def _tokens(self, prompt: str, sampling: Sampling) -> Iterator[int]:
+        ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
+        budget = self.runtime.max_len - len(ids)
+        if budget < 1:
+            raise ValueError(f"prompt of {len(ids)} tokens leaves no room in the {self.runtime.max_len}-token "
+                             f"context this plan was made for; plan a longer --context")
+        params = SampleParams(sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed)
+        self.runtime.reset()
+        yield from self.runtime.generate(ids, min(sampling.max_tokens, budget), params, set(self._eos_ids()))
+
+    def _complete(self, prompts: list[str], sampling: Sampling) -> list[Completion]:
+        out = []
+        eos = set(self._eos_ids())
+        for prompt in prompts:
+            tokens = list(self._tokens(prompt, sampling))
+            finish = "length"
+            if tokens and tokens[-1] in eos:
+                tokens.pop()
+                finish = "stop"
+            text, stopped = _cut_at_stop(self.tokenizer.decode(tokens), sampling.stop)
+            n_prompt = len(self.tokenizer(prompt, add_special_tokens=False).input_ids)
+            out.append(Completion(text, tuple(tokens), n_prompt, "stop" if stopped else finish))
+        return out
+
+    def _stream(self, prompt: str, sampling: Sampling) -> Iterator[str]:
+        eos = set(self._eos_ids())
+        tokens: list[int] = []
+        sent = ""
+        for token in self._tokens(prompt, sampling):
+            if token in eos:
+                break
+            tokens.append(token)
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                continue
+            cut, stopped = _cut_at_stop(text, sampling.stop)
+            if len(cut) > len(sent):
+                yield cut[len(sent):]
+                sent = cut
+            if stopped:
+                return
+
+    def calibrate(self, prompt: str) -> None:
+        """Route a calibration prompt, then cache the most-used experts on the GPU."""
+        if self.hybrid is None:
+            return
+        ids = self.tokenizer(prompt, add_special_tokens=False).input_ids[: self.runtime.max_len - 1]
+        self.hybrid.counts.zero_()
+        self.runtime.reset()
+        self.runtime.prefill(ids)
+        self.hybrid.place_cache()
+
+    def close(self) -> None:
+        self.runtime = None
+        self.hybrid = None
+        super().close()
+
+
+def load_fast(plan: Any, path: str, dtype: Any) -> RuntimeEngine:
+    """Everything on one GPU: the runtime with a CUDA graph per decode step, batched expert matmuls."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = plan.config.get("main_device", "cpu")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device})
+    model.eval()
+    if not supported(model):
+        raise ValueError(f"the fast path covers Qwen3 / Qwen3-MoE / Qwen2 models, not {model.config.model_type}")
+    if device == "cpu":
+        torch.set_num_threads(min(int(plan.config.get("threads") or 1), os.cpu_count() or 1))
+    runtime = Runtime(model, max_len=int(plan.context or 4096), device=device,
+                      graphs=bool(plan.config.get("cuda_graphs", True)),
+                      decode_experts=plan.config.get("decode_experts", "batched_mm"))
+    return RuntimeEngine(model, AutoTokenizer.from_pretrained(path), runtime, plan=plan)

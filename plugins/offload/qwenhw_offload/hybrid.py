@@ -1,0 +1,196 @@
+"""MoE hybrid execution: routed experts live in host RAM and are computed by the CPU during decode.
+
+Attention, norms, router, embeddings and the KV cache stay on the GPU (llama.cpp's `-ot exps=CPU`,
+KTransformers). Per MoE layer and decode step only the top-k selected experts are touched: the hidden state
+(a few KiB) crosses PCIe twice instead of the experts' weights. Three refinements:
+- a GPU expert cache holds the most-used experts in the GPU memory the plan leaves free; the cached experts
+  of a token run on the GPU while the CPU computes the rest;
+- placement is static (routing counts from a calibration prompt) or dynamic (re-ranked every N tokens);
+- batches of at least `prefill_threshold` tokens ship the layer's expert weights to the GPU over pinned
+  memory instead (at prefill sizes the GPU's FLOPs win over the CPU's).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class OffloadedExperts(nn.Module):
+    """Stands where the experts were, so `model.to(gpu)` leaves their weights in host RAM."""
+
+    def __init__(self, index: int):
+        super().__init__()
+        self.index = index
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - the hybrid hook runs instead
+        raise RuntimeError("routed experts are offloaded: run this model through the qwenhw hybrid runtime")
+
+
+class HybridMoE:
+    def __init__(self, model: Any, device: str, cache_bytes: int = 0, prefill_threshold: int = 32,
+                 policy: str = "static", refresh: int = 64):
+        self.model = model
+        self.device = torch.device(device)
+        self.layers = model.model.layers
+        self.prefill_threshold = prefill_threshold
+        self.policy = policy
+        self.refresh = refresh
+        pin = self.device.type == "cuda"
+        self.cpu: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        template = None
+        for i, layer in enumerate(self.layers):
+            experts = getattr(layer.mlp, "experts", None)
+            if experts is None or isinstance(experts, OffloadedExperts):
+                continue
+            gu, dn = experts.gate_up_proj.data, experts.down_proj.data
+            if pin:  # pinned pages copy to the GPU at full PCIe speed and asynchronously
+                gu, dn = gu.pin_memory(), dn.pin_memory()
+            self.cpu[i] = (gu.contiguous(), dn.contiguous())
+            if template is None:
+                template = experts
+            layer.mlp.experts = OffloadedExperts(i)
+        if template is None:
+            raise ValueError("the model has no routed experts: the hybrid engine is for MoE models")
+        first = next(iter(self.cpu.values()))
+        self.num_experts = first[0].shape[0]
+        self.expert_bytes = (first[0][0].numel() + first[1][0].numel()) * first[0].element_size()
+        self.act = template.act_fn
+        # one GPU copy of a layer's experts for prefill, run by transformers' own experts implementation
+        self.stage = copy.copy(template)
+        self.stage._parameters = {}
+        self.stage.gate_up_proj = nn.Parameter(torch.empty_like(first[0], device=self.device), requires_grad=False)
+        self.stage.down_proj = nn.Parameter(torch.empty_like(first[1], device=self.device), requires_grad=False)
+        # the GPU expert cache
+        slots = int(cache_bytes // self.expert_bytes) if cache_bytes else 0
+        slots = min(slots, self.num_experts * len(self.cpu))
+        self.cache_gu = torch.empty((slots, *first[0].shape[1:]), dtype=first[0].dtype, device=self.device)
+        self.cache_dn = torch.empty((slots, *first[1].shape[1:]), dtype=first[1].dtype, device=self.device)
+        self.slot_of: dict[tuple[int, int], int] = {}
+        self.counts = torch.zeros((len(self.layers), self.num_experts), dtype=torch.long)
+        self.steps = 0
+        self.stats = {"cpu_experts": 0, "gpu_experts": 0, "streamed_layers": 0}
+
+    @property
+    def slots(self) -> int:
+        return self.cache_gu.shape[0]
+
+    # --- cache placement ---------------------------------------------------------------------------------
+    def place_cache(self, counts: torch.Tensor | None = None) -> None:
+        """Fill the cache with the most-routed (layer, expert) pairs (ties broken by layer order)."""
+        if not self.slots:
+            return
+        counts = self.counts if counts is None else counts
+        pairs = [(int(counts[i, e]), -i, -e) for i in self.cpu for e in range(self.num_experts)]
+        pairs.sort(reverse=True)
+        wanted = [(-i, -e) for _, i, e in pairs[: self.slots]]
+        keep = {p: s for p, s in self.slot_of.items() if p in set(wanted)}
+        free = [s for s in range(self.slots) if s not in keep.values()]
+        for pair in wanted:
+            if pair in keep:
+                continue
+            slot = free.pop()
+            i, e = pair
+            self.cache_gu[slot].copy_(self.cpu[i][0][e], non_blocking=True)
+            self.cache_dn[slot].copy_(self.cpu[i][1][e], non_blocking=True)
+            keep[pair] = slot
+        self.slot_of = keep
+
+    # --- the MoE block -----------------------------------------------------------------------------------
+    def __call__(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        layer = self.layers[i]
+        x = layer.post_attention_layernorm(h)
+        flat = x.reshape(-1, x.shape[-1])
+        _, weights, idx = layer.mlp.gate(flat)
+        if flat.shape[0] >= self.prefill_threshold:
+            out = self._streamed(i, flat, idx, weights)
+        else:
+            out = self._split(i, flat, idx, weights)
+        return h + out.view_as(h)
+
+    def _streamed(self, i: int, flat: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        self.stats["streamed_layers"] += 1
+        self.stage.gate_up_proj.data.copy_(self.cpu[i][0], non_blocking=True)
+        self.stage.down_proj.data.copy_(self.cpu[i][1], non_blocking=True)
+        self._count(i, idx.cpu())
+        return self.stage(flat, idx, weights)
+
+    def _split(self, i: int, flat: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        idx_c = idx.cpu()  # the one host synchronisation of the layer
+        x_c = flat.to("cpu")
+        w_c = weights.to("cpu")
+        self._count(i, idx_c)
+        out_gpu = torch.zeros_like(flat)
+        out_cpu = torch.zeros_like(x_c)
+        gu_c, dn_c = self.cpu[i]
+        cpu_work = []
+        # ascending expert order, accumulated in the model dtype, as transformers' eager experts do
+        for e in torch.unique(idx_c).tolist():
+            tokens, ks = torch.where(idx_c == e)
+            slot = self.slot_of.get((i, e))
+            if slot is not None:  # launch GPU work first: it overlaps the CPU work below
+                self.stats["gpu_experts"] += 1
+                t_gpu = tokens.to(self.device, non_blocking=True)
+                y = self._expert(flat[t_gpu], self.cache_gu[slot], self.cache_dn[slot])
+                out_gpu.index_add_(0, t_gpu, y * weights[t_gpu, ks.to(self.device), None])
+            else:
+                cpu_work.append((e, tokens, ks))
+        for e, tokens, ks in cpu_work:
+            self.stats["cpu_experts"] += 1
+            y = self._expert(x_c[tokens], gu_c[e], dn_c[e])
+            out_cpu.index_add_(0, tokens, y * w_c[tokens, ks, None])
+        self._maybe_refresh()
+        if not cpu_work:
+            return out_gpu
+        return out_gpu + out_cpu.to(self.device, non_blocking=self.device.type == "cuda")
+
+    def _expert(self, x: torch.Tensor, gu: torch.Tensor, dn: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, gu).chunk(2, dim=-1)
+        return F.linear(self.act(gate) * up, dn)
+
+    def _count(self, i: int, idx_c: torch.Tensor) -> None:
+        self.counts[i] += torch.bincount(idx_c.reshape(-1), minlength=self.num_experts)
+
+    def _maybe_refresh(self) -> None:
+        if self.policy != "dynamic":
+            return
+        self.steps += 1
+        if self.steps % (self.refresh * len(self.cpu)) == 0:
+            self.place_cache()
+
+
+def load_hybrid(plan: Any, path: str, dtype: Any):
+    """Build the hybrid engine: experts pinned in host RAM, the rest on the plan's device, lean runtime."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .runtime import Runtime, supported
+    from .engine_runtime import RuntimeEngine
+
+    device = plan.config.get("main_device", "cpu")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": "cpu"})
+    model.eval()
+    if not supported(model):
+        raise ValueError(f"the hybrid runtime supports {', '.join(('qwen3_moe', 'qwen2_moe'))}, not "
+                         f"{model.config.model_type}")
+    threads = int(plan.config.get("threads") or os.cpu_count() or 1)
+    torch.set_num_threads(min(threads, os.cpu_count() or threads))
+    hybrid = HybridMoE(model, device, cache_bytes=int(plan.config.get("expert_cache_bytes", 0)),
+                       prefill_threshold=int(plan.config.get("prefill_threshold", 32)),
+                       policy=plan.config.get("cache_policy", "static"))
+    model.to(device)
+    runtime = Runtime(model, max_len=int(plan.context or 4096), device=device,
+                      graphs=bool(plan.config.get("cuda_graphs", True)), moe_hook=hybrid)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    engine = RuntimeEngine(model, tokenizer, runtime, plan=plan)
+    calibration = plan.config.get("calibration_prompt")
+    if hybrid.slots and calibration:
+        engine.calibrate(calibration)
+    elif hybrid.slots:
+        hybrid.place_cache()  # no routing seen yet: cache in layer order
+    engine.hybrid = hybrid
+    return engine
