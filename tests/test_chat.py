@@ -150,3 +150,23 @@ def test_print_stream_plain_answer():
     out = io.StringIO()
     print_stream(Console(file=out, width=80, soft_wrap=True), [("content", "\n\nhi"), ("content", " there")])
     assert out.getvalue() == "hi there"
+
+
+@pytest.mark.slow
+def test_stopping_a_reply_from_a_worker_process_engine(engine):
+    """Backends in another environment (vLLM, intel) run behind WorkerEngine: stopping must not leave stale
+    deltas in the pipe, and must stop the worker's generation rather than wait for it."""
+    from qwenhw.engine.worker import WorkerEngine
+
+    with WorkerEngine(engine.plan, sys.executable, env={"QWENHW_QUIET": "1"}) as worker:
+        stream = worker.stream("Once upon a time", max_tokens=4000, temperature=0)
+        for i, _ in enumerate(stream):
+            if i == 3:
+                break
+        start = time.perf_counter()
+        stream.close()
+        assert time.perf_counter() - start < 10  # 4000 tokens would take about a minute
+        assert worker.count_tokens("hello world") == engine.count_tokens("hello world")  # in step
+        prompt = "The capital of France is"
+        assert worker.generate(prompt, max_tokens=5, temperature=0)[0].text == \
+            engine.generate(prompt, max_tokens=5, temperature=0)[0].text

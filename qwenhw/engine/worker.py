@@ -10,8 +10,10 @@ Environments are found through QWENHW_<BACKEND>_PYTHON or <cache>/envs/<backend>
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -87,11 +89,26 @@ class WorkerEngine(Engine):
     def _stream(self, prompt: str, sampling: Sampling) -> Iterator[str]:
         with self._io:
             self._send({"op": "stream", "prompt": prompt, "sampling": sampling.__dict__})
-            while True:
-                reply = self._recv()
-                if reply.get("done"):
-                    return
-                yield reply["delta"]
+            try:
+                while True:
+                    reply = self._recv()
+                    if reply.get("done"):
+                        return
+                    yield reply["delta"]
+            except (WorkerError, MemoryError):
+                raise  # the worker ended this request itself
+            except BaseException:  # closed early (Ctrl-C, client gone): stop the worker, stay in step
+                self._cancel_stream()
+                raise
+
+    def _cancel_stream(self) -> None:
+        # The worker checks for "cancel" between deltas and then answers "done"; the deltas already in the
+        # pipe are read and dropped, so the next request does not take a stale delta for its reply.
+        if self.proc.poll() is not None:
+            return
+        self._send({"op": "cancel"})
+        while not self._recv().get("done"):
+            pass
 
     def render_chat(self, messages: list[dict], enable_thinking: bool | None) -> str:
         return self._call({"op": "render", "messages": messages, "enable_thinking": enable_thinking})["prompt"]
@@ -143,9 +160,17 @@ def serve(stdin=None, stdout=None) -> None:
                         c.prompt_tokens, "finish_reason": c.finish_reason} for c in results]}, out)
             elif op == "stream":
                 assert engine is not None
-                for delta in engine._stream(msg["prompt"], Sampling(**_sampling(msg["sampling"]))):
-                    _reply({"delta": delta}, out)
+                stream = engine._stream(msg["prompt"], Sampling(**_sampling(msg["sampling"])))
+                try:
+                    for delta in stream:
+                        _reply({"delta": delta}, out)
+                        if _cancelled(stdin):
+                            break
+                finally:
+                    stream.close()  # stops the generation
                 _reply({"done": True}, out)
+            elif op == "cancel":
+                pass  # arrived after the stream had already ended: its "done" is on its way
             elif op == "render":
                 assert engine is not None
                 _reply({"prompt": engine.render_chat(msg["messages"], msg["enable_thinking"])}, out)
@@ -161,6 +186,18 @@ def serve(stdin=None, stdout=None) -> None:
             _reply({"error": str(exc) or repr(exc), "type": type(exc).__name__}, out)
             if op == "load":
                 return
+
+
+def _cancelled(stdin) -> bool:
+    """Whether the parent sent "cancel" (the only message it sends while a stream runs) or went away."""
+    try:
+        ready = select.select([stdin], [], [], 0)[0]
+    except (ValueError, OSError, io.UnsupportedOperation):  # not a real pipe
+        return False
+    if not ready:
+        return False
+    line = stdin.readline()
+    return not line or json.loads(line).get("op") == "cancel"
 
 
 def _sampling(d: dict) -> dict:

@@ -146,28 +146,41 @@ def roofline(
     kv_dtype: str = "bf16",
     network_gbs: float = 0.0,
 ) -> Estimate:
-    """Decode and prefill speed of a GPU layout, bound by memory bandwidth, compute or links."""
+    """Decode and prefill speed of a GPU layout, bound by memory bandwidth, compute or links.
+
+    With PP, up to PP micro-batches are in flight (vLLM's virtual engines): a sequence advances once per pass
+    through all stages, and each stage runs one micro-batch at a time, so micro-batching pays off only where a
+    stage is compute-bound (a bandwidth-bound stage reads its weights once per micro-batch).
+    """
     sh = shard(spec, layout, kv_dtype)
     batch = max(1, math.ceil(concurrency / layout.dp))
-    stream = streamed_bytes(spec, layout, batch)
-    kv_read = batch * (context / 2) * sh.kv_per_token  # caches half full on average
-    t_mem = (stream + kv_read) / (gpu.bandwidth_gbs * 1e9 * BANDWIDTH_EFFICIENCY)
-    flops = 2 * spec.active_params() * batch / (layout.tp * layout.pp)
-    t_compute = flops / (max(gpu.bf16_tflops, 1.0) * 1e12 * COMPUTE_EFFICIENCY)
+    micro = math.ceil(batch / min(batch, layout.pp))  # sequences per micro-batch
     bw, latency = link_between(node, layout.tp)
-    t_comm = 0.0
-    if layout.tp > 1:
-        msg = batch * spec.hidden_size * 2
-        t_comm = 2 * spec.num_layers / layout.pp * (latency + 2 * msg * (layout.tp - 1) / layout.tp / (bw * 1e9))
-    if layout.ep > 1 and spec.moe is not None:
-        msg = batch * spec.hidden_size * 2 * spec.moe.top_k
-        t_comm += 2 * spec.num_moe_layers / layout.pp * (latency + msg / (bw * 1e9))
-    stage = max(t_mem, t_compute) + t_comm
-    if layout.pp > 1 and network_gbs and len(node.accelerators) < layout.world:
-        stage += batch * spec.hidden_size * 2 / (network_gbs * 1e9) + 20e-6
+    # expert parallel exchanges tokens among all TP x DP ranks (of one node here), not only the TP group
+    ep_bw, ep_latency = link_between(node, min(layout.ep, len(node.accelerators))) if layout.ep > 1 else (bw, latency)
+
+    def stage_time(b: int) -> tuple[float, float, float, float]:
+        stream = streamed_bytes(spec, layout, b)
+        kv_read = b * (context / 2) * sh.kv_per_token  # caches half full on average
+        t_mem = (stream + kv_read) / (gpu.bandwidth_gbs * 1e9 * BANDWIDTH_EFFICIENCY)
+        flops = 2 * spec.active_params() * b / (layout.tp * layout.pp)
+        t_compute = flops / (max(gpu.bf16_tflops, 1.0) * 1e12 * COMPUTE_EFFICIENCY)
+        t_comm = 0.0
+        if layout.tp > 1:
+            msg = b * spec.hidden_size * 2
+            t_comm = 2 * spec.num_layers / layout.pp * (latency + 2 * msg * (layout.tp - 1) / layout.tp / (bw * 1e9))
+        if layout.ep > 1 and spec.moe is not None:
+            msg = b * spec.hidden_size * 2 * spec.moe.top_k
+            t_comm += 2 * spec.num_moe_layers / layout.pp * (ep_latency + msg / (ep_bw * 1e9))
+        stage = max(t_mem, t_compute) + t_comm
+        if layout.pp > 1 and network_gbs and len(node.accelerators) < layout.world:
+            stage += b * spec.hidden_size * 2 / (network_gbs * 1e9) + 20e-6
+        return stage, t_mem, t_compute, t_comm
+
+    stage, t_mem, t_compute, t_comm = stage_time(micro)
     step = stage * layout.pp  # a token passes every stage in turn
-    in_flight = min(batch, layout.pp)  # PP overlaps different sequences
-    throughput = batch * layout.dp * in_flight / step
+    busy = min(layout.dp, math.ceil(concurrency / batch))  # DP replicas without a sequence add nothing
+    throughput = batch * busy / step
     bound = "GPU memory bandwidth" if t_mem >= max(t_compute, t_comm) else ("compute" if t_compute >= t_comm else "GPU links")
     prefill_flops = 2 * spec.active_params() / layout.tp / layout.pp
     prefill = gpu.bf16_tflops * 1e12 * COMPUTE_EFFICIENCY / max(prefill_flops, 1.0) * layout.dp

@@ -244,25 +244,48 @@ class Handler(BaseHTTPRequestHandler):
 
     # --- I/O -------------------------------------------------------------------------------------------
     def _body(self) -> Any:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            raise APIError(413, f"The request body is over {MAX_BODY // 2**20} MiB.", code="request_too_large")
-        raw = self.rfile.read(length) if length else b""
+        too_large = APIError(413, f"The request body is over {MAX_BODY // 2**20} MiB.", code="request_too_large")
         self._read = True
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raw = self._read_chunked(too_large)
+        else:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > MAX_BODY:
+                self.close_connection = True  # unread: this connection cannot be reused
+                raise too_large
+            raw = self.rfile.read(length) if length else b""
         try:
             return json.loads(raw or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise APIError(400, f"The request body is not valid JSON: {exc}.", code="invalid_json") from exc
+
+    def _read_chunked(self, too_large: APIError) -> bytes:
+        raw = b""
+        while True:
+            try:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+            except ValueError as exc:
+                self.close_connection = True
+                raise APIError(400, "Malformed chunked request body.", code="invalid_body") from exc
+            if size == 0:
+                while self.rfile.readline().strip():  # trailers, up to the blank line
+                    pass
+                return raw
+            raw += self.rfile.read(size)
+            self.rfile.readline()
+            if len(raw) > MAX_BODY:
+                self.close_connection = True
+                raise too_large
 
     def _drain(self) -> None:
         # an error before the body was read (auth, route): read it so keep-alive stays in step
         if self._read or self.command != "POST":
             return
         length = int(self.headers.get("Content-Length") or 0)
-        if 0 < length <= MAX_BODY:
-            self.rfile.read(length)
-        elif length:
+        if length > MAX_BODY or "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             self.close_connection = True
+        elif length:
+            self.rfile.read(length)
 
     def _send_json(self, status: int, obj: Any) -> None:
         data = json.dumps(obj).encode()

@@ -80,11 +80,16 @@ class RuntimeEngine(HFEngine):
 
 
 def load_fast(plan: Any, path: str, dtype: Any) -> RuntimeEngine:
-    """Everything on one GPU: the runtime with a CUDA graph per decode step, batched expert matmuls."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = plan.config.get("main_device", "cpu")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device})
+    return build_fast(model, AutoTokenizer.from_pretrained(path), plan)
+
+
+def build_fast(model: Any, tokenizer: Any, plan: Any) -> RuntimeEngine:
+    """Everything on one GPU: the runtime with a CUDA graph per decode step, batched expert matmuls."""
+    device = plan.config.get("main_device", "cpu")
     model.eval()
     if not supported(model):
         raise ValueError(f"the fast path covers Qwen3 / Qwen3-MoE / Qwen2 models, not {model.config.model_type}")
@@ -93,4 +98,4 @@ def load_fast(plan: Any, path: str, dtype: Any) -> RuntimeEngine:
     runtime = Runtime(model, max_len=int(plan.context or 4096), device=device,
                       graphs=bool(plan.config.get("cuda_graphs", True)),
                       decode_experts=plan.config.get("decode_experts", "batched_mm"))
-    return RuntimeEngine(model, AutoTokenizer.from_pretrained(path), runtime, plan=plan)
+    return RuntimeEngine(model, tokenizer, runtime, plan=plan)

@@ -66,15 +66,19 @@ class HybridMoE:
         self.stage._parameters = {}
         self.stage.gate_up_proj = nn.Parameter(torch.empty_like(first[0], device=self.device), requires_grad=False)
         self.stage.down_proj = nn.Parameter(torch.empty_like(first[1], device=self.device), requires_grad=False)
-        # the GPU expert cache
-        slots = int(cache_bytes // self.expert_bytes) if cache_bytes else 0
-        slots = min(slots, self.num_experts * len(self.cpu))
-        self.cache_gu = torch.empty((slots, *first[0].shape[1:]), dtype=first[0].dtype, device=self.device)
-        self.cache_dn = torch.empty((slots, *first[1].shape[1:]), dtype=first[1].dtype, device=self.device)
-        self.slot_of: dict[tuple[int, int], int] = {}
+        self.resize_cache(cache_bytes)
         self.counts = torch.zeros((len(self.layers), self.num_experts), dtype=torch.long)
         self.steps = 0
         self.stats = {"cpu_experts": 0, "gpu_experts": 0, "streamed_layers": 0}
+
+    def resize_cache(self, cache_bytes: int) -> None:
+        """(Re)allocate the GPU expert cache: as many whole experts as `cache_bytes` holds."""
+        first = next(iter(self.cpu.values()))
+        slots = min(int(cache_bytes // self.expert_bytes), self.num_experts * len(self.cpu))
+        self.cache_gu = self.cache_dn = None
+        self.cache_gu = torch.empty((slots, *first[0].shape[1:]), dtype=first[0].dtype, device=self.device)
+        self.cache_dn = torch.empty((slots, *first[1].shape[1:]), dtype=first[1].dtype, device=self.device)
+        self.slot_of: dict[tuple[int, int], int] = {}
 
     @property
     def slots(self) -> int:
@@ -165,18 +169,21 @@ class HybridMoE:
 
 
 def load_hybrid(plan: Any, path: str, dtype: Any):
-    """Build the hybrid engine: experts pinned in host RAM, the rest on the plan's device, lean runtime."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .runtime import Runtime, supported
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": "cpu"})
+    return build_hybrid(model, AutoTokenizer.from_pretrained(path), plan)
+
+
+def build_hybrid(model: Any, tokenizer: Any, plan: Any):
+    """Experts pinned in host RAM, the rest on the plan's device, the lean runtime on top."""
     from .engine_runtime import RuntimeEngine
+    from .runtime import Runtime, supported
 
     device = plan.config.get("main_device", "cpu")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": "cpu"})
     model.eval()
     if not supported(model):
-        raise ValueError(f"the hybrid runtime supports {', '.join(('qwen3_moe', 'qwen2_moe'))}, not "
-                         f"{model.config.model_type}")
+        raise ValueError(f"the hybrid runtime supports Qwen3-MoE models, not {model.config.model_type}")
     threads = int(plan.config.get("threads") or os.cpu_count() or 1)
     torch.set_num_threads(min(threads, os.cpu_count() or threads))
     hybrid = HybridMoE(model, device, cache_bytes=int(plan.config.get("expert_cache_bytes", 0)),
@@ -184,13 +191,13 @@ def load_hybrid(plan: Any, path: str, dtype: Any):
                        policy=plan.config.get("cache_policy", "static"))
     model.to(device)
     runtime = Runtime(model, max_len=int(plan.context or 4096), device=device,
-                      graphs=bool(plan.config.get("cuda_graphs", True)), moe_hook=hybrid)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+                      graphs=bool(plan.config.get("cuda_graphs", True)), moe_hook=hybrid,
+                      decode_experts=plan.config.get("decode_experts"))
     engine = RuntimeEngine(model, tokenizer, runtime, plan=plan)
+    engine.hybrid = hybrid
     calibration = plan.config.get("calibration_prompt")
     if hybrid.slots and calibration:
         engine.calibrate(calibration)
     elif hybrid.slots:
         hybrid.place_cache()  # no routing seen yet: cache in layer order
-    engine.hybrid = hybrid
     return engine

@@ -1,0 +1,303 @@
+"""Issue #7 benchmark: Qwen3-30B-A3B shape, random bf16 weights, batch-1 decode on one GPU.
+
+Side by side, in one process: HF transformers all on the GPU (eager experts, as the baseline, and the
+default grouped experts), qwenhw's fast path, accelerate's offload with the GPU capped at 20 GiB, and
+qwenhw's MoE hybrid without and with the GPU expert cache under the same cap. For each: decode tok/s
+(median of repeats), prefill time for 2048 tokens, peak GPU memory and peak host RSS next to the
+planner's prediction, and the last-token logits against the plain model's (relative L2 error).
+
+    python bench/moe_offload.py --out results/          (on the GPU machine; ~6 minutes)
+    python bench/moe_offload.py --layers 4 --quick      (smoke test of the script itself)
+
+Random weights route tokens almost uniformly over experts, so a frequency-based expert cache hits at
+about the share of experts it holds; real checkpoints are skewed and hit more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "plugins" / "offload")]
+
+import psutil  # noqa: E402
+import torch  # noqa: E402
+
+import qwenhw  # noqa: E402
+from qwenhw.models import get as catalog  # noqa: E402
+
+GiB = 2**30
+
+
+class Peak:
+    """Peak host RSS (polled) and peak GPU memory (torch's reserved + the non-torch part) of a section."""
+
+    def __init__(self, nontorch: float):
+        self.nontorch = nontorch
+
+    def __enter__(self):
+        self.proc = psutil.Process()
+        self.rss = self.proc.memory_info().rss
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def _poll(self):
+        while not self.done.is_set():
+            self.rss = max(self.rss, self.proc.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        self.gpu = (torch.cuda.max_memory_reserved() + self.nontorch) / GiB if torch.cuda.is_available() else 0.0
+        self.host = self.rss / GiB
+
+
+def _empty() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def timed(fn, sync=True):
+    if sync and torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    if sync and torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t, out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).norm() / b.norm())
+
+
+def build(layers: int, device: str):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    cfg = Qwen3MoeConfig(vocab_size=151936, hidden_size=2048, num_hidden_layers=layers, num_attention_heads=32,
+                         num_key_value_heads=4, head_dim=128, intermediate_size=6144, moe_intermediate_size=768,
+                         num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=40960,
+                         tie_word_embeddings=False, rope_theta=1e6)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):  # normal_ on the GPU: seconds instead of minutes on the CPU
+        model = Qwen3MoeForCausalLM(cfg)
+    torch.set_default_dtype(torch.float32)
+    return model.eval()
+
+
+def predicted(plan) -> dict:
+    gpu = next((d for d in plan.devices if d.kind.endswith("gpu")), None)
+    cpu = next((d for d in plan.devices if d.kind == "cpu"), None)
+    return {"engine": plan.engine, "tok_s": plan.estimate.decode_tok_s, "gpu_gib": gpu.total_gib if gpu else 0.0,
+            "host_gib": cpu.total_gib if cpu else 0.0, "cache_gib": plan.offload.gpu_expert_cache_gib}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=48)
+    ap.add_argument("--tokens", type=int, default=32, help="decode tokens per timed run")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prefill", type=int, default=2048)
+    ap.add_argument("--gpu-cap", type=float, default=20.0)
+    ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--accelerate-tokens", type=int, default=4)
+    ap.add_argument("--quick", action="store_true", help="skip the slow accelerate baseline")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke test of the script on a machine without a GPU")
+    args = ap.parse_args()
+
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.hooks import remove_hook_from_module
+    import transformers
+
+    from qwenhw_offload.hybrid import HybridMoE
+    from qwenhw_offload.runtime import Runtime, SampleParams, set_experts
+
+    dev = args.device
+    torch.set_num_threads(psutil.cpu_count(logical=False) or os.cpu_count())
+    nontorch = 0
+    if dev == "cuda":
+        torch.zeros(1, device=dev)
+        free, total = torch.cuda.mem_get_info()
+        nontorch = (total - free) - torch.cuda.memory_reserved()  # CUDA context etc., outside torch's allocator
+    hw = qwenhw.detect()
+    spec = catalog("Qwen3-30B-A3B").with_(num_layers=args.layers)
+    info = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name() if dev == "cuda" else "none", "torch": torch.__version__,
+            "transformers": transformers.__version__, "cpu_threads": torch.get_num_threads(),
+            "host": hw.summary(), "layers": args.layers, "nontorch_gib": nontorch / GiB}
+    print(json.dumps(info), flush=True)
+
+    g = torch.Generator().manual_seed(1)
+    short = torch.randint(0, 151936, (1, 32), generator=g)
+    long = torch.randint(0, 151936, (1, args.prefill), generator=g)
+    rows: list[dict] = []
+
+    def record(name, tok_s, prefill_s, peak, pred, err, extra=""):
+        row = {"config": name, "tok_s": tok_s, "prefill_s": prefill_s, "gpu_gib": peak.gpu, "host_gib": peak.host,
+               "logit_rel_err": err, **{f"pred_{k}": v for k, v in pred.items()}, "note": extra}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    t0 = time.perf_counter()
+    model = build(args.layers, dev)
+    print(f"built in {time.perf_counter() - t0:.1f} s", flush=True)
+    with torch.inference_mode():
+        ref = model(short.to(dev)).logits[0, -1].float().cpu()
+
+    # --- HF transformers, everything on the GPU ---------------------------------------------------------
+    plan_fast = qwenhw.plan(spec, hw, context=args.context, backend="offload")
+    for impl in ("eager", "grouped_mm"):
+        set_experts(model, impl)
+        with Peak(nontorch) as peak, torch.inference_mode():
+            ids = short.to(dev)
+            runs = []
+            for _ in range(args.repeats):
+                t1, _ = timed(lambda: model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False))
+                tn, _ = timed(lambda: model.generate(ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens,
+                                                     do_sample=False))
+                runs.append((args.tokens - 1) / (tn - t1))
+            pre, _ = timed(lambda: model(long.to(dev)))
+        pred = predicted(qwenhw.plan(spec, hw, context=args.context, backend="offload", engine="transformers"))
+        record(f"HF {impl}, all on GPU", statistics.median(runs), pre, peak, pred, 0.0)
+    set_experts(model, "grouped_mm")
+
+    # --- qwenhw fast path ---------------------------------------------------------------------------------
+    with Peak(nontorch) as peak, torch.inference_mode():
+        rt = Runtime(model, max_len=args.context, device=dev, graphs=True, decode_experts="batched_mm")
+        logits = rt.prefill(short[0].tolist())
+        err = rel_err(logits[0], ref)
+        ids = short[0].tolist()
+        runs = []
+        for r in range(args.repeats + 1):  # the first run captures the graph: not timed
+            rt.reset()
+            rt.prefill(ids)
+            t, _ = timed(lambda: [rt.decode(7) for _ in range(args.tokens)])
+            if r:
+                runs.append(args.tokens / t)
+        rt.reset()
+        pre, _ = timed(lambda: rt.prefill(long[0].tolist()))
+        greedy_hf = model.generate(short.to(dev), max_new_tokens=16, do_sample=False)[0, 32:].tolist()
+        rt.reset()
+        greedy_rt = list(rt.generate(ids, 16, SampleParams(), set()))
+        same = sum(a == b for a, b in zip(greedy_hf, greedy_rt))
+    record("qwenhw fast path (CUDA graphs)", statistics.median(runs), pre, peak, predicted(plan_fast), err,
+           f"greedy tokens equal to HF: {same}/16")
+    del rt
+    _empty()
+
+    # --- accelerate offload, GPU capped -------------------------------------------------------------------
+    model.to("cpu")
+    _empty()
+    plan_acc = qwenhw.plan(spec, hw, context=args.context, backend="offload", engine="transformers",
+                           gpu_memory_gib=args.gpu_cap)
+    if not args.quick:
+        set_experts(model, "eager")
+        dmap = infer_auto_device_map(model, max_memory={0: f"{args.gpu_cap}GiB", "cpu": "200GiB"},
+                                     no_split_module_classes=["Qwen3MoeDecoderLayer"])
+        dispatch_model(model, dmap, main_device=dev if dev == "cpu" else None)
+        with Peak(nontorch) as peak, torch.inference_mode():
+            ids = short.to(dev)
+            t1, _ = timed(lambda: model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False))
+            tn, _ = timed(lambda: model.generate(ids, max_new_tokens=args.accelerate_tokens,
+                                                 min_new_tokens=args.accelerate_tokens, do_sample=False))
+            err = rel_err(model(ids).logits[0, -1], ref)
+        on_gpu = sum(1 for v in dmap.values() if v == 0)
+        record(f"accelerate offload, GPU cap {args.gpu_cap:.0f} GiB", (args.accelerate_tokens - 1) / (tn - t1), None,
+               peak, predicted(plan_acc), err, f"{on_gpu}/{len(dmap)} modules on the GPU; prefill not timed")
+        remove_hook_from_module(model, recurse=True)
+        model.to("cpu")
+        set_experts(model, "grouped_mm")
+        _empty()
+
+    # --- qwenhw MoE hybrid, GPU capped ---------------------------------------------------------------------
+    plan_h = qwenhw.plan(spec, hw, context=args.context, backend="offload", engine="hybrid-moe",
+                         gpu_memory_gib=args.gpu_cap)
+    t0 = time.perf_counter()
+    hybrid = HybridMoE(model, dev, cache_bytes=0, prefill_threshold=32)
+    model.to(dev)
+    print(f"experts pinned, rest on GPU in {time.perf_counter() - t0:.1f} s", flush=True)
+    rt = Runtime(model, max_len=args.context, device=dev, graphs=True, moe_hook=hybrid)
+    calib = torch.randint(0, 151936, (512,), generator=g).tolist()
+    for label, cache_bytes, policy in (("no cache", 0, "static"),
+                                       ("static expert cache", plan_h.config["expert_cache_bytes"], "static"),
+                                       ("dynamic expert cache", plan_h.config["expert_cache_bytes"], "dynamic")):
+        hybrid.resize_cache(cache_bytes)
+        hybrid.policy = policy
+        _empty()
+        if cache_bytes:
+            hybrid.counts.zero_()
+            rt.reset()
+            rt.prefill(calib)  # calibration routing (a streamed prefill)
+            hybrid.place_cache()
+        pred = hybrid_prediction(spec, hw, plan_h, cache_bytes)
+        with Peak(nontorch) as peak, torch.inference_mode():
+            rt.reset()
+            logits = rt.prefill(short[0].tolist())
+            err = rel_err(logits[0], ref)
+            hybrid.stats.update(cpu_experts=0, gpu_experts=0)
+            runs = []
+            for r in range(args.repeats + 1):
+                rt.reset()
+                rt.prefill(short[0].tolist())
+                t, _ = timed(lambda: [rt.decode(7) for _ in range(args.tokens)])
+                if r:
+                    runs.append(args.tokens / t)
+            rt.reset()
+            pre, _ = timed(lambda: rt.prefill(long[0].tolist()))
+        hits = hybrid.stats["gpu_experts"] / max(1, hybrid.stats["gpu_experts"] + hybrid.stats["cpu_experts"])
+        record(f"qwenhw hybrid, {label}, GPU cap {args.gpu_cap:.0f} GiB", statistics.median(runs), pre, peak, pred,
+               err, f"cache {hybrid.slots} experts ({cache_bytes / GiB:.1f} GiB), hit rate {hits:.0%}")
+
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "moe_offload.json").write_text(json.dumps({"info": info, "rows": rows}, indent=2))
+    print_table(rows)
+
+
+def hybrid_prediction(spec, hw, plan, cache_bytes: float) -> dict:
+    """The planner's numbers for the hybrid plan with a given expert-cache size (0 = no cache)."""
+    from qwenhw_offload import planner
+
+    wb = qwenhw.models.memory.weight_bytes_split(spec)
+    dev = next((d for d in plan.devices if d.kind.endswith("gpu")), None)
+    cpu = next(d for d in plan.devices if d.kind == "cpu")
+    if dev is None:  # the CPU smoke test: nothing to predict for a GPU
+        return {"engine": plan.engine, "tok_s": 0.0, "gpu_gib": 0.0, "host_gib": cpu.total_gib, "cache_gib": 0.0}
+    non_expert = (dev.weights_gib - plan.offload.gpu_expert_cache_gib) * GiB
+    gpu = hw.node.gpus("nvidia")[0]
+    tok_s = planner._gpu_estimate(spec, hw.node, gpu, 1, plan.context, "bf16", non_expert, wb.experts, 0.0,
+                                  "hybrid-moe", cache_bytes, wb.experts).decode_tok_s
+    gpu_gib = dev.total_gib + cache_bytes / GiB - plan.offload.gpu_expert_cache_gib
+    return {"engine": plan.engine, "tok_s": tok_s, "gpu_gib": gpu_gib, "host_gib": cpu.total_gib,
+            "cache_gib": cache_bytes / GiB}
+
+
+def print_table(rows: list[dict]) -> None:
+    head = f"{'configuration':<48} {'tok/s':>7} {'pred':>7} {'prefill s':>9} {'GPU GiB':>8} {'pred':>6} " \
+           f"{'host GiB':>8} {'pred':>6} {'logit err':>9}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        pre = f"{r['prefill_s']:.2f}" if r["prefill_s"] is not None else "-"
+        print(f"{r['config']:<48} {r['tok_s']:7.2f} {r['pred_tok_s']:7.1f} {pre:>9} {r['gpu_gib']:8.2f} "
+              f"{r['pred_gpu_gib']:6.2f} {r['host_gib']:8.1f} {r['pred_host_gib']:6.1f} {r['logit_rel_err']:9.2e}")
+        if r["note"]:
+            print(f"    {r['note']}")
+
+
+if __name__ == "__main__":
+    main()
