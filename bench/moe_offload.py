@@ -22,6 +22,7 @@ import statistics
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +32,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 import qwenhw  # noqa: E402
+import qwenhw.plugins  # noqa: E402
 from qwenhw.models import get as catalog  # noqa: E402
 
 GiB = 2**30
@@ -78,6 +80,25 @@ def timed(fn, sync=True):
     if sync and torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - t, out
+
+
+def decode_rate(rt, prompt: list[int], tokens: int, repeats: int) -> float:
+    """Median tok/s of greedy decoding (each token fed back, as generation does), after one untimed run
+    that also captures the CUDA graphs."""
+    runs = []
+    for r in range(repeats + 1):
+        rt.reset()
+        tok = int(rt.prefill(prompt).argmax())
+
+        def loop():
+            nonlocal tok
+            for _ in range(tokens):
+                tok = int(rt.decode(tok).argmax())
+
+        t, _ = timed(loop)
+        if r:
+            runs.append(tokens / t)
+    return statistics.median(runs)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -135,6 +156,10 @@ def main() -> None:
         torch.zeros(1, device=dev)
         free, total = torch.cuda.mem_get_info()
         nontorch = (total - free) - torch.cuda.memory_reserved()  # CUDA context etc., outside torch's allocator
+    import qwenhw_offload
+
+    if "offload" not in qwenhw.plugins.load().backends:  # run from a checkout: register it in-process
+        qwenhw.plugins.register_plugin(qwenhw_offload, "qwenhw-offload")
     hw = qwenhw.detect()
     spec = catalog("Qwen3-30B-A3B").with_(num_layers=args.layers)
     info = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name() if dev == "cuda" else "none", "torch": torch.__version__,
@@ -172,100 +197,132 @@ def main() -> None:
                                                      do_sample=False))
                 runs.append((args.tokens - 1) / (tn - t1))
             pre, _ = timed(lambda: model(long.to(dev)))
-        pred = predicted(qwenhw.plan(spec, hw, context=args.context, backend="offload", engine="transformers"))
+        pred = predicted(gpu_only_plan(spec, hw, args.context, None))
         record(f"HF {impl}, all on GPU", statistics.median(runs), pre, peak, pred, 0.0)
     set_experts(model, "grouped_mm")
 
     # --- qwenhw fast path ---------------------------------------------------------------------------------
-    with Peak(nontorch) as peak, torch.inference_mode():
-        rt = Runtime(model, max_len=args.context, device=dev, graphs=True, decode_experts="batched_mm")
-        logits = rt.prefill(short[0].tolist())
-        err = rel_err(logits[0], ref)
-        ids = short[0].tolist()
-        runs = []
-        for r in range(args.repeats + 1):  # the first run captures the graph: not timed
-            rt.reset()
-            rt.prefill(ids)
-            t, _ = timed(lambda: [rt.decode(7) for _ in range(args.tokens)])
-            if r:
-                runs.append(args.tokens / t)
-        rt.reset()
-        pre, _ = timed(lambda: rt.prefill(long[0].tolist()))
-        greedy_hf = model.generate(short.to(dev), max_new_tokens=16, do_sample=False)[0, 32:].tolist()
-        rt.reset()
-        greedy_rt = list(rt.generate(ids, 16, SampleParams(), set()))
-        same = sum(a == b for a, b in zip(greedy_hf, greedy_rt))
-    record("qwenhw fast path (CUDA graphs)", statistics.median(runs), pre, peak, predicted(plan_fast), err,
-           f"greedy tokens equal to HF: {same}/16")
-    del rt
-    _empty()
-
-    # --- accelerate offload, GPU capped -------------------------------------------------------------------
-    model.to("cpu")
-    _empty()
-    plan_acc = qwenhw.plan(spec, hw, context=args.context, backend="offload", engine="transformers",
-                           gpu_memory_gib=args.gpu_cap)
-    if not args.quick:
-        set_experts(model, "eager")
-        dmap = infer_auto_device_map(model, max_memory={0: f"{args.gpu_cap}GiB", "cpu": "200GiB"},
-                                     no_split_module_classes=["Qwen3MoeDecoderLayer"])
-        dispatch_model(model, dmap, main_device=dev if dev == "cpu" else None)
+    for kernel in ("batched_mm", "grouped_mm"):
+     try:
         with Peak(nontorch) as peak, torch.inference_mode():
-            ids = short.to(dev)
-            t1, _ = timed(lambda: model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False))
-            tn, _ = timed(lambda: model.generate(ids, max_new_tokens=args.accelerate_tokens,
-                                                 min_new_tokens=args.accelerate_tokens, do_sample=False))
-            err = rel_err(model(ids).logits[0, -1], ref)
-        on_gpu = sum(1 for v in dmap.values() if v == 0)
-        record(f"accelerate offload, GPU cap {args.gpu_cap:.0f} GiB", (args.accelerate_tokens - 1) / (tn - t1), None,
-               peak, predicted(plan_acc), err, f"{on_gpu}/{len(dmap)} modules on the GPU; prefill not timed")
-        remove_hook_from_module(model, recurse=True)
-        model.to("cpu")
-        set_experts(model, "grouped_mm")
+            rt = Runtime(model, max_len=args.context, device=dev, graphs=True, decode_experts=kernel)
+            logits = rt.prefill(short[0].tolist())
+            err = rel_err(logits[0], ref)
+            ids = short[0].tolist()
+            rate = decode_rate(rt, ids, args.tokens, args.repeats)
+            rt.reset()
+            pre, _ = timed(lambda: rt.prefill(long[0].tolist()))
+            greedy_hf = model.generate(short.to(dev), max_new_tokens=16, do_sample=False)[0, 32:].tolist()
+            rt.reset()
+            greedy_rt = list(rt.generate(ids, 16, SampleParams(), set()))
+            same = sum(a == b for a, b in zip(greedy_hf, greedy_rt))
+        record(f"qwenhw fast path (CUDA graphs, {kernel})", rate, pre, peak,
+               predicted(plan_fast), err, f"greedy tokens equal to HF: {same}/16")
+        rt = None
         _empty()
+     except Exception:  # report and go on: one failing configuration must not cost the others
+        traceback.print_exc()
+        print(f'FAILED: fast path {kernel}', flush=True)
+        rt = None
+
+    rt = None
+    _empty()
 
     # --- qwenhw MoE hybrid, GPU capped ---------------------------------------------------------------------
     plan_h = qwenhw.plan(spec, hw, context=args.context, backend="offload", engine="hybrid-moe",
                          gpu_memory_gib=args.gpu_cap)
     t0 = time.perf_counter()
-    hybrid = HybridMoE(model, dev, cache_bytes=0, prefill_threshold=32)
+    hybrid = HybridMoE(model, dev, cache_bytes=0, prefill_threshold=32)  # experts: GPU -> registered host RAM
     model.to(dev)
+    _empty()
     print(f"experts pinned, rest on GPU in {time.perf_counter() - t0:.1f} s", flush=True)
     rt = Runtime(model, max_len=args.context, device=dev, graphs=True, moe_hook=hybrid)
     calib = torch.randint(0, 151936, (512,), generator=g).tolist()
-    for label, cache_bytes, policy in (("no cache", 0, "static"),
-                                       ("static expert cache", plan_h.config["expert_cache_bytes"], "static"),
-                                       ("dynamic expert cache", plan_h.config["expert_cache_bytes"], "dynamic")):
-        hybrid.resize_cache(cache_bytes)
-        hybrid.policy = policy
-        _empty()
-        if cache_bytes:
-            hybrid.counts.zero_()
-            rt.reset()
-            rt.prefill(calib)  # calibration routing (a streamed prefill)
-            hybrid.place_cache()
-        pred = hybrid_prediction(spec, hw, plan_h, cache_bytes)
-        with Peak(nontorch) as peak, torch.inference_mode():
-            rt.reset()
-            logits = rt.prefill(short[0].tolist())
-            err = rel_err(logits[0], ref)
-            hybrid.stats.update(cpu_experts=0, gpu_experts=0)
-            runs = []
-            for r in range(args.repeats + 1):
+    cache = plan_h.config["expert_cache_bytes"]
+    wide = max(2, min(8, torch.get_num_threads() // 2))
+    for label, cache_bytes, policy, workers in (("no cache", 0, "static", 1),
+                                                (f"no cache, {wide} expert threads", 0, "static", wide),
+                                                ("static expert cache", cache, "static", 1),
+                                                (f"static expert cache, {wide} expert threads", cache, "static", wide),
+                                                ("dynamic expert cache", cache, "dynamic", 1)):
+        try:
+            hybrid.resize_cache(cache_bytes)
+            hybrid.policy = policy
+            hybrid.set_workers(workers)
+            _empty()
+            if cache_bytes:
+                hybrid.counts.zero_()
                 rt.reset()
-                rt.prefill(short[0].tolist())
-                t, _ = timed(lambda: [rt.decode(7) for _ in range(args.tokens)])
-                if r:
-                    runs.append(args.tokens / t)
-            rt.reset()
-            pre, _ = timed(lambda: rt.prefill(long[0].tolist()))
-        hits = hybrid.stats["gpu_experts"] / max(1, hybrid.stats["gpu_experts"] + hybrid.stats["cpu_experts"])
-        record(f"qwenhw hybrid, {label}, GPU cap {args.gpu_cap:.0f} GiB", statistics.median(runs), pre, peak, pred,
-               err, f"cache {hybrid.slots} experts ({cache_bytes / GiB:.1f} GiB), hit rate {hits:.0%}")
+                rt.prefill(calib)  # calibration routing (a streamed prefill)
+                hybrid.place_cache()
+            pred = hybrid_prediction(spec, hw, plan_h, cache_bytes)
+            with Peak(nontorch) as peak, torch.inference_mode():
+                rt.reset()
+                logits = rt.prefill(short[0].tolist())
+                err = rel_err(logits[0], ref)
+                hybrid.stats.update(cpu_experts=0, gpu_experts=0)
+                rate = decode_rate(rt, short[0].tolist(), args.tokens, args.repeats)
+                rt.reset()
+                pre, _ = timed(lambda: rt.prefill(long[0].tolist()))
+            hits = hybrid.stats["gpu_experts"] / max(1, hybrid.stats["gpu_experts"] + hybrid.stats["cpu_experts"])
+            record(f"qwenhw hybrid, {label}, GPU cap {args.gpu_cap:.0f} GiB", rate, pre, peak, pred,
+                   err, f"cache {hybrid.slots} experts ({cache_bytes / GiB:.1f} GiB), hit rate {hits:.0%}")
+        except Exception:
+            traceback.print_exc()
+            print(f'FAILED: hybrid {label}', flush=True)
+
+    # --- accelerate offload, GPU capped -------------------------------------------------------------------
+    # a fresh copy of the model, all in host RAM, for accelerate to dispatch
+    rt = None
+    hybrid.close()
+    del hybrid, model
+    import gc
+
+    gc.collect()
+    _empty()
+    model = build(args.layers, dev).to("cpu")
+    _empty()
+    plan_acc = gpu_only_plan(spec, hw, args.context, args.gpu_cap)
+    try:
+        if not args.quick:
+            set_experts(model, "eager")
+            dmap = infer_auto_device_map(model, max_memory={0: f"{args.gpu_cap}GiB", "cpu": "200GiB"},
+                                         no_split_module_classes=["Qwen3MoeDecoderLayer"])
+            dispatch_model(model, dmap, main_device=dev if dev == "cpu" else None)
+            with Peak(nontorch) as peak, torch.inference_mode():
+                ids = short.to(dev)
+                t1, _ = timed(lambda: model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False))
+                tn, _ = timed(lambda: model.generate(ids, max_new_tokens=args.accelerate_tokens,
+                                                     min_new_tokens=args.accelerate_tokens, do_sample=False))
+                err = rel_err(model(ids).logits[0, -1], ref)
+            on_gpu = sum(1 for v in dmap.values() if v == 0)
+            record(f"accelerate offload, GPU cap {args.gpu_cap:.0f} GiB", (args.accelerate_tokens - 1) / (tn - t1), None,
+                   peak, predicted(plan_acc), err, f"{on_gpu}/{len(dmap)} modules on the GPU; prefill not timed")
+            remove_hook_from_module(model, recurse=True)
+            model.to("cpu")
+            set_experts(model, "grouped_mm")
+            _empty()
+    except Exception:  # report and go on: one failing configuration must not cost the others
+        traceback.print_exc()
+        print('FAILED: accelerate', flush=True)
+    remove_hook_from_module(model, recurse=True)  # idempotent: leave the model whole on the CPU either way
+    model.to("cpu")
+    set_experts(model, "grouped_mm")
+    _empty()
 
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "moe_offload.json").write_text(json.dumps({"info": info, "rows": rows}, indent=2))
     print_table(rows)
+
+
+def gpu_only_plan(spec, hw, context, cap):
+    """The offload planner's GPU (+ host RAM) plan for plain transformers generate(), as the baselines run."""
+    from qwenhw_offload import planner
+
+    req = qwenhw.api.make_request(context=context, gpu_memory_gib=cap)
+    if not hw.node.accelerators:  # the CPU smoke test
+        return planner.cpu_plan(spec, hw, req, None, context, "bf16")
+    return planner.gpu_plan(spec, hw, req, "auto", context, "bf16", hybrid=False, fast=False)
 
 
 def hybrid_prediction(spec, hw, plan, cache_bytes: float) -> dict:

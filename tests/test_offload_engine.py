@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
-import time
+import os
 
-import psutil
 import pytest
 
 import qwenhw
@@ -29,7 +27,7 @@ def test_cpu_only_matches_transformers(tiny_moe, hf_reference):
 
 def test_disk_offload_matches_transformers(tiny_moe, hf_reference):
     # a RAM budget smaller than the model: some modules must be memory-mapped from disk
-    plan = qwenhw.plan(str(tiny_moe), backend="offload", engine="transformers", cpu_memory_gib=0.06)
+    plan = qwenhw.plan(str(tiny_moe), backend="offload", engine="transformers", cpu_memory_gib=0.2)
     assert plan.fits, plan.explain()
     assert plan.offload.disk_gib > 0 and "disk" in plan.config["device_map"].values()
     with qwenhw.load(plan) as engine:
@@ -43,28 +41,45 @@ def test_zero3_cpu_offload_matches_transformers(tiny_moe, hf_reference):
         assert _greedy(engine, hf_reference["prompt"]) == hf_reference["tokens"]
 
 
+MEASURE_RSS = """
+import json, os, sys, threading, time
+import psutil, torch
+import transformers.models.qwen3_moe.modeling_qwen3_moe  # imports are not the model's memory
+import qwenhw
+from qwenhw.planning.plan import Plan
+plan = Plan.from_dict(json.loads(sys.stdin.read()))
+proc = psutil.Process()
+peak, done = [0], threading.Event()
+def watch():
+    while not done.is_set():
+        peak[0] = max(peak[0], proc.memory_info().rss)
+        time.sleep(0.002)
+base = proc.memory_info().rss
+threading.Thread(target=watch, daemon=True).start()
+with qwenhw.load(plan) as engine:
+    # weights are memory-mapped: RSS counts only pages touched so far (a prompt touches a few embedding
+    # rows). Touch every weight so the measurement is the full footprint the plan budgets for.
+    for param in engine.model.parameters():
+        param.detach().reshape(-1)[::1024].sum()
+    engine.generate("hello " * 200, max_tokens=300, temperature=0)
+    done.set()
+print(json.dumps({"growth": (peak[0] - base) / 2**30}))
+"""
+
+
 def test_predicted_host_memory_within_15_percent(tiny_moe):
-    """Predicted peak host memory of the CPU-only plan vs measured RSS growth over load + generate."""
-    import torch  # noqa: F401 - imported before the baseline so its own RSS is not counted
-    import transformers.models.qwen3_moe.modeling_qwen3_moe  # noqa: F401
+    """Predicted peak host memory of the CPU-only plan vs measured RSS growth over load + generate.
+
+    Measured in a fresh process: in this one, earlier tokenizers and models leave freed memory that the
+    allocator reuses without RSS growing (seen: 80 to 99 MiB here against 207 MiB in a fresh process).
+    """
+    import subprocess
+    import sys
 
     plan = qwenhw.plan(str(tiny_moe), backend="offload", engine="transformers", context=512)
-    proc = psutil.Process()
-    peak, done = [0], threading.Event()
-
-    def watch():
-        while not done.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.002)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    base = proc.memory_info().rss
-    watcher.start()
-    with qwenhw.load(plan) as engine:
-        engine.generate("hello " * 200, max_tokens=300, temperature=0)
-        done.set()
-        watcher.join()
-    measured = (peak[0] - base) / 2**30
+    out = subprocess.run([sys.executable, "-c", MEASURE_RSS], input=plan.to_json(), capture_output=True,
+                         text=True, check=True, env={**os.environ, "QWENHW_QUIET": "1"})
+    measured = json.loads(out.stdout.strip().splitlines()[-1])["growth"]
     predicted = plan.devices[0].total_gib
     print(f"\npredicted {predicted * 1024:.1f} MiB, measured RSS growth {measured * 1024:.1f} MiB, "
           f"error {100 * (predicted - measured) / measured:+.1f}%")
@@ -107,6 +122,9 @@ def test_artifacts_load_in_deepspeed_and_accelerate(tiny_moe, tmp_path):
     ("hybrid-moe", {}),
     ("hybrid-moe", {"expert_cache_bytes": "half", "prefill_threshold": 4}),
     ("hybrid-moe", {"expert_cache_bytes": "half", "cache_policy": "dynamic"}),
+    ("hybrid-moe", {"cpu_expert_workers": 2}),
+    ("transformers-fast", {"cuda_graphs": "emulate"}),  # the graph-replay code paths, eagerly on the CPU
+    ("hybrid-moe", {"cuda_graphs": "emulate", "expert_cache_bytes": "half"}),
 ])
 def test_lean_runtime_engines_match_transformers(tiny_moe, hf_reference, engine, extra):
     """The fast path and the MoE hybrid (CPU experts, GPU-cache path, streamed prefill) run the
@@ -124,9 +142,11 @@ def test_lean_runtime_engines_match_transformers(tiny_moe, hf_reference, engine,
         if engine == "hybrid-moe":
             stats = eng.hybrid.stats
             assert stats["cpu_experts"] > 0
-            if extra:
+            if extra.get("expert_cache_bytes"):
                 assert stats["gpu_experts"] > 0  # the cache path ran too
             if extra.get("prefill_threshold"):
                 assert stats["streamed_layers"] > 0
+        if extra.get("cuda_graphs") == "emulate":
+            assert eng.runtime._step_graph is not None or eng.runtime._layer_graphs
         streamed = "".join(eng.stream(hf_reference["prompt"], max_tokens=8, temperature=0))
         assert streamed == eng.generate(hf_reference["prompt"], max_tokens=8, temperature=0)[0].text

@@ -14,7 +14,7 @@ VENV=${1:-$REPO/.venvs/intel}
 PYTHON=${PYTHON:-python3.11}
 export DS_BUILD_OPS=0 PIP_DISABLE_PIP_VERSION_CHECK=1
 
-if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import qwenhw_intel, ipex_llm" 2>/dev/null; then
+if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import qwenhw_intel, ipex_llm" >/dev/null 2>&1; then
   echo "intel env: $VENV already built"
   exit 0
 fi

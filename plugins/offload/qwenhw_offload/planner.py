@@ -22,13 +22,16 @@ from .placement import place
 
 PREFILL_CHUNK = 2048  # tokens one forward pass sees at most when we plan the activation peak
 CUDA_CONTEXT = 0.55 * GiB  # CUDA context + cuBLAS workspaces, outside torch's allocator statistics
-CPU_RUNTIME = 16 * 2**20  # allocator slack seen on top of weights in CPU runs (tests measure it)
+NCCL_BUFFERS = 0.3 * GiB  # NCCL communicator buffers per rank
+# Host memory on top of the weights, measured on the tiny checkpoint (tests/test_offload_engine.py):
+CPU_RUNTIME = 16 * 2**20  # first forward pass: oneDNN and allocator state
+TOKENIZER = 118 * 2**20  # the Qwen2/Qwen3 fast tokenizer (151k vocabulary) in memory
 RAM_HEADROOM = 0.85  # leave the OS and the page cache some room
 GPU_UTILISATION = 0.92
 CPU_EFFICIENCY = 0.6
 # Per-layer fixed costs of a decode step, measured on an H100 host (docs/benchmarks.md)
 EAGER_LAYER_OVERHEAD = 1.2e-3  # transformers generate(): Python + ~30 launches per layer
-GRAPH_LAYER_OVERHEAD = 30e-6  # CUDA graph replay
+GRAPH_LAYER_OVERHEAD = 180e-6  # CUDA graph replay of ~45 small kernels (measured: 99.5 tok/s at 48 layers)
 HYBRID_LAYER_OVERHEAD = 80e-6  # router sync + hidden-state copies both ways
 CPU_EXPERT_OVERHEAD = 40e-6  # torch ops per expert on the CPU  # fraction of RAM bandwidth torch's CPU kernels reach at batch 1
 DEFAULT_CONTEXT = 8192
@@ -89,12 +92,18 @@ def plans(spec: ModelSpec, hw: HardwareProfile, req: Request) -> list[Plan]:
     if gpus:
         whole = gpu_plan(spec, hw, req, req_dtype or "auto", context, kv_dtype, hybrid=False)
         out.append(whole)
+        if whole.engine == "transformers-fast" and req.engine == "transformers":  # plain generate(), asked for
+            out.append(gpu_plan(spec, hw, req, req_dtype or "auto", context, kv_dtype, hybrid=False, fast=False))
         if spec.is_moe and (not whole.fits or whole.offload.cpu_gib or whole.offload.disk_gib):
             out.append(gpu_plan(spec, hw, req, req_dtype or "auto", context, kv_dtype, hybrid=True))
+        n = 2
+        while n <= len(gpus) and spec.architecture in FAST_ARCHITECTURES:
+            out.append(parallel_plan(spec, hw, req, req_dtype or "auto", context, kv_dtype, n))
+            n *= 2
     elif req.engine in ("transformers-fast", "hybrid-moe") and spec.architecture in FAST_ARCHITECTURES + ("qwen3_moe",):
         # no GPU: the lean runtime runs on the CPU too (this is how CI checks it token for token)
         base = out[0]
-        config = {**base.config, "cuda_graphs": False, "decode_experts": "batched_mm"}
+        config = {**base.config, "cuda_graphs": False, "decode_experts": "grouped_mm"}
         if req.engine == "hybrid-moe":
             if not spec.is_moe:
                 return [_unfit(spec, hw, req, "hybrid-moe", "the hybrid engine is for MoE models")]
@@ -129,7 +138,7 @@ def cpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str | No
     ram = _ram_budget(node, req)
     kv = kv_bytes(served, context, req.concurrency, kv_dtype)
     act = activation_bytes(served, context, req.concurrency)
-    runtime = CPU_RUNTIME
+    runtime = CPU_RUNTIME + TOKENIZER
     room = ram - kv - act - runtime
     disk_room = node.disk.free_bytes * 0.9
     placement = place(served, [("cpu", max(room, 0.0)), ("disk", disk_room)], experts_last=False)
@@ -180,7 +189,7 @@ def _stream_bytes(spec: ModelSpec, batch: int) -> float:
 
 
 def gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, context: int, kv_dtype: str,
-             hybrid: bool) -> Plan:
+             hybrid: bool, fast: bool = True) -> Plan:
     """One GPU plus host RAM (plus disk). `hybrid`: MoE experts computed on the CPU, hot ones cached on GPU."""
     node = hw.node
     gpu = (node.gpus("nvidia") or node.gpus("intel"))[0]
@@ -244,7 +253,7 @@ def gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, con
                        f"GiB on disk ({what} offloaded; accelerate copies them to the GPU every token)")
     else:
         reasons.append(f"everything fits on {dev} ({gpu_w / GiB:.1f} GiB of weights)")
-    fast = not hybrid and fits and not cpu_w and not disk_w and spec.architecture in FAST_ARCHITECTURES
+    fast = fast and not hybrid and fits and not cpu_w and not disk_w and spec.architecture in FAST_ARCHITECTURES
     engine = "hybrid-moe" if hybrid else ("transformers-fast" if fast else "transformers")
     if fast:
         reasons.append("fast path: static KV cache and one CUDA graph per decode step over transformers' modules, "
@@ -261,7 +270,7 @@ def gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, con
     config = {"device_map": placement.device_map if placement else {}, "dtype": dt, "main_device": dev,
               "threads": node.cpu.physical_cores, "offload_folder": "auto" if disk_w else None}
     if engine in ("hybrid-moe", "transformers-fast"):
-        config.update(cuda_graphs=True, decode_experts="batched_mm")
+        config.update(cuda_graphs=True, decode_experts="grouped_mm")  # measured: faster and leaner on H100
     if hybrid:
         config.update(expert_cache_bytes=int(cache), prefill_threshold=32, cache_policy="static",
                       calibration_prompt=CALIBRATION_PROMPT)
@@ -274,6 +283,78 @@ def gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, con
                                  req.concurrency),
         concurrency=req.concurrency, dtype=dt, kv_dtype=kv_dtype, estimate=est, reasons=tuple(reasons),
         config=config,
+    )
+
+
+def split_rule(spec: ModelSpec, n: int) -> str | None:
+    """Why tensor-parallel attention + expert-parallel MoE cannot use `n` GPUs (mirrors parallel.check)."""
+    if spec.num_heads % n:
+        return f"{spec.num_heads} attention heads are not divisible by {n} GPUs"
+    if spec.num_kv_heads % n and n % spec.num_kv_heads:
+        return f"{spec.num_kv_heads} KV heads cannot be shared evenly by {n} GPUs"
+    if spec.moe and spec.moe.num_experts % n:
+        return f"{spec.moe.num_experts} experts are not divisible by {n} GPUs"
+    return None
+
+
+def parallel_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, context: int, kv_dtype: str,
+                  n: int) -> Plan:
+    """Tensor-parallel attention + expert-parallel MoE over `n` GPUs of one node, one process per GPU.
+
+    Every rank holds 1/n of attention and whole experts [r*E/n, (r+1)*E/n); embeddings, norms and router
+    are replicated. Two all-reduces per layer (attention output, MoE output) cross the GPU links.
+    """
+    from qwenhw.planning.layout import link_between
+
+    node = hw.node
+    gpu = node.gpus("nvidia")[0] if node.gpus("nvidia") else node.gpus()[0]
+    served = with_weight_dtype(spec, dtype)
+    if served.quant.method is not None:
+        served = with_weight_dtype(spec, "bf16")
+    wb = mm.weight_bytes_split(served)
+    cap = gpu.memory_bytes * GPU_UTILISATION if req.gpu_memory_gib is None else req.gpu_memory_gib * GiB
+    kv_share = max(1, spec.num_kv_heads // n) / spec.num_kv_heads
+    kv = kv_bytes(served, context, req.concurrency, kv_dtype) * kv_share
+    act = activation_bytes(served, context, req.concurrency)
+    weights = wb.embeddings + (wb.non_expert + wb.experts) / n
+    overhead = act + CUDA_CONTEXT + NCCL_BUFFERS
+    why = split_rule(spec, n)
+    fits = why is None and weights + kv + overhead <= cap
+    ep = n if spec.is_moe else 1
+    reasons = [why] if why else []
+    if not why and not fits:
+        reasons.append(f"{(weights + kv + overhead) / GiB:.1f} GiB per GPU exceed the {cap / GiB:.1f} GiB budget")
+    bw, latency = link_between(node, n)
+    if fits:
+        reasons.append(
+            f"{n} GPUs, one process each: attention split by heads ({spec.num_heads // n} per GPU), "
+            + (f"experts by expert parallelism ({spec.moe.num_experts // n} whole experts per GPU), " if spec.moe
+               else "MLPs split by columns/rows, ")
+            + f"2 all-reduces per layer over {node.link(0, 1).kind if node.link(0, 1) else 'PCIe'} "
+              f"({bw:.0f} GB/s); embeddings and router replicated")
+    # per step: each GPU streams its share; graph replay and the all-reduces do not shrink with n
+    batch = req.concurrency
+    stream = _stream_bytes(served, batch)
+    head = wb.embeddings if spec.tie_embeddings else wb.embeddings / 2
+    per_gpu = (stream - head) / n + head
+    kv_read = batch * context / 2 * mm.kv_bytes_per_token(served, kv_dtype) * kv_share
+    gpu_bw = gpu.bandwidth_gbs * 1e9 * 0.75
+    t = (per_gpu + kv_read) / gpu_bw + spec.num_layers * GRAPH_LAYER_OVERHEAD
+    msg = batch * spec.hidden_size * 2
+    t += 2 * spec.num_layers * (latency + 2 * msg * (n - 1) / n / (bw * 1e9))
+    est = Estimate(1 / t, batch / t, gpu.bf16_tflops * 1e12 * 0.4 * n / (2 * spec.active_params()),
+                   "GPU memory bandwidth and per-layer launches")
+    devices = tuple(DeviceUse(f"cuda:{i}", f"{gpu.vendor}-gpu", cap / GiB, weights / GiB, kv / GiB, overhead / GiB)
+                    for i in range(n))
+    per_token = mm.kv_bytes_per_token(served, kv_dtype) * kv_share
+    return Plan(
+        model=spec.name, backend="offload", engine="transformers-tp", fits=fits,
+        parallel=Parallel(tp=n, ep=ep), devices=devices, context=context,
+        max_context=_context_fit(weights + overhead, per_token, cap, served, req.concurrency),
+        concurrency=req.concurrency, dtype=stored_dtype(served), kv_dtype=kv_dtype, estimate=est,
+        reasons=tuple(reasons),
+        config={"dtype": stored_dtype(served), "world": n, "cuda_graphs": True, "decode_experts": "grouped_mm",
+                "threads": node.cpu.physical_cores, "env": {"NCCL_NVLS_ENABLE": "0"}},
     )
 
 
@@ -299,8 +380,6 @@ def _gpu_estimate(spec, node, gpu, concurrency, context, kv_dtype, gpu_w, cpu_w,
         bound = "GPU memory bandwidth" if frac_cpu + frac_disk < 0.02 else "host-to-GPU copies"
         # Python and kernel launches per layer: CUDA graphs shrink them to replay cost
         per_layer = GRAPH_LAYER_OVERHEAD if engine == "transformers-fast" else EAGER_LAYER_OVERHEAD
-        if spec.moe and engine == "transformers-fast":  # batched matmuls copy the routed experts once more
-            t += 2 * experts_touched(spec, concurrency) * mm.expert_bytes(spec) * spec.num_moe_layers / gpu_bw
         t += spec.num_layers * per_layer
     prefill = gpu.bf16_tflops * 1e12 * 0.4 / (2 * spec.active_params())
     return Estimate(1 / t, concurrency / t, prefill, bound)

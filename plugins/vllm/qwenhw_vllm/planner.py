@@ -34,12 +34,15 @@ DEFAULT_CONTEXT = 32768  # max_model_len when the request leaves it open (shrunk
 MIN_CONTEXT = 4096
 RAM_HEADROOM = 0.85
 # vLLM-CPU: one decode step costs this much beyond the weight stream (scheduler, sampler, ZMQ between the
-# front end and the engine core). Measured with bench/vllm_overhead.py on the tiny model (2-core Xeon).
-CPU_STEP_OVERHEAD_S = 0.012
+# front end and the engine core). bench/vllm_overhead.py on the tiny model (whose weights stream in well under
+# a millisecond), 2-core Xeon: 6.7 ms per step idle, 8.7-11.5 ms with other jobs running.
+CPU_STEP_OVERHEAD_S = 0.007
 CPU_EFFICIENCY = 0.6  # fraction of RAM bandwidth the CPU GEMV kernels reach (same figure as the offload backend)
 CPU_MAX_NUM_SEQS = 32
 CPU_MAX_BATCHED_TOKENS = 4096  # vLLM-CPU's own default for the LLM class
-CPU_RUNTIME = 0.5 * GiB  # vLLM-CPU process: torch, oneDNN, the engine core process
+# vLLM-CPU beyond weights and KV: three processes (front end with tokenizer ~0.8 GiB, engine core ~0.5, worker
+# runtime ~0.5). Measured as the USS sum of the tiny model's processes: 3.0 GiB for 0.07 weights + 1 KV.
+CPU_RUNTIME = 1.8 * GiB
 
 
 # --- precision ----------------------------------------------------------------------------------------
@@ -178,10 +181,10 @@ def kv_waste_warning(spec: ModelSpec, layout: Parallel, kv_dtype: str) -> str | 
     if tp <= kv:
         return None
     copies = tp // kv
-    per_token = mm.kv_bytes_per_token(spec, kv_dtype) / layout.pp
-    return (f"TP={tp} > {kv} KV heads: vLLM gives each rank one whole KV head, so every head is stored {copies}x "
-            f"({(1 - 1 / copies):.0%} of the KV cache holds copies; {per_token * copies / 1024:.0f} KiB per token "
-            f"over the group instead of {per_token / 1024:.0f}). For long contexts prefer TP <= {kv} with "
+    per_rank = mm.kv_bytes_per_token(spec, kv_dtype) / kv / layout.pp
+    return (f"KV waste: TP={tp} > {kv} KV heads, so each rank holds one whole KV head and every head is stored "
+            f"{copies}x ({per_rank / 1024:.0f} KiB per token per GPU instead of {per_rank / copies / 1024:.0f}; "
+            f"{(1 - 1 / copies):.0%} of the KV cache holds duplicates). For long contexts prefer TP <= {kv} with "
             f"{'expert parallel / ' if spec.is_moe else ''}PP or DP")
 
 
@@ -249,13 +252,16 @@ def gpu_plans(spec: ModelSpec, hw: HardwareProfile, req: Request) -> list[Plan]:
     kv_choice = (req.kv_dtype or "auto").lower()
     if kv_choice == "fp8" and not gpu.fp8:
         return [_unfit(spec, hw, req, "vllm", f"--kv-dtype fp8 needs fp8 support (Ada/Hopper); {gpu.name} has none")]
-    multi = len(hw.nodes) > 1
     out: list[Plan] = []
     for layout in candidate_layouts(prec.served, hw):
-        if multi and layout.dp > 1:
+        if nodes_used(hw, layout) > 1 and layout.dp > 1:
             continue  # across nodes we plan PP over Ray; multi-node DP needs one launch per node
         out.append(layout_plan(spec, prec, hw, gpu, layout, req))
     return out
+
+
+def nodes_used(hw: HardwareProfile, layout: Parallel) -> int:
+    return max(1, math.ceil(layout.world / max(1, len(hw.node.accelerators))))
 
 
 def _budget(gpu: Accelerator, req: Request) -> tuple[float, float]:
@@ -270,6 +276,7 @@ def layout_plan(spec: ModelSpec, prec: Precision, hw: HardwareProfile, gpu: Acce
                 req: Request) -> Plan:
     served = prec.served
     node = hw.node
+    nodes = nodes_used(hw, layout)
     util, budget = _budget(gpu, req)
     seqs = max(1, math.ceil(req.concurrency / layout.dp))  # sequences one DP replica holds
     max_num_seqs = max(MAX_NUM_SEQS, seqs)
@@ -282,18 +289,20 @@ def layout_plan(spec: ModelSpec, prec: Precision, hw: HardwareProfile, gpu: Acce
     rule = layout_rules(served, layout, prec)
 
     # KV dtype and context: the request first; when it is open, shrink the context before touching precision
-    kv_options = [req.kv_dtype.lower()] if req.kv_dtype not in (None, "auto") else ["auto"] + (["fp8"] if gpu.fp8 else [])
+    # "auto" in the request = let the planner choose; an explicit bf16/fp16 = the model's dtype (vLLM's "auto")
+    want_kv = (req.kv_dtype or "auto").lower()
+    kv_options = ["fp8"] if want_kv == "fp8" else ["auto"] + (["fp8"] if gpu.fp8 and want_kv == "auto" else [])
     context = req.context or min(served.max_position, DEFAULT_CONTEXT)
     chosen = None
     for kv_dtype in kv_options:
         need = kv_need(served, layout, _kv_bytes_dtype(kv_dtype, served), context, seqs)
         if pool >= need:
-            chosen = (kv_dtype, context, 0.0)
+            chosen = (kv_dtype, context)
             break
         if req.context is None:
             fit = fitting_context(served, layout, _kv_bytes_dtype(kv_dtype, served), pool, seqs) // 1024 * 1024
             if fit >= MIN_CONTEXT:
-                chosen = (kv_dtype, fit, 0.0)
+                chosen = (kv_dtype, fit)
                 reasons.append(f"max_model_len {fit} (not {context}): the largest that leaves KV pages for "
                                f"{seqs} full-length sequence{'s' if seqs > 1 else ''} per replica; pass --context "
                                f"to insist")
@@ -301,7 +310,7 @@ def layout_plan(spec: ModelSpec, prec: Precision, hw: HardwareProfile, gpu: Acce
     if chosen and chosen[0] == "fp8" and "auto" in kv_options:
         reasons.append(f"fp8 KV cache (kv_cache_dtype=fp8): halves KV bytes so context {chosen[1]} fits "
                        f"({gpu.name} has fp8 support)")
-    kv_dtype, context, offload = chosen or (kv_options[0], context, 0.0)
+    kv_dtype, context = chosen or (kv_options[0], context)
     kvb = _kv_bytes_dtype(kv_dtype, served)
     need = kv_need(served, layout, kvb, context, seqs)
     shortfall = weights + overhead + need - budget
@@ -337,7 +346,7 @@ def layout_plan(spec: ModelSpec, prec: Precision, hw: HardwareProfile, gpu: Acce
                         f"{layout.dp}` (see artifacts); qwenhw.load runs one replica in this process")
     est = _estimate(served, layout, gpu, hw, req.concurrency, context, kvb, offload_per_gpu, weights)
     if fits:
-        reasons.append(_explain(spec, prec, hw, gpu, layout, w_gpu, kv_pool, kvb, context, est))
+        reasons.append(_explain(spec, prec, hw, gpu, layout, w_gpu, kv_pool, kvb, context))
         reasons += list(prec.notes)
     devices = _devices(hw, layout, budget, w_gpu, kv_pool, overhead)
     if offload_per_gpu:
@@ -357,15 +366,15 @@ def layout_plan(spec: ModelSpec, prec: Precision, hw: HardwareProfile, gpu: Acce
         "cpu_offload_gb": round(offload_per_gpu / GiB, 1),
         "quantization": prec.quantization,
         "dtype": prec.torch_dtype,
-        "distributed_executor_backend": "ray" if len(hw.nodes) > 1 else ("mp" if layout.world > 1 else None),
+        "distributed_executor_backend": "ray" if nodes > 1 else ("mp" if layout.world > 1 else None),
     }
     return Plan(
         model=spec.name, backend="vllm", engine="vllm", fits=fits, parallel=layout, devices=tuple(devices),
         offload=Offload(cpu_gib=offload_per_gpu * layout.world / GiB), context=context, max_context=max_context,
-        concurrency=req.concurrency, dtype=prec.dtype, kv_dtype=kvb if kv_dtype != "auto" else _auto_kv(served),
+        concurrency=req.concurrency, dtype=prec.dtype, kv_dtype=kvb,
         estimate=est if fits else Estimate(), reasons=tuple(reasons), warnings=tuple(warnings),
         config={"engine_args": engine_args, "env": gpu_env(hw, layout, gpu), "platform": "cuda",
-                "nodes": [n.hostname for n in hw.nodes][: max(1, layout.world // max(1, len(node.accelerators)))],
+                "nodes": [n.hostname for n in hw.nodes][:nodes],
                 "gpus_per_node": min(layout.world, len(node.accelerators))},
     )
 
@@ -390,8 +399,8 @@ def _fit_advice(spec, served, prec, layout, weights, shortfall, off, gpus_per_no
     elif off * gpus_per_node > ram:
         out.append(f"offloading {off / GiB:.0f} GiB per GPU needs {off * gpus_per_node / GiB:.0f} GiB of host RAM "
                    f"(budget {ram / GiB:.0f})")
-    out.append("or spread it over more GPUs (higher TP/PP)")
-    return "; ".join(out)
+    out.append("spread it over more GPUs (higher TP/PP)")
+    return "what would fit: " + "; ".join(out[:-1]) + ("; or " if len(out) > 1 else "") + out[-1]
 
 
 def _devices(hw: HardwareProfile, layout: Parallel, budget: float, weights: float, kv: float,
@@ -422,15 +431,15 @@ def _estimate(spec: ModelSpec, layout: Parallel, gpu: Accelerator, hw: HardwareP
     return Estimate(1.0 / step, est.throughput_tok_s * ratio, est.prefill_tok_s * ratio, "PCIe (cpu_offload_gb)")
 
 
-def _explain(spec, prec, hw, gpu, layout, weights, kv_pool, kv_dtype, context, est) -> str:
+def _explain(spec, prec, hw, gpu, layout, weights, kv_pool, kv_dtype, context) -> str:
     sh = shard(prec.served, layout, kv_dtype)
     tokens = int(kv_pool / sh.kv_per_token) if sh.kv_per_token else 0
     parts = [f"vLLM {layout} on {layout.world}x {gpu.name}"]
     if layout.ep > 1:
         parts.append(f"experts spread by expert parallel (EP={layout.ep} = TP x DP, {spec.moe.num_experts // layout.ep} "
                      f"experts per GPU)")
-    if len(hw.nodes) > 1:
-        parts.append(f"TP within a node, PP across {len(hw.nodes)} nodes over Ray")
+    if nodes_used(hw, layout) > 1:
+        parts.append(f"TP within a node, PP across {nodes_used(hw, layout)} nodes over Ray")
     parts.append(f"{weights / GiB:.1f} GiB weights ({prec.dtype}) and {kv_pool / GiB:.1f} GiB KV cache per GPU "
                  f"(~{tokens:,} tokens of {kv_dtype} KV, context {context})")
     return "; ".join(parts)
@@ -444,7 +453,7 @@ def gpu_env(hw: HardwareProfile, layout: Parallel, gpu: Accelerator) -> dict[str
     if consumer and layout.world > 1 and not linked:
         # GeForce cards have PCIe peer-to-peer disabled; NCCL's P2P probe can hang or corrupt without this
         env["NCCL_P2P_DISABLE"] = "1"
-    if len(hw.nodes) > 1:
+    if nodes_used(hw, layout) > 1:
         # which NIC NCCL/Gloo use between nodes (replace eth0 with the InfiniBand/RoCE interface's name)
         env.update({"NCCL_SOCKET_IFNAME": "eth0", "GLOO_SOCKET_IFNAME": "eth0"})
     return env

@@ -1,0 +1,213 @@
+"""Issue #9 benchmark: Qwen3-30B-A3B shape, random bf16 weights, on 1, 2 or 4 GPUs of one host.
+
+    torchrun --nproc_per_node 2 bench/multi_gpu.py --out results/      (nvidia-h100-x2, ~5 minutes)
+
+Side by side, batch 1 and batch 16 greedy decode:
+  1. one GPU: qwenhw's fast path (the single-GPU best);
+  2. accelerate's layer split over all GPUs (HF generate; the naive baseline);
+  3. qwenhw's multi-GPU layout: tensor-parallel attention + expert-parallel MoE, one process per GPU,
+     NCCL all-reduces, CUDA graphs per decode step;
+with per-GPU peak memory next to the planner's prediction and logits against the single-GPU run.
+Throughput is tokens per second over all sequences; latency is per sequence (batch 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "plugins" / "offload"), str(ROOT / "bench")]
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+GiB = 2**30
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def decode_rate(rt, batch: int, tokens: int, repeats: int, prompt_len: int = 32) -> float:
+    """Median tokens/s over all sequences of greedy decoding, after one untimed run (graph capture)."""
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, 151936, (batch, prompt_len), generator=g).tolist()
+    rates = []
+    for r in range(repeats + 1):
+        rt.reset()
+        tok = rt.prefill(prompts).argmax(-1)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(tokens):
+            tok = rt.decode(tok).argmax(-1)
+        torch.cuda.synchronize()
+        if r:
+            rates.append(batch * tokens / (time.perf_counter() - t))
+    return statistics.median(rates)
+
+
+def peak_gib(device: int, nontorch: float) -> float:
+    return (torch.cuda.max_memory_reserved(device) + nontorch) / GiB
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=48)
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--accelerate-tokens", type=int, default=8)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+
+    from moe_offload import build
+    from qwenhw_offload.parallel import shard
+    from qwenhw_offload.runtime import Runtime, set_experts
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
+    torch.zeros(1, device="cuda")
+    free, total = torch.cuda.mem_get_info()
+    nontorch = (total - free) - torch.cuda.memory_reserved()
+    rows: list[dict] = []
+    g = torch.Generator().manual_seed(1)
+    probe = torch.randint(0, 151936, (1, 32), generator=g)
+
+    # --- 1 GPU and accelerate's layer split: rank 0 alone, the other GPUs idle ---------------------
+    ref = None
+    if rank == 0:
+        model = build(args.layers, "cuda:0")
+        with torch.inference_mode():
+            ref = model(probe.cuda()).logits[0, -1].float().cpu()
+        for b in batches:
+            torch.cuda.reset_peak_memory_stats(0)
+            rt = Runtime(model, max_len=args.context, device="cuda:0", graphs=True, decode_experts="grouped_mm",
+                         batch=b)
+            with torch.inference_mode():
+                rate = decode_rate(rt, b, args.tokens, args.repeats)
+            rows.append({"config": "1 GPU, qwenhw fast path", "batch": b, "tok_s": rate,
+                         "gpu_gib": [peak_gib(0, nontorch)]})
+            log(json.dumps(rows[-1]))
+            del rt
+            gc.collect()
+            torch.cuda.empty_cache()
+        if world > 1:
+            from accelerate import dispatch_model
+            from accelerate.hooks import remove_hook_from_module
+
+            set_experts(model, "grouped_mm")
+            per = args.layers // world
+            dmap = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": world - 1, "lm_head": world - 1}
+            dmap.update({f"model.layers.{i}": min(i // per, world - 1) for i in range(args.layers)})
+            dispatch_model(model, dmap)
+            for b in batches:
+                for d in range(world):
+                    torch.cuda.reset_peak_memory_stats(d)
+                ids = torch.randint(0, 151936, (b, 32), generator=g).cuda()
+                with torch.inference_mode():
+                    def run(n):
+                        torch.cuda.synchronize()
+                        t = time.perf_counter()
+                        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+                        torch.cuda.synchronize()
+                        return time.perf_counter() - t
+                    run(2)
+                    t1, tn = run(1), run(args.accelerate_tokens)
+                rate = b * (args.accelerate_tokens - 1) / (tn - t1)
+                rows.append({"config": f"accelerate layer split over {world} GPUs", "batch": b, "tok_s": rate,
+                             "gpu_gib": [peak_gib(d, nontorch) for d in range(world)]})
+                log(json.dumps(rows[-1]))
+            remove_hook_from_module(model, recurse=True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    dist.barrier()
+
+    # --- qwenhw: tensor-parallel attention + expert-parallel MoE, one rank per GPU ------------------
+    if world > 1:
+        model = build(args.layers, f"cuda:{rank}")  # same seed on every rank: identical weights
+        shard(model, rank, world)
+        gc.collect()
+        torch.cuda.empty_cache()
+        for b in batches:
+            torch.cuda.reset_peak_memory_stats(rank)
+            for graphs in (True, False):
+                try:
+                    rt = Runtime(model, max_len=args.context, device=f"cuda:{rank}", graphs=graphs,
+                                 decode_experts="grouped_mm", batch=b, group=dist.group.WORLD)
+                    with torch.inference_mode():
+                        rate = decode_rate(rt, b, args.tokens, args.repeats)
+                        err = None
+                        if b == 1:
+                            rt.reset()
+                            logits = rt.prefill(probe[0].tolist())[0].float().cpu()
+                            err = float((logits - ref).norm() / ref.norm()) if rank == 0 else None
+                    break
+                except Exception as exc:  # graph capture of NCCL collectives can fail: measure eagerly then
+                    log(f"rank {rank}: graphs={graphs} failed: {type(exc).__name__}: {exc}")
+                    rate, err = float("nan"), None
+            mem = torch.tensor([peak_gib(rank, nontorch)], device="cuda")
+            mems = [torch.zeros_like(mem) for _ in range(world)]
+            dist.all_gather(mems, mem)
+            if rank == 0:
+                rows.append({"config": f"qwenhw TP={world} attention + EP={world} experts"
+                                       + ("" if graphs else " (no CUDA graphs)"),
+                             "batch": b, "tok_s": rate, "gpu_gib": [float(m) for m in mems], "logit_rel_err": err})
+                log(json.dumps(rows[-1]))
+            del rt
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    if rank == 0:
+        import qwenhw
+        import qwenhw.plugins
+        import qwenhw_offload
+
+        if "offload" not in qwenhw.plugins.load().backends:  # run from a checkout: register it in-process
+            qwenhw.plugins.register_plugin(qwenhw_offload, "qwenhw-offload")
+        hw = qwenhw.detect()
+        plan_notes = []
+        try:
+            spec = qwenhw.models.get("Qwen3-30B-A3B").with_(num_layers=args.layers)
+            for r in rows:
+                plan = qwenhw.plan(spec, hw, backend="offload", context=args.context, concurrency=r["batch"],
+                                   engine="transformers-tp" if r["config"].startswith("qwenhw TP") else None)
+                if r["config"].startswith("qwenhw TP") or r["config"].startswith("1 GPU"):
+                    r["pred_gpu_gib"] = plan.devices[0].total_gib
+                    r["pred_tok_s"] = plan.estimate.throughput_tok_s
+                chosen = qwenhw.plan(spec, hw, backend="offload", context=args.context, concurrency=r["batch"])
+                r["planner_choice"] = f"{chosen.engine} {chosen.parallel}"
+            plan_notes = [chosen.explain()]
+        except Exception as exc:
+            plan_notes = [f"planner: {type(exc).__name__}: {exc}"]
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"multi_gpu_{world}.json").write_text(json.dumps({"rows": rows, "plan": plan_notes},
+                                                                          indent=2))
+        base = {r["batch"]: r["tok_s"] for r in rows if r["config"].startswith("1 GPU")}
+        log(f"{'configuration':<52} {'batch':>5} {'tok/s':>8} {'vs 1 GPU':>8}  per-GPU peak GiB")
+        for r in rows:
+            ratio = r["tok_s"] / base[r["batch"]] if base.get(r["batch"]) else float("nan")
+            log(f"{r['config']:<52} {r['batch']:>5} {r['tok_s']:8.1f} {ratio:7.2f}x  "
+                + " ".join(f"{m:.1f}" for m in r["gpu_gib"]) + (f"  (pred {r['pred_gpu_gib']:.1f})" if "pred_gpu_gib" in r else "")
+                + (f"  pred {r['pred_tok_s']:.0f} tok/s" if "pred_tok_s" in r else "")
+                + (f"  logit err {r['logit_rel_err']:.1e}" if r.get("logit_rel_err") is not None else ""))
+        for b in batches:
+            choice = next(r["planner_choice"] for r in rows if r["batch"] == b)
+            log(f"planner's choice at batch {b}: {choice}")
+        for note in plan_notes:
+            log(note)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

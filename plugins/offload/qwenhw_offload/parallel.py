@@ -1,0 +1,94 @@
+"""Tensor parallel attention and expert parallel MoE over transformers' Qwen3 modules, one rank per GPU.
+
+Each rank keeps its slice of every layer, in place:
+- attention: its share of the query heads and of the KV heads (q/k/v split by rows, o_proj by columns);
+- MoE layers: experts [rank*E/world, (rank+1)*E/world) whole (expert parallel: no expert is split, so
+  block-quantized experts keep their shape); the router is replicated and every rank routes every token;
+- dense MLPs: gate/up by rows, down by columns;
+- embeddings, norms and the LM head are replicated (small next to the experts).
+Row-parallel outputs (o_proj, down projections, expert sums) are all-reduced by the runtime. A rank's
+experts see the tokens routed to them; tokens routed elsewhere go to transformers' expert-parallel
+sentinel slot (id >= local expert count, weight 0), which its grouped kernel skips.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _rows(linear: nn.Linear, start: int, stop: int) -> None:
+    linear.weight = nn.Parameter(linear.weight.data[start:stop].clone(), requires_grad=False)
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(linear.bias.data[start:stop].clone(), requires_grad=False)
+
+
+def _cols(linear: nn.Linear, start: int, stop: int) -> None:
+    linear.weight = nn.Parameter(linear.weight.data[:, start:stop].clone(), requires_grad=False)
+
+
+def check(config: Any, world: int) -> str | None:
+    """Why this model cannot be split `world` ways, or None."""
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    if heads % world:
+        return f"{heads} attention heads are not divisible by {world} GPUs"
+    if kv % world and world % kv:
+        return f"{kv} KV heads cannot be shared evenly by {world} GPUs"
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    if experts and experts % world:
+        return f"{experts} experts are not divisible by {world} GPUs"
+    return None
+
+
+def shard(model: Any, rank: int, world: int) -> None:
+    """Keep this rank's slice of every layer (see the module docstring)."""
+    why = check(model.config, world)
+    if why:
+        raise ValueError(why)
+    for layer in model.model.layers:
+        a = layer.self_attn
+        d = a.head_dim
+        heads = a.q_proj.weight.shape[0] // d
+        kv = a.k_proj.weight.shape[0] // d
+        h_per = heads // world
+        _rows(a.q_proj, rank * h_per * d, (rank + 1) * h_per * d)
+        if kv >= world:
+            kv_per = kv // world
+            _rows(a.k_proj, rank * kv_per * d, (rank + 1) * kv_per * d)
+            _rows(a.v_proj, rank * kv_per * d, (rank + 1) * kv_per * d)
+        else:  # fewer KV heads than ranks: each rank keeps the one its query heads use (replicated)
+            group = rank * kv // world
+            _rows(a.k_proj, group * d, (group + 1) * d)
+            _rows(a.v_proj, group * d, (group + 1) * d)
+        _cols(a.o_proj, rank * h_per * d, (rank + 1) * h_per * d)
+        mlp = layer.mlp
+        experts = getattr(mlp, "experts", None)
+        if experts is not None:
+            n = experts.gate_up_proj.shape[0] // world
+            lo, hi = rank * n, (rank + 1) * n
+            experts.gate_up_proj = nn.Parameter(experts.gate_up_proj.data[lo:hi].clone(), requires_grad=False)
+            experts.down_proj = nn.Parameter(experts.down_proj.data[lo:hi].clone(), requires_grad=False)
+            experts.num_experts = n
+            experts._is_expert_parallel = True
+            experts.ep_start = lo
+        else:
+            inter = mlp.gate_proj.weight.shape[0] // world
+            _rows(mlp.gate_proj, rank * inter, (rank + 1) * inter)
+            _rows(mlp.up_proj, rank * inter, (rank + 1) * inter)
+            _cols(mlp.down_proj, rank * inter, (rank + 1) * inter)
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
+def expert_parallel_moe(mlp: Any, x: torch.Tensor) -> torch.Tensor:
+    """This rank's share of an MoE block: its local experts' contributions (the runtime sums ranks)."""
+    shape = x.shape
+    flat = x.reshape(-1, shape[-1])
+    _, weights, idx = mlp.gate(flat)
+    experts = mlp.experts
+    local = idx - experts.ep_start
+    mine = (local >= 0) & (local < experts.num_experts)
+    local = torch.where(mine, local, torch.full_like(local, experts.num_experts))  # the sentinel slot
+    weights = weights * mine.to(weights.dtype)
+    return experts(flat, local, weights).view(shape)
