@@ -63,3 +63,21 @@ def test_two_ranks_match_one(tiny_moe):
     for p in procs:
         p.join(timeout=60)
     assert results[0] == results[1] == single
+
+
+def test_load_starts_a_rank_job_and_matches_one_process(tiny_moe):
+    """A transformers-tp plan (made for a 2-GPU profile) loads as a 2-rank torchrun job qwenhw drives;
+    here on the CPU over gloo, in fp32 so the split sums agree with one process to the last token."""
+    import qwenhw
+
+    plan = qwenhw.plan(str(tiny_moe), hardware="2xH100-80G", backend="offload", engine="transformers-tp",
+                       context=128)
+    assert plan.engine == "transformers-tp" and plan.parallel.tp == 2 and plan.parallel.ep == 2
+    fp32 = plan.replace(config={**plan.config, "dtype": "fp32", "threads": 1})
+    with qwenhw.load(fp32) as engine:
+        ranks = engine.generate("The capital of France is", max_tokens=6, temperature=0)[0]
+        chat = engine.chat([{"role": "user", "content": "hi"}], thinking=False, max_tokens=4, temperature=0)
+    single_plan = qwenhw.plan(str(tiny_moe), backend="offload", engine="transformers-fast", context=128)
+    with qwenhw.load(single_plan.replace(config={**single_plan.config, "dtype": "fp32"})) as engine:
+        one = engine.generate("The capital of France is", max_tokens=6, temperature=0)[0]
+    assert ranks.token_ids == one.token_ids and chat.completion_tokens == 4

@@ -42,6 +42,20 @@ class OffloadBackend(qwenhw.Backend):
         return artifacts(plan)
 
     def load(self, plan) -> qwenhw.Engine:
+        if plan.engine == "transformers-tp":  # one process per GPU: a torchrun job qwenhw starts and drives
+            import sys
+            from pathlib import Path
+
+            from qwenhw.engine.preflight import checkpoint_dir
+            from qwenhw.engine.ranks import RankEngine
+
+            checkpoint_dir(plan)  # missing weights: say so here, not in every rank
+            roots = [str(Path(__file__).resolve().parents[3]), str(Path(__file__).resolve().parents[1])]
+            env = {k: str(v) for k, v in plan.config.get("env", {}).items()}
+            return RankEngine(plan, sys.executable, "qwenhw_offload.ranks", int(plan.config["world"]), env, roots)
+        return self.load_in_process(plan)
+
+    def load_in_process(self, plan) -> qwenhw.Engine:
         from .engines import load
 
         return load(plan)

@@ -24,7 +24,32 @@ def load(plan: Any) -> HFEngine:
     prefetch(path)
     if plan.engine == "deepspeed-zero3":
         return _load_zero3(plan, path)
+    if plan.engine == "transformers-tp":
+        return _load_rank(plan, path)
     return _load_transformers(plan, path)
+
+
+def _load_rank(plan: Any, path: str) -> HFEngine:
+    """This rank's shard of a transformers-tp plan, inside the torchrun job (qwenhw.engine.ranks)."""
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .engine_runtime import RuntimeEngine
+    from .parallel import shard
+    from .runtime import Runtime
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = f"cuda:{rank}" if torch.cuda.is_available() else "cpu"
+    if device != "cpu":
+        torch.cuda.set_device(rank)
+    dtype = getattr(torch, TORCH_DTYPES[plan.config["dtype"]])
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device}).eval()
+    shard(model, rank, world)
+    runtime = Runtime(model, max_len=int(plan.context or 4096), device=device,
+                      graphs=plan.config.get("cuda_graphs", True), decode_experts=plan.config.get("decode_experts"),
+                      group=dist.group.WORLD)
+    return RuntimeEngine(model, AutoTokenizer.from_pretrained(path), runtime, plan=plan)
 
 
 def _device_map(plan: Any) -> dict[str, Any]:

@@ -1,0 +1,104 @@
+"""Multi-rank engines: a torchrun job driven through the Engine protocol.
+
+A backend whose plan needs one process per GPU (or per CPU socket) starts
+`torchrun --nproc_per_node N -m <its rank module>`; that module calls `serve_ranks`. Rank 0 speaks qwenhw's
+worker protocol (JSON lines, qwenhw/engine/worker.py) on its stdin/stdout, which torchrun lets the ranks
+inherit; it broadcasts every request to the other ranks over a gloo group, so all ranks run the same
+generation in lockstep (tensor-parallel all-reduces need every rank) and only rank 0 answers. Sampled
+requests without a seed get one here, so every rank draws the same tokens. A cancelled stream runs to its
+max_tokens on the ranks (see _Broadcast.fileno). Inside the job QWENHW_RANK_JOB=1 tells the backend's
+`load_in_process` to build this rank's share.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+from datetime import timedelta
+from typing import Any, Iterator
+
+from .base import Engine
+from .worker import WorkerEngine
+
+
+class RankEngine(WorkerEngine):
+    """Parent-side proxy: a WorkerEngine whose worker is rank 0 of a torchrun job."""
+
+    def __init__(self, plan: Any, python: str, module: str, ranks: int, env: dict[str, str],
+                 paths: list[str] = ()):
+        Engine.__init__(self, plan)
+        env = {**os.environ, **env, "QWENHW_RANK_JOB": "1", "PYTHONUNBUFFERED": "1"}
+        env["PYTHONPATH"] = os.pathsep.join(list(paths) + [env.get("PYTHONPATH", "")])
+        cmd = [python, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(ranks),
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", module]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, text=True,
+                                     env=env, bufsize=1)
+        self._io = threading.Lock()
+        reply = self._call({"op": "load", "plan": plan.to_dict()})
+        self.info = {**reply.get("info", {}), "ranks": ranks}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Broadcast:
+    """The request stream as every rank sees it: rank 0 reads stdin, the others receive its lines."""
+
+    def __init__(self, rank: int, group: Any):
+        self.rank, self.group = rank, group
+
+    def fileno(self) -> int:
+        # serve() polls stdin for "cancel" between stream deltas; a rank that stopped alone would leave the
+        # others waiting in an all-reduce, so a stream always runs to its end here and "cancel" arrives
+        # afterwards as a no-op request (the parent drops the remaining deltas).
+        raise io.UnsupportedOperation("rank jobs do not cancel mid-stream")
+
+    def __iter__(self) -> Iterator[str]:
+        import torch.distributed as dist
+
+        while True:
+            box = [_seeded(sys.stdin.readline()) if self.rank == 0 else None]
+            dist.broadcast_object_list(box, src=0, group=self.group)
+            if not box[0]:  # the parent closed the pipe (or died): every rank stops
+                return
+            yield box[0]
+
+
+def _seeded(line: str) -> str:
+    if not line:
+        return ""
+    msg = json.loads(line)
+    sampling = msg.get("sampling")
+    if sampling is not None and sampling.get("seed") is None and sampling.get("temperature", 1.0) > 0:
+        sampling["seed"] = random.randrange(2**31)
+        return json.dumps(msg) + "\n"
+    return line
+
+
+def serve_ranks(plugin_module: Any, plugin_name: str, backend: str, dist_backend: str = "gloo") -> None:
+    """The body of a rank module: join the job, register the plugin, serve the worker protocol."""
+    import torch.distributed as dist
+
+    rank = int(os.environ["RANK"])
+    dist.init_process_group(dist_backend)  # env:// rendezvous from torchrun
+    control = dist.new_group(backend="gloo", timeout=timedelta(days=7))  # idle engines wait here
+    from .. import plugins
+    from .worker import serve
+
+    if backend not in plugins.load().backends:  # plugin not installed in this env: register it directly
+        plugins.register_plugin(plugin_module, plugin_name)
+    channel = sys.stdout if rank == 0 else open(os.devnull, "w")
+    sys.stdout = sys.stderr  # library prints must not reach the protocol channel
+    try:
+        serve(_Broadcast(rank, control), channel)
+    finally:
+        dist.destroy_process_group()
