@@ -18,6 +18,10 @@ from .plan import Estimate, Parallel
 # Fractions of datasheet rates that real kernels reach at batch-1 decode / large prefill.
 BANDWIDTH_EFFICIENCY = 0.75
 COMPUTE_EFFICIENCY = 0.45
+# torch's bf16 matrix-vector products on the CPU (batch-1 decode) stream weights at ~21 GB/s on a 16-core
+# Sapphire Rapids host whose profile estimates 128 GB/s: a shared, measured efficiency for every backend's
+# CPU roofline (docs/benchmarks.md, 2026-11-27 H100-host run)
+CPU_TORCH_GEMV_EFFICIENCY = 0.17
 ALLREDUCE_LATENCY_S = 12e-6  # per all-reduce, NVLink; PCIe is slower (see link_latency)
 
 

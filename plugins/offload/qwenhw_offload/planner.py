@@ -14,7 +14,7 @@ import math
 from qwenhw.hardware.profile import GiB, HardwareProfile, Node
 from qwenhw.models import memory as mm
 from qwenhw.models.spec import ModelSpec
-from qwenhw.planning.layout import experts_touched
+from qwenhw.planning.layout import CPU_TORCH_GEMV_EFFICIENCY, experts_touched
 from qwenhw.planning.plan import DeviceUse, Estimate, Offload, Parallel, Plan, Request
 from qwenhw.planning.precision import stored_dtype, with_weight_dtype
 
@@ -28,12 +28,14 @@ CPU_RUNTIME = 16 * 2**20  # first forward pass: oneDNN and allocator state
 TOKENIZER = 118 * 2**20  # the Qwen2/Qwen3 fast tokenizer (151k vocabulary) in memory
 RAM_HEADROOM = 0.85  # leave the OS and the page cache some room
 GPU_UTILISATION = 0.92
-CPU_EFFICIENCY = 0.6
+CPU_EFFICIENCY = CPU_TORCH_GEMV_EFFICIENCY  # transformers on the CPU: torch GEMVs
 # Per-layer fixed costs of a decode step, measured on an H100 host (docs/benchmarks.md)
 EAGER_LAYER_OVERHEAD = 1.2e-3  # transformers generate(): Python + ~30 launches per layer
 GRAPH_LAYER_OVERHEAD = 180e-6  # CUDA graph replay of ~45 small kernels (measured: 99.5 tok/s at 48 layers)
-HYBRID_LAYER_OVERHEAD = 80e-6  # router sync + hidden-state copies both ways
-CPU_EXPERT_OVERHEAD = 40e-6  # torch ops per expert on the CPU  # fraction of RAM bandwidth torch's CPU kernels reach at batch 1
+HYBRID_LAYER_OVERHEAD = 300e-6  # router sync, hidden-state copies, expert dispatch (measured, H100 host)
+CPU_EXPERT_OVERHEAD = 0.0  # folded into the efficiency below
+HYBRID_CPU_EFFICIENCY = CPU_TORCH_GEMV_EFFICIENCY  # the hybrid's CPU experts are torch GEMVs too
+ACCELERATE_COPY_EFFICIENCY = 0.12  # of the pinned host-to-device rate, for accelerate's pageable copies
 DEFAULT_CONTEXT = 8192
 FAST_ARCHITECTURES = ("qwen3", "qwen3_moe", "qwen2")
 # Routing statistics for the static expert cache come from a short, varied prompt.
@@ -176,6 +178,7 @@ def _cpu_estimate(spec: ModelSpec, node: Node, concurrency: int, disk_fraction: 
     t = stream * (1 - disk_fraction) / bw + stream * disk_fraction / (node.disk.read_gbs * 1e9)
     flops = 2 * spec.active_params() * concurrency
     t = max(t, flops / (max(node.cpu.bf16_tflops, 0.05) * 1e12 * 0.4))
+    t += spec.num_layers * EAGER_LAYER_OVERHEAD  # generate()'s Python and dispatch per layer, as on a GPU
     prefill = max(node.cpu.bf16_tflops, 0.05) * 1e12 * 0.4 / (2 * spec.active_params())
     bound = "disk reads" if disk_fraction > 0.05 else "host RAM bandwidth"
     return Estimate(1 / t, concurrency / t, prefill, bound)
@@ -367,7 +370,7 @@ def _gpu_estimate(spec, node, gpu, concurrency, context, kv_dtype, gpu_w, cpu_w,
     if engine == "hybrid-moe":
         expert_stream = experts_touched(spec, concurrency) * mm.expert_bytes(spec) * spec.num_moe_layers
         hit = cache / experts_total if experts_total else 0.0  # uniform routing: hit rate = share cached
-        cpu_bw = max(node.cpu.memory_bandwidth_gbs, 1) * 1e9 * CPU_EFFICIENCY
+        cpu_bw = max(node.cpu.memory_bandwidth_gbs, 1) * 1e9 * HYBRID_CPU_EFFICIENCY
         t = (stream - expert_stream + kv_read) / gpu_bw + expert_stream * (1 - hit) / cpu_bw
         # per MoE layer: a host sync and two small copies, and a few CPU kernel launches per expert
         t += spec.num_moe_layers * (HYBRID_LAYER_OVERHEAD + spec.moe.top_k * (1 - hit) * CPU_EXPERT_OVERHEAD)
@@ -375,8 +378,10 @@ def _gpu_estimate(spec, node, gpu, concurrency, context, kv_dtype, gpu_w, cpu_w,
     else:
         frac_gpu, frac_cpu, frac_disk = gpu_w / total, cpu_w / total, disk_w / total
         t = (stream * frac_gpu + kv_read) / gpu_bw
-        t += stream * frac_cpu / (node.host_to_device_gbs * 1e9 * 0.5)  # accelerate copies, unpinned
-        t += stream * frac_disk / (node.disk.read_gbs * 1e9)
+        # accelerate's hooks copy every offloaded module whole (all its experts) to the GPU each forward,
+        # from pageable memory: measured 0.16-0.18 tok/s with 38 GiB offloaded on an H100 host
+        t += cpu_w / (node.host_to_device_gbs * 1e9 * ACCELERATE_COPY_EFFICIENCY)
+        t += disk_w / (node.disk.read_gbs * 1e9)
         bound = "GPU memory bandwidth" if frac_cpu + frac_disk < 0.02 else "host-to-GPU copies"
         # Python and kernel launches per layer: CUDA graphs shrink them to replay cost
         per_layer = GRAPH_LAYER_OVERHEAD if engine == "transformers-fast" else EAGER_LAYER_OVERHEAD
@@ -422,7 +427,7 @@ def zero3_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str | 
         reasons.insert(0, f"ZeRO-3 needs {on_dev / GiB:.1f} GiB on {compute} and {wb.total / GiB:.1f} GiB of "
                           f"parameters in RAM or NVMe")
     # every parameter (experts included: ZeRO gathers whole modules) crosses the link each token
-    t = wb.total / link
+    t = wb.total / link + spec.num_layers * 2 * EAGER_LAYER_OVERHEAD  # generate() plus ZeRO's fetch hooks
     est = Estimate(1 / t, req.concurrency / t, 0.0, "parameter gathering")
     return Plan(
         model=spec.name, backend="offload", engine="deepspeed-zero3", fits=fits, devices=devices,

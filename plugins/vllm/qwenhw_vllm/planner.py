@@ -422,10 +422,9 @@ def _estimate(spec: ModelSpec, layout: Parallel, gpu: Accelerator, hw: HardwareP
     est = roofline(spec, layout, gpu, hw.node, concurrency, context, kv_dtype, network_gbs=hw.node.network_gbs)
     if not offload:
         return est
-    # UVA offload: the GPU reads offloaded weights over PCIe; a step touches the same share of them as of all
-    batch = max(1, math.ceil(concurrency / layout.dp))
-    touched = min(1.0, streamed_bytes(spec, layout, batch) / max(weights, 1.0))
-    extra = offload * touched / (hw.node.host_to_device_gbs * 1e9) * layout.pp
+    # vLLM's cpu_offload_gb moves each offloaded module's whole state to the GPU in every forward pass
+    # (functional_call over a device copy), so all offloaded bytes cross PCIe once per step, routed to or not
+    extra = offload / (hw.node.host_to_device_gbs * 1e9) * layout.pp
     step = 1.0 / est.decode_tok_s + extra
     ratio = (1.0 / est.decode_tok_s) / step
     return Estimate(1.0 / step, est.throughput_tok_s * ratio, est.prefill_tok_s * ratio, "PCIe (cpu_offload_gb)")
