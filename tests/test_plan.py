@@ -90,3 +90,13 @@ def test_local_checkpoint_plan_uses_exact_bytes(tiny_moe):
     assert plan.spec["weight_bytes"] == exact
     cpu = next(d for d in plan.devices if d.id == "cpu")
     assert abs(cpu.weights_gib * 2**30 - exact) < 1024
+
+
+def test_235b_bf16_on_4xh20_needs_offload_and_says_what_would_fit():
+    plan = qwenhw.plan("Qwen3-235B-A22B", hardware="4xH20-96G")
+    assert plan.fits and (plan.offload.cpu_gib > 0)  # runs only with host RAM in the picture
+    advice = plan.reasons[-1]
+    assert advice.startswith("without offload it does not fit")
+    assert "fp8" in advice and "GPUs of 96 GiB" in advice
+    no_offload = [r for r in plan.rejected if r.backend.startswith("vllm") and "exceed" in r.why]
+    assert no_offload, "the GPU-only vLLM layouts are listed with their shortfall"

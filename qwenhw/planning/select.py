@@ -81,6 +81,11 @@ def rank(spec: ModelSpec, hardware: HardwareProfile, request: Request, candidate
                 f"{best.estimate.throughput_tok_s:.1f} tok/s) but is not installed here: {p.install}"
             )
         best = best.replace(reasons=tuple(reasons))
+        gpus_only = [p for p in fitting if not (p.offload.cpu_gib or p.offload.disk_gib)
+                     and any(d.kind.endswith("gpu") for d in p.devices)]
+        if hardware.accelerators and (best.offload.cpu_gib or best.offload.disk_gib) and not gpus_only:
+            best = best.replace(reasons=best.reasons + (
+                "without offload it does not fit: " + "; ".join(fit_advice(spec, hardware, request)),))
     elif fitting:
         best = fitting[0]
         best = best.replace(reasons=best.reasons + (f"{best.backend} is the best fit but is not installed here: {best.install}",))
