@@ -10,13 +10,15 @@ PY="${PYTHON:-python3}"
 
 if [ ! -x .venvs/base/bin/python ]; then "$PY" -m venv .venvs/base; fi
 .venvs/base/bin/pip install -q -r ci/requirements/base.txt
-.venvs/base/bin/pip install -q --no-deps -e . -e plugins/offload -e examples/qwenhw-example-backend
+.venvs/base/bin/pip install -q --no-deps -e . -e plugins/offload
 for plugin in plugins/vllm plugins/intel; do
   [ -f "$plugin/pyproject.toml" ] && .venvs/base/bin/pip install -q --no-deps -e "$plugin"
 done
 .venvs/base/bin/python -c "import qwenhw; print('base environment ready:', qwenhw.__version__)"
 
 if [ "$which" = "all" ]; then
+  # the plugin-guide example is part of the test suite (discovered through its entry point), not of the demo
+  .venvs/base/bin/pip install -q --no-deps -e examples/qwenhw-example-backend
   [ -f ci/envs/vllm.sh ] && bash ci/envs/vllm.sh .venvs/vllm
   [ -f ci/envs/intel.sh ] && bash ci/envs/intel.sh .venvs/intel
 fi
