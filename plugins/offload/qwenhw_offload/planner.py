@@ -427,7 +427,9 @@ def zero3_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str | 
         reasons.insert(0, f"ZeRO-3 needs {on_dev / GiB:.1f} GiB on {compute} and {wb.total / GiB:.1f} GiB of "
                           f"parameters in RAM or NVMe")
     # every parameter (experts included: ZeRO gathers whole modules) crosses the link each token
-    t = wb.total / link + spec.num_layers * 2 * EAGER_LAYER_OVERHEAD  # generate() plus ZeRO's fetch hooks
+    # gathering crosses the link, then the gathered layer is computed like any resident one
+    compute = 1 / (_cpu_estimate(served, node, req.concurrency).decode_tok_s) if not gpus else 0.0
+    t = wb.total / link + compute + spec.num_layers * EAGER_LAYER_OVERHEAD  # + ZeRO's fetch hooks
     est = Estimate(1 / t, req.concurrency / t, 0.0, "parameter gathering")
     return Plan(
         model=spec.name, backend="offload", engine="deepspeed-zero3", fits=fits, devices=devices,
