@@ -428,8 +428,8 @@ def zero3_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str | 
                           f"parameters in RAM or NVMe")
     # every parameter (experts included: ZeRO gathers whole modules) crosses the link each token
     # gathering crosses the link, then the gathered layer is computed like any resident one
-    compute = 1 / (_cpu_estimate(served, node, req.concurrency).decode_tok_s) if not gpus else 0.0
-    t = wb.total / link + compute + spec.num_layers * EAGER_LAYER_OVERHEAD  # + ZeRO's fetch hooks
+    t_compute = 1 / (_cpu_estimate(served, node, req.concurrency).decode_tok_s) if not gpus else 0.0
+    t = wb.total / link + t_compute + spec.num_layers * EAGER_LAYER_OVERHEAD  # + ZeRO's fetch hooks
     est = Estimate(1 / t, req.concurrency / t, 0.0, "parameter gathering")
     return Plan(
         model=spec.name, backend="offload", engine="deepspeed-zero3", fits=fits, devices=devices,
