@@ -122,6 +122,14 @@ class Engine:
         stop = tuple(values.pop("stop", None) or ())
         return Sampling(max_tokens=max_tokens, stop=stop, **values)
 
+    def _prepare_chat(self, messages, thinking, max_tokens, temperature, top_p, top_k, stop, seed):
+        """The rendered prompt, whether the turn thinks, and its sampling (Qwen's defaults for that mode)."""
+        self._check_open()
+        prompt, thinks = self.chat_prompt(messages, thinking)
+        sampling = self._chat_sampling(thinks, max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                       stop=stop, seed=seed)
+        return prompt, thinks, sampling
+
     def chat(
         self,
         messages: list[dict],
@@ -137,10 +145,8 @@ class Engine:
 
         Sampling defaults follow Qwen's advice for the turn's mode; pass temperature=0 for greedy.
         """
-        self._check_open()
-        prompt, thinks = self.chat_prompt(messages, thinking)
-        sampling = self._chat_sampling(thinks, max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                       stop=stop, seed=seed)
+        prompt, thinks, sampling = self._prepare_chat(messages, thinking, max_tokens, temperature, top_p, top_k,
+                                                      stop, seed)
         with self._lock:
             out = self._complete([prompt], sampling)[0]
         parts = split_reasoning(out.text)
@@ -168,10 +174,8 @@ class Engine:
         seed: int | None = None,
     ) -> Iterator[tuple[str, str]]:
         """Yield ("reasoning" | "content", text) pieces as they are generated."""
-        self._check_open()
-        prompt, thinks = self.chat_prompt(messages, thinking)
-        sampling = self._chat_sampling(thinks, max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                       stop=stop, seed=seed)
+        prompt, thinks, sampling = self._prepare_chat(messages, thinking, max_tokens, temperature, top_p, top_k,
+                                                      stop, seed)
         # Thinking-2507 templates open <think> in the prompt: the stream starts inside the reasoning
         splitter = StreamSplitter(in_reasoning=prompt.rstrip().endswith("<think>"))
         with self._lock:

@@ -52,6 +52,14 @@ def choose(spec: ModelSpec, hardware: HardwareProfile, request: Request, backend
             _fault(faults, name, "plans", exc)
             rejected.append(Rejection(name, f"planning raised {type(exc).__name__}: {exc}"))
             continue
+        if request.engine and plans:  # a forced engine ("ipex-llm:asym_int4" names ipex-llm plus a format)
+            wanted = request.engine.split(":")[0]
+            engines = sorted({p.engine for p in plans})
+            plans = [p for p in plans if p.engine == wanted]
+            if not plans:
+                rejected.append(Rejection(name, f"has no engine {wanted!r} for this model and hardware (its engines "
+                                                f"here: {', '.join(engines)})"))
+                continue
         if not plans:
             rejected.append(Rejection(name, "proposed no plan for this model and hardware"))
         for p in plans:

@@ -28,13 +28,7 @@ class OffloadBackend(qwenhw.Backend):
         return Availability(True, "torch " + versions["torch"], None, {k: v for k, v in versions.items() if v})
 
     def plans(self, spec, hardware, request) -> Iterable[qwenhw.Plan]:
-        plans = planner.plans(spec, hardware, request)
-        if request.engine:  # forced engine inside this backend
-            plans = [p for p in plans if p.engine == request.engine] or [
-                planner._unfit(spec, hardware, request, request.engine,
-                               f"the offload backend has no engine {request.engine!r} for this hardware "
-                               f"(engines: transformers, hybrid-moe, deepspeed-zero3)")]
-        return plans
+        return planner.plans(spec, hardware, request)
 
     def artifacts(self, plan) -> dict[str, str]:
         from .artifacts import artifacts

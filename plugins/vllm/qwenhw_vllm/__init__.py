@@ -131,11 +131,6 @@ class VllmBackend(qwenhw.Backend):
         allowed, why = self.cpu_allowed(hardware, request) if not any(
             a.vendor == "nvidia" for a in hardware.accelerators) else (False, "")
         plans = planner.plans(spec, hardware, request, allowed, why)
-        if request.engine:
-            plans = [p for p in plans if p.engine == request.engine] or [
-                planner._unfit(spec, hardware, request, request.engine,
-                               f"the vllm backend has no engine {request.engine!r} for this hardware (engines: vllm "
-                               f"on NVIDIA GPUs, vllm-cpu on a CPU-only machine)")]
         return plans
 
     def artifacts(self, plan) -> dict[str, str]:
