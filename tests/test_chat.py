@@ -28,7 +28,8 @@ def generating():
 @pytest.mark.slow
 def test_chat_in_a_pty(tiny_moe):
     """Mode switches, a soft switch, Ctrl-C stopping a long reply while the session goes on, Ctrl-D."""
-    child = pexpect.spawn(sys.executable, ["-m", "qwenhw.cli", "chat", str(tiny_moe), "--max-tokens", "6",
+    child = pexpect.spawn(sys.executable, ["-m", "qwenhw.cli", "chat", str(tiny_moe), "--backend", "offload",
+                                           "--max-tokens", "6",
                                            "--temperature", "0"], encoding="utf-8", timeout=90,
                           dimensions=(40, 120), env={**os.environ, "QWENHW_QUIET": "1"})
     try:
@@ -71,7 +72,7 @@ def test_chat_in_a_pty(tiny_moe):
 
 @pytest.fixture(scope="module")
 def engine(tiny_moe):
-    with qwenhw.load(str(tiny_moe)) as e:
+    with qwenhw.load(str(tiny_moe), backend="offload") as e:
         yield e
 
 

@@ -20,7 +20,7 @@ def test_run_answers_like_the_engine(tiny_moe):
     result = invoke("run", tiny_moe, "--prompt", "What is 2+2?", "--no-think", "--max-tokens", 8,
                     "--temperature", 0)
     assert result.exit_code == 0, result.output
-    with qwenhw.load(str(tiny_moe)) as engine:
+    with qwenhw.load(str(tiny_moe), backend="offload") as engine:
         direct = engine.chat([{"role": "user", "content": "What is 2+2?"}], thinking=False, max_tokens=8,
                              temperature=0)
         raw = engine.generate("The capital of France is", max_tokens=5, temperature=0)[0].text

