@@ -17,7 +17,8 @@ def invoke(*args):
 
 @pytest.mark.slow
 def test_run_answers_like_the_engine(tiny_moe):
-    result = invoke("run", tiny_moe, "--prompt", "What is 2+2?", "--no-think", "--max-tokens", 8,
+    result = invoke("run", tiny_moe, "--backend", "offload", "--prompt", "What is 2+2?", "--no-think",
+                    "--max-tokens", 8,
                     "--temperature", 0)
     assert result.exit_code == 0, result.output
     with qwenhw.load(str(tiny_moe), backend="offload") as engine:
@@ -25,7 +26,8 @@ def test_run_answers_like_the_engine(tiny_moe):
                              temperature=0)
         raw = engine.generate("The capital of France is", max_tokens=5, temperature=0)[0].text
     assert direct.content in result.stdout
-    result = invoke("run", tiny_moe, "--prompt", "The capital of France is", "--raw", "--max-tokens", 5,
+    result = invoke("run", tiny_moe, "--backend", "offload", "--prompt", "The capital of France is", "--raw",
+                    "--max-tokens", 5,
                     "--temperature", 0)
     assert result.exit_code == 0 and result.stdout.rstrip("\n").endswith(raw)
 
