@@ -12,7 +12,6 @@ SHOWCASE = ("Qwen3-0.6B", "Qwen3-8B", "Qwen3-32B", "Qwen3-30B-A3B", "Qwen3-30B-A
 
 def run_demo(path: str | None = None, skip_chat: bool = False) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     from . import tiny
 

@@ -19,7 +19,7 @@ def _rank(rank: int, world: int, port: int, path: str, prompt: list[int], out) -
     from transformers import AutoModelForCausalLM
 
     from qwenhw_offload.parallel import shard
-    from qwenhw_offload.runtime import Runtime, SampleParams
+    from qwenhw_offload.runtime import Runtime
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

@@ -26,7 +26,16 @@ def load(plan: Any) -> HFEngine:
         return _load_zero3(plan, path)
     if plan.engine == "transformers-tp":
         return _load_rank(plan, path)
-    return _load_transformers(plan, path)
+    dtype = getattr(torch, TORCH_DTYPES[plan.config["dtype"]])
+    if plan.engine == "hybrid-moe":
+        from .hybrid import load_hybrid
+
+        return load_hybrid(plan, path, dtype)
+    if plan.engine == "transformers-fast":
+        from .engine_runtime import load_fast
+
+        return load_fast(plan, path, dtype)
+    return _load_transformers(plan, path, dtype)
 
 
 def _load_rank(plan: Any, path: str) -> HFEngine:
@@ -52,7 +61,7 @@ def _load_rank(plan: Any, path: str) -> HFEngine:
     return RuntimeEngine(model, AutoTokenizer.from_pretrained(path), runtime, plan=plan)
 
 
-def _device_map(plan: Any) -> dict[str, Any]:
+def device_map(plan: Any) -> dict[str, Any]:
     # accelerate wants GPU indices as ints; "cpu" and "disk" stay strings
     out: dict[str, Any] = {}
     for name, dev in plan.config["device_map"].items():
@@ -60,24 +69,14 @@ def _device_map(plan: Any) -> dict[str, Any]:
     return out
 
 
-def _load_transformers(plan: Any, path: str) -> HFEngine:
-    import torch
+def _load_transformers(plan: Any, path: str, dtype: Any) -> HFEngine:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = getattr(torch, TORCH_DTYPES[plan.config["dtype"]])
-    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": _device_map(plan)}
+    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": device_map(plan)}
     folder = None
     if plan.config.get("offload_folder"):
         folder = tempfile.mkdtemp(prefix="qwenhw-offload-")
         kwargs["offload_folder"] = folder
-    if plan.engine == "hybrid-moe":
-        from .hybrid import load_hybrid
-
-        return load_hybrid(plan, path, dtype)
-    if plan.engine == "transformers-fast":
-        from .engine_runtime import load_fast
-
-        return load_fast(plan, path, dtype)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -9,8 +9,6 @@ engine, where routed experts are computed by the CPU from host RAM.
 
 from __future__ import annotations
 
-import math
-
 from qwenhw.hardware.profile import GiB, HardwareProfile, Node
 from qwenhw.models import memory as mm
 from qwenhw.models.spec import ModelSpec
@@ -33,7 +31,6 @@ CPU_EFFICIENCY = CPU_TORCH_GEMV_EFFICIENCY  # transformers on the CPU: torch GEM
 EAGER_LAYER_OVERHEAD = 1.2e-3  # transformers generate(): Python + ~30 launches per layer
 GRAPH_LAYER_OVERHEAD = 180e-6  # CUDA graph replay of ~45 small kernels (measured: 99.5 tok/s at 48 layers)
 HYBRID_LAYER_OVERHEAD = 300e-6  # router sync, hidden-state copies, expert dispatch (measured, H100 host)
-CPU_EXPERT_OVERHEAD = 0.0  # folded into the efficiency below
 HYBRID_CPU_EFFICIENCY = CPU_TORCH_GEMV_EFFICIENCY  # the hybrid's CPU experts are torch GEMVs too
 ACCELERATE_COPY_EFFICIENCY = 0.12  # of the pinned host-to-device rate, for accelerate's pageable copies
 DEFAULT_CONTEXT = 8192
@@ -373,7 +370,7 @@ def _gpu_estimate(spec, node, gpu, concurrency, context, kv_dtype, gpu_w, cpu_w,
         cpu_bw = max(node.cpu.memory_bandwidth_gbs, 1) * 1e9 * HYBRID_CPU_EFFICIENCY
         t = (stream - expert_stream + kv_read) / gpu_bw + expert_stream * (1 - hit) / cpu_bw
         # per MoE layer: a host sync and two small copies, and a few CPU kernel launches per expert
-        t += spec.num_moe_layers * (HYBRID_LAYER_OVERHEAD + spec.moe.top_k * (1 - hit) * CPU_EXPERT_OVERHEAD)
+        t += spec.num_moe_layers * HYBRID_LAYER_OVERHEAD
         bound = "host RAM bandwidth (CPU experts)"
     else:
         frac_gpu, frac_cpu, frac_disk = gpu_w / total, cpu_w / total, disk_w / total
@@ -445,6 +442,3 @@ def _unfit(spec: ModelSpec, hw: HardwareProfile, req: Request, engine: str, why:
     return Plan(model=spec.name, backend="offload", engine=engine, fits=False, reasons=(why,),
                 context=req.context or 0, concurrency=req.concurrency, hardware=hw.name)
 
-
-def gib_round(x: float) -> float:
-    return math.ceil(x * 100) / 100

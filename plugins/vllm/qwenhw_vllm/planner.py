@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from qwenhw.hardware.profile import Accelerator, GiB, HardwareProfile
 from qwenhw.models import memory as mm
 from qwenhw.models.spec import ModelSpec
-from qwenhw.planning.layout import candidate_layouts, experts_touched, head_rules, roofline, shard, streamed_bytes
+from qwenhw.planning.layout import candidate_layouts, experts_touched, head_rules, roofline, shard
 from qwenhw.planning.plan import DeviceUse, Estimate, Offload, Parallel, Plan, Request
 from qwenhw.planning.precision import stored_dtype, with_weight_dtype
 
