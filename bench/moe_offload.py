@@ -239,16 +239,16 @@ def main() -> None:
     rt = Runtime(model, max_len=args.context, device=dev, graphs=True, moe_hook=hybrid)
     calib = torch.randint(0, 151936, (512,), generator=g).tolist()
     cache = plan_h.config["expert_cache_bytes"]
-    wide = max(2, min(8, torch.get_num_threads() // 2))
-    for label, cache_bytes, policy, workers in (("no cache", 0, "static", 1),
-                                                (f"no cache, {wide} expert threads", 0, "static", wide),
-                                                ("static expert cache", cache, "static", 1),
-                                                (f"static expert cache, {wide} expert threads", cache, "static", wide),
-                                                ("dynamic expert cache", cache, "dynamic", 1)):
+    info["cpu_kernel"] = cpu_kernel_speed(hybrid)
+    print(json.dumps({"cpu_kernel": info["cpu_kernel"]}), flush=True)
+    for label, cache_bytes, policy, kernel in (("no cache, torch GEMVs", 0, "static", "torch"),
+                                               ("no cache", 0, "static", "fused"),
+                                               ("static expert cache", cache, "static", "fused"),
+                                               ("dynamic expert cache", cache, "dynamic", "fused")):
         try:
             hybrid.resize_cache(cache_bytes)
             hybrid.policy = policy
-            hybrid.set_workers(workers)
+            hybrid.set_kernel(kernel)
             _empty()
             if cache_bytes:
                 hybrid.counts.zero_()
@@ -257,16 +257,21 @@ def main() -> None:
                 hybrid.place_cache()
             pred = hybrid_prediction(spec, hw, plan_h, cache_bytes)
             with Peak(nontorch) as peak, torch.inference_mode():
+                mem = [gpu_mem("start")]
                 rt.reset()
                 logits = rt.prefill(short[0].tolist())
                 err = rel_err(logits[0], ref)
                 hybrid.stats.update(cpu_experts=0, gpu_experts=0)
                 rate = decode_rate(rt, short[0].tolist(), args.tokens, args.repeats)
+                mem.append(gpu_mem("after decode"))
                 rt.reset()
                 pre, _ = timed(lambda: rt.prefill(long[0].tolist()))
+                mem.append(gpu_mem("after prefill"))
             hits = hybrid.stats["gpu_experts"] / max(1, hybrid.stats["gpu_experts"] + hybrid.stats["cpu_experts"])
             record(f"qwenhw hybrid, {label}, GPU cap {args.gpu_cap:.0f} GiB", rate, pre, peak, pred,
-                   err, f"cache {hybrid.slots} experts ({cache_bytes / GiB:.1f} GiB), hit rate {hits:.0%}")
+                   err, f"CPU experts: {hybrid.cpu_kernel}; cache {hybrid.slots} experts "
+                        f"({cache_bytes / GiB:.1f} GiB), hit rate {hits:.0%}; GPU GiB (allocated/reserved/peak "
+                        f"allocated) {'; '.join(mem)}")
         except Exception:
             traceback.print_exc()
             print(f'FAILED: hybrid {label}', flush=True)
@@ -313,6 +318,50 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "moe_offload.json").write_text(json.dumps({"info": info, "rows": rows}, indent=2))
     print_table(rows)
+
+
+def gpu_mem(label: str) -> str:
+    if not torch.cuda.is_available():
+        return f"{label} -"
+    return (f"{label} {torch.cuda.memory_allocated() / GiB:.2f}/{torch.cuda.memory_reserved() / GiB:.2f}/"
+            f"{torch.cuda.max_memory_allocated() / GiB:.2f}")
+
+
+def cpu_kernel_speed(hybrid, repeats: int = 48) -> dict:
+    """One layer's 8 random experts for one token, median over layers: the fused kernel against torch GEMVs.
+
+    Each repeat uses another layer, so the weights come from RAM, not from the CPU's caches."""
+    from qwenhw_offload import cpu_moe
+
+    layers = list(hybrid.cpu)
+    gu, dn = hybrid.cpu[layers[0]]
+    E, two_i, H = gu.shape
+    K = 8
+    moved = K * 3 * H * (two_i // 2) * gu.element_size()
+    x = torch.randn(1, H).to(gu.dtype)
+    w = torch.full((1, K), 1 / K).to(gu.dtype)
+    out = torch.empty(1, H, dtype=gu.dtype)
+
+    def median_s(fn):
+        times = []
+        for r in range(repeats):
+            i, idx = layers[r % len(layers)], torch.randperm(E)[:K][None]
+            t = time.perf_counter()
+            fn(i, idx)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times[2:])
+
+    result = {"bytes_per_layer": moved, "threads": torch.get_num_threads()}
+    runs = {"torch": lambda i, idx: hybrid._torch_experts(i, x, idx, w, out)}
+    if cpu_moe.load()[0] is not None:
+        half = max(1, torch.get_num_threads() // 2)
+        runs["fused"] = lambda i, idx: cpu_moe.moe_experts(*hybrid.cpu[i], x, idx, w, out)
+        runs[f"fused_{half}_threads"] = lambda i, idx: cpu_moe.moe_experts(*hybrid.cpu[i], x, idx, w, out,
+                                                                         threads=half)
+    for name, fn in runs.items():
+        s = median_s(fn)
+        result[name] = {"ms": s * 1e3, "GB_s": moved / s / 1e9}
+    return result
 
 
 def gpu_only_plan(spec, hw, context, cap):

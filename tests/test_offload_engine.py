@@ -122,7 +122,8 @@ def test_artifacts_load_in_deepspeed_and_accelerate(tiny_moe, tmp_path):
     ("hybrid-moe", {}),
     ("hybrid-moe", {"expert_cache_bytes": "half", "prefill_threshold": 4}),
     ("hybrid-moe", {"expert_cache_bytes": "half", "cache_policy": "dynamic"}),
-    ("hybrid-moe", {"cpu_expert_workers": 2}),
+    ("hybrid-moe", {"cpu_kernel": "torch"}),  # the fallback when no C compiler is there
+    ("hybrid-moe", {"cpu_kernel": "torch", "expert_cache_bytes": "half"}),
     ("transformers-fast", {"cuda_graphs": "emulate"}),  # the graph-replay code paths, eagerly on the CPU
     ("hybrid-moe", {"cuda_graphs": "emulate", "expert_cache_bytes": "half"}),
 ])
@@ -142,6 +143,7 @@ def test_lean_runtime_engines_match_transformers(tiny_moe, hf_reference, engine,
         if engine == "hybrid-moe":
             stats = eng.hybrid.stats
             assert stats["cpu_experts"] > 0
+            assert eng.hybrid.cpu_kernel.startswith(extra.get("cpu_kernel", "fused"))
             if extra.get("expert_cache_bytes"):
                 assert stats["gpu_experts"] > 0  # the cache path ran too
             if extra.get("prefill_threshold"):

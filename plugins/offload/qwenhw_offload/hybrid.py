@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import copy
 import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .runtime import rms_norm
+from . import cpu_moe
+from .runtime import _capture, rms_norm
 
 
 class OffloadedExperts(nn.Module):
@@ -37,7 +37,7 @@ class OffloadedExperts(nn.Module):
 
 class HybridMoE:
     def __init__(self, model: Any, device: str, cache_bytes: int = 0, prefill_threshold: int = 32,
-                 policy: str = "static", refresh: int = 64, cpu_workers: int = 1):
+                 policy: str = "static", refresh: int = 64, cpu_kernel: str = "fused"):
         self.model = model
         self.device = torch.device(device)
         self.layers = model.model.layers
@@ -62,19 +62,30 @@ class HybridMoE:
         self.num_experts = first[0].shape[0]
         self.expert_bytes = (first[0][0].numel() + first[1][0].numel()) * first[0].element_size()
         self.act = template.act_fn
-        # one GPU copy of a layer's experts for prefill, run by transformers' own experts implementation
-        self.stage = copy.copy(template)
-        self.stage._parameters = {}
-        self.stage.gate_up_proj = nn.Parameter(torch.empty_like(first[0], device=self.device), requires_grad=False)
-        self.stage.down_proj = nn.Parameter(torch.empty_like(first[1], device=self.device), requires_grad=False)
-        self.resize_cache(cache_bytes)
+        # one GPU copy of a layer's experts for prefill, and the expert cache, both run by transformers' own
+        # experts implementation (grouped_mm on the GPU captures into a graph)
+        self.stage = self._experts_module(template, torch.empty_like(first[0], device=self.device),
+                                          torch.empty_like(first[1], device=self.device))
+        self._template = template
+        self._host_bufs: dict = {}
+        self._graphs: dict = {}
+        self.set_kernel(cpu_kernel)
         self.counts = torch.zeros((len(self.layers), self.num_experts), dtype=torch.long)
+        # per layer: which experts the GPU cache holds (host mask for the CPU side, slot table for the GPU)
+        self.skip = torch.zeros((len(self.layers), self.num_experts), dtype=torch.uint8)
+        self.table = torch.full((len(self.layers), self.num_experts), -1, dtype=torch.long, device=self.device)
+        self.resize_cache(cache_bytes)
         self.steps = 0
         self.stats = {"cpu_experts": 0, "gpu_experts": 0, "streamed_layers": 0}
-        self._host_bufs: dict = {}
-        self.pool = None
-        self.cores = torch.get_num_threads()
-        self.set_workers(cpu_workers)
+
+    @staticmethod
+    def _experts_module(template: nn.Module, gate_up: torch.Tensor, down: torch.Tensor) -> nn.Module:
+        module = copy.copy(template)
+        module._parameters = {}
+        module.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
+        module.down_proj = nn.Parameter(down, requires_grad=False)
+        module.num_experts = gate_up.shape[0]
+        return module
 
     def _host(self, t: torch.Tensor, pin: bool) -> torch.Tensor:
         """A host-RAM copy of `t`, page-locked in place when a GPU is used.
@@ -92,35 +103,34 @@ class HybridMoE:
         self.registered.append(host.data_ptr())
         return host
 
-    def set_workers(self, workers: int) -> None:
-        """Compute a token's CPU experts on `workers` threads, each with a share of the cores (1 = inline)."""
-        if self.pool is not None:
-            self.pool.shutdown()
-        self.pool = None
-        if workers > 1:
-            self.pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads,
-                                           initargs=(max(1, self.cores // workers),))
+    def set_kernel(self, name: str) -> None:
+        """"fused": the C kernel (cpu_moe.c) where it builds; "torch": one torch GEMV per expert matrix."""
+        why = cpu_moe.usable(*next(iter(self.cpu.values()))) if name == "fused" else "asked for torch GEMVs"
+        self.fused = not why
+        self.cpu_kernel = "fused" if self.fused else f"torch ({why})"
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
         for ptr in self.registered:
             torch.cuda.cudart().cudaHostUnregister(ptr)
         self.registered.clear()
         self.cpu.clear()
+        self._graphs.clear()
 
     def resize_cache(self, cache_bytes: int) -> None:
         """(Re)allocate the GPU expert cache: as many whole experts as `cache_bytes` holds."""
         first = next(iter(self.cpu.values()))
         slots = min(int(cache_bytes // self.expert_bytes), self.num_experts * len(self.cpu))
-        self.cache_gu = self.cache_dn = None
-        self.cache_gu = torch.empty((slots, *first[0].shape[1:]), dtype=first[0].dtype, device=self.device)
-        self.cache_dn = torch.empty((slots, *first[1].shape[1:]), dtype=first[1].dtype, device=self.device)
+        self.cache = None
+        self._graphs.clear()
+        gate_up = torch.empty((slots, *first[0].shape[1:]), dtype=first[0].dtype, device=self.device)
+        down = torch.empty((slots, *first[1].shape[1:]), dtype=first[1].dtype, device=self.device)
+        self.cache = self._experts_module(self._template, gate_up, down)
         self.slot_of: dict[tuple[int, int], int] = {}
+        self._publish()
 
     @property
     def slots(self) -> int:
-        return self.cache_gu.shape[0]
+        return self.cache.gate_up_proj.shape[0]
 
     # --- cache placement ---------------------------------------------------------------------------------
     def place_cache(self, counts: torch.Tensor | None = None) -> None:
@@ -138,10 +148,19 @@ class HybridMoE:
                 continue
             slot = free.pop()
             i, e = pair
-            self.cache_gu[slot].copy_(self.cpu[i][0][e], non_blocking=True)
-            self.cache_dn[slot].copy_(self.cpu[i][1][e], non_blocking=True)
+            self.cache.gate_up_proj.data[slot].copy_(self.cpu[i][0][e], non_blocking=True)
+            self.cache.down_proj.data[slot].copy_(self.cpu[i][1][e], non_blocking=True)
             keep[pair] = slot
         self.slot_of = keep
+        self._publish()
+
+    def _publish(self) -> None:
+        """Write the placement into the mask and table, in place: captured graphs read them at replay."""
+        table = torch.full(tuple(self.table.shape), -1, dtype=torch.long)
+        for (i, e), slot in self.slot_of.items():
+            table[i, e] = slot
+        self.table.copy_(table)
+        self.skip.copy_(table >= 0)
 
     # --- the MoE block -----------------------------------------------------------------------------------
     def route(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -152,10 +171,12 @@ class HybridMoE:
         _, weights, idx = layer.mlp.gate(flat)
         return flat, weights, idx
 
-    def experts(self, i: int, flat: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def experts(self, i: int, flat: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
+                static: bool = False) -> torch.Tensor:
+        """`static`: the inputs are a captured graph's outputs, so the cache's GPU work may be a graph too."""
         if flat.shape[0] >= self.prefill_threshold:
             return self._streamed(i, flat, idx, weights)
-        return self._split(i, flat, idx, weights)
+        return self._split(i, flat, idx, weights, static)
 
     def __call__(self, i: int, h: torch.Tensor) -> torch.Tensor:
         return h + self.experts(i, *self.route(i, h)).view_as(h)
@@ -164,63 +185,96 @@ class HybridMoE:
         self.stats["streamed_layers"] += 1
         self.stage.gate_up_proj.data.copy_(self.cpu[i][0], non_blocking=True)
         self.stage.down_proj.data.copy_(self.cpu[i][1], non_blocking=True)
-        self._count(i, idx.cpu())
+        self.counts[i] += torch.bincount(idx.reshape(-1).cpu(), minlength=self.num_experts)
         return self.stage(flat, idx, weights)
 
-    def _to_host(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        """Copy to pinned host buffers asynchronously, then wait once (one sync per layer, not three)."""
+    def _buf(self, key: Any, like: torch.Tensor, pinned: bool) -> torch.Tensor:
+        buf = self._host_bufs.get((key, like.shape, like.dtype))
+        if buf is None:
+            buf = torch.empty(like.shape, dtype=like.dtype, pin_memory=pinned)
+            self._host_bufs[(key, like.shape, like.dtype)] = buf
+        return buf
+
+    def _to_host(self, *tensors: torch.Tensor) -> tuple[list[torch.Tensor], Any]:
+        """Start copies to pinned host buffers; returns them and an event that marks their completion."""
         if self.device.type != "cuda":
-            return list(tensors)
+            return list(tensors), None
         out = []
         for n, t in enumerate(tensors):
-            buf = self._host_bufs.get((n, t.shape, t.dtype))
-            if buf is None:
-                buf = self._host_bufs[(n, t.shape, t.dtype)] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            buf = self._buf(n, t, pinned=True)
             buf.copy_(t, non_blocking=True)
             out.append(buf)
-        torch.cuda.current_stream().synchronize()
+        done = torch.cuda.Event()
+        done.record()
+        return out, done
+
+    def _cached(self, i: int, flat: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+                static: bool) -> torch.Tensor:
+        """The GPU cache's share: experts not cached get weight 0 (their slot is a stand-in).
+
+        No host round trip: the slot table lives on the GPU, so in decode this is one graph per layer,
+        launched before the CPU starts and run while it works.
+        """
+        def run():
+            slot = self.table[i][idx]
+            return self.cache(flat, slot.clamp(min=0), weights * (slot >= 0))
+
+        if not (static and self.device.type == "cuda"):
+            return run()
+        key = (i, flat.data_ptr(), flat.shape[0])
+        if key not in self._graphs:
+            self._graphs[key] = _capture(run, self._pool())
+        graph, out = self._graphs[key]
+        graph.replay()
         return out
 
-    def _split(self, i: int, flat: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        idx_c, x_c, w_c = self._to_host(idx, flat, weights)
-        self._count(i, idx_c)
+    def _pool(self) -> Any:
+        if "pool" not in self._graphs:
+            self._graphs["pool"] = torch.cuda.graph_pool_handle()
+        return self._graphs["pool"]
+
+    def _split(self, i: int, flat: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+               static: bool = False) -> torch.Tensor:
+        (idx_c, x_c, w_c), copied = self._to_host(idx, flat, weights)
+        out_gpu = self._cached(i, flat, idx, weights, static) if self.slots else None
+        if copied is not None:
+            copied.synchronize()  # the inputs are on the host; the cache's graph may still be running
+        out_c = self._buf("out", x_c, pinned=self.device.type == "cuda")
+        if self.fused:
+            hits = cpu_moe.moe_experts(*self.cpu[i], x_c, idx_c, w_c, out_c, skip=self.skip[i],
+                                       counts=self.counts[i])
+        else:
+            hits = self._torch_experts(i, x_c, idx_c, w_c, out_c)
+        self.stats["gpu_experts"] += hits
+        self.stats["cpu_experts"] += idx_c.numel() - hits
+        self._maybe_refresh()
+        out = out_c.to(self.device, non_blocking=True) if self.device.type == "cuda" else out_c.clone()
+        return out if out_gpu is None else out + out_gpu
+
+    def _torch_experts(self, i: int, x_c: torch.Tensor, idx_c: torch.Tensor, w_c: torch.Tensor,
+                       out_c: torch.Tensor) -> int:
+        """The fallback: per-expert torch GEMVs, accumulated in ascending expert order as transformers does."""
+        self.counts[i] += torch.bincount(idx_c.reshape(-1), minlength=self.num_experts)
         gu_c, dn_c = self.cpu[i]
-        out_gpu = None
-        cpu_jobs = []  # (expert, tokens, k-slots)
-        # ascending expert order, accumulated in the model dtype, as transformers' eager experts do
+        out_c.zero_()
+        hits = 0
         for e in torch.unique(idx_c).tolist():
             tokens, ks = torch.where(idx_c == e)
-            slot = self.slot_of.get((i, e))
-            if slot is None:
-                cpu_jobs.append((e, tokens, ks))
+            if self.skip[i, e]:
+                hits += len(tokens)
                 continue
-            self.stats["gpu_experts"] += 1  # launched now: runs on the GPU while the CPU works below
-            t_gpu, k_gpu = tokens.to(self.device, non_blocking=True), ks.to(self.device, non_blocking=True)
-            y = self._expert(flat[t_gpu], self.cache_gu[slot], self.cache_dn[slot]) * weights[t_gpu, k_gpu, None]
-            out_gpu = torch.zeros_like(flat).index_add_(0, t_gpu, y) if out_gpu is None else out_gpu.index_add_(0, t_gpu, y)
-        self._maybe_refresh()
-        if not cpu_jobs:
-            return out_gpu if out_gpu is not None else torch.zeros_like(flat)
-        self.stats["cpu_experts"] += len(cpu_jobs)
-        work = [lambda e=e, t=t: self._expert(x_c[t], gu_c[e], dn_c[e]) for e, t, _ in cpu_jobs]
-        ys = list(self.pool.map(lambda f: f(), work)) if self.pool else [f() for f in work]
-        out_cpu = torch.zeros_like(x_c)
-        for (e, tokens, ks), y in zip(cpu_jobs, ys):
-            out_cpu.index_add_(0, tokens, y * w_c[tokens, ks, None])
-        out = out_cpu.to(self.device, non_blocking=self.device.type == "cuda")
-        return out if out_gpu is None else out_gpu + out
+            y = self._expert(x_c[tokens], gu_c[e], dn_c[e])
+            out_c.index_add_(0, tokens, y * w_c[tokens, ks, None])
+        return hits
 
     def _expert(self, x: torch.Tensor, gu: torch.Tensor, dn: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1 and not x.is_cuda:
-            # one token on the CPU: matrix-vector products stream the weights ~1.4x faster than
-            # F.linear, which hands oneDNN a weight layout it reorders on every call
+        if x.shape[0] == 1:
+            # one token: matrix-vector products stream the weights ~1.4x faster than F.linear, which
+            # hands oneDNN a weight layout it reorders on every call
             gate, up = torch.mv(gu, x[0]).chunk(2)
             return torch.mv(dn, self.act(gate) * up)[None]
         gate, up = F.linear(x, gu).chunk(2, dim=-1)
         return F.linear(self.act(gate) * up, dn)
-
-    def _count(self, i: int, idx_c: torch.Tensor) -> None:
-        self.counts[i] += torch.bincount(idx_c.reshape(-1), minlength=self.num_experts)
 
     def _maybe_refresh(self) -> None:
         if self.policy != "dynamic":
@@ -251,7 +305,7 @@ def build_hybrid(model: Any, tokenizer: Any, plan: Any):
     hybrid = HybridMoE(model, device, cache_bytes=int(plan.config.get("expert_cache_bytes", 0)),
                        prefill_threshold=int(plan.config.get("prefill_threshold", 32)),
                        policy=plan.config.get("cache_policy", "static"),
-                       cpu_workers=int(plan.config.get("cpu_expert_workers", 1)))
+                       cpu_kernel=plan.config.get("cpu_kernel", "fused"))
     model.to(device)
     runtime = Runtime(model, max_len=int(plan.context or 4096), device=device,
                       graphs=plan.config.get("cuda_graphs", True), moe_hook=hybrid,

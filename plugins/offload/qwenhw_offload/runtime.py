@@ -40,7 +40,8 @@ class Runtime:
 
     `moe_hook`, when given, replaces each MoE block: `moe_hook(i, h) -> h` eagerly, or in graph mode
     `moe_hook.route(i, h) -> (x, weights, idx)` inside layer i's graph and `moe_hook.experts(i, x, weights,
-    idx) -> out` between graphs (the hybrid engine computes experts on the CPU there).
+    idx, static=True) -> out` between graphs (the hybrid engine computes experts on the CPU there; `static`
+    says the inputs are the graph's fixed output buffers).
     """
 
     def __init__(self, model: Any, max_len: int, device: str | torch.device, graphs: bool = True,
@@ -209,7 +210,7 @@ class Runtime:
             graph.replay()
             h = outs[0]
             if len(outs) > 1:  # attention and routing ran in the graph; the experts run here
-                h = h + self.moe_hook.experts(i, *outs[1:]).view_as(h)
+                h = h + self.moe_hook.experts(i, *outs[1:], static=True).view_as(h)
             nxt = g_layers[i + 1][2] if i + 1 < len(g_layers) else self._head_in
             nxt.copy_(h)
         g_head.replay()

@@ -1,0 +1,136 @@
+"""The CPU experts kernel (cpu_moe.c): built once per machine with the system C compiler, called via ctypes.
+
+Built with `-march=native`, so it uses AVX512-BF16 dot products where the CPU has them and plain vectorised
+fp32 arithmetic elsewhere. It is optional: without a compiler (or with QWENHW_CPU_KERNEL=0) the hybrid
+engine falls back to torch GEMVs and says why in its stats. The shared object binds to the OpenMP runtime
+torch already loaded (same soname), so there is one thread team in the process, not two.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_moe.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+MAX_TOKENS = 256
+
+_loaded: tuple[ctypes.CDLL | None, str] | None = None
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("QWENHW_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                                                          os.path.expanduser("~/.cache"), "qwenhw")
+    return Path(root) / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, text=True,
+                       timeout=120)
+        os.replace(tmp, target)  # atomic: concurrent builders (ranks, tests) never see half a file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load() -> tuple[ctypes.CDLL | None, str]:
+    """(library, "") or (None, why not). Cached per process; the build is cached per machine."""
+    global _loaded
+    if _loaded is not None:
+        return _loaded
+    if os.environ.get("QWENHW_CPU_KERNEL", "1") == "0":
+        _loaded = (None, "disabled by QWENHW_CPU_KERNEL=0")
+        return _loaded
+    prebuilt = os.environ.get("QWENHW_CPU_KERNEL_LIB")  # a build made elsewhere, for hosts without a compiler
+    if prebuilt:
+        return _open(Path(prebuilt))
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        _loaded = (None, "no C compiler (cc/gcc) on PATH; install gcc for the fused CPU experts kernel")
+        return _loaded
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS, _cpu_flags()]).encode()).hexdigest()
+    target = cache_dir() / f"cpu_moe-{key[:16]}.so"
+    try:
+        if not target.exists():
+            _build(compiler, target)
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", "") or str(exc)
+        _loaded = (None, f"building the CPU experts kernel failed: {detail.strip()[:300]}")
+        return _loaded
+    return _open(target)
+
+
+def _open(path: Path) -> tuple[ctypes.CDLL | None, str]:
+    global _loaded
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        _loaded = (None, f"loading the CPU experts kernel {path} failed: {exc}")
+        return _loaded
+    fn = lib.qwenhw_moe_experts
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    _loaded = (lib, "")
+    return _loaded
+
+
+def usable(gate_up: torch.Tensor, down: torch.Tensor) -> str:
+    """Why the kernel cannot run these expert weights ("" when it can)."""
+    lib, why = load()
+    if lib is None:
+        return why
+    if gate_up.dtype != torch.bfloat16 or down.dtype != torch.bfloat16:
+        return f"the kernel runs bf16 experts, these are {gate_up.dtype}"
+    if not (gate_up.is_contiguous() and down.is_contiguous()) or gate_up.device.type != "cpu":
+        return "expert weights must be contiguous host tensors"
+    return ""
+
+
+def moe_experts(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, idx: torch.Tensor,
+                weights: torch.Tensor, out: torch.Tensor, skip: torch.Tensor | None = None,
+                counts: torch.Tensor | None = None, threads: int | None = None) -> int:
+    """out[t] = sum_k weights[t, k] * expert_{idx[t, k]}(x[t]) over experts not marked in `skip`.
+
+    gate_up [E, 2I, H], down [E, H, I], x [T, H], weights [T, K] (bf16); idx [T, K] int64; out [T, H] bf16;
+    skip [E] uint8; counts [E] int64, incremented per routed token. Returns the number of skipped pairs.
+    """
+    lib, why = load()
+    if lib is None:
+        raise RuntimeError(why)
+    E, two_i, H = gate_up.shape
+    T, K = idx.shape
+    if T > MAX_TOKENS:
+        raise ValueError(f"the CPU experts kernel takes up to {MAX_TOKENS} tokens a call, got {T}")
+    x, idx = x.contiguous(), idx.contiguous().to(torch.int64)
+    weights = weights.contiguous().to(torch.bfloat16)
+    rc = lib.qwenhw_moe_experts(gate_up.data_ptr(), down.data_ptr(), E, H, two_i // 2, x.data_ptr(), T,
+                                idx.data_ptr(), weights.data_ptr(), K,
+                                None if skip is None else skip.data_ptr(),
+                                None if counts is None else counts.data_ptr(), out.data_ptr(),
+                                int(threads or torch.get_num_threads()))
+    if rc < 0:
+        raise ValueError(f"CPU experts kernel: expert index out of range 0..{E - 1}" if rc == -1
+                         else f"CPU experts kernel failed ({rc})")
+    return rc
