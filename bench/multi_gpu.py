@@ -5,8 +5,9 @@
 Side by side, batch 1 and batch 16 greedy decode:
   1. one GPU: qwenhw's fast path (the single-GPU best);
   2. accelerate's layer split over all GPUs (HF generate; the naive baseline);
-  3. qwenhw's multi-GPU layout: tensor-parallel attention + expert-parallel MoE, one process per GPU,
-     NCCL all-reduces, CUDA graphs per decode step;
+  3. qwenhw's multi-GPU layouts: tensor-parallel attention + expert-parallel MoE, one process per GPU,
+     NCCL all-reduces, CUDA graphs per decode step; data-parallel replicas (a whole model per GPU, or
+     TP=2 pairs on 4 GPUs), each decoding its share of the batch;
 with per-GPU peak memory next to the planner's prediction and logits against the single-GPU run.
 Throughput is tokens per second over all sequences; latency is per sequence (batch 1).
 """
@@ -35,8 +36,9 @@ def log(*a):
     print(*a, flush=True)
 
 
-def decode_rate(rt, batch: int, tokens: int, repeats: int, prompt_len: int = 32) -> float:
-    """Median tokens/s over all sequences of greedy decoding, after one untimed run (graph capture)."""
+def decode_rate(rt, batch: int, tokens: int, repeats: int, prompt_len: int = 32, barrier=None) -> float:
+    """Median tokens/s over all sequences of greedy decoding, after one untimed run (graph capture).
+    `barrier`: start every timed run together with the other replicas (data parallel)."""
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, 151936, (batch, prompt_len), generator=g).tolist()
     rates = []
@@ -44,6 +46,8 @@ def decode_rate(rt, batch: int, tokens: int, repeats: int, prompt_len: int = 32)
         rt.reset()
         tok = rt.prefill(prompts).argmax(-1)
         torch.cuda.synchronize()
+        if barrier is not None:
+            barrier()
         t = time.perf_counter()
         for _ in range(tokens):
             tok = rt.decode(tok).argmax(-1)
@@ -51,6 +55,26 @@ def decode_rate(rt, batch: int, tokens: int, repeats: int, prompt_len: int = 32)
         if r:
             rates.append(batch * tokens / (time.perf_counter() - t))
     return statistics.median(rates)
+
+
+def kernel_census(model, context: int) -> dict:
+    """CUDA kernels one eager batch-1 decode step launches (a graph replays the same ones), by name."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from qwenhw_offload.runtime import Runtime
+
+    rt = Runtime(model, max_len=context, device="cuda:0", graphs=False, decode_experts="grouped_mm")
+    with torch.inference_mode():
+        tok = rt.prefill(list(range(100, 132))).argmax(-1)
+        rt.decode(tok)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            rt.decode(tok)
+            torch.cuda.synchronize()
+    names = Counter(e.name for e in prof.events() if e.device_type.name == "CUDA")
+    return {"kernels_per_step": sum(names.values()), "top": names.most_common(25)}
 
 
 def peak_gib(device: int, nontorch: float) -> float:
@@ -101,6 +125,11 @@ def main() -> None:
             del rt
             gc.collect()
             torch.cuda.empty_cache()
+        try:
+            census = kernel_census(model, args.context)
+            log(json.dumps({"kernel_census": census}))
+        except Exception as exc:
+            census = {"error": f"{type(exc).__name__}: {exc}"}
         if world > 1:
             from accelerate import dispatch_model
             from accelerate.hooks import remove_hook_from_module
@@ -168,6 +197,44 @@ def main() -> None:
             gc.collect()
             torch.cuda.empty_cache()
 
+    # --- qwenhw data parallel: world // tp replicas of tp GPUs, each decoding batch // replicas -------------
+    tps = [1] + ([2] if world >= 4 else [])
+    for tp in tps if world > 1 else []:
+        replicas = world // tp
+        group = None
+        if tp > 1:
+            groups = [dist.new_group(list(range(r * tp, (r + 1) * tp))) for r in range(replicas)]
+            group = groups[rank // tp]
+        model = build(args.layers, f"cuda:{rank}")
+        if tp > 1:
+            shard(model, rank % tp, tp)
+        gc.collect()
+        torch.cuda.empty_cache()
+        for b in batches:
+            if b < replicas:
+                continue  # fewer sequences than replicas: the planner keeps the smaller layout
+            torch.cuda.reset_peak_memory_stats(rank)
+            rt = Runtime(model, max_len=args.context, device=f"cuda:{rank}", graphs=True,
+                         decode_experts="grouped_mm", batch=b // replicas, group=group)
+            with torch.inference_mode():
+                rate = decode_rate(rt, b // replicas, args.tokens, args.repeats, barrier=dist.barrier)
+            stats = torch.tensor([rate if rank % tp == 0 else 0.0, peak_gib(rank, nontorch)], device="cuda")
+            every = [torch.zeros_like(stats) for _ in range(world)]
+            dist.all_gather(every, stats)
+            if rank == 0:
+                label = (f"qwenhw DP={replicas} (whole model per GPU)" if tp == 1
+                         else f"qwenhw DP={replicas} x (TP={tp} attention + EP={tp} experts)")
+                rows.append({"config": label, "batch": b, "tok_s": float(sum(e[0] for e in every)),
+                             "gpu_gib": [float(e[1]) for e in every], "tp": tp, "n": world})
+                log(json.dumps(rows[-1]))
+            del rt
+            gc.collect()
+            torch.cuda.empty_cache()
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+        dist.barrier()
+
     if rank == 0:
         import qwenhw
         import qwenhw.plugins
@@ -178,11 +245,19 @@ def main() -> None:
         hw = qwenhw.detect()
         plan_notes = []
         try:
+            from qwenhw.api import make_request
+            from qwenhw_offload import planner
+
             spec = qwenhw.models.get("Qwen3-30B-A3B").with_(num_layers=args.layers)
             for r in rows:
-                plan = qwenhw.plan(spec, hw, backend="offload", context=args.context, concurrency=r["batch"],
-                                   engine="transformers-tp" if r["config"].startswith("qwenhw TP") else None)
-                if r["config"].startswith("qwenhw TP") or r["config"].startswith("1 GPU"):
+                req = make_request(context=args.context, concurrency=r["batch"])
+                if r["config"].startswith("1 GPU"):
+                    plan = planner.gpu_plan(spec, hw, req, "auto", args.context, "bf16", hybrid=False)
+                elif r["config"].startswith("qwenhw"):
+                    plan = planner.parallel_plan(spec, hw, req, "auto", args.context, "bf16", world, r.get("tp", world))
+                else:
+                    plan = None
+                if plan is not None:
                     r["pred_gpu_gib"] = plan.devices[0].total_gib
                     r["pred_tok_s"] = plan.estimate.throughput_tok_s
                 chosen = qwenhw.plan(spec, hw, backend="offload", context=args.context, concurrency=r["batch"])
@@ -191,8 +266,8 @@ def main() -> None:
         except Exception as exc:
             plan_notes = [f"planner: {type(exc).__name__}: {exc}"]
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / f"multi_gpu_{world}.json").write_text(json.dumps({"rows": rows, "plan": plan_notes},
-                                                                          indent=2))
+        (Path(args.out) / f"multi_gpu_{world}.json").write_text(json.dumps({"rows": rows, "plan": plan_notes,
+                                                                           "kernel_census": census}, indent=2))
         base = {r["batch"]: r["tok_s"] for r in rows if r["config"].startswith("1 GPU")}
         log(f"{'configuration':<52} {'batch':>5} {'tok/s':>8} {'vs 1 GPU':>8}  per-GPU peak GiB")
         for r in rows:

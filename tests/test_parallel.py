@@ -81,3 +81,22 @@ def test_load_starts_a_rank_job_and_matches_one_process(tiny_moe):
     with qwenhw.load(single_plan.replace(config={**single_plan.config, "dtype": "fp32"})) as engine:
         one = engine.generate("The capital of France is", max_tokens=6, temperature=0)[0]
     assert ranks.token_ids == one.token_ids and chat.completion_tokens == 4
+
+
+def test_data_parallel_replicas_split_a_batch_and_match_one_process(tiny_moe):
+    """A transformers-dp plan: 2 replicas (one per GPU of the profile; here 2 CPU ranks over gloo) each
+    decode their share of a batch of prompts; rank 0 answers with all of them, in order."""
+    import qwenhw
+
+    plan = qwenhw.plan(str(tiny_moe), hardware="2xH100-80G", backend="offload", engine="transformers-dp",
+                       context=128, concurrency=4)
+    assert plan.engine == "transformers-dp" and plan.parallel.dp == 2 and plan.parallel.tp == 1
+    prompts = ["The capital of France is", "1, 2, 3,", "Hello", "def add(a, b):", "Qwen is"]
+    with qwenhw.load(plan.replace(config={**plan.config, "dtype": "fp32", "threads": 1})) as engine:
+        split = engine.generate(prompts, max_tokens=5, temperature=0)
+        streamed = "".join(engine.stream(prompts[0], max_tokens=5, temperature=0))
+    single_plan = qwenhw.plan(str(tiny_moe), backend="offload", engine="transformers-fast", context=128)
+    with qwenhw.load(single_plan.replace(config={**single_plan.config, "dtype": "fp32"})) as engine:
+        one = engine.generate(prompts, max_tokens=5, temperature=0)
+    assert [c.token_ids for c in split] == [c.token_ids for c in one]
+    assert streamed == one[0].text

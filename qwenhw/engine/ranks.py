@@ -102,3 +102,44 @@ def serve_ranks(plugin_module: Any, plugin_name: str, backend: str, dist_backend
         serve(_Broadcast(rank, control), channel)
     finally:
         dist.destroy_process_group()
+
+
+class Replicas(Engine):
+    """One rank's view of a data-parallel rank job: replica r of R decodes prompts r, r+R, r+2R, ...
+
+    Every rank sees every request (see _Broadcast). A batch is split over the replicas and the lead rank of
+    each (its first; the others of a tensor-parallel replica hold the same result) contributes its share to
+    an all-gather over `group`, so rank 0 answers with all of them, in order. A stream is one sequence:
+    replica 0 decodes it while the others wait for the next request.
+    """
+
+    def __init__(self, inner: Engine, replica: int, replicas: int, lead: bool, group: Any):
+        super().__init__(inner.plan)
+        self.inner, self.replica, self.replicas, self.lead, self.group = inner, replica, replicas, lead, group
+
+    def _complete(self, prompts: list[str], sampling: Any) -> list[Any]:
+        import torch.distributed as dist
+
+        mine = list(range(self.replica, len(prompts), self.replicas))
+        done = self.inner._complete([prompts[i] for i in mine], sampling) if mine else []
+        parts: list[Any] = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(parts, (mine, done) if self.lead else ([], []), group=self.group)
+        out: list[Any] = [None] * len(prompts)
+        for indices, completions in parts:
+            for i, c in zip(indices, completions):
+                out[i] = c
+        return out
+
+    def _stream(self, prompt: str, sampling: Any) -> Iterator[str]:
+        if self.replica == 0:
+            yield from self.inner._stream(prompt, sampling)
+
+    def render_chat(self, messages: list[dict], enable_thinking: bool | None) -> str:
+        return self.inner.render_chat(messages, enable_thinking)
+
+    def count_tokens(self, text: str) -> int:
+        return self.inner.count_tokens(text)
+
+    def close(self) -> None:
+        self.inner.close()
+        super().close()

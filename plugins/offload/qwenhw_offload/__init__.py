@@ -36,7 +36,9 @@ class OffloadBackend(qwenhw.Backend):
         return artifacts(plan)
 
     def load(self, plan) -> qwenhw.Engine:
-        if plan.engine == "transformers-tp":  # one process per GPU: a torchrun job qwenhw starts and drives
+        from .engines import RANK_ENGINES
+
+        if plan.engine in RANK_ENGINES:  # one process per GPU: a torchrun job qwenhw starts and drives
             import sys
             from pathlib import Path
 

@@ -12,6 +12,7 @@ from qwenhw.engine.preflight import check_budgets, checkpoint_dir
 from qwenhw.engine.progress import prefetch
 
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+RANK_ENGINES = ("transformers-tp", "transformers-dp")  # one process per GPU, in a torchrun job
 
 
 def load(plan: Any) -> HFEngine:
@@ -24,7 +25,7 @@ def load(plan: Any) -> HFEngine:
     prefetch(path)
     if plan.engine == "deepspeed-zero3":
         return _load_zero3(plan, path)
-    if plan.engine == "transformers-tp":
+    if plan.engine in RANK_ENGINES:
         return _load_rank(plan, path)
     dtype = getattr(torch, TORCH_DTYPES[plan.config["dtype"]])
     if plan.engine == "hybrid-moe":
@@ -39,26 +40,45 @@ def load(plan: Any) -> HFEngine:
 
 
 def _load_rank(plan: Any, path: str) -> HFEngine:
-    """This rank's shard of a transformers-tp plan, inside the torchrun job (qwenhw.engine.ranks)."""
+    """This rank's part of a transformers-tp / -dp plan, inside the torchrun job (qwenhw.engine.ranks).
+
+    Ranks [r*tp, (r+1)*tp) form replica r: with tp > 1 each holds its tensor/expert-parallel shard and
+    all-reduces within the replica; replicas split each batch of prompts (qwenhw.engine.ranks.Replicas).
+    """
+    from datetime import timedelta
+
     import torch
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qwenhw.engine.ranks import Replicas
 
     from .engine_runtime import RuntimeEngine
     from .parallel import shard
     from .runtime import Runtime
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    tp = int(plan.config.get("tp", world))
+    replicas = world // tp
     device = f"cuda:{rank}" if torch.cuda.is_available() else "cpu"
     if device != "cpu":
         torch.cuda.set_device(rank)
+    group = dist.group.WORLD
+    if replicas > 1 and tp > 1:  # every rank creates every group, in the same order (a collective call)
+        groups = [dist.new_group(list(range(r * tp, (r + 1) * tp))) for r in range(replicas)]
+        group = groups[rank // tp]
     dtype = getattr(torch, TORCH_DTYPES[plan.config["dtype"]])
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device}).eval()
-    shard(model, rank, world)
+    if tp > 1:
+        shard(model, rank % tp, tp)
     runtime = Runtime(model, max_len=int(plan.context or 4096), device=device,
                       graphs=plan.config.get("cuda_graphs", True), decode_experts=plan.config.get("decode_experts"),
-                      group=dist.group.WORLD)
-    return RuntimeEngine(model, AutoTokenizer.from_pretrained(path), runtime, plan=plan)
+                      group=group if tp > 1 else None)
+    engine = RuntimeEngine(model, AutoTokenizer.from_pretrained(path), runtime, plan=plan)
+    if replicas == 1:
+        return engine
+    gather = dist.new_group(backend="gloo", timeout=timedelta(days=7))  # replicas wait here for the slowest
+    return Replicas(engine, rank // tp, replicas, lead=rank % tp == 0, group=gather)
 
 
 def device_map(plan: Any) -> dict[str, Any]:

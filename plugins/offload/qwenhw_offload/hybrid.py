@@ -63,10 +63,9 @@ class HybridMoE:
         self.expert_bytes = (first[0][0].numel() + first[1][0].numel()) * first[0].element_size()
         self.act = template.act_fn
         # one GPU copy of a layer's experts for prefill, and the expert cache, both run by transformers' own
-        # experts implementation (grouped_mm on the GPU captures into a graph)
+        # experts implementation (the stage and cache hold no reference to the checkpoint's GPU weights)
         self.stage = self._experts_module(template, torch.empty_like(first[0], device=self.device),
                                           torch.empty_like(first[1], device=self.device))
-        self._template = template
         self._host_bufs: dict = {}
         self._graphs: dict = {}
         self.set_kernel(cpu_kernel)
@@ -79,9 +78,13 @@ class HybridMoE:
         self.stats = {"cpu_experts": 0, "gpu_experts": 0, "streamed_layers": 0}
 
     @staticmethod
-    def _experts_module(template: nn.Module, gate_up: torch.Tensor, down: torch.Tensor) -> nn.Module:
+    def _experts_module(template: nn.Module, gate_up: torch.Tensor, down: torch.Tensor,
+                        implementation: str | None = None) -> nn.Module:
         module = copy.copy(template)
         module._parameters = {}
+        if implementation:  # its own config: the model's setting stays as it is
+            module.config = copy.copy(template.config)
+            module.config._experts_implementation = implementation
         module.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
         module.down_proj = nn.Parameter(down, requires_grad=False)
         module.num_experts = gate_up.shape[0]
@@ -124,7 +127,9 @@ class HybridMoE:
         self._graphs.clear()
         gate_up = torch.empty((slots, *first[0].shape[1:]), dtype=first[0].dtype, device=self.device)
         down = torch.empty((slots, *first[1].shape[1:]), dtype=first[1].dtype, device=self.device)
-        self.cache = self._experts_module(self._template, gate_up, down)
+        # batched_mm: it gathers the T*k selected slots, capturable and fine at decode sizes; grouped_mm
+        # takes at most 1024 groups, and a cache holds thousands of experts
+        self.cache = self._experts_module(self.stage, gate_up, down, implementation="batched_mm")
         self.slot_of: dict[tuple[int, int], int] = {}
         self._publish()
 

@@ -30,8 +30,11 @@ CPU_EFFICIENCY = CPU_TORCH_GEMV_EFFICIENCY  # transformers on the CPU: torch GEM
 # Per-layer fixed costs of a decode step, measured on an H100 host (docs/benchmarks.md)
 EAGER_LAYER_OVERHEAD = 1.2e-3  # transformers generate(): Python + ~30 launches per layer
 GRAPH_LAYER_OVERHEAD = 180e-6  # CUDA graph replay of ~45 small kernels (measured: 99.5 tok/s at 48 layers)
-HYBRID_LAYER_OVERHEAD = 300e-6  # router sync, hidden-state copies, expert dispatch (measured, H100 host)
-HYBRID_CPU_EFFICIENCY = CPU_TORCH_GEMV_EFFICIENCY  # the hybrid's CPU experts are torch GEMVs too
+# the hybrid's CPU experts run the fused kernel (cpu_moe.c): one layer's 8 experts (75 MB) stream at ~80 GB/s
+# on the 16-core H100 host whose profile estimates 128 GB/s; a token also pays ~270 µs per MoE layer for the
+# layer's attention graph, the router sync and the hidden-state copies (docs/benchmarks.md, 2026-11-28)
+HYBRID_LAYER_OVERHEAD = 270e-6
+HYBRID_CPU_EFFICIENCY = 0.62
 ACCELERATE_COPY_EFFICIENCY = 0.12  # of the pinned host-to-device rate, for accelerate's pageable copies
 DEFAULT_CONTEXT = 8192
 FAST_ARCHITECTURES = ("qwen3", "qwen3_moe", "qwen2")
@@ -97,7 +100,10 @@ def plans(spec: ModelSpec, hw: HardwareProfile, req: Request) -> list[Plan]:
             out.append(gpu_plan(spec, hw, req, req_dtype or "auto", context, kv_dtype, hybrid=True))
         n = 2
         while n <= len(gpus) and spec.architecture in FAST_ARCHITECTURES:
-            out.append(parallel_plan(spec, hw, req, req_dtype or "auto", context, kv_dtype, n))
+            tp = 1
+            while tp <= n:  # n // tp replicas of tp GPUs: pure DP (tp=1) ... pure TP+EP (tp=n)
+                out.append(parallel_plan(spec, hw, req, req_dtype or "auto", context, kv_dtype, n, tp))
+                tp *= 2
             n *= 2
     elif req.engine in ("transformers-fast", "hybrid-moe") and spec.architecture in FAST_ARCHITECTURES + ("qwen3_moe",):
         # no GPU: the lean runtime runs on the CPU too (this is how CI checks it token for token)
@@ -245,7 +251,8 @@ def gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, con
         reasons.append(
             f"MoE hybrid: attention, norms, router and embeddings on {dev} ({gpu_w / GiB:.1f} GiB); all routed "
             f"experts in host RAM ({cpu_w / GiB:.1f} GiB), only the top-{served.moe.top_k} of each token computed "
-            f"by {node.cpu.physical_cores} CPU cores; {cache / GiB:.1f} GiB of GPU memory caches the most-used "
+            f"by {node.cpu.physical_cores} CPU cores (qwenhw's fused bf16 kernel, built with the system C compiler "
+            f"at load; without one, torch GEMVs run ~4x slower); {cache / GiB:.1f} GiB of GPU memory caches the most-used "
             f"experts ({cache / max(wb.experts, 1):.0%} of them)")
     elif cpu_w or disk_w:
         what = "routed experts first" if spec.is_moe else "whole layers"
@@ -298,14 +305,18 @@ def split_rule(spec: ModelSpec, n: int) -> str | None:
 
 
 def parallel_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, context: int, kv_dtype: str,
-                  n: int) -> Plan:
-    """Tensor-parallel attention + expert-parallel MoE over `n` GPUs of one node, one process per GPU.
+                  n: int, tp: int | None = None) -> Plan:
+    """`n` GPUs of one node, one process per GPU, as `n // tp` data-parallel replicas of `tp` GPUs each.
 
-    Every rank holds 1/n of attention and whole experts [r*E/n, (r+1)*E/n); embeddings, norms and router
-    are replicated. Two all-reduces per layer (attention output, MoE output) cross the GPU links.
+    Inside a replica of tp > 1, attention is tensor-parallel and the MoE expert-parallel: every rank holds
+    1/tp of attention and whole experts [r*E/tp, (r+1)*E/tp); embeddings, norms and router are replicated;
+    two all-reduces per layer cross the GPU links. Replicas share nothing: each decodes its share of the
+    sequences (one replica per GPU needs the whole model to fit one GPU).
     """
     from qwenhw.planning.layout import link_between
 
+    tp = n if tp is None else tp
+    dp = n // tp
     node = hw.node
     gpu = node.gpus("nvidia")[0] if node.gpus("nvidia") else node.gpus()[0]
     served = with_weight_dtype(spec, dtype)
@@ -313,48 +324,61 @@ def parallel_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str
         served = with_weight_dtype(spec, "bf16")
     wb = mm.weight_bytes_split(served)
     cap = gpu.memory_bytes * GPU_UTILISATION if req.gpu_memory_gib is None else req.gpu_memory_gib * GiB
-    kv_share = max(1, spec.num_kv_heads // n) / spec.num_kv_heads
-    kv = kv_bytes(served, context, req.concurrency, kv_dtype) * kv_share
-    act = activation_bytes(served, context, req.concurrency)
-    weights = wb.embeddings + (wb.non_expert + wb.experts) / n
-    overhead = act + CUDA_CONTEXT + NCCL_BUFFERS
-    why = split_rule(spec, n)
+    batch = req.concurrency
+    per_replica = -(-batch // dp)  # sequences one replica decodes at a time
+    kv_share = max(1, spec.num_kv_heads // tp) / spec.num_kv_heads
+    kv = kv_bytes(served, context, per_replica, kv_dtype) * kv_share
+    act = activation_bytes(served, context, per_replica)
+    weights = wb.embeddings + (wb.non_expert + wb.experts) / tp
+    overhead = act + CUDA_CONTEXT + (NCCL_BUFFERS if tp > 1 else 0.0)
+    why = split_rule(spec, tp) if tp > 1 else None
     fits = why is None and weights + kv + overhead <= cap
-    ep = n if spec.is_moe else 1
+    ep = tp if spec.is_moe else 1
     reasons = [why] if why else []
     if not why and not fits:
         reasons.append(f"{(weights + kv + overhead) / GiB:.1f} GiB per GPU exceed the {cap / GiB:.1f} GiB budget")
-    bw, latency = link_between(node, n)
-    if fits:
+    bw, latency = link_between(node, tp)
+    if fits and tp > 1:
         reasons.append(
-            f"{n} GPUs, one process each: attention split by heads ({spec.num_heads // n} per GPU), "
-            + (f"experts by expert parallelism ({spec.moe.num_experts // n} whole experts per GPU), " if spec.moe
+            (f"{dp} replicas of {tp} GPUs, each decoding {per_replica} of the {batch} sequences; in a replica, "
+             if dp > 1 else f"{n} GPUs, one process each: ")
+            + f"attention split by heads ({spec.num_heads // tp} per GPU), "
+            + (f"experts by expert parallelism ({spec.moe.num_experts // tp} whole experts per GPU), " if spec.moe
                else "MLPs split by columns/rows, ")
             + f"2 all-reduces per layer over {node.link(0, 1).kind if node.link(0, 1) else 'PCIe'} "
               f"({bw:.0f} GB/s); embeddings and router replicated")
-    # per step: each GPU streams its share; graph replay and the all-reduces do not shrink with n
-    batch = req.concurrency
-    stream = _stream_bytes(served, batch)
-    head = wb.embeddings if spec.tie_embeddings else wb.embeddings / 2
-    per_gpu = (stream - head) / n + head
-    kv_read = batch * context / 2 * mm.kv_bytes_per_token(served, kv_dtype) * kv_share
-    gpu_bw = gpu.bandwidth_gbs * 1e9 * 0.75
-    t = (per_gpu + kv_read) / gpu_bw + spec.num_layers * GRAPH_LAYER_OVERHEAD
-    msg = batch * spec.hidden_size * 2
-    t += 2 * spec.num_layers * (latency + 2 * msg * (n - 1) / n / (bw * 1e9))
+    elif fits:
+        reasons.append(f"{dp} data-parallel replicas, one whole model per GPU ({weights / GiB:.1f} GiB), each "
+                       f"decoding {per_replica} of the {batch} sequences through the fast path; nothing crosses "
+                       f"the GPU links during decode")
+    if tp == 1:  # each replica is the single-GPU fast path: the same speed model, so ties go to fewer GPUs
+        one = _gpu_estimate(served, node, gpu, per_replica, context, kv_dtype, weights, 0.0, 0.0,
+                            "transformers-fast", 0.0, wb.experts)
+        t = per_replica / one.throughput_tok_s
+    else:
+        # per step: each GPU streams its share; graph replay and the all-reduces do not shrink with tp
+        stream = _stream_bytes(served, per_replica)
+        head = wb.embeddings if spec.tie_embeddings else wb.embeddings / 2
+        per_gpu = (stream - head) / tp + head
+        kv_read = per_replica * context / 2 * mm.kv_bytes_per_token(served, kv_dtype) * kv_share
+        gpu_bw = gpu.bandwidth_gbs * 1e9 * 0.75
+        t = (per_gpu + kv_read) / gpu_bw + spec.num_layers * GRAPH_LAYER_OVERHEAD
+        msg = per_replica * spec.hidden_size * 2
+        t += 2 * spec.num_layers * (latency + 2 * msg * (tp - 1) / tp / (bw * 1e9))
     est = Estimate(1 / t, batch / t, gpu.bf16_tflops * 1e12 * 0.4 * n / (2 * spec.active_params()),
                    "GPU memory bandwidth and per-layer launches")
     devices = tuple(DeviceUse(f"cuda:{i}", f"{gpu.vendor}-gpu", cap / GiB, weights / GiB, kv / GiB, overhead / GiB)
                     for i in range(n))
     per_token = mm.kv_bytes_per_token(served, kv_dtype) * kv_share
     return Plan(
-        model=spec.name, backend="offload", engine="transformers-tp", fits=fits,
-        parallel=Parallel(tp=n, ep=ep), devices=devices, context=context,
-        max_context=_context_fit(weights + overhead, per_token, cap, served, req.concurrency),
-        concurrency=req.concurrency, dtype=stored_dtype(served), kv_dtype=kv_dtype, estimate=est,
+        model=spec.name, backend="offload", engine="transformers-tp" if dp == 1 else "transformers-dp", fits=fits,
+        parallel=Parallel(tp=tp, dp=dp, ep=ep), devices=devices, context=context,
+        max_context=_context_fit(weights + overhead, per_token, cap, served, per_replica),
+        concurrency=batch, dtype=stored_dtype(served), kv_dtype=kv_dtype, estimate=est,
         reasons=tuple(reasons),
-        config={"dtype": stored_dtype(served), "world": n, "cuda_graphs": True, "decode_experts": "grouped_mm",
-                "threads": node.cpu.physical_cores, "env": {"NCCL_NVLS_ENABLE": "0"}},
+        config={"dtype": stored_dtype(served), "world": n, "tp": tp, "cuda_graphs": True,
+                "decode_experts": "grouped_mm", "threads": node.cpu.physical_cores,
+                "env": {"NCCL_NVLS_ENABLE": "0"}},
     )
 
 

@@ -1,4 +1,4 @@
-"""The offload backend's torchrun job for transformers-tp plans (one process per GPU); see qwenhw.engine.ranks."""
+"""The offload backend's torchrun job for transformers-tp and -dp plans (one process per GPU); see qwenhw.engine.ranks."""
 
 from __future__ import annotations
 
