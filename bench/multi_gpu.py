@@ -196,6 +196,9 @@ def main() -> None:
             del rt
             gc.collect()
             torch.cuda.empty_cache()
+        del model  # before the next layout builds its own
+        gc.collect()
+        torch.cuda.empty_cache()
 
     # --- qwenhw data parallel: world // tp replicas of tp GPUs, each decoding batch // replicas -------------
     tps = [1] + ([2] if world >= 4 else [])

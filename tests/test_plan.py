@@ -100,3 +100,30 @@ def test_235b_bf16_on_4xh20_needs_offload_and_says_what_would_fit():
     assert "fp8" in advice and "GPUs of 96 GiB" in advice
     no_offload = [r for r in plan.rejected if r.backend.startswith("vllm") and "exceed" in r.why]
     assert no_offload, "the GPU-only vLLM layouts are listed with their shortfall"
+
+
+def test_offload_multi_gpu_layouts_follow_batch_and_memory():
+    """Data-parallel replicas need the whole model on each GPU; at batch 1 extra GPUs only add all-reduces,
+    so one GPU is chosen; at batch 16 a multi-GPU layout is, and every layout that fits is priced."""
+    from qwenhw.api import make_request
+    from qwenhw.hardware import load_bundled
+    from qwenhw.models import get
+    from qwenhw_offload import planner
+
+    spec, hw = get("Qwen3-30B-A3B"), load_bundled("4xH100-80G")
+    one = qwenhw.plan("Qwen3-30B-A3B", hardware="4xH100-80G", backend="offload", concurrency=1, context=1024)
+    assert one.engine == "transformers-fast" and one.parallel.world == 1
+    many = qwenhw.plan("Qwen3-30B-A3B", hardware="4xH100-80G", backend="offload", concurrency=16, context=1024)
+    assert many.engine in ("transformers-dp", "transformers-tp") and many.parallel.world == 4
+    assert many.estimate.throughput_tok_s > 1.3 * planner.gpu_plan(
+        spec, hw, make_request(context=1024, concurrency=16), "auto", 1024, "bf16", hybrid=False).estimate.throughput_tok_s
+    layouts = {(p.parallel.tp, p.parallel.dp): p for p in planner.plans(spec, hw, make_request(context=1024, concurrency=16))
+               if p.engine in ("transformers-dp", "transformers-tp") and p.parallel.world == 4}
+    assert set(layouts) == {(1, 4), (2, 2), (4, 1)}
+    assert layouts[(1, 4)].devices[0].weights_gib > 3.5 * layouts[(4, 1)].devices[0].weights_gib
+    assert layouts[(2, 2)].config["tp"] == 2 and layouts[(2, 2)].parallel.ep == 2
+    # 235B in bf16 (~438 GiB) fits no single GPU: no replica layout fits, TP+EP over 4 H200s does
+    big = get("Qwen3-235B-A22B")
+    plans = planner.plans(big, load_bundled("8xH200-141G"), make_request(context=4096, concurrency=8))
+    fitting = {(p.parallel.tp, p.parallel.dp) for p in plans if p.engine.startswith("transformers-") and p.fits}
+    assert (1, 8) not in fitting and (1, 2) not in fitting and (4, 1) in fitting

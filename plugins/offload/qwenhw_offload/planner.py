@@ -19,7 +19,9 @@ from qwenhw.planning.precision import stored_dtype, with_weight_dtype
 from .placement import place
 
 PREFILL_CHUNK = 2048  # tokens one forward pass sees at most when we plan the activation peak
-CUDA_CONTEXT = 0.55 * GiB  # CUDA context + cuBLAS workspaces, outside torch's allocator statistics
+# CUDA context and cuBLAS workspaces outside torch's allocator (0.60 GiB measured, torch 2.11 on H100) plus the
+# caching allocator's slack over a 2048-token prefill (0.18-0.44 GiB reserved beyond what it handed out)
+CUDA_CONTEXT = 0.85 * GiB
 NCCL_BUFFERS = 0.3 * GiB  # NCCL communicator buffers per rank
 # Host memory on top of the weights, measured on the tiny checkpoint (tests/test_offload_engine.py):
 CPU_RUNTIME = 16 * 2**20  # first forward pass: oneDNN and allocator state
@@ -34,6 +36,9 @@ GRAPH_LAYER_OVERHEAD = 180e-6  # CUDA graph replay of ~45 small kernels (measure
 # on the 16-core H100 host whose profile estimates 128 GB/s; a token also pays ~270 µs per MoE layer for the
 # layer's attention graph, the router sync and the hidden-state copies (docs/benchmarks.md, 2026-11-28)
 HYBRID_LAYER_OVERHEAD = 270e-6
+# an NCCL all-reduce of one hidden state inside our CUDA graphs, NVLink: fitted to the TP=2/4 runs at batch 1
+# and 16 on H100s (vLLM's custom all-reduce is faster; the shared planning constant is for that)
+NCCL_GRAPH_ALLREDUCE_S = 26e-6
 HYBRID_CPU_EFFICIENCY = 0.62
 ACCELERATE_COPY_EFFICIENCY = 0.12  # of the pinned host-to-device rate, for accelerate's pageable copies
 DEFAULT_CONTEXT = 8192
@@ -338,6 +343,7 @@ def parallel_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str
     if not why and not fits:
         reasons.append(f"{(weights + kv + overhead) / GiB:.1f} GiB per GPU exceed the {cap / GiB:.1f} GiB budget")
     bw, latency = link_between(node, tp)
+    latency = max(latency, NCCL_GRAPH_ALLREDUCE_S)
     if fits and tp > 1:
         reasons.append(
             (f"{dp} replicas of {tp} GPUs, each decoding {per_replica} of the {batch} sequences; in a replica, "
