@@ -32,14 +32,14 @@ CPU_EFFICIENCY = CPU_TORCH_GEMV_EFFICIENCY  # transformers on the CPU: torch GEM
 # Per-layer fixed costs of a decode step, measured on an H100 host (docs/benchmarks.md)
 EAGER_LAYER_OVERHEAD = 1.2e-3  # transformers generate(): Python + ~30 launches per layer
 GRAPH_LAYER_OVERHEAD = 180e-6  # CUDA graph replay of ~45 small kernels (measured: 99.5 tok/s at 48 layers)
-# the hybrid's CPU experts run the fused kernel (cpu_moe.c): one layer's 8 experts (75 MB) stream at ~80 GB/s
-# on the 16-core H100 host whose profile estimates 128 GB/s; a token also pays ~270 µs per MoE layer for the
+# the hybrid's CPU experts run the fused kernel (cpu_moe.c): one layer's 8 experts (75 MB) stream at 92 GB/s
+# on the 16-core H100 host whose profile estimates 128 GB/s; a token also pays ~310 us per MoE layer for the
 # layer's attention graph, the router sync and the hidden-state copies (docs/benchmarks.md, 2026-11-28)
-HYBRID_LAYER_OVERHEAD = 270e-6
+HYBRID_LAYER_OVERHEAD = 310e-6
+HYBRID_CPU_EFFICIENCY = 0.72
 # an NCCL all-reduce of one hidden state inside our CUDA graphs, NVLink: fitted to the TP=2/4 runs at batch 1
 # and 16 on H100s (vLLM's custom all-reduce is faster; the shared planning constant is for that)
 NCCL_GRAPH_ALLREDUCE_S = 26e-6
-HYBRID_CPU_EFFICIENCY = 0.62
 ACCELERATE_COPY_EFFICIENCY = 0.12  # of the pinned host-to-device rate, for accelerate's pageable copies
 DEFAULT_CONTEXT = 8192
 FAST_ARCHITECTURES = ("qwen3", "qwen3_moe", "qwen2")
