@@ -95,7 +95,7 @@ def main() -> None:
 
     from moe_offload import build
     from qwenhw_offload.parallel import shard
-    from qwenhw_offload.runtime import Runtime, set_experts
+    from qwenhw_offload.runtime import Runtime, SampleParams, set_experts
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     torch.cuda.set_device(rank)
@@ -113,18 +113,35 @@ def main() -> None:
         model = build(args.layers, "cuda:0")
         with torch.inference_mode():
             ref = model(probe.cuda()).logits[0, -1].float().cpu()
+        with torch.inference_mode():
+            hf_greedy = model.generate(probe.cuda(), max_new_tokens=16, do_sample=False)[0, 32:].tolist()
+        step_logits = {}
         for b in batches:
-            torch.cuda.reset_peak_memory_stats(0)
-            rt = Runtime(model, max_len=args.context, device="cuda:0", graphs=True, decode_experts="grouped_mm",
-                         batch=b)
-            with torch.inference_mode():
-                rate = decode_rate(rt, b, args.tokens, args.repeats)
-            rows.append({"config": "1 GPU, qwenhw fast path", "batch": b, "tok_s": rate,
-                         "gpu_gib": [peak_gib(0, nontorch)]})
-            log(json.dumps(rows[-1]))
-            del rt
-            gc.collect()
-            torch.cuda.empty_cache()
+            for fused_on in (True, False):  # the fused decode kernels (fused.py), and torch ops as before
+                os.environ["QWENHW_FUSED"] = "1" if fused_on else "0"
+                torch.cuda.reset_peak_memory_stats(0)
+                rt = Runtime(model, max_len=args.context, device="cuda:0", graphs=True,
+                             decode_experts="grouped_mm", batch=b)
+                with torch.inference_mode():
+                    rate = decode_rate(rt, b, args.tokens, args.repeats)
+                    note = ""
+                    if b == 1:
+                        rt.reset()
+                        greedy = list(rt.generate(probe[0].tolist(), 16, SampleParams(), set()))
+                        rt.reset()
+                        tok = int(rt.prefill(probe[0].tolist()).argmax())
+                        step_logits[fused_on] = rt.decode(tok)[0].float().cpu()
+                        note = f"greedy tokens equal to HF: {sum(a == c for a, c in zip(greedy, hf_greedy))}/16"
+                rows.append({"config": "1 GPU, qwenhw fast path" + ("" if fused_on else ", unfused (torch ops)"),
+                             "batch": b, "tok_s": rate, "gpu_gib": [peak_gib(0, nontorch)], "note": note})
+                log(json.dumps(rows[-1]))
+                del rt
+                gc.collect()
+                torch.cuda.empty_cache()
+        os.environ["QWENHW_FUSED"] = "1"
+        if len(step_logits) == 2:
+            a, r = step_logits[True], step_logits[False]
+            log(json.dumps({"decode_logits_fused_vs_unfused_rel_err": float((a - r).norm() / r.norm())}))
         try:
             census = kernel_census(model, args.context)
             log(json.dumps({"kernel_census": census}))
@@ -271,14 +288,15 @@ def main() -> None:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / f"multi_gpu_{world}.json").write_text(json.dumps({"rows": rows, "plan": plan_notes,
                                                                            "kernel_census": census}, indent=2))
-        base = {r["batch"]: r["tok_s"] for r in rows if r["config"].startswith("1 GPU")}
+        base = {r["batch"]: r["tok_s"] for r in rows if r["config"] == "1 GPU, qwenhw fast path"}
         log(f"{'configuration':<52} {'batch':>5} {'tok/s':>8} {'vs 1 GPU':>8}  per-GPU peak GiB")
         for r in rows:
             ratio = r["tok_s"] / base[r["batch"]] if base.get(r["batch"]) else float("nan")
             log(f"{r['config']:<52} {r['batch']:>5} {r['tok_s']:8.1f} {ratio:7.2f}x  "
                 + " ".join(f"{m:.1f}" for m in r["gpu_gib"]) + (f"  (pred {r['pred_gpu_gib']:.1f})" if "pred_gpu_gib" in r else "")
                 + (f"  pred {r['pred_tok_s']:.0f} tok/s" if "pred_tok_s" in r else "")
-                + (f"  logit err {r['logit_rel_err']:.1e}" if r.get("logit_rel_err") is not None else ""))
+                + (f"  logit err {r['logit_rel_err']:.1e}" if r.get("logit_rel_err") is not None else "")
+                + (f"  {r['note']}" if r.get("note") else ""))
         for b in batches:
             choice = next(r["planner_choice"] for r in rows if r["batch"] == b)
             log(f"planner's choice at batch {b}: {choice}")

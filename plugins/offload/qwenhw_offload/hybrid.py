@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_moe
+from . import cpu_moe, fused
 from .runtime import _capture, rms_norm
 
 
@@ -42,6 +42,7 @@ class HybridMoE:
         self.device = torch.device(device)
         self.layers = model.model.layers
         self.prefill_threshold = prefill_threshold
+        self.fused_route = fused.available(self.device)  # the router as one Triton kernel on CUDA
         self.policy = policy
         self.refresh = refresh
         pin = self.device.type == "cuda"
@@ -173,7 +174,10 @@ class HybridMoE:
         layer = self.layers[i]
         x = rms_norm(layer.post_attention_layernorm, h)
         flat = x.reshape(-1, x.shape[-1])
-        _, weights, idx = layer.mlp.gate(flat)
+        if self.fused_route:
+            weights, idx = fused.gate_route(layer.mlp.gate, flat)
+        else:
+            _, weights, idx = layer.mlp.gate(flat)
         return flat, weights, idx
 
     def experts(self, i: int, flat: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,

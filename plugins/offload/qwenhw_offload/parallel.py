@@ -81,11 +81,15 @@ def shard(model: Any, rank: int, world: int) -> None:
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
-def expert_parallel_moe(mlp: Any, x: torch.Tensor) -> torch.Tensor:
-    """This rank's share of an MoE block: its local experts' contributions (the runtime sums ranks)."""
+def expert_parallel_moe(mlp: Any, x: torch.Tensor, route: Any = None) -> torch.Tensor:
+    """This rank's share of an MoE block: its local experts' contributions (the runtime sums ranks).
+    `route(gate, flat) -> (weights, ids)` replaces the router's own forward (the fused decode kernel)."""
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
-    _, weights, idx = mlp.gate(flat)
+    if route is not None:
+        weights, idx = route(mlp.gate, flat)
+    else:
+        _, weights, idx = mlp.gate(flat)
     experts = mlp.experts
     local = idx - experts.ep_start
     mine = (local >= 0) & (local < experts.num_experts)

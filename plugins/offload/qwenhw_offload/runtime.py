@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from . import fused
+
 SUPPORTED = ("qwen3", "qwen3_moe", "qwen2", "qwen2_moe")
 
 
@@ -77,6 +79,8 @@ class Runtime:
         self.v = torch.zeros(shape, dtype=dtype, device=self.device)
         self.arange = torch.arange(max_len, device=self.device)
         self.rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        # decode steps on CUDA: q/k norm + RoPE + cache write and the MoE router as one Triton kernel each
+        self.fused = fused.available(self.device) and graphs != "emulate"
         # static buffers for captured decode steps
         self.tok = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
         self.pos = torch.zeros((1,), dtype=torch.long, device=self.device)
@@ -95,6 +99,12 @@ class Runtime:
         q = a.q_proj(x).view(b, t, -1, self.head_dim)
         k = a.k_proj(x).view(b, t, -1, self.head_dim)
         v = a.v_proj(x).view(b, t, -1, self.head_dim)
+        if self.fused and mask is not None:  # a decode step: one kernel for norms, RoPE and the cache write
+            q = fused.qk_rope_cache(q, k, v, getattr(a, "q_norm", None), getattr(a, "k_norm", None), cos, sin,
+                                    pos, self.k[i], self.v[i])
+            out = F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=mask, scale=a.scaling,
+                                                 enable_gqa=True)
+            return h + self._reduce(a.o_proj(out.transpose(1, 2).reshape(b, t, -1)))
         if hasattr(a, "q_norm"):  # Qwen3 normalises q and k per head; Qwen2 does not
             q, k = rms_norm(a.q_norm, q), rms_norm(a.k_norm, k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -113,10 +123,15 @@ class Runtime:
     def _mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
         layer = self.layers[i]
         x = rms_norm(layer.post_attention_layernorm, h)
+        route = fused.gate_route if self.fused else None
         if self.group is not None and hasattr(layer.mlp, "experts"):
             from .parallel import expert_parallel_moe
 
-            return h + self._reduce(expert_parallel_moe(layer.mlp, x))
+            return h + self._reduce(expert_parallel_moe(layer.mlp, x, route))
+        if route is not None and hasattr(layer.mlp, "experts") and not hasattr(layer.mlp, "shared_expert"):
+            flat = x.reshape(-1, x.shape[-1])
+            weights, idx = route(layer.mlp.gate, flat)
+            return h + self._reduce(layer.mlp.experts(flat, idx, weights).view_as(x))
         return h + self._reduce(layer.mlp(x))
 
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
