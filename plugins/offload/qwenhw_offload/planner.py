@@ -31,7 +31,9 @@ GPU_UTILISATION = 0.92
 CPU_EFFICIENCY = CPU_TORCH_GEMV_EFFICIENCY  # transformers on the CPU: torch GEMVs
 # Per-layer fixed costs of a decode step, measured on an H100 host (docs/benchmarks.md)
 EAGER_LAYER_OVERHEAD = 1.2e-3  # transformers generate(): Python + ~30 launches per layer
-GRAPH_LAYER_OVERHEAD = 180e-6  # CUDA graph replay of ~45 small kernels (measured: 99.5 tok/s at 48 layers)
+# CUDA graph replay of a layer's ~37 small kernels with the fused decode kernels (131.9 tok/s at 48 layers on
+# an H100; 180 us and 105 tok/s with torch ops alone), docs/benchmarks.md 2026-11-28
+GRAPH_LAYER_OVERHEAD = 120e-6
 # the hybrid's CPU experts run the fused kernel (cpu_moe.c): one layer's 8 experts (75 MB) stream at 92 GB/s
 # on the 16-core H100 host whose profile estimates 128 GB/s; a token also pays ~310 us per MoE layer for the
 # layer's attention graph, the router sync and the hidden-state copies (docs/benchmarks.md, 2026-11-28)
