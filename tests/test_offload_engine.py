@@ -152,3 +152,37 @@ def test_lean_runtime_engines_match_transformers(tiny_moe, hf_reference, engine,
             assert eng.runtime._step_graph is not None or eng.runtime._layer_graphs
         streamed = "".join(eng.stream(hf_reference["prompt"], max_tokens=8, temperature=0))
         assert streamed == eng.generate(hf_reference["prompt"], max_tokens=8, temperature=0)[0].text
+
+
+def test_hybrid_cache_serves_decode_sized_calls_only(tiny_moe):
+    """The GPU cache gathers one expert matrix per (token, k) pair, so only decode-sized calls use it; a
+    longer call (a short prompt under the prefill threshold) runs every expert in the CPU kernel."""
+    import torch
+
+    from qwenhw.models.checkpoint import split_weight_bytes
+    from qwenhw_offload import cpu_moe
+    from qwenhw_offload.hybrid import CACHE_MAX_PAIRS
+
+    plan = qwenhw.plan(str(tiny_moe), backend="offload", engine="hybrid-moe", context=256)
+    config = {**plan.config, "expert_cache_bytes": split_weight_bytes(str(tiny_moe))["experts"] // 2}
+    with qwenhw.load(plan.replace(config=config)) as eng, torch.inference_mode():
+        hybrid = eng.hybrid
+        assert hybrid.slots > 0 and hybrid.fused
+        g = torch.Generator().manual_seed(0)
+        small_hits = 0
+        for i in hybrid.cpu:
+            k = eng.runtime.layers[i].mlp.gate.top_k
+            for tokens in (1, CACHE_MAX_PAIRS // k + 1):
+                h = torch.randn(tokens, 1, eng.runtime.cfg.hidden_size, generator=g).to(torch.bfloat16)
+                flat, weights, idx = hybrid.route(i, h)
+                before = hybrid.stats["gpu_experts"]
+                out = hybrid.experts(i, flat, weights, idx)
+                cached = hybrid.stats["gpu_experts"] - before
+                if idx.numel() <= CACHE_MAX_PAIRS:
+                    assert cached == int(hybrid.skip[i][idx].sum())
+                    small_hits += cached
+                else:  # all on the CPU: exactly the kernel's answer with nothing skipped
+                    every = torch.empty_like(flat)
+                    cpu_moe.moe_experts(*hybrid.cpu[i], flat, idx, weights, every)
+                    assert cached == 0 and torch.equal(out, every)
+        assert small_hits > 0  # the cache path did run for the one-token calls

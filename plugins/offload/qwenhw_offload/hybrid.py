@@ -24,6 +24,9 @@ from . import cpu_moe, fused
 from .runtime import _capture, rms_norm
 
 
+CACHE_MAX_PAIRS = 16  # (token, expert) pairs per call the GPU cache serves: decode of 1-2 sequences
+
+
 class OffloadedExperts(nn.Module):
     """Stands where the experts were, so `model.to(gpu)` leaves their weights in host RAM."""
 
@@ -245,15 +248,18 @@ class HybridMoE:
     def _split(self, i: int, flat: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
                static: bool = False) -> torch.Tensor:
         (idx_c, x_c, w_c), copied = self._to_host(idx, flat, weights)
-        out_gpu = self._cached(i, flat, idx, weights, static) if self.slots else None
+        # the cache's batched_mm gathers one expert matrix per (token, k) pair: decode-sized calls only (a
+        # 31-token prompt gathered 248 experts, 2.2 GiB); larger calls leave every expert to the CPU kernel
+        use_cache = bool(self.slots) and idx.numel() <= CACHE_MAX_PAIRS
+        out_gpu = self._cached(i, flat, idx, weights, static) if use_cache else None
         if copied is not None:
             copied.synchronize()  # the inputs are on the host; the cache's graph may still be running
         out_c = self._buf("out", x_c, pinned=self.device.type == "cuda")
         if self.fused:
-            hits = cpu_moe.moe_experts(*self.cpu[i], x_c, idx_c, w_c, out_c, skip=self.skip[i],
-                                       counts=self.counts[i])
+            hits = cpu_moe.moe_experts(*self.cpu[i], x_c, idx_c, w_c, out_c,
+                                       skip=self.skip[i] if use_cache else None, counts=self.counts[i])
         else:
-            hits = self._torch_experts(i, x_c, idx_c, w_c, out_c)
+            hits = self._torch_experts(i, x_c, idx_c, w_c, out_c, use_cache)
         self.stats["gpu_experts"] += hits
         self.stats["cpu_experts"] += idx_c.numel() - hits
         self._maybe_refresh()
@@ -261,7 +267,7 @@ class HybridMoE:
         return out if out_gpu is None else out + out_gpu
 
     def _torch_experts(self, i: int, x_c: torch.Tensor, idx_c: torch.Tensor, w_c: torch.Tensor,
-                       out_c: torch.Tensor) -> int:
+                       out_c: torch.Tensor, use_cache: bool) -> int:
         """The fallback: per-expert torch GEMVs, accumulated in ascending expert order as transformers does."""
         self.counts[i] += torch.bincount(idx_c.reshape(-1), minlength=self.num_experts)
         gu_c, dn_c = self.cpu[i]
@@ -269,7 +275,7 @@ class HybridMoE:
         hits = 0
         for e in torch.unique(idx_c).tolist():
             tokens, ks = torch.where(idx_c == e)
-            if self.skip[i, e]:
+            if use_cache and self.skip[i, e]:
                 hits += len(tokens)
                 continue
             y = self._expert(x_c[tokens], gu_c[e], dn_c[e])
