@@ -88,3 +88,16 @@ def test_disabled_kernel_says_why(monkeypatch):
     monkeypatch.setattr(cpu_moe, "_loaded", None)
     monkeypatch.delenv("QWENHW_CPU_KERNEL")
     assert cpu_moe.usable(ex.gate_up_proj.data.float(), ex.down_proj.data.float()).startswith("the kernel runs bf16")
+
+
+def test_malformed_buffers_are_refused():
+    ex = _experts(4, 64, 32, 2, seed=1)
+    x = torch.randn(1, 64).bfloat16()
+    w, idx = _routing(1, 4, 2, seed=2)
+    gu, dn = ex.gate_up_proj.data, ex.down_proj.data
+    with pytest.raises(ValueError, match="out must be"):
+        cpu_moe.moe_experts(gu, dn, x, idx, w, torch.empty(1, 64))  # fp32
+    with pytest.raises(ValueError, match="skip must be"):
+        cpu_moe.moe_experts(gu, dn, x, idx, w, torch.empty(1, 64).bfloat16(), skip=torch.zeros(3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="counts must be"):
+        cpu_moe.moe_experts(gu, dn, x, idx, w, torch.empty(1, 64).bfloat16(), counts=torch.zeros(4, dtype=torch.int32))

@@ -116,13 +116,22 @@ def moe_experts(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, idx:
     gate_up [E, 2I, H], down [E, H, I], x [T, H], weights [T, K] (bf16); idx [T, K] int64; out [T, H] bf16;
     skip [E] uint8; counts [E] int64, incremented per routed token. Returns the number of skipped pairs.
     """
-    lib, why = load()
-    if lib is None:
+    why = usable(gate_up, down)
+    if why:
         raise RuntimeError(why)
+    lib = load()[0]
     E, two_i, H = gate_up.shape
     T, K = idx.shape
     if T > MAX_TOKENS:
         raise ValueError(f"the CPU experts kernel takes up to {MAX_TOKENS} tokens a call, got {T}")
+    if x.shape != (T, H) or weights.shape != (T, K) or x.dtype != torch.bfloat16:
+        raise ValueError(f"x must be bf16 [{T}, {H}] and weights [{T}, {K}] for idx {list(idx.shape)}, got "
+                         f"{x.dtype} {list(x.shape)} and {list(weights.shape)}")
+    if out.shape != (T, H) or out.dtype != torch.bfloat16 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous bf16 [{T}, {H}] tensor, got {out.dtype} {list(out.shape)}")
+    for name, t, dtype in (("skip", skip, torch.uint8), ("counts", counts, torch.int64)):
+        if t is not None and (t.shape != (E,) or t.dtype != dtype or not t.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous {dtype} [{E}] tensor")
     x, idx = x.contiguous(), idx.contiguous().to(torch.int64)
     weights = weights.contiguous().to(torch.bfloat16)
     rc = lib.qwenhw_moe_experts(gate_up.data_ptr(), down.data_ptr(), E, H, two_i // 2, x.data_ptr(), T,

@@ -255,7 +255,7 @@ class HybridMoE:
         if copied is not None:
             copied.synchronize()  # the inputs are on the host; the cache's graph may still be running
         out_c = self._buf("out", x_c, pinned=self.device.type == "cuda")
-        if self.fused:
+        if self.fused and x_c.shape[0] <= cpu_moe.MAX_TOKENS:  # a prefill threshold set above it: torch
             hits = cpu_moe.moe_experts(*self.cpu[i], x_c, idx_c, w_c, out_c,
                                        skip=self.skip[i] if use_cache else None, counts=self.counts[i])
         else:
