@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
 os.environ.setdefault("QWENHW_QUIET", "1")
+# A test run started in the background of a non-interactive shell (`cmd &`) inherits SIGINT as ignored, and
+# so would every process it starts: the Ctrl-C tests (chat, serve) need it delivered. A handler here (not
+# SIG_IGN) is reset to the default in child processes.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
