@@ -70,12 +70,17 @@ def _load_entry_points(pm: pluggy.PluginManager, faults: list[PluginFault], vers
 
 
 def _call_each(reg: Registry, hook_name: str, register: Callable) -> None:
-    """Call every implementation on its own, so one plugin raising skips only that plugin."""
+    """Call every implementation on its own, so one plugin raising skips only that plugin.
+
+    Each call goes through pluggy (a hook caller restricted to that plugin), so QWENHW_TRACE_PLUGINS and any
+    hook-call monitoring see it.
+    """
     hook = getattr(reg.pm.hook, hook_name)
+    plugins = reg.pm.get_plugins()
     for impl in hook.get_hookimpls():
-        kwargs = {"register": lambda *a, _p=impl.plugin_name, **k: register(_p, *a, **k)}
+        only = reg.pm.subset_hook_caller(hook_name, [p for p in plugins if p is not impl.plugin])
         try:
-            impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames})
+            only(register=lambda *a, _p=impl.plugin_name, **k: register(_p, *a, **k))
         except BadInput:
             raise
         except Exception as exc:

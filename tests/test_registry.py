@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -143,3 +144,16 @@ def test_unknown_forced_backend_suggests(fresh_registry):
     with pytest.raises(BadInput) as err:
         qwenhw.plan("Qwen3-8B", hardware="1xH100-80G", backend="ofload")
     assert "offload" in str(err.value)
+
+
+def test_trace_shows_every_registration_call():
+    """QWENHW_TRACE_PLUGINS=1 prints each hook call, the registration hooks included (one per plugin)."""
+    import qwenhw.plugins
+
+    n = len(qwenhw.plugins.load().pm.hook.register_backends.get_hookimpls())
+    env = {**os.environ, "QWENHW_TRACE_PLUGINS": "1"}
+    out = subprocess.run([sys.executable, "-m", "qwenhw.cli", "backends"], capture_output=True, text=True, env=env,
+                         check=True)
+    assert out.stderr.count("finish register_backends") == n >= 2
+    assert out.stderr.count("finish register_models") == len(
+        qwenhw.plugins.load().pm.hook.register_models.get_hookimpls())
