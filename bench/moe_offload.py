@@ -356,7 +356,7 @@ def cpu_kernel_speed(hybrid, repeats: int = 48) -> dict:
         return statistics.median(times[2:])
 
     result = {"bytes_per_layer": moved, "threads": torch.get_num_threads()}
-    runs = {"torch": lambda i, idx: hybrid._torch_experts(i, x, idx, w, out)}
+    runs = {"torch": lambda i, idx: hybrid._torch_experts(i, x, idx, w, out, use_cache=False)}
     if cpu_moe.load()[0] is not None:
         half = max(1, torch.get_num_threads() // 2)
         runs["fused"] = lambda i, idx: cpu_moe.moe_experts(*hybrid.cpu[i], x, idx, w, out)
