@@ -94,7 +94,7 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
 
     from moe_offload import build
-    from qwenhw_offload.parallel import shard
+    from qwenhw_offload.parallel import replica_group, shard
     from qwenhw_offload.runtime import Runtime, SampleParams, set_experts
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -221,10 +221,7 @@ def main() -> None:
     tps = [1] + ([2] if world >= 4 else [])
     for tp in tps if world > 1 else []:
         replicas = world // tp
-        group = None
-        if tp > 1:
-            groups = [dist.new_group(list(range(r * tp, (r + 1) * tp))) for r in range(replicas)]
-            group = groups[rank // tp]
+        group = replica_group(tp) if tp > 1 else None
         model = build(args.layers, f"cuda:{rank}")
         if tp > 1:
             shard(model, rank % tp, tp)

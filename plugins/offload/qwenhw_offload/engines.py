@@ -54,7 +54,7 @@ def _load_rank(plan: Any, path: str) -> HFEngine:
     from qwenhw.engine.ranks import Replicas
 
     from .engine_runtime import RuntimeEngine
-    from .parallel import shard
+    from .parallel import replica_group, shard
     from .runtime import Runtime
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -63,10 +63,7 @@ def _load_rank(plan: Any, path: str) -> HFEngine:
     device = f"cuda:{rank}" if torch.cuda.is_available() else "cpu"
     if device != "cpu":
         torch.cuda.set_device(rank)
-    group = dist.group.WORLD
-    if replicas > 1 and tp > 1:  # every rank creates every group, in the same order (a collective call)
-        groups = [dist.new_group(list(range(r * tp, (r + 1) * tp))) for r in range(replicas)]
-        group = groups[rank // tp]
+    group = replica_group(tp) if replicas > 1 and tp > 1 else dist.group.WORLD
     dtype = getattr(torch, TORCH_DTYPES[plan.config["dtype"]])
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device}).eval()
     if tp > 1:

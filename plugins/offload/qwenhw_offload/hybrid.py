@@ -72,6 +72,7 @@ class HybridMoE:
                                           torch.empty_like(first[1], device=self.device))
         self._host_bufs: dict = {}
         self._graphs: dict = {}
+        self._graph_pool = None
         self.set_kernel(cpu_kernel)
         self.counts = torch.zeros((len(self.layers), self.num_experts), dtype=torch.long)
         # per layer: which experts the GPU cache holds (host mask for the CPU side, slot table for the GPU)
@@ -235,15 +236,12 @@ class HybridMoE:
             return run()
         key = (i, flat.data_ptr(), flat.shape[0])
         if key not in self._graphs:
-            self._graphs[key] = _capture(run, self._pool())
+            if self._graph_pool is None:  # the layers' cache graphs replay one at a time: one shared pool
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            self._graphs[key] = _capture(run, self._graph_pool)
         graph, out = self._graphs[key]
         graph.replay()
         return out
-
-    def _pool(self) -> Any:
-        if "pool" not in self._graphs:
-            self._graphs["pool"] = torch.cuda.graph_pool_handle()
-        return self._graphs["pool"]
 
     def _split(self, i: int, flat: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
                static: bool = False) -> torch.Tensor:

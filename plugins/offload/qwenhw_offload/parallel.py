@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .planner import split_counts
+
 
 def _rows(linear: nn.Linear, start: int, stop: int) -> None:
     linear.weight = nn.Parameter(linear.weight.data[start:stop].clone(), requires_grad=False)
@@ -30,16 +32,20 @@ def _cols(linear: nn.Linear, start: int, stop: int) -> None:
 
 
 def check(config: Any, world: int) -> str | None:
-    """Why this model cannot be split `world` ways, or None."""
-    heads, kv = config.num_attention_heads, config.num_key_value_heads
-    if heads % world:
-        return f"{heads} attention heads are not divisible by {world} GPUs"
-    if kv % world and world % kv:
-        return f"{kv} KV heads cannot be shared evenly by {world} GPUs"
-    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
-    if experts and experts % world:
-        return f"{experts} experts are not divisible by {world} GPUs"
-    return None
+    """Why this model cannot be split `world` ways, or None (the planner's rule, on a transformers config)."""
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or 0
+    return split_counts(config.num_attention_heads, config.num_key_value_heads, experts, world)
+
+
+def replica_group(tp: int) -> Any:
+    """This rank's group of `tp` consecutive ranks: ranks [r*tp, (r+1)*tp) form replica r.
+
+    Every rank creates every group, in the same order (new_group is collective)."""
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    groups = [dist.new_group(list(range(r * tp, (r + 1) * tp))) for r in range(world // tp)]
+    return groups[rank // tp]
 
 
 def shard(model: Any, rank: int, world: int) -> None:

@@ -301,13 +301,17 @@ def gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, con
 
 
 def split_rule(spec: ModelSpec, n: int) -> str | None:
-    """Why tensor-parallel attention + expert-parallel MoE cannot use `n` GPUs (mirrors parallel.check)."""
-    if spec.num_heads % n:
-        return f"{spec.num_heads} attention heads are not divisible by {n} GPUs"
-    if spec.num_kv_heads % n and n % spec.num_kv_heads:
-        return f"{spec.num_kv_heads} KV heads cannot be shared evenly by {n} GPUs"
-    if spec.moe and spec.moe.num_experts % n:
-        return f"{spec.moe.num_experts} experts are not divisible by {n} GPUs"
+    """Why tensor-parallel attention + expert-parallel MoE cannot use `n` GPUs (parallel.check asks the same)."""
+    return split_counts(spec.num_heads, spec.num_kv_heads, spec.moe.num_experts if spec.moe else 0, n)
+
+
+def split_counts(heads: int, kv_heads: int, experts: int, n: int) -> str | None:
+    if heads % n:
+        return f"{heads} attention heads are not divisible by {n} GPUs"
+    if kv_heads % n and n % kv_heads:
+        return f"{kv_heads} KV heads cannot be shared evenly by {n} GPUs"
+    if experts and experts % n:
+        return f"{experts} experts are not divisible by {n} GPUs"
     return None
 
 
