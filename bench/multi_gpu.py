@@ -1,6 +1,12 @@
 """Issue #9 benchmark: Qwen3-30B-A3B shape, random bf16 weights, on 1, 2 or 4 GPUs of one host.
 
-    torchrun --nproc_per_node 2 bench/multi_gpu.py --out results/      (nvidia-h100-x2, ~5 minutes)
+    torchrun --nproc_per_node 2 bench/multi_gpu.py --out results/      (2 GPUs, ~2 minutes)
+    torchrun --nproc_per_node 4 bench/multi_gpu.py --model 235b --out results/   (4x 141 GB GPUs)
+
+The 235B run builds each rank's TP+EP shard directly (470 GB of bf16 fit no single GPU): TP=4 attention +
+EP=4 experts only, per-GPU memory against the planner. Before the rows, rank 0 checks the fused MoE decode
+kernel (fused.moe_experts) against transformers' grouped experts kernel and sweeps its tile shapes; the
+all-reduce of one decode step's hidden states is timed inside CUDA graphs, NCCL against symmetric memory.
 
 Side by side, batch 1 and batch 16 greedy decode:
   1. one GPU: qwenhw's fast path (the single-GPU best);
@@ -77,13 +83,137 @@ def kernel_census(model, context: int) -> dict:
     return {"kernels_per_step": sum(names.values()), "top": names.most_common(25)}
 
 
+def graph_time(fn, calls: int = 20, replays: int = 20) -> float:
+    """Median seconds per call of `fn`, `calls` of them captured in one CUDA graph (launch cost excluded)."""
+    from qwenhw_offload.runtime import _capture
+
+    graph, _ = _capture(lambda: [fn() for _ in range(calls)][-1])
+    times = []
+    for _ in range(replays):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) / calls)
+    return statistics.median(times)
+
+
+def moe_kernel_check(hidden: int = 2048, inter: int = 768, n_exp: int = 128, top_k: int = 8) -> dict:
+    """The fused MoE decode kernels against transformers' grouped_mm experts (same module, same routing):
+    relative error, and effective weight bandwidth over the experts touched, for each tile shape swept."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    from qwenhw_offload import fused
+
+    cfg = Qwen3MoeConfig(hidden_size=hidden, moe_intermediate_size=inter, num_experts=n_exp,
+                         num_experts_per_tok=top_k)
+    cfg._experts_implementation = "grouped_mm"
+    torch.manual_seed(0)
+    out: dict = {"sweep": []}
+    blocks = [(64, 128, 4, 3), (32, 128, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3), (32, 256, 4, 3), (64, 256, 8, 3)]
+    for share in (1, 4):  # all experts (1 GPU), and one rank's quarter (EP=4)
+        local = n_exp // share
+        with torch.device("meta"):
+            ex = Qwen3MoeExperts(cfg)
+        ex.gate_up_proj = torch.nn.Parameter((torch.randn(local, 2 * inter, hidden, device="cuda") * 0.02).bfloat16(),
+                                             requires_grad=False)
+        ex.down_proj = torch.nn.Parameter((torch.randn(local, hidden, inter, device="cuda") * 0.02).bfloat16(),
+                                          requires_grad=False)
+        ex.num_experts = local
+        ex._is_expert_parallel = share > 1  # ids >= local: transformers' sentinel slot, skipped
+        for t in (1, 16):
+            x = torch.randn(t, hidden, device="cuda").bfloat16()
+            idx = torch.stack([torch.randperm(n_exp, device="cuda")[:top_k] for _ in range(t)])
+            w = torch.softmax(torch.randn(t, top_k, device="cuda"), -1).bfloat16()
+            mine = idx < local
+            with torch.inference_mode():
+                ref = ex(x, torch.where(mine, idx, torch.full_like(idx, local)), w * mine)
+                got = fused.moe_experts(x, ex, idx, w)
+                err = float((got.float() - ref.float()).norm() / ref.float().norm())
+                touched = int(idx[mine].unique().numel()) * 3 * hidden * inter * 2
+                try:
+                    t_ref = graph_time(lambda: ex(x, torch.where(mine, idx, torch.full_like(idx, local)), w * mine))
+                except Exception:  # noqa: BLE001 - the reference kernel failing to capture is not our result
+                    t_ref = float("nan")
+                for block in blocks:
+                    try:
+                        dt = graph_time(lambda: fused.moe_experts(x, ex, idx, w, block=block))
+                    except Exception as exc:  # a tile shape this GPU cannot compile
+                        out["sweep"].append({"block": block, "error": f"{type(exc).__name__}: {exc}"[:200]})
+                        continue
+                    out["sweep"].append({"experts_local": local, "tokens": t, "block": block, "us": dt * 1e6,
+                                         "gb_s": touched / dt / 1e9, "transformers_us": t_ref * 1e6,
+                                         "rel_err": err})
+    ok = [r for r in out["sweep"] if "us" in r]
+    score = {}
+    for r in ok:  # the tile shape with the least total time over the four cases
+        score[tuple(r["block"])] = score.get(tuple(r["block"]), 0.0) + r["us"]
+    out["best"] = list(min(score, key=score.get)) if score else None
+    out["max_rel_err"] = max((r["rel_err"] for r in ok), default=None)
+    return out
+
+
+def allreduce_check(group, world: int, hidden: int) -> list[dict]:
+    """Per-call latency of summing [batch, hidden] bf16 over the group inside a CUDA graph."""
+    from qwenhw_offload.parallel import Reducer
+
+    rows = []
+    for b in (1, 16):
+        x = torch.ones(b, hidden, dtype=torch.bfloat16, device="cuda")
+        red = Reducer(group, b * hidden, torch.bfloat16, x.device)
+        y = x.clone()
+        red(y)
+        ok = bool((y == world).all())
+        dist.barrier()
+        t_sym = graph_time(lambda: red(x.fill_(1.0)), calls=50)
+        dist.barrier()
+        t_nccl = graph_time(lambda: dist.all_reduce(x.fill_(1.0), group=group), calls=50)
+        rows.append({"batch": b, "reducer": red.path, "reducer_us": t_sym * 1e6, "nccl_us": t_nccl * 1e6,
+                     "reducer_sum_correct": ok})
+    return rows
+
+
+def build_sharded(cfg, rank: int, world: int, device: str):
+    """This rank's TP+EP shard of a random-weight model, built on the meta device and materialised on the
+    GPU (the whole model need not fit anywhere). Replicated weights come out equal on every rank: same seed,
+    same shapes, same order."""
+    from transformers import Qwen3MoeForCausalLM
+
+    from qwenhw_offload.parallel import shard
+
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("meta"):
+        model = Qwen3MoeForCausalLM(cfg)
+    torch.set_default_dtype(torch.float32)
+    shard(model, rank, world)
+    model.to_empty(device=device)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0) if p.dim() == 1 else p.normal_(0.0, 0.02)  # 1-D: the RMSNorm weights
+    model.model.rotary_emb = type(model.model.rotary_emb)(cfg).to(device)  # to_empty left its buffers unset
+    return model.eval()
+
+
+def config_235b(layers: int):
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(vocab_size=151936, hidden_size=4096, num_hidden_layers=layers, num_attention_heads=64,
+                          num_key_value_heads=4, head_dim=128, intermediate_size=12288, moe_intermediate_size=1536,
+                          num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                          max_position_embeddings=40960, tie_word_embeddings=False, rope_theta=1e6)
+
+
 def peak_gib(device: int, nontorch: float) -> float:
     return (torch.cuda.max_memory_reserved(device) + nontorch) / GiB
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=48)
+    ap.add_argument("--model", choices=("30b", "235b"), default="30b",
+                    help="235b: Qwen3-235B-A22B's shape, TP+EP over all GPUs only (needs ~120 GB per GPU at 4)")
+    ap.add_argument("--layers", type=int, default=None, help="default: the model's (48 / 94)")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
@@ -91,9 +221,12 @@ def main() -> None:
     ap.add_argument("--accelerate-tokens", type=int, default=8)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    big = args.model == "235b"
+    args.layers = args.layers or (94 if big else 48)
     batches = [int(b) for b in args.batches.split(",")]
 
     from moe_offload import build
+    from qwenhw_offload import fused
     from qwenhw_offload.parallel import replica_group, shard
     from qwenhw_offload.runtime import Runtime, SampleParams, set_experts
 
@@ -104,21 +237,51 @@ def main() -> None:
     free, total = torch.cuda.mem_get_info()
     nontorch = (total - free) - torch.cuda.memory_reserved()
     rows: list[dict] = []
+    extra: dict = {"device": torch.cuda.get_device_name(0), "model": args.model, "layers": args.layers}
     g = torch.Generator().manual_seed(1)
     probe = torch.randint(0, 151936, (1, 32), generator=g)
 
+    # --- the fused MoE decode kernel: right, and its fastest tile shape here (rank 0; all ranks use it) ----
+    if rank == 0:
+        try:
+            shape = (4096, 1536) if big else (2048, 768)
+            extra["moe_kernel"] = moe_kernel_check(*shape)
+        except Exception as exc:
+            extra["moe_kernel"] = {"error": f"{type(exc).__name__}: {exc}"[:500], "best": None, "max_rel_err": None}
+        log(json.dumps({"moe_kernel": extra["moe_kernel"]}))
+    verdict = [extra.get("moe_kernel")]
+    dist.broadcast_object_list(verdict, src=0)
+    check = verdict[0]
+    if check["best"] is not None and check["max_rel_err"] is not None and check["max_rel_err"] < 0.02:
+        fused.MOE_BLOCK = tuple(check["best"])
+    else:  # the rows still run, on transformers' experts kernels
+        os.environ["QWENHW_FUSED_MOE"] = "0"
+    extra["moe_block"] = list(fused.MOE_BLOCK) if fused.moe_enabled() else None
+    if world > 1:
+        try:
+            extra["allreduce"] = allreduce_check(dist.group.WORLD, world, 4096 if big else 2048)
+        except Exception as exc:
+            extra["allreduce"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        if rank == 0:
+            log(json.dumps({"allreduce": extra["allreduce"]}))
+
     # --- 1 GPU and accelerate's layer split: rank 0 alone, the other GPUs idle ---------------------
     ref = None
-    if rank == 0:
+    census = None
+    if rank == 0 and not big:
         model = build(args.layers, "cuda:0")
         with torch.inference_mode():
             ref = model(probe.cuda()).logits[0, -1].float().cpu()
         with torch.inference_mode():
             hf_greedy = model.generate(probe.cuda(), max_new_tokens=16, do_sample=False)[0, 32:].tolist()
         step_logits = {}
+        moe_on = fused.moe_enabled()
+        # all fused decode kernels (fused.py); the same without the MoE one; torch ops only
+        variants = [("", "1", "1")] if moe_on else []
+        variants += [(", transformers experts" if moe_on else "", "1", "0"), (", unfused (torch ops)", "0", "0")]
         for b in batches:
-            for fused_on in (True, False):  # the fused decode kernels (fused.py), and torch ops as before
-                os.environ["QWENHW_FUSED"] = "1" if fused_on else "0"
+            for label, fused_on, moe in variants:
+                os.environ["QWENHW_FUSED"], os.environ["QWENHW_FUSED_MOE"] = fused_on, moe
                 torch.cuda.reset_peak_memory_stats(0)
                 rt = Runtime(model, max_len=args.context, device="cuda:0", graphs=True,
                              decode_experts="grouped_mm", batch=b)
@@ -130,18 +293,20 @@ def main() -> None:
                         greedy = list(rt.generate(probe[0].tolist(), 16, SampleParams(), set()))
                         rt.reset()
                         tok = int(rt.prefill(probe[0].tolist()).argmax())
-                        step_logits[fused_on] = rt.decode(tok)[0].float().cpu()
+                        step_logits[label] = rt.decode(tok)[0].float().cpu()
                         note = f"greedy tokens equal to HF: {sum(a == c for a, c in zip(greedy, hf_greedy))}/16"
-                rows.append({"config": "1 GPU, qwenhw fast path" + ("" if fused_on else ", unfused (torch ops)"),
-                             "batch": b, "tok_s": rate, "gpu_gib": [peak_gib(0, nontorch)], "note": note})
+                rows.append({"config": "1 GPU, qwenhw fast path" + label, "batch": b, "tok_s": rate,
+                             "gpu_gib": [peak_gib(0, nontorch)], "note": note})
                 log(json.dumps(rows[-1]))
                 del rt
                 gc.collect()
                 torch.cuda.empty_cache()
-        os.environ["QWENHW_FUSED"] = "1"
-        if len(step_logits) == 2:
-            a, r = step_logits[True], step_logits[False]
-            log(json.dumps({"decode_logits_fused_vs_unfused_rel_err": float((a - r).norm() / r.norm())}))
+        os.environ["QWENHW_FUSED"], os.environ["QWENHW_FUSED_MOE"] = "1", "1" if moe_on else "0"
+        r = step_logits.get(", unfused (torch ops)")
+        for label, a in step_logits.items():
+            if r is not None and label != ", unfused (torch ops)":
+                extra[f"decode_logits_rel_err_vs_unfused{label}"] = float((a - r).norm() / r.norm())
+        log(json.dumps({k: v for k, v in extra.items() if k.startswith("decode_logits")}))
         try:
             census = kernel_census(model, args.context)
             log(json.dumps({"kernel_census": census}))
@@ -181,20 +346,25 @@ def main() -> None:
 
     # --- qwenhw: tensor-parallel attention + expert-parallel MoE, one rank per GPU ------------------
     if world > 1:
-        model = build(args.layers, f"cuda:{rank}")  # same seed on every rank: identical weights
-        shard(model, rank, world)
+        if big:
+            model = build_sharded(config_235b(args.layers), rank, world, f"cuda:{rank}")
+        else:
+            model = build(args.layers, f"cuda:{rank}")  # same seed on every rank: identical weights
+            shard(model, rank, world)
         gc.collect()
         torch.cuda.empty_cache()
         for b in batches:
             torch.cuda.reset_peak_memory_stats(rank)
+            path = None
             for graphs in (True, False):
                 try:
                     rt = Runtime(model, max_len=args.context, device=f"cuda:{rank}", graphs=graphs,
                                  decode_experts="grouped_mm", batch=b, group=dist.group.WORLD)
+                    path = rt.reducer.path
                     with torch.inference_mode():
                         rate = decode_rate(rt, b, args.tokens, args.repeats)
                         err = None
-                        if b == 1:
+                        if b == 1 and not big:  # every rank runs the prompt; rank 0 compares
                             rt.reset()
                             logits = rt.prefill(probe[0].tolist())[0].float().cpu()
                             err = float((logits - ref).norm() / ref.norm()) if rank == 0 else None
@@ -208,7 +378,8 @@ def main() -> None:
             if rank == 0:
                 rows.append({"config": f"qwenhw TP={world} attention + EP={world} experts"
                                        + ("" if graphs else " (no CUDA graphs)"),
-                             "batch": b, "tok_s": rate, "gpu_gib": [float(m) for m in mems], "logit_rel_err": err})
+                             "batch": b, "tok_s": rate, "gpu_gib": [float(m) for m in mems], "logit_rel_err": err,
+                             "reduce": path})
                 log(json.dumps(rows[-1]))
             del rt
             gc.collect()
@@ -219,7 +390,7 @@ def main() -> None:
 
     # --- qwenhw data parallel: world // tp replicas of tp GPUs, each decoding batch // replicas -------------
     tps = [1] + ([2] if world >= 4 else [])
-    for tp in tps if world > 1 else []:
+    for tp in tps if world > 1 and not big else []:
         replicas = world // tp
         group = replica_group(tp) if tp > 1 else None
         model = build(args.layers, f"cuda:{rank}")
@@ -265,7 +436,8 @@ def main() -> None:
             from qwenhw.api import make_request
             from qwenhw_offload import planner
 
-            spec = qwenhw.models.get("Qwen3-30B-A3B").with_(num_layers=args.layers)
+            name = "Qwen3-235B-A22B" if big else "Qwen3-30B-A3B"
+            spec = qwenhw.models.get(name).with_(num_layers=args.layers)
             for r in rows:
                 req = make_request(context=args.context, concurrency=r["batch"])
                 if r["config"].startswith("1 GPU"):
@@ -283,8 +455,8 @@ def main() -> None:
         except Exception as exc:
             plan_notes = [f"planner: {type(exc).__name__}: {exc}"]
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / f"multi_gpu_{world}.json").write_text(json.dumps({"rows": rows, "plan": plan_notes,
-                                                                           "kernel_census": census}, indent=2))
+        (Path(args.out) / f"multi_gpu_{args.model}_{world}.json").write_text(json.dumps(
+            {"rows": rows, "plan": plan_notes, "kernel_census": census, **extra}, indent=2))
         base = {r["batch"]: r["tok_s"] for r in rows if r["config"] == "1 GPU, qwenhw fast path"}
         log(f"{'configuration':<52} {'batch':>5} {'tok/s':>8} {'vs 1 GPU':>8}  per-GPU peak GiB")
         for r in rows:
@@ -293,7 +465,7 @@ def main() -> None:
                 + " ".join(f"{m:.1f}" for m in r["gpu_gib"]) + (f"  (pred {r['pred_gpu_gib']:.1f})" if "pred_gpu_gib" in r else "")
                 + (f"  pred {r['pred_tok_s']:.0f} tok/s" if "pred_tok_s" in r else "")
                 + (f"  logit err {r['logit_rel_err']:.1e}" if r.get("logit_rel_err") is not None else "")
-                + (f"  {r['note']}" if r.get("note") else ""))
+                + (f"  {r['note']}" if r.get("note") else "") + (f"  [{r['reduce']}]" if r.get("reduce") else ""))
         for b in batches:
             choice = next(r["planner_choice"] for r in rows if r["batch"] == b)
             log(f"planner's choice at batch {b}: {choice}")

@@ -48,10 +48,53 @@ for name in ("float32", "bfloat16"):
 print(json.dumps(out))
 '''
 
+MOE = r'''
+import json, torch
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeConfig, Qwen3MoeExperts
+from qwenhw_offload import fused
+out = {}
+rel = lambda a, r: float((a.float() - r.float()).norm() / r.float().norm())
+for name in ("float32", "bfloat16"):
+    dt = getattr(torch, name)
+    g = torch.Generator().manual_seed(0)
+    cfg = Qwen3MoeConfig(hidden_size=48, moe_intermediate_size=40, num_experts=8, num_experts_per_tok=3)
+    cfg._experts_implementation = "eager"
+    ex = Qwen3MoeExperts(cfg)
+    with torch.no_grad():
+        ex.gate_up_proj.copy_(torch.randn(ex.gate_up_proj.shape, generator=g) * 0.2)
+        ex.down_proj.copy_(torch.randn(ex.down_proj.shape, generator=g) * 0.2)
+    ex = ex.to(dt)
+    t = 20  # 60 pairs; every token picks expert 0, so it gets more than one 16-row block
+    idx = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(7, generator=g)[:2]])
+                       for _ in range(t)])
+    idx[3] = torch.tensor([5, 6, 7])  # no pair on the rank holding experts 0..3
+    x = torch.randn(t, 48, generator=g).to(dt)
+    w = torch.rand(t, 3, generator=g).to(dt)
+    with torch.no_grad():
+        ref = ex(x, idx, w)
+        got = fused.moe_experts(x, ex, idx, w)
+        upper = Qwen3MoeExperts(cfg).to(dt)  # an expert-parallel rank holding experts 4..7
+        upper.gate_up_proj.data, upper.down_proj.data = ex.gate_up_proj.data[4:].clone(), ex.down_proj.data[4:].clone()
+        part = fused.moe_experts(x, upper, idx, w, ep_start=4)
+        mine = idx >= 4
+        ref_part = ex(x, torch.where(mine, idx, torch.full_like(idx, 8)), w * mine.to(dt))
+        rest = fused.moe_experts(x, ex, torch.where(mine, torch.full_like(idx, 99), idx), w)  # ids 99: not here
+        top1 = fused.moe_experts(x, ex, idx[:, :1], w[:, :1])
+        ref_top1 = ex(x, idx[:, :1], w[:, :1])
+    out[name] = {"full": rel(got, ref), "ep": rel(part, ref_part), "ep_sum": rel(part + rest, ref),
+                 "top1": rel(top1, ref_top1), "supported": fused.moe_supported(ex),
+                 "no_pair_row_zero": bool((rest[3] == 0).all())}
+print(json.dumps(out))
+'''
+
 RUNTIME = r'''
 import json, sys, torch
 from transformers import AutoModelForCausalLM
+from qwenhw_offload import fused
 from qwenhw_offload.runtime import Runtime, SampleParams
+calls = []
+moe_experts = fused.moe_experts
+fused.moe_experts = lambda *a, **k: calls.append(1) or moe_experts(*a, **k)
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
 prompt = [785, 6722, 315, 9625, 374, 264]
 rt = Runtime(model, 64, "cpu", graphs=False)
@@ -59,7 +102,7 @@ assert rt.fused
 tokens = list(rt.generate(prompt, 8, SampleParams(), set()))
 with torch.no_grad():
     ref = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
-print(json.dumps({"fused": tokens, "hf": ref}))
+print(json.dumps({"fused": tokens, "hf": ref, "moe_calls": len(calls)}))
 '''
 
 
@@ -83,3 +126,13 @@ def test_fused_kernels_follow_transformers():
 def test_runtime_decodes_through_the_fused_kernels(tiny_moe):
     out = _interpret(RUNTIME, str(tiny_moe))
     assert out["fused"] == out["hf"]
+    assert out["moe_calls"] == 2 * 7  # both MoE layers of every decode step (not the prompt)
+
+
+def test_fused_moe_kernels_follow_transformers_experts():
+    out = _interpret(MOE)
+    fp32, bf16 = out["float32"], out["bfloat16"]
+    assert fp32["full"] < 1e-5 and fp32["ep"] < 1e-5 and fp32["ep_sum"] < 1e-5 and fp32["top1"] < 1e-5
+    assert bf16["full"] < 3e-2 and bf16["ep"] < 3e-2 and bf16["ep_sum"] < 3e-2
+    for r in (fp32, bf16):
+        assert r["supported"] and r["no_pair_row_zero"]

@@ -13,7 +13,9 @@ pytestmark = pytest.mark.slow
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "offload"))
 
 
-def _rank(rank: int, world: int, port: int, path: str, prompt: list[int], out) -> None:
+def _rank(rank: int, world: int, port: int, path: str, prompt: list[int], out, fused: bool = False) -> None:
+    if fused:  # the Triton decode kernels through the interpreter (read when triton.jit decorates them)
+        os.environ["TRITON_INTERPRET"] = "1"
     import torch
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
@@ -26,7 +28,8 @@ def _rank(rank: int, world: int, port: int, path: str, prompt: list[int], out) -
     dist.init_process_group("gloo", rank=rank, world_size=world)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # fp32: sums agree to ~1e-6
     shard(model, rank, world)
-    rt = Runtime(model, 64, "cpu", graphs="emulate", group=dist.group.WORLD, batch=2)
+    rt = Runtime(model, 64, "cpu", graphs=False if fused else "emulate", group=dist.group.WORLD, batch=2)
+    assert rt.fused == fused
     logits = rt.prefill([prompt, prompt[::-1]])
     tokens = [logits.argmax(-1)]
     for _ in range(5):
@@ -35,7 +38,12 @@ def _rank(rank: int, world: int, port: int, path: str, prompt: list[int], out) -
     dist.destroy_process_group()
 
 
-def test_two_ranks_match_one(tiny_moe):
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "fused-kernels"])
+def test_two_ranks_match_one(tiny_moe, fused):
+    """Each rank's experts through transformers' kernels (expert-parallel sentinel) or the fused Triton
+    MoE kernels (expert ids outside the rank's range skipped): the same tokens as one process."""
+    if fused:
+        pytest.importorskip("triton")
     import torch
     import torch.multiprocessing as mp
     from transformers import AutoModelForCausalLM
@@ -56,7 +64,7 @@ def test_two_ranks_match_one(tiny_moe):
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, 2, port, str(tiny_moe), prompt, out)) for r in range(2)]
+    procs = [ctx.Process(target=_rank, args=(r, 2, port, str(tiny_moe), prompt, out, fused)) for r in range(2)]
     for p in procs:
         p.start()
     results = dict(out.get(timeout=300) for _ in procs)

@@ -1,10 +1,12 @@
 """Fused decode kernels (Triton) for the lean runtime on NVIDIA GPUs.
 
 A decode step replays ~57 small kernels per layer, and every GPU of a multi-GPU layout replays all of them
-(docs/benchmarks.md, kernel census). Two groups are pure launch overhead at decode sizes:
+(docs/benchmarks.md, kernel census). Three groups are mostly launch overhead at decode sizes:
 - q/k RMSNorm + rotary embedding + the KV-cache write: 14 kernels per layer, here one;
-- the MoE router's softmax, top-k, renormalisation and cast: 6 kernels per layer, here one.
-Both follow transformers' Qwen3 arithmetic, rounding to the model dtype where it rounds. The runtime uses
+- the MoE router's softmax, top-k, renormalisation and cast: 6 kernels per layer, here one;
+- the routed experts (transformers' grouped/batched kernels sort, gather, pad and scatter around the two
+  GEMMs: ~15 kernels, plus 4 for the expert-parallel masking): here three, `moe_experts`.
+All follow transformers' Qwen3 arithmetic, rounding to the model dtype where it rounds. The runtime uses
 them for decode steps on CUDA when Triton is importable, and keeps its torch code everywhere else (prefill,
 CPU). The CPU tests run these kernels through Triton's interpreter (TRITON_INTERPRET=1).
 """
@@ -97,6 +99,154 @@ if triton is not None:
             vals = vals / tl.sum(vals, 0)
         tl.store(w_ptr + n * K + ks, vals.to(ty), mask=ks < K)
         tl.store(idx_ptr + n * K + ks, idxs, mask=ks < K)
+
+
+    @triton.jit
+    def _dot(a, b, acc, EXACT: tl.constexpr):
+        """acc + a @ b with fp32 accumulation. EXACT (the CPU interpreter, whose bf16 dot is wrong): in fp32."""
+        if EXACT:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _pairs_of(ids_ptr, P, e, ep_start, c, BP: tl.constexpr, BM: tl.constexpr):
+        """Rows c..c+BM of expert e's (token, slot) pairs, in pair order: (pair index, valid)."""
+        p = tl.arange(0, BP)
+        mine = (tl.load(ids_ptr + p, mask=p < P, other=-1) - ep_start) == e
+        rank = tl.cumsum(mine.to(tl.int32), 0) - 1
+        m = c + tl.arange(0, BM)
+        sel = mine[None, :] & (rank[None, :] == m[:, None])
+        pair = tl.sum(tl.where(sel, p[None, :], 0), 1)
+        return pair, tl.sum(sel.to(tl.int32), 1) > 0
+
+    @triton.jit
+    def _count(ids_ptr, P, e, ep_start, BP: tl.constexpr):
+        p = tl.arange(0, BP)
+        return tl.sum(((tl.load(ids_ptr + p, mask=p < P, other=-1) - ep_start) == e).to(tl.int32), 0)
+
+    @triton.jit
+    def _moe_gate_up(x_ptr, w_ptr, ids_ptr, h_ptr, P, ep_start, H: tl.constexpr, I: tl.constexpr,
+                     TOP_K: tl.constexpr, BP: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EXACT: tl.constexpr):
+        """h[pair, n] = act(x[token] @ gate[e, n]) * (x[token] @ up[e, n]) for expert e's pairs, BN columns."""
+        ty = h_ptr.dtype.element_ty
+        e = tl.program_id(0)
+        n = tl.program_id(1) * BN + tl.arange(0, BN)
+        count = _count(ids_ptr, P, e, ep_start, BP)
+        w_e = w_ptr + e.to(tl.int64) * 2 * I * H
+        c = 0
+        while c < count:  # no pairs: no weight is read (a while loop: the interpreter takes no tensor range)
+            pair, valid = _pairs_of(ids_ptr, P, e, ep_start, c, BP, BM)
+            tok = pair // TOP_K
+            acc_g = tl.zeros([BM, BN], dtype=tl.float32)
+            acc_u = tl.zeros([BM, BN], dtype=tl.float32)
+            for k0 in range(0, H, BK):
+                k = k0 + tl.arange(0, BK)
+                x = tl.load(x_ptr + tok[:, None] * H + k[None, :], mask=valid[:, None] & (k[None, :] < H), other=0.0)
+                wmask = (n[None, :] < I) & (k[:, None] < H)
+                wg = tl.load(w_e + n[None, :] * H + k[:, None], mask=wmask, other=0.0)
+                wu = tl.load(w_e + (I + n[None, :]) * H + k[:, None], mask=wmask, other=0.0)
+                acc_g = _dot(x, wg, acc_g, EXACT)
+                acc_u = _dot(x, wu, acc_u, EXACT)
+            g = _round(acc_g, ty)  # transformers: linear -> chunk (rounded), silu (rounded), * up (rounded)
+            act = _round(g / (1.0 + tl.exp(-g)), ty)
+            h = act * _round(acc_u, ty)
+            tl.store(h_ptr + pair[:, None] * I + n[None, :], h.to(ty), mask=valid[:, None] & (n[None, :] < I))
+            c += BM
+
+    @triton.jit
+    def _moe_down(h_ptr, w_ptr, ids_ptr, rw_ptr, y_ptr, P, ep_start, H: tl.constexpr, I: tl.constexpr,
+                  BP: tl.constexpr, BM: tl.constexpr,
+                  BN: tl.constexpr, BK: tl.constexpr, EXACT: tl.constexpr):
+        """y[pair, n] = (h[pair] @ down[e, n]) * routing weight[pair], for expert e's pairs, BN columns."""
+        ty = y_ptr.dtype.element_ty
+        e = tl.program_id(0)
+        n = tl.program_id(1) * BN + tl.arange(0, BN)
+        count = _count(ids_ptr, P, e, ep_start, BP)
+        w_e = w_ptr + e.to(tl.int64) * H * I
+        c = 0
+        while c < count:
+            pair, valid = _pairs_of(ids_ptr, P, e, ep_start, c, BP, BM)
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
+            for k0 in range(0, I, BK):
+                k = k0 + tl.arange(0, BK)
+                h = tl.load(h_ptr + pair[:, None] * I + k[None, :], mask=valid[:, None] & (k[None, :] < I), other=0.0)
+                w = tl.load(w_e + n[None, :] * I + k[:, None], mask=(n[None, :] < H) & (k[:, None] < I), other=0.0)
+                acc = _dot(h, w, acc, EXACT)
+            rw = tl.load(rw_ptr + pair, mask=valid, other=0.0).to(tl.float32)
+            y = _round(acc, ty) * rw[:, None]
+            tl.store(y_ptr + pair[:, None] * H + n[None, :], y.to(ty), mask=valid[:, None] & (n[None, :] < H))
+            c += BM
+
+    @triton.jit
+    def _moe_sum(y_ptr, ids_ptr, out_ptr, H, ep_start, E, TOP_K: tl.constexpr, BH: tl.constexpr):
+        """out[token] = sum of its pairs' rows whose expert is local (others belong to other ranks)."""
+        ty = out_ptr.dtype.element_ty
+        t = tl.program_id(0)
+        o = tl.program_id(1) * BH + tl.arange(0, BH)
+        acc = tl.zeros([BH], dtype=tl.float32)
+        for j in tl.static_range(TOP_K):
+            e = tl.load(ids_ptr + t * TOP_K + j) - ep_start
+            ok = (e >= 0) & (e < E)
+            acc += tl.load(y_ptr + (t * TOP_K + j) * H + o, mask=(o < H) & ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + t * H + o, acc.to(ty), mask=o < H)
+
+
+MOE_MAX_PAIRS = 512  # token-expert pairs per call (batch 64 at top-8); the selection is O(pairs) per program
+# (BN, BK, warps, stages) on GPUs: decode reads each touched expert once, so many narrow column blocks keep
+# every SM streaming weights
+MOE_BLOCK = (64, 128, 4, 3)
+
+
+def moe_supported(experts: Any) -> bool:
+    """transformers' fused-3D experts layout with a SiLU gate, no biases: what `moe_experts` computes."""
+    gu, dn = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if not isinstance(gu, torch.Tensor) or not isinstance(dn, torch.Tensor) or gu.dim() != 3:
+        return False
+    if getattr(experts, "is_transposed", False) or getattr(experts, "has_bias", False):
+        return False
+    act = type(getattr(experts, "act_fn", None)).__name__
+    if not getattr(experts, "has_gate", True) or act not in ("SiLU", "SiLUActivation"):
+        return False
+    e, two_i, h = gu.shape
+    return dn.shape == (e, h, two_i // 2) and gu.is_contiguous() and dn.is_contiguous() and gu.dtype == dn.dtype
+
+
+def moe_enabled() -> bool:
+    """The fused MoE kernels on (QWENHW_FUSED_MOE=0: transformers' experts kernels with the other fused ones)."""
+    return os.environ.get("QWENHW_FUSED_MOE", "1") != "0"
+
+
+def moe_experts(x: torch.Tensor, experts: Any, idx: torch.Tensor, weights: torch.Tensor,
+                ep_start: int = 0, block: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """The routed experts' output [tokens, hidden] for x [tokens, hidden], ids/weights [tokens, top_k].
+
+    Experts are `experts.gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I] (transformers' layout); ids are
+    global, this module holds experts [ep_start, ep_start + E) and pairs routed elsewhere contribute zero
+    (expert parallel). Three kernels whatever the routing: gate/up + SiLU, down * weight, and the sum.
+    `block` = (BN, BK, warps, stages) overrides the tile shape (bench/multi_gpu.py sweeps a few).
+    """
+    gu, dn = experts.gate_up_proj, experts.down_proj
+    n_exp, two_i, hidden = gu.shape
+    inter = two_i // 2
+    tokens, top_k = idx.shape
+    pairs = tokens * top_k
+    x = x.contiguous()
+    ids = idx.reshape(-1).contiguous()
+    rw = weights.reshape(-1).contiguous()
+    h = torch.empty((pairs, inter), dtype=x.dtype, device=x.device)
+    y = torch.empty((pairs, hidden), dtype=x.dtype, device=x.device)
+    out = torch.empty((tokens, hidden), dtype=x.dtype, device=x.device)
+    bp = max(16, triton.next_power_of_2(pairs))
+    exact = not x.is_cuda or x.dtype == torch.float32  # fp32 models keep fp32 products (no TF32)
+    bn, bk, warps, stages = block or (MOE_BLOCK if x.is_cuda else (16, 32, 4, 1))
+    tiles = dict(BP=bp, BM=16, BN=bn, BK=bk, EXACT=exact, num_warps=warps, num_stages=stages)
+    _moe_gate_up[(n_exp, triton.cdiv(inter, bn))](x, gu, ids, h, pairs, ep_start, H=hidden, I=inter,
+                                                  TOP_K=top_k, **tiles)
+    _moe_down[(n_exp, triton.cdiv(hidden, bn))](h, dn, ids, rw, y, pairs, ep_start, H=hidden, I=inter, **tiles)
+    bh = min(1024, triton.next_power_of_2(hidden))
+    _moe_sum[(tokens, triton.cdiv(hidden, bh))](y, ids, out, hidden, ep_start, n_exp, TOP_K=top_k, BH=bh)
+    return out
 
 
 def qk_rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm: Any, k_norm: Any,

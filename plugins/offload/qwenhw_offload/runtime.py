@@ -78,9 +78,15 @@ class Runtime:
         self.k = torch.zeros(shape, dtype=dtype, device=self.device)
         self.v = torch.zeros(shape, dtype=dtype, device=self.device)
         self.arange = torch.arange(max_len, device=self.device)
+        self.reducer = None
+        if group is not None:
+            from .parallel import Reducer
+
+            self.reducer = Reducer(group, batch * self.cfg.hidden_size, dtype, self.device)
         self.rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
         # decode steps on CUDA: q/k norm + RoPE + cache write and the MoE router as one Triton kernel each
         self.fused = fused.available(self.device) and graphs != "emulate"
+        self._decoding = False  # decode steps take the fused MoE kernels; prompts keep transformers' experts
         # static buffers for captured decode steps
         self.tok = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
         self.pos = torch.zeros((1,), dtype=torch.long, device=self.device)
@@ -124,21 +130,30 @@ class Runtime:
         layer = self.layers[i]
         x = rms_norm(layer.post_attention_layernorm, h)
         route = fused.gate_route if self.fused else None
-        if self.group is not None and hasattr(layer.mlp, "experts"):
+        experts = getattr(layer.mlp, "experts", None)
+        if experts is not None and self._fused_moe(layer.mlp, x):  # decode: router + 3 Triton kernels
+            flat = x.reshape(-1, x.shape[-1])
+            weights, idx = route(layer.mlp.gate, flat)
+            out = fused.moe_experts(flat, experts, idx, weights, getattr(experts, "ep_start", 0))
+            return h + self._reduce(out.view_as(x))
+        if self.group is not None and experts is not None:
             from .parallel import expert_parallel_moe
 
             return h + self._reduce(expert_parallel_moe(layer.mlp, x, route))
-        if route is not None and hasattr(layer.mlp, "experts") and not hasattr(layer.mlp, "shared_expert"):
+        if route is not None and experts is not None and not hasattr(layer.mlp, "shared_expert"):
             flat = x.reshape(-1, x.shape[-1])
             weights, idx = route(layer.mlp.gate, flat)
-            return h + self._reduce(layer.mlp.experts(flat, idx, weights).view_as(x))
+            return h + self._reduce(experts(flat, idx, weights).view_as(x))
         return h + self._reduce(layer.mlp(x))
+
+    def _fused_moe(self, mlp: Any, x: torch.Tensor) -> bool:
+        pairs = x.numel() // x.shape[-1] * getattr(mlp.gate, "top_k", 1 << 30)
+        return (self.fused and self._decoding and fused.moe_enabled() and not hasattr(mlp, "shared_expert")
+                and pairs <= fused.MOE_MAX_PAIRS and fused.moe_supported(mlp.experts))
 
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum partial results over the tensor/expert-parallel ranks (row-parallel outputs)."""
-        if self.group is not None:
-            torch.distributed.all_reduce(x, group=self.group)
-        return x
+        return x if self.reducer is None else self.reducer(x)
 
     def _rope_and_mask(self, pos: torch.Tensor, causal_from_zero: bool = False):
         cos, sin = self.model.model.rotary_emb(self.k, position_ids=pos[None, :])
@@ -180,6 +195,7 @@ class Runtime:
         if n + 1 > self.max_len:
             raise ValueError(f"prompt of {n} tokens does not fit the {self.max_len}-token cache")
         self._use_experts(self.prefill_experts)
+        self._decoding = False
         t = torch.tensor(rows, dtype=torch.long, device=self.device)
         pos = torch.arange(n, device=self.device)
         self.length = n
@@ -191,6 +207,7 @@ class Runtime:
         if self.length >= self.max_len:
             raise ValueError(f"the {self.max_len}-token cache is full")
         self._use_experts(self.decode_experts)
+        self._decoding = True
         if isinstance(token, int):
             self.tok.fill_(token)
         else:
