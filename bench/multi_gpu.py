@@ -154,6 +154,35 @@ def moe_kernel_check(hidden: int = 2048, inter: int = 768, n_exp: int = 128, top
     return out
 
 
+def attention_check(heads: int = 32, kv_heads: int = 4, head_dim: int = 128) -> list[dict]:
+    """The split-KV decode attention (fused.decode_attention) against SDPA over the masked static cache, as
+    the runtime called it before: error, and time per layer at a few cache sizes and positions."""
+    import torch.nn.functional as F
+
+    from qwenhw_offload import fused
+
+    rows = []
+    for b, max_len, pos in ((1, 1024, 64), (16, 1024, 64), (16, 8192, 64), (16, 8192, 8000), (1, 32768, 64)):
+        q = torch.randn(b, heads, 1, head_dim, device="cuda").bfloat16()
+        kc, vc = (torch.randn(b, kv_heads, max_len, head_dim, device="cuda").bfloat16() for _ in range(2))
+        p = torch.tensor([pos], device="cuda")
+        mask = torch.zeros(1, 1, 1, max_len, device="cuda", dtype=torch.bfloat16)
+        mask[..., pos + 1:] = float("-inf")
+        scale = head_dim ** -0.5
+
+        def sdpa():
+            return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=scale, enable_gqa=True)
+
+        with torch.inference_mode():
+            ref = sdpa().transpose(1, 2).reshape(b, 1, -1).float()
+            got = fused.decode_attention(q, kc, vc, p, scale).float()
+            rows.append({"batch": b, "max_len": max_len, "pos": pos,
+                         "rel_err": float((got - ref).norm() / ref.norm()),
+                         "fused_us": graph_time(lambda: fused.decode_attention(q, kc, vc, p, scale)) * 1e6,
+                         "sdpa_us": graph_time(sdpa) * 1e6})
+    return rows
+
+
 def allreduce_check(group, world: int, hidden: int) -> list[dict]:
     """Per-call latency of summing [batch, hidden] bf16 over the group inside a CUDA graph."""
     from qwenhw_offload.parallel import Reducer
@@ -257,6 +286,12 @@ def main() -> None:
     else:  # the rows still run, on transformers' experts kernels
         os.environ["QWENHW_FUSED_MOE"] = "0"
     extra["moe_block"] = list(fused.MOE_BLOCK) if fused.moe_enabled() else None
+    if rank == 0 and not big:
+        try:
+            extra["attention"] = attention_check()
+        except Exception as exc:
+            extra["attention"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        log(json.dumps({"attention": extra["attention"]}))
     if world > 1:
         try:
             extra["allreduce"] = allreduce_check(dist.group.WORLD, world, 4096 if big else 2048)

@@ -81,9 +81,38 @@ for name in ("float32", "bfloat16"):
         rest = fused.moe_experts(x, ex, torch.where(mine, torch.full_like(idx, 99), idx), w)  # ids 99: not here
         top1 = fused.moe_experts(x, ex, idx[:, :1], w[:, :1])
         ref_top1 = ex(x, idx[:, :1], w[:, :1])
+        h = torch.randn(t, 48, generator=g).to(dt)
+        into = torch.full((t, 48), float("nan"), dtype=dt)
+        with_res = fused.moe_experts(x, ex, idx, w, residual=h, out=into)
     out[name] = {"full": rel(got, ref), "ep": rel(part, ref_part), "ep_sum": rel(part + rest, ref),
                  "top1": rel(top1, ref_top1), "supported": fused.moe_supported(ex),
-                 "no_pair_row_zero": bool((rest[3] == 0).all())}
+                 "no_pair_row_zero": bool((rest[3] == 0).all()), "residual": rel(with_res, h + ref),
+                 "wrote_into_out": with_res is into and not bool(into.isnan().any())}
+print(json.dumps(out))
+'''
+
+ATTENTION = r'''
+import json, torch
+import torch.nn.functional as F
+from qwenhw_offload import fused
+out = {}
+for name in ("float32", "bfloat16"):
+    dt = getattr(torch, name)
+    g = torch.Generator().manual_seed(0)
+    b, hq, hk, d, L = 2, 8, 2, 64, 600  # 3 splits of 256 positions
+    res = {}
+    for pos in (0, 37, 255, 256, 599):
+        q = torch.randn(b, hq, 1, d, generator=g).to(dt)
+        kc, vc = (torch.randn(b, hk, L, d, generator=g).to(dt) for _ in range(2))
+        kc[:, :, pos + 1:] = float("nan")  # past the current position: must never be read
+        vc[:, :, pos + 1:] = float("nan")
+        mask = torch.zeros(1, 1, 1, L, dtype=dt)
+        mask[..., pos + 1:] = float("-inf")
+        ref = F.scaled_dot_product_attention(q, kc.nan_to_num(), vc.nan_to_num(), attn_mask=mask, scale=0.125,
+                                             enable_gqa=True).transpose(1, 2).reshape(b, 1, -1)
+        got = fused.decode_attention(q, kc, vc, torch.tensor([pos]), 0.125)
+        res[str(pos)] = float((got.float() - ref.float()).norm() / ref.float().norm())
+    out[name] = res
 print(json.dumps(out))
 '''
 
@@ -93,8 +122,9 @@ from transformers import AutoModelForCausalLM
 from qwenhw_offload import fused
 from qwenhw_offload.runtime import Runtime, SampleParams
 calls = []
-moe_experts = fused.moe_experts
-fused.moe_experts = lambda *a, **k: calls.append(1) or moe_experts(*a, **k)
+moe_experts, decode_attention = fused.moe_experts, fused.decode_attention
+fused.moe_experts = lambda *a, **k: calls.append("moe") or moe_experts(*a, **k)
+fused.decode_attention = lambda *a, **k: calls.append("attention") or decode_attention(*a, **k)
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
 prompt = [785, 6722, 315, 9625, 374, 264]
 rt = Runtime(model, 64, "cpu", graphs=False)
@@ -102,7 +132,8 @@ assert rt.fused
 tokens = list(rt.generate(prompt, 8, SampleParams(), set()))
 with torch.no_grad():
     ref = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
-print(json.dumps({"fused": tokens, "hf": ref, "moe_calls": len(calls)}))
+print(json.dumps({"fused": tokens, "hf": ref, "moe_calls": calls.count("moe"),
+                  "attention_calls": calls.count("attention")}))
 '''
 
 
@@ -126,7 +157,7 @@ def test_fused_kernels_follow_transformers():
 def test_runtime_decodes_through_the_fused_kernels(tiny_moe):
     out = _interpret(RUNTIME, str(tiny_moe))
     assert out["fused"] == out["hf"]
-    assert out["moe_calls"] == 2 * 7  # both MoE layers of every decode step (not the prompt)
+    assert out["moe_calls"] == out["attention_calls"] == 2 * 7  # both layers, every decode step (not the prompt)
 
 
 def test_fused_moe_kernels_follow_transformers_experts():
@@ -134,5 +165,14 @@ def test_fused_moe_kernels_follow_transformers_experts():
     fp32, bf16 = out["float32"], out["bfloat16"]
     assert fp32["full"] < 1e-5 and fp32["ep"] < 1e-5 and fp32["ep_sum"] < 1e-5 and fp32["top1"] < 1e-5
     assert bf16["full"] < 3e-2 and bf16["ep"] < 3e-2 and bf16["ep_sum"] < 3e-2
+    assert fp32["residual"] < 1e-5 and bf16["residual"] < 3e-2
     for r in (fp32, bf16):
-        assert r["supported"] and r["no_pair_row_zero"]
+        assert r["supported"] and r["no_pair_row_zero"] and r["wrote_into_out"]
+
+
+def test_decode_attention_reads_the_filled_cache_only():
+    """Split-KV decode attention against SDPA with the runtime's mask; positions past the current one hold
+    NaN, so reading any of them would show."""
+    out = _interpret(ATTENTION)
+    assert max(out["float32"].values()) < 1e-5
+    assert max(out["bfloat16"].values()) < 2e-2

@@ -179,18 +179,75 @@ if triton is not None:
             c += BM
 
     @triton.jit
-    def _moe_sum(y_ptr, ids_ptr, out_ptr, H, ep_start, E, TOP_K: tl.constexpr, BH: tl.constexpr):
-        """out[token] = sum of its pairs' rows whose expert is local (others belong to other ranks)."""
+    def _moe_sum(y_ptr, ids_ptr, res_ptr, out_ptr, H, ep_start, E, TOP_K: tl.constexpr, BH: tl.constexpr,
+                 RESIDUAL: tl.constexpr):
+        """out[token] = (residual +) the sum of its pairs' rows whose expert is local (others: other ranks)."""
         ty = out_ptr.dtype.element_ty
         t = tl.program_id(0)
         o = tl.program_id(1) * BH + tl.arange(0, BH)
         acc = tl.zeros([BH], dtype=tl.float32)
+        if RESIDUAL:
+            acc += tl.load(res_ptr + t * H + o, mask=o < H, other=0.0).to(tl.float32)
         for j in tl.static_range(TOP_K):
             e = tl.load(ids_ptr + t * TOP_K + j) - ep_start
             ok = (e >= 0) & (e < E)
             acc += tl.load(y_ptr + (t * TOP_K + j) * H + o, mask=(o < H) & ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + t * H + o, acc.to(ty), mask=o < H)
 
+    @triton.jit
+    def _attn_split(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, ml_ptr, HQ, HK, L, S, scale, G: tl.constexpr,
+                    BG: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr,
+                    EXACT: tl.constexpr):
+        """One KV head's G query heads over cache positions [s*CHUNK, (s+1)*CHUNK) up to the current one:
+        flash-attention partials (unnormalised sum, running max, denominator)."""
+        bk = tl.program_id(0)
+        sp = tl.program_id(1)
+        bi = bk // HK
+        kh = bk % HK
+        g = tl.arange(0, BG)
+        d = tl.arange(0, D)
+        rows = bi * HQ + kh * G + g  # transformers' repeat_kv: query head h reads KV head h // G
+        q = tl.load(q_ptr + rows[:, None] * D + d[None, :], mask=g[:, None] < G, other=0.0)
+        m = tl.full([BG], float("-inf"), dtype=tl.float32)
+        den = tl.zeros([BG], dtype=tl.float32)
+        acc = tl.zeros([BG, D], dtype=tl.float32)
+        base = (bi * HK + kh).to(tl.int64) * L * D
+        end = tl.minimum(tl.load(pos_ptr) + 1, (sp + 1) * CHUNK)
+        n0 = sp * CHUNK
+        while n0 < end:  # positions past the current one are never read
+            n = n0 + tl.arange(0, BN)
+            ok = n < end
+            k = tl.load(k_ptr + base + n[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+            sc = _dot(q, tl.trans(k), tl.zeros([BG, BN], dtype=tl.float32), EXACT) * scale
+            sc = tl.where(ok[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m, tl.max(sc, 1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(sc - m_new[:, None])
+            den = den * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + base + n[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+            acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], EXACT)
+            m = m_new
+            n0 += BN
+        part = rows * S + sp
+        tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=g[:, None] < G)
+        tl.store(ml_ptr + part * 2, m, mask=g < G)
+        tl.store(ml_ptr + part * 2 + 1, den, mask=g < G)
+
+    @triton.jit
+    def _attn_combine(acc_ptr, ml_ptr, out_ptr, S, D: tl.constexpr, BS: tl.constexpr):
+        """One query head: the splits' partials into its attention output."""
+        r = tl.program_id(0)
+        sp = tl.arange(0, BS)
+        d = tl.arange(0, D)
+        m = tl.load(ml_ptr + (r * S + sp) * 2, mask=sp < S, other=float("-inf"))
+        den = tl.load(ml_ptr + (r * S + sp) * 2 + 1, mask=sp < S, other=0.0)
+        w = tl.exp(m - tl.max(m, 0))  # splits past the current position: m = -inf, weight 0
+        acc = tl.load(acc_ptr + (r * S + sp[:, None]) * D + d[None, :], mask=sp[:, None] < S, other=0.0)
+        o = tl.sum(acc * w[:, None], 0) / tl.sum(den * w, 0)
+        tl.store(out_ptr + r * D + d, o.to(out_ptr.dtype.element_ty))
+
+
+ATTN_CHUNK = 256  # cache positions per program: a 32k cache is 128 splits, a short prompt one or two
 
 MOE_MAX_PAIRS = 512  # token-expert pairs per call (batch 64 at top-8); the selection is O(pairs) per program
 # (BN, BK, warps, stages) on GPUs: decode reads each touched expert once, so many narrow column blocks keep
@@ -218,13 +275,16 @@ def moe_enabled() -> bool:
 
 
 def moe_experts(x: torch.Tensor, experts: Any, idx: torch.Tensor, weights: torch.Tensor,
-                ep_start: int = 0, block: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                ep_start: int = 0, block: tuple[int, int, int, int] | None = None,
+                residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """The routed experts' output [tokens, hidden] for x [tokens, hidden], ids/weights [tokens, top_k].
 
     Experts are `experts.gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I] (transformers' layout); ids are
     global, this module holds experts [ep_start, ep_start + E) and pairs routed elsewhere contribute zero
     (expert parallel). Three kernels whatever the routing: gate/up + SiLU, down * weight, and the sum.
     `block` = (BN, BK, warps, stages) overrides the tile shape (bench/multi_gpu.py sweeps a few).
+    `residual` [tokens, hidden] is added in the last kernel (the decoder layer's skip connection); `out`, a
+    contiguous [tokens, hidden] tensor to write into (a tensor-parallel reducer's buffer).
     """
     gu, dn = experts.gate_up_proj, experts.down_proj
     n_exp, two_i, hidden = gu.shape
@@ -236,7 +296,7 @@ def moe_experts(x: torch.Tensor, experts: Any, idx: torch.Tensor, weights: torch
     rw = weights.reshape(-1).contiguous()
     h = torch.empty((pairs, inter), dtype=x.dtype, device=x.device)
     y = torch.empty((pairs, hidden), dtype=x.dtype, device=x.device)
-    out = torch.empty((tokens, hidden), dtype=x.dtype, device=x.device)
+    out = torch.empty((tokens, hidden), dtype=x.dtype, device=x.device) if out is None else out
     bp = max(16, triton.next_power_of_2(pairs))
     exact = not x.is_cuda or x.dtype == torch.float32  # fp32 models keep fp32 products (no TF32)
     bn, bk, warps, stages = block or (MOE_BLOCK if x.is_cuda else (16, 32, 4, 1))
@@ -245,7 +305,33 @@ def moe_experts(x: torch.Tensor, experts: Any, idx: torch.Tensor, weights: torch
                                                   TOP_K=top_k, **tiles)
     _moe_down[(n_exp, triton.cdiv(hidden, bn))](h, dn, ids, rw, y, pairs, ep_start, H=hidden, I=inter, **tiles)
     bh = min(1024, triton.next_power_of_2(hidden))
-    _moe_sum[(tokens, triton.cdiv(hidden, bh))](y, ids, out, hidden, ep_start, n_exp, TOP_K=top_k, BH=bh)
+    res = residual.contiguous() if residual is not None else out
+    _moe_sum[(tokens, triton.cdiv(hidden, bh))](y, ids, res, out, hidden, ep_start, n_exp, TOP_K=top_k, BH=bh,
+                                                RESIDUAL=residual is not None)
+    return out
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Attention of one new token per sequence over the static cache, reading positions 0..pos only.
+
+    q [b, hq, 1, d] contiguous; caches [b, hk, max_len, d]; pos a 1-element tensor (read on the device, so a
+    captured graph serves every step). Returns [b, 1, hq * d], the layout o_proj takes. Split-KV
+    (flash-decoding): programs over 256-position chunks, then one kernel combines them. SDPA over the
+    static cache with a mask reads all max_len positions every step.
+    """
+    b, hq, _, d = q.shape
+    hk, max_len = k_cache.shape[1], k_cache.shape[2]
+    splits = triton.cdiv(max_len, ATTN_CHUNK)
+    acc = torch.empty((b * hq * splits, d), dtype=torch.float32, device=q.device)
+    ml = torch.empty((b * hq * splits, 2), dtype=torch.float32, device=q.device)
+    out = torch.empty((b, 1, hq * d), dtype=q.dtype, device=q.device)
+    g = hq // hk
+    exact = not q.is_cuda or q.dtype == torch.float32
+    _attn_split[(b * hk, splits)](q, k_cache, v_cache, pos, acc, ml, hq, hk, max_len, splits, float(scale),
+                                  G=g, BG=max(16, triton.next_power_of_2(g)), D=d, BN=64 if q.is_cuda else 16,
+                                  CHUNK=ATTN_CHUNK, EXACT=exact)
+    _attn_combine[(b * hq,)](acc, ml, out, splits, D=d, BS=max(2, triton.next_power_of_2(splits)))
     return out
 
 

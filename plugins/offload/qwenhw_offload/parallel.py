@@ -81,13 +81,24 @@ class Reducer:
         except Exception as exc:  # older torch, no peer access: NCCL it is
             self.path = f"all_reduce (symmetric memory unavailable: {type(exc).__name__}: {exc})"
 
+    def _fits(self, x: torch.Tensor) -> bool:
+        return self.buf is not None and x.numel() <= self.buf.numel() and x.dtype == self.buf.dtype
+
+    def buffer_like(self, x: torch.Tensor) -> torch.Tensor:
+        """Where a producer writes the partial sum it will reduce: the shared buffer when it fits (no copy)."""
+        return self.buf[: x.numel()].view(x.shape) if self._fits(x) else torch.empty_like(x)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        buf = self.buf
-        if buf is not None and x.numel() <= buf.numel() and x.dtype == buf.dtype and x.is_contiguous():
-            part = buf[: x.numel()]
-            part.copy_(x.view(-1))
-            torch.ops.symm_mem.one_shot_all_reduce_out(part, "sum", self.name, out=x.view(-1))
-            return x
+        """The sum over the group: `x` itself (reduced in place) or, from the shared buffer, a new tensor."""
+        if self._fits(x) and x.is_contiguous():
+            part = self.buf[: x.numel()]
+            out = x
+            if x.data_ptr() == part.data_ptr():
+                out = torch.empty_like(x)
+            else:
+                part.copy_(x.view(-1))
+            torch.ops.symm_mem.one_shot_all_reduce_out(part, "sum", self.name, out=out.view(-1))
+            return out
         torch.distributed.all_reduce(x, group=self.group)
         return x
 

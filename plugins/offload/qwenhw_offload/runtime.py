@@ -79,14 +79,17 @@ class Runtime:
         self.v = torch.zeros(shape, dtype=dtype, device=self.device)
         self.arange = torch.arange(max_len, device=self.device)
         self.reducer = None
+        self.lead = True  # the rank that adds the residual into its partial sum (all of them reduce)
         if group is not None:
             from .parallel import Reducer
 
             self.reducer = Reducer(group, batch * self.cfg.hidden_size, dtype, self.device)
+            self.lead = torch.distributed.get_rank(group=group) == 0
         self.rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
         # decode steps on CUDA: q/k norm + RoPE + cache write and the MoE router as one Triton kernel each
         self.fused = fused.available(self.device) and graphs != "emulate"
         self._decoding = False  # decode steps take the fused MoE kernels; prompts keep transformers' experts
+        self._qkv = self._merge_qkv() if self.fused else []
         # static buffers for captured decode steps
         self.tok = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
         self.pos = torch.zeros((1,), dtype=torch.long, device=self.device)
@@ -98,6 +101,8 @@ class Runtime:
     # --- the model's pieces -------------------------------------------------------------------------
     def _attention(self, i: int, h: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    mask: torch.Tensor) -> torch.Tensor:
+        if self.fused and mask is not None:
+            return self._attention_decode(i, h, pos, cos, sin)
         layer = self.layers[i]
         a = layer.self_attn
         b, t, _ = h.shape
@@ -105,12 +110,6 @@ class Runtime:
         q = a.q_proj(x).view(b, t, -1, self.head_dim)
         k = a.k_proj(x).view(b, t, -1, self.head_dim)
         v = a.v_proj(x).view(b, t, -1, self.head_dim)
-        if self.fused and mask is not None:  # a decode step: one kernel for norms, RoPE and the cache write
-            q = fused.qk_rope_cache(q, k, v, getattr(a, "q_norm", None), getattr(a, "k_norm", None), cos, sin,
-                                    pos, self.k[i], self.v[i])
-            out = F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=mask, scale=a.scaling,
-                                                 enable_gqa=True)
-            return h + self._reduce(a.o_proj(out.transpose(1, 2).reshape(b, t, -1)))
         if hasattr(a, "q_norm"):  # Qwen3 normalises q and k per head; Qwen2 does not
             q, k = rms_norm(a.q_norm, q), rms_norm(a.k_norm, k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -126,6 +125,60 @@ class Runtime:
         out = a.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         return h + self._reduce(out)
 
+    def _attention_decode(self, i: int, h: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor) -> torch.Tensor:
+        """A decode step's attention on the fused kernels: q/k/v in one GEMM; q/k norms, RoPE and the cache
+        write in one kernel; attention over the filled part of the cache; o_proj with the residual added."""
+        layer = self.layers[i]
+        a = layer.self_attn
+        b, t, _ = h.shape
+        x = rms_norm(layer.input_layernorm, h)
+        w, bias, heads = self._qkv[i]
+        q, k, v = F.linear(x, w, bias).view(b, t, -1, self.head_dim).split(heads, dim=2)
+        q = fused.qk_rope_cache(q, k, v, getattr(a, "q_norm", None), getattr(a, "k_norm", None), cos, sin, pos,
+                                self.k[i], self.v[i])
+        out = fused.decode_attention(q, self.k[i], self.v[i], pos, a.scaling)
+        return self._row_parallel(out.view(b * t, -1), a.o_proj, h)
+
+    def _row_parallel(self, x: torch.Tensor, linear: Any, h: torch.Tensor) -> torch.Tensor:
+        """h + linear(x), summed over the tensor-parallel ranks: the residual rides in the GEMM (addmm) of
+        one rank, whose output goes straight into the reducer's buffer."""
+        if linear.bias is not None:
+            return h + self._reduce(linear(x).view_as(h))
+        out = self._partial(h)
+        flat = out.view(-1, out.shape[-1])
+        if self.lead:
+            torch.addmm(h.view(-1, h.shape[-1]), x, linear.weight.t(), out=flat)
+        else:
+            torch.mm(x, linear.weight.t(), out=flat)
+        return self._reduce(out)
+
+    def _partial(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(like) if self.reducer is None else self.reducer.buffer_like(like)
+
+    def _merge_qkv(self) -> list[tuple[torch.Tensor, torch.Tensor | None, list[int]]]:
+        """Decode steps project q, k and v in one GEMM: the three weights become views of one tensor (no
+        copy kept). A model merged by an earlier runtime, and not re-sharded since, is reused as it is."""
+        merged = []
+        for layer in self.layers:
+            a = layer.self_attn
+            projs = (a.q_proj, a.k_proj, a.v_proj)
+            w = getattr(a, "_qkv_weight", None)
+            if w is None or a.q_proj.weight.data_ptr() != w.data_ptr() or any(
+                    p.weight.device != w.device for p in projs):
+                w = torch.cat([p.weight.data for p in projs])
+                bias = torch.cat([p.bias.data for p in projs]) if a.q_proj.bias is not None else None
+                start = 0
+                for p in projs:
+                    n = p.weight.shape[0]
+                    p.weight = torch.nn.Parameter(w[start:start + n], requires_grad=False)
+                    if bias is not None:
+                        p.bias = torch.nn.Parameter(bias[start:start + n], requires_grad=False)
+                    start += n
+                a._qkv_weight, a._qkv_bias = w, bias
+            merged.append((w, a._qkv_bias, [p.weight.shape[0] // self.head_dim for p in projs]))
+        return merged
+
     def _mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
         layer = self.layers[i]
         x = rms_norm(layer.post_attention_layernorm, h)
@@ -134,8 +187,10 @@ class Runtime:
         if experts is not None and self._fused_moe(layer.mlp, x):  # decode: router + 3 Triton kernels
             flat = x.reshape(-1, x.shape[-1])
             weights, idx = route(layer.mlp.gate, flat)
-            out = fused.moe_experts(flat, experts, idx, weights, getattr(experts, "ep_start", 0))
-            return h + self._reduce(out.view_as(x))
+            out = self._partial(h)
+            fused.moe_experts(flat, experts, idx, weights, getattr(experts, "ep_start", 0),
+                              residual=h.view_as(flat) if self.lead else None, out=out.view_as(flat))
+            return self._reduce(out)
         if self.group is not None and experts is not None:
             from .parallel import expert_parallel_moe
 
