@@ -194,12 +194,16 @@ def allreduce_check(group, world: int, hidden: int) -> list[dict]:
         y = x.clone()
         red(y)
         ok = bool((y == world).all())
+        z = red(red.buffer_like(x).fill_(1.0))  # the runtime's way: the producer writes into the buffer
+        ok = ok and bool((z == world).all())
+        dist.barrier()  # each timed call includes its producer (a fill) on both paths
+        t_sym = graph_time(lambda: red(red.buffer_like(x).fill_(1.0)), calls=50)
         dist.barrier()
-        t_sym = graph_time(lambda: red(x.fill_(1.0)), calls=50)
+        t_copy = graph_time(lambda: red(x.fill_(1.0)), calls=50)
         dist.barrier()
         t_nccl = graph_time(lambda: dist.all_reduce(x.fill_(1.0), group=group), calls=50)
-        rows.append({"batch": b, "reducer": red.path, "reducer_us": t_sym * 1e6, "nccl_us": t_nccl * 1e6,
-                     "reducer_sum_correct": ok})
+        rows.append({"batch": b, "reducer": red.path, "reducer_us": t_sym * 1e6, "reducer_with_copy_us": t_copy * 1e6,
+                     "nccl_us": t_nccl * 1e6, "reducer_sum_correct": ok})
     return rows
 
 
@@ -388,7 +392,9 @@ def main() -> None:
             shard(model, rank, world)
         gc.collect()
         torch.cuda.empty_cache()
-        for b in batches:
+        runs = [(b, "1") for b in batches] + ([] if big else [(b, "0") for b in batches])
+        for b, symm in runs:  # symm "0": the same layout on NCCL all-reduces (parallel.Reducer's fallback)
+            os.environ["QWENHW_SYMM_MEM"] = symm
             torch.cuda.reset_peak_memory_stats(rank)
             path = None
             for graphs in (True, False):
@@ -399,7 +405,7 @@ def main() -> None:
                     with torch.inference_mode():
                         rate = decode_rate(rt, b, args.tokens, args.repeats)
                         err = None
-                        if b == 1 and not big:  # every rank runs the prompt; rank 0 compares
+                        if b == 1 and not big and symm == "1":  # every rank runs the prompt; rank 0 compares
                             rt.reset()
                             logits = rt.prefill(probe[0].tolist())[0].float().cpu()
                             err = float((logits - ref).norm() / ref.norm()) if rank == 0 else None
@@ -412,13 +418,14 @@ def main() -> None:
             dist.all_gather(mems, mem)
             if rank == 0:
                 rows.append({"config": f"qwenhw TP={world} attention + EP={world} experts"
-                                       + ("" if graphs else " (no CUDA graphs)"),
+                                       + ("" if graphs else " (no CUDA graphs)") + ("" if symm == "1" else ", NCCL"),
                              "batch": b, "tok_s": rate, "gpu_gib": [float(m) for m in mems], "logit_rel_err": err,
                              "reduce": path})
                 log(json.dumps(rows[-1]))
             del rt
             gc.collect()
             torch.cuda.empty_cache()
+        os.environ["QWENHW_SYMM_MEM"] = "1"
         del model  # before the next layout builds its own
         gc.collect()
         torch.cuda.empty_cache()

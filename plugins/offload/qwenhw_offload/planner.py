@@ -31,17 +31,20 @@ GPU_UTILISATION = 0.92
 CPU_EFFICIENCY = CPU_TORCH_GEMV_EFFICIENCY  # transformers on the CPU: torch GEMVs
 # Per-layer fixed costs of a decode step, measured on an H100 host (docs/benchmarks.md)
 EAGER_LAYER_OVERHEAD = 1.2e-3  # transformers generate(): Python + ~30 launches per layer
-# CUDA graph replay of a layer's ~37 small kernels with the fused decode kernels (131.9 tok/s at 48 layers on
-# an H100; 180 us and 105 tok/s with torch ops alone), docs/benchmarks.md 2026-11-28
-GRAPH_LAYER_OVERHEAD = 120e-6
+# A CUDA-graph decode step on the fused kernels (fused.py: ~14 kernels per layer) streams the weights it
+# touches at ~88% of the GPU's memory bandwidth (the MoE kernel measured 3.9-4.4 TB/s on an H200) and pays
+# ~55 us per layer of kernel latency besides: fitted to the 1-GPU batch-1 and batch-16 rows on 4x H200
+# (248 and 1360 tok/s, 48 layers), docs/benchmarks.md 2026-11-28
+GRAPH_BANDWIDTH_EFFICIENCY = 0.88
+GRAPH_LAYER_OVERHEAD = 55e-6
 # the hybrid's CPU experts run the fused kernel (cpu_moe.c): one layer's 8 experts (75 MB) stream at 92 GB/s
 # on the 16-core H100 host whose profile estimates 128 GB/s; a token also pays ~310 us per MoE layer for the
 # layer's attention graph, the router sync and the hidden-state copies (docs/benchmarks.md, 2026-11-28)
 HYBRID_LAYER_OVERHEAD = 310e-6
 HYBRID_CPU_EFFICIENCY = 0.72
-# an NCCL all-reduce of one hidden state inside our CUDA graphs, NVLink: fitted to the TP=2/4 runs at batch 1
-# and 16 on H100s (vLLM's custom all-reduce is faster; the shared planning constant is for that)
-NCCL_GRAPH_ALLREDUCE_S = 26e-6
+# all-reducing one decode step's hidden states inside our CUDA graphs over NVLink (parallel.Reducer: a
+# symmetric-memory one-shot kernel; NCCL took 7-13 us): 8-12 us measured on 2 and 4 H200s
+GRAPH_ALLREDUCE_S = 10e-6
 ACCELERATE_COPY_EFFICIENCY = 0.12  # of the pinned host-to-device rate, for accelerate's pageable copies
 DEFAULT_CONTEXT = 8192
 FAST_ARCHITECTURES = ("qwen3", "qwen3_moe", "qwen2")
@@ -349,7 +352,7 @@ def parallel_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str
     if not why and not fits:
         reasons.append(f"{(weights + kv + overhead) / GiB:.1f} GiB per GPU exceed the {cap / GiB:.1f} GiB budget")
     bw, latency = link_between(node, tp)
-    latency = max(latency, NCCL_GRAPH_ALLREDUCE_S)
+    latency = max(latency, GRAPH_ALLREDUCE_S)
     if fits and tp > 1:
         reasons.append(
             (f"{dp} replicas of {tp} GPUs, each decoding {per_replica} of the {batch} sequences; in a replica, "
@@ -373,7 +376,7 @@ def parallel_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str
         head = wb.embeddings if spec.tie_embeddings else wb.embeddings / 2
         per_gpu = (stream - head) / tp + head
         kv_read = per_replica * context / 2 * mm.kv_bytes_per_token(served, kv_dtype) * kv_share
-        gpu_bw = gpu.bandwidth_gbs * 1e9 * 0.75
+        gpu_bw = gpu.bandwidth_gbs * 1e9 * GRAPH_BANDWIDTH_EFFICIENCY
         t = (per_gpu + kv_read) / gpu_bw + spec.num_layers * GRAPH_LAYER_OVERHEAD
         msg = per_replica * spec.hidden_size * 2
         t += 2 * spec.num_layers * (latency + 2 * msg * (tp - 1) / tp / (bw * 1e9))
@@ -399,7 +402,7 @@ def _gpu_estimate(spec, node, gpu, concurrency, context, kv_dtype, gpu_w, cpu_w,
     total = gpu_w + cpu_w + disk_w + cache or 1.0
     stream = _stream_bytes(spec, concurrency)
     kv_read = concurrency * context / 2 * mm.kv_bytes_per_token(spec, kv_dtype)
-    gpu_bw = gpu.bandwidth_gbs * 1e9 * 0.75
+    gpu_bw = gpu.bandwidth_gbs * 1e9 * (GRAPH_BANDWIDTH_EFFICIENCY if engine == "transformers-fast" else 0.75)
     if engine == "hybrid-moe":
         expert_stream = experts_touched(spec, concurrency) * mm.expert_bytes(spec) * spec.num_moe_layers
         hit = cache / experts_total if experts_total else 0.0  # uniform routing: hit rate = share cached

@@ -142,9 +142,13 @@ class Runtime:
 
     def _row_parallel(self, x: torch.Tensor, linear: Any, h: torch.Tensor) -> torch.Tensor:
         """h + linear(x), summed over the tensor-parallel ranks: the residual rides in the GEMM (addmm) of
-        one rank, whose output goes straight into the reducer's buffer."""
+        one rank, whose output goes straight into the reducer's buffer. On one GPU the GEMM accumulates
+        into h itself (the layer's input, read by nothing after this), which saves addmm's copy of h."""
         if linear.bias is not None:
             return h + self._reduce(linear(x).view_as(h))
+        if self.reducer is None:
+            h.view(-1, h.shape[-1]).addmm_(x, linear.weight.t())
+            return h
         out = self._partial(h)
         flat = out.view(-1, out.shape[-1])
         if self.lead:
