@@ -162,7 +162,8 @@ class Runtime:
 
     def _merge_qkv(self) -> list[tuple[torch.Tensor, torch.Tensor | None, list[int]]]:
         """Decode steps project q, k and v in one GEMM: the three weights become views of one tensor (no
-        copy kept). A model merged by an earlier runtime, and not re-sharded since, is reused as it is."""
+        copy kept; one layer's copy at a time while merging). A model merged by an earlier runtime, and not
+        re-sharded since, is reused as it is."""
         merged = []
         for layer in self.layers:
             a = layer.self_attn
@@ -180,6 +181,8 @@ class Runtime:
                         p.bias = torch.nn.Parameter(bias[start:start + n], requires_grad=False)
                     start += n
                 a._qkv_weight, a._qkv_bias = w, bias
+                if w.is_cuda:  # hand the three old tensors back now, or 48 layers keep ~1 GiB reserved
+                    torch.cuda.empty_cache()
             merged.append((w, a._qkv_bias, [p.weight.shape[0] // self.head_dim for p in projs]))
         return merged
 
