@@ -238,6 +238,19 @@ def config_235b(layers: int):
                           max_position_embeddings=40960, tie_word_embeddings=False, rope_theta=1e6)
 
 
+def memory_point(label: str, device: int, model=None) -> dict:
+    """This process's allocator state on `device` (GiB): what is live, reserved, and reserved but unusable."""
+    st = torch.cuda.memory_stats(device)
+    point = {"at": label, "allocated": st["allocated_bytes.all.current"] / GiB,
+             "reserved": st["reserved_bytes.all.current"] / GiB, "peak_reserved": st["reserved_bytes.all.peak"] / GiB,
+             "peak_allocated": st["allocated_bytes.all.peak"] / GiB,
+             "inactive_split": st["inactive_split_bytes.all.current"] / GiB, "segments": st["segment.all.current"]}
+    if model is not None:
+        point["parameters"] = sum(p.numel() * p.element_size() for p in model.parameters()) / GiB
+        point["buffers"] = sum(b.numel() * b.element_size() for b in model.buffers()) / GiB
+    return point
+
+
 def peak_gib(device: int, nontorch: float) -> float:
     return (torch.cuda.max_memory_reserved(device) + nontorch) / GiB
 
@@ -253,6 +266,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--accelerate-tokens", type=int, default=8)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--only-tp", action="store_true", help="only the TP+EP layout over all GPUs (memory traces)")
     args = ap.parse_args()
     big = args.model == "235b"
     args.layers = args.layers or (94 if big else 48)
@@ -307,7 +321,7 @@ def main() -> None:
     # --- 1 GPU and accelerate's layer split: rank 0 alone, the other GPUs idle ---------------------
     ref = None
     census = None
-    if rank == 0 and not big:
+    if rank == 0 and not big and not args.only_tp:
         model = build(args.layers, "cuda:0")
         with torch.inference_mode():
             ref = model(probe.cuda()).logits[0, -1].float().cpu()
@@ -392,6 +406,7 @@ def main() -> None:
             shard(model, rank, world)
         gc.collect()
         torch.cuda.empty_cache()
+        trace = [memory_point("after build + shard", rank, model)]
         runs = [(b, "1") for b in batches] + ([] if big else [(b, "0") for b in batches])
         for b, symm in runs:  # symm "0": the same layout on NCCL all-reduces (parallel.Reducer's fallback)
             os.environ["QWENHW_SYMM_MEM"] = symm
@@ -402,10 +417,11 @@ def main() -> None:
                     rt = Runtime(model, max_len=args.context, device=f"cuda:{rank}", graphs=graphs,
                                  decode_experts="grouped_mm", batch=b, group=dist.group.WORLD)
                     path = rt.reducer.path
+                    trace.append(memory_point(f"batch {b}, symm {symm}: runtime built", rank))
                     with torch.inference_mode():
                         rate = decode_rate(rt, b, args.tokens, args.repeats)
                         err = None
-                        if b == 1 and not big and symm == "1":  # every rank runs the prompt; rank 0 compares
+                        if b == 1 and not big and not args.only_tp and symm == "1":  # every rank runs it
                             rt.reset()
                             logits = rt.prefill(probe[0].tolist())[0].float().cpu()
                             err = float((logits - ref).norm() / ref.norm()) if rank == 0 else None
@@ -413,6 +429,7 @@ def main() -> None:
                 except Exception as exc:  # graph capture of NCCL collectives can fail: measure eagerly then
                     log(f"rank {rank}: graphs={graphs} failed: {type(exc).__name__}: {exc}")
                     rate, err = float("nan"), None
+            trace.append(memory_point(f"batch {b}, symm {symm}: after decoding", rank))
             mem = torch.tensor([peak_gib(rank, nontorch)], device="cuda")
             mems = [torch.zeros_like(mem) for _ in range(world)]
             dist.all_gather(mems, mem)
@@ -426,13 +443,21 @@ def main() -> None:
             gc.collect()
             torch.cuda.empty_cache()
         os.environ["QWENHW_SYMM_MEM"] = "1"
+        traces = [None] * world
+        dist.all_gather_object(traces, {"nontorch_gib": nontorch / GiB, "points": trace})
+        extra["tp_memory_trace"] = traces
+        if rank == 0:
+            for r, t in enumerate(traces):
+                log(f"rank {r} memory (GiB; torch context and NCCL outside: {t['nontorch_gib']:.2f} at start)")
+                for point in t["points"]:
+                    log("  " + json.dumps(point))
         del model  # before the next layout builds its own
         gc.collect()
         torch.cuda.empty_cache()
 
     # --- qwenhw data parallel: world // tp replicas of tp GPUs, each decoding batch // replicas -------------
     tps = [1] + ([2] if world >= 4 else [])
-    for tp in tps if world > 1 and not big else []:
+    for tp in tps if world > 1 and not big and not args.only_tp else []:
         replicas = world // tp
         group = replica_group(tp) if tp > 1 else None
         model = build(args.layers, f"cuda:{rank}")
