@@ -108,3 +108,25 @@ def test_data_parallel_replicas_split_a_batch_and_match_one_process(tiny_moe):
         one = engine.generate(prompts, max_tokens=5, temperature=0)
     assert [c.token_ids for c in split] == [c.token_ids for c in one]
     assert streamed == one[0].text
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_shard_loader_reads_each_ranks_slices_from_the_checkpoint(tiny_moe, world):
+    """load_shard builds a rank's shard from the safetensors slices alone (the experts fused from the
+    checkpoint's per-expert tensors): the same parameters as loading the whole model and cutting it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qwenhw_offload.parallel import load_shard, shard
+
+    for rank in range(world):
+        whole = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32)
+        shard(whole, rank, world)
+        part = load_shard(str(tiny_moe), rank, world, "cpu", torch.float32)
+        mine, ref = dict(part.named_parameters()), dict(whole.named_parameters())
+        assert mine.keys() == ref.keys()
+        for name, value in ref.items():
+            assert torch.equal(mine[name], value), name
+        assert torch.equal(part.model.rotary_emb.inv_freq, whole.model.rotary_emb.inv_freq)
+        experts = part.model.layers[0].mlp.experts
+        assert experts.ep_start == rank * 8 // world and experts.gate_up_proj.shape[0] == 8 // world

@@ -54,7 +54,7 @@ def _load_rank(plan: Any, path: str) -> HFEngine:
     from qwenhw.engine.ranks import Replicas
 
     from .engine_runtime import RuntimeEngine
-    from .parallel import replica_group, shard
+    from .parallel import load_shard, replica_group
     from .runtime import Runtime
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -65,9 +65,10 @@ def _load_rank(plan: Any, path: str) -> HFEngine:
         torch.cuda.set_device(rank)
     group = replica_group(tp) if replicas > 1 and tp > 1 else dist.group.WORLD
     dtype = getattr(torch, TORCH_DTYPES[plan.config["dtype"]])
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device}).eval()
-    if tp > 1:
-        shard(model, rank % tp, tp)
+    if tp > 1:  # only this rank's slices are read: the whole model need not fit one GPU, nor host RAM
+        model = load_shard(path, rank % tp, tp, device, dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device}).eval()
     runtime = Runtime(model, max_len=int(plan.context or 4096), device=device,
                       graphs=plan.config.get("cuda_graphs", True), decode_experts=plan.config.get("decode_experts"),
                       group=group if tp > 1 else None)

@@ -24,16 +24,6 @@ from torch import nn
 from .planner import split_counts
 
 
-def _rows(linear: nn.Linear, start: int, stop: int) -> None:
-    linear.weight = nn.Parameter(linear.weight.data[start:stop].clone(), requires_grad=False)
-    if linear.bias is not None:
-        linear.bias = nn.Parameter(linear.bias.data[start:stop].clone(), requires_grad=False)
-
-
-def _cols(linear: nn.Linear, start: int, stop: int) -> None:
-    linear.weight = nn.Parameter(linear.weight.data[:, start:stop].clone(), requires_grad=False)
-
-
 def check(config: Any, world: int) -> str | None:
     """Why this model cannot be split `world` ways, or None (the planner's rule, on a transformers config)."""
     experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or 0
@@ -104,43 +94,130 @@ class Reducer:
         return x
 
 
-def shard(model: Any, rank: int, world: int) -> None:
-    """Keep this rank's slice of every layer (see the module docstring)."""
+Cut = tuple[str, int, int]  # ("rows" | "cols" | "experts", start, stop)
+
+
+def cuts(model: Any, rank: int, world: int) -> dict[str, Cut]:
+    """How this rank's shard cuts each parameter of an unsharded model (see the module docstring); the
+    parameters not listed are replicated whole. Shapes only: the model may live on the meta device."""
     why = check(model.config, world)
     if why:
         raise ValueError(why)
-    for layer in model.model.layers:
+    out: dict[str, Cut] = {}
+    for i, layer in enumerate(model.model.layers):
+        pre = f"model.layers.{i}."
         a = layer.self_attn
         d = a.head_dim
-        heads = a.q_proj.weight.shape[0] // d
-        kv = a.k_proj.weight.shape[0] // d
+        heads, kv = a.q_proj.weight.shape[0] // d, a.k_proj.weight.shape[0] // d
         h_per = heads // world
-        _rows(a.q_proj, rank * h_per * d, (rank + 1) * h_per * d)
+        q = ("rows", rank * h_per * d, (rank + 1) * h_per * d)
         if kv >= world:
             kv_per = kv // world
-            _rows(a.k_proj, rank * kv_per * d, (rank + 1) * kv_per * d)
-            _rows(a.v_proj, rank * kv_per * d, (rank + 1) * kv_per * d)
+            k = ("rows", rank * kv_per * d, (rank + 1) * kv_per * d)
         else:  # fewer KV heads than ranks: each rank keeps the one its query heads use (replicated)
             group = rank * kv // world
-            _rows(a.k_proj, group * d, (group + 1) * d)
-            _rows(a.v_proj, group * d, (group + 1) * d)
-        _cols(a.o_proj, rank * h_per * d, (rank + 1) * h_per * d)
+            k = ("rows", group * d, (group + 1) * d)
+        for name, cut in (("q_proj", q), ("k_proj", k), ("v_proj", k)):
+            out[f"{pre}self_attn.{name}.weight"] = cut
+            if getattr(a, name).bias is not None:
+                out[f"{pre}self_attn.{name}.bias"] = cut
+        out[f"{pre}self_attn.o_proj.weight"] = ("cols", q[1], q[2])
         mlp = layer.mlp
         experts = getattr(mlp, "experts", None)
-        if experts is not None:
+        if experts is not None:  # whole experts per rank; a shared expert stays replicated
             n = experts.gate_up_proj.shape[0] // world
-            lo, hi = rank * n, (rank + 1) * n
-            experts.gate_up_proj = nn.Parameter(experts.gate_up_proj.data[lo:hi].clone(), requires_grad=False)
-            experts.down_proj = nn.Parameter(experts.down_proj.data[lo:hi].clone(), requires_grad=False)
-            experts.num_experts = n
-            experts._is_expert_parallel = True
-            experts.ep_start = lo
+            for name in ("gate_up_proj", "down_proj"):
+                out[f"{pre}mlp.experts.{name}"] = ("experts", rank * n, (rank + 1) * n)
         else:
             inter = mlp.gate_proj.weight.shape[0] // world
-            _rows(mlp.gate_proj, rank * inter, (rank + 1) * inter)
-            _rows(mlp.up_proj, rank * inter, (rank + 1) * inter)
-            _cols(mlp.down_proj, rank * inter, (rank + 1) * inter)
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            rows = ("rows", rank * inter, (rank + 1) * inter)
+            out[f"{pre}mlp.gate_proj.weight"] = out[f"{pre}mlp.up_proj.weight"] = rows
+            out[f"{pre}mlp.down_proj.weight"] = ("cols", rows[1], rows[2])
+    return out
+
+
+def _cut(t: Any, cut: Cut) -> Any:
+    """A tensor, or a safetensors slice (read only where it is cut), cut as `cut` says."""
+    how, start, stop = cut
+    return t[:, start:stop] if how == "cols" else t[start:stop]
+
+
+def shard(model: Any, rank: int, world: int) -> None:
+    """Keep this rank's slice of every layer, in place (on the meta device: the shapes only)."""
+    plan = cuts(model, rank, world)
+    params = dict(model.named_parameters())
+    for name, cut in plan.items():
+        owner, attr = name.rsplit(".", 1)
+        setattr(model.get_submodule(owner), attr,
+                nn.Parameter(_cut(params[name].data, cut).clone(), requires_grad=False))
+        if attr == "gate_up_proj":  # transformers' expert-parallel fields, and where our experts start
+            experts = model.get_submodule(owner)
+            experts.num_experts = cut[2] - cut[1]
+            experts._is_expert_parallel = True
+            experts.ep_start = cut[1]
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def load_shard(path: str, rank: int, world: int, device: str, dtype: torch.dtype) -> Any:
+    """This rank's shard of a checkpoint, read slice by slice from its safetensors files: no process holds
+    the whole model (Qwen3-235B-A22B is 470 GB in bf16), and the GPU never holds the unsharded tensors.
+    Checkpoints store the experts one by one (experts.{e}.gate_proj/up_proj/down_proj); transformers' model
+    holds them fused as [experts, 2 x inter, hidden] and [experts, hidden, inter]: built here for this
+    rank's experts only."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "quantization_config", None):
+        raise ValueError(f"{path} is a quantized checkpoint ({config.quantization_config.get('quant_method')}); "
+                         "tensor-parallel ranks load bf16/fp16 weights: use the unquantized checkpoint")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    plan = cuts(model, rank, world)
+    shard(model, rank, world)
+    model.to_empty(device=device)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    root = Path(path)
+    index = root / "model.safetensors.index.json"
+    files = sorted({root / f for f in json.loads(index.read_text())["weight_map"].values()}) if index.exists() \
+        else sorted(root.glob("*.safetensors"))
+    handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
+    where = {key: h for h in handles for key in h.keys()}
+
+    def read(key: str, cut: Cut | None = None) -> torch.Tensor:
+        if key not in where:
+            raise KeyError(f"{key} is not in the checkpoint at {path}")
+        part = where[key].get_slice(key)
+        return part[:] if cut is None else _cut(part, cut)
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            cut = plan.get(name)
+            if name in where:
+                value = read(name, cut)
+            elif name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+                stem, kind = name.rsplit(".", 1)
+                lo, hi = (cut[1], cut[2]) if cut else (0, param.shape[0])
+                value = torch.stack([
+                    torch.cat([read(f"{stem}.{e}.gate_proj.weight"), read(f"{stem}.{e}.up_proj.weight")])
+                    if kind == "gate_up_proj" else read(f"{stem}.{e}.down_proj.weight") for e in range(lo, hi)])
+            else:
+                raise KeyError(f"{name} is not in the checkpoint at {path}")
+            if value.shape != param.shape:
+                raise ValueError(f"{name}: the checkpoint gives {tuple(value.shape)}, the shard holds "
+                                 f"{tuple(param.shape)}")
+            param.copy_(value)
+    for module in model.modules():  # non-persistent buffers (rotary inverse frequencies) were left empty
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            fresh = type(module)(config).to(device)
+            for key, buf in fresh.named_buffers(recurse=False):
+                setattr(module, key, buf)
+    return model.eval()
 
 
 def expert_parallel_moe(mlp: Any, x: torch.Tensor, route: Any = None) -> torch.Tensor:
