@@ -112,6 +112,16 @@ for name in ("float32", "bfloat16"):
                                              enable_gqa=True).transpose(1, 2).reshape(b, 1, -1)
         got = fused.decode_attention(q, kc, vc, torch.tensor([pos]), 0.125)
         res[str(pos)] = float((got.float() - ref.float()).norm() / ref.float().norm())
+        if pos >= 256:  # left padding: sequence 1 starts at slot 300 (or pos), its earlier slots are NaN
+            first = min(300, pos)
+            kc[1, :, :first] = float("nan")
+            vc[1, :, :first] = float("nan")
+            mask1 = mask.clone()
+            mask1[..., :first] = float("-inf")
+            ref1 = F.scaled_dot_product_attention(q[1:], kc[1:].nan_to_num(), vc[1:].nan_to_num(), attn_mask=mask1,
+                                                  scale=0.125, enable_gqa=True).transpose(1, 2).reshape(1, 1, -1)
+            got1 = fused.decode_attention(q, kc, vc, torch.tensor([pos]), 0.125, torch.tensor([0, first]))[1:]
+            res[f"{pos}-start"] = float((got1.float() - ref1.float()).norm() / ref1.float().norm())
     out[name] = res
 print(json.dumps(out))
 '''
@@ -132,8 +142,10 @@ assert rt.fused
 tokens = list(rt.generate(prompt, 8, SampleParams(), set()))
 with torch.no_grad():
     ref = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
-print(json.dumps({"fused": tokens, "hf": ref, "moe_calls": calls.count("moe"),
-                  "attention_calls": calls.count("attention")}))
+counts = {"moe_calls": calls.count("moe"), "attention_calls": calls.count("attention")}
+short = list(rt.generate(prompt[2:], 8, SampleParams(), set()))
+pair = Runtime(model, 64, "cpu", graphs=False, batch=2).generate_batch([prompt, prompt[2:]], 8, SampleParams(), set())
+print(json.dumps({"fused": tokens, "hf": ref, **counts, "batch": pair, "alone": [tokens, short]}))
 '''
 
 
@@ -158,6 +170,7 @@ def test_runtime_decodes_through_the_fused_kernels(tiny_moe):
     out = _interpret(RUNTIME, str(tiny_moe))
     assert out["fused"] == out["hf"]
     assert out["moe_calls"] == out["attention_calls"] == 2 * 7  # both layers, every decode step (not the prompt)
+    assert out["batch"] == out["alone"]  # two prompts of different lengths decoded together (left padding)
 
 
 def test_fused_moe_kernels_follow_transformers_experts():

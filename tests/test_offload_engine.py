@@ -186,3 +186,18 @@ def test_hybrid_cache_serves_decode_sized_calls_only(tiny_moe):
                     cpu_moe.moe_experts(*hybrid.cpu[i], flat, idx, weights, every)
                     assert cached == 0 and torch.equal(out, every)
         assert small_hits > 0  # the cache path did run for the one-token calls
+
+
+@pytest.mark.parametrize("graphs", [False, "emulate"])
+def test_fast_path_decodes_a_list_of_prompts_together_like_one_at_a_time(tiny_moe, graphs):
+    """A plan for several concurrent sequences decodes prompt lists `concurrency` at a time, prompts of
+    different lengths left-padded with the pad slots masked: each prompt gets the tokens it gets alone."""
+    plan = qwenhw.plan(str(tiny_moe), backend="offload", engine="transformers-fast", context=256, concurrency=3)
+    prompts = ["The capital of France is", "1, 2, 3, 4, 5,", "Hi", "def add(a, b):\n    return", "Qwen"]
+    with qwenhw.load(plan.replace(config={**plan.config, "cuda_graphs": graphs})) as eng:
+        assert eng.batched is not None and eng.batched.batch == 3
+        together = eng.generate(prompts, max_tokens=8, temperature=0)
+        alone = [eng.generate(p, max_tokens=8, temperature=0)[0] for p in prompts]
+        assert int(eng.batched.start.max()) > 0  # the last batch was padded
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    assert [c.finish_reason for c in together] == [c.finish_reason for c in alone]

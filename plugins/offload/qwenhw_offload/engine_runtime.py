@@ -14,11 +14,14 @@ from .runtime import Runtime, SampleParams, supported
 
 
 class RuntimeEngine(HFEngine):
-    """Sequences run one at a time through the runtime's static cache (batch 1 is what it is fast at)."""
+    """Prompts through the runtime's static cache: a list of prompts decodes `batched.batch` at a time when
+    the plan is for several concurrent sequences; single prompts and streams use the batch-1 runtime."""
 
-    def __init__(self, model: Any, tokenizer: Any, runtime: Runtime, plan: Any = None):
+    def __init__(self, model: Any, tokenizer: Any, runtime: Runtime, plan: Any = None,
+                 batched: Runtime | None = None):
         super().__init__(model, tokenizer, plan=plan, device=str(runtime.device))
         self.runtime = runtime
+        self.batched = batched
         self.hybrid = None
 
     def _tokens(self, prompt: str, sampling: Sampling) -> Iterator[int]:
@@ -31,11 +34,27 @@ class RuntimeEngine(HFEngine):
         self.runtime.reset()
         yield from self.runtime.generate(ids, min(sampling.max_tokens, budget), params, set(self._eos_ids()))
 
+    def _batches(self, prompts: list[str], sampling: Sampling) -> list[list[int]]:
+        """Each prompt's generated tokens, `batched.batch` prompts per run of the batched runtime."""
+        rt = self.batched
+        ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        longest = max(len(i) for i in ids)
+        if longest >= rt.max_len:
+            raise ValueError(f"prompt of {longest} tokens leaves no room in the {rt.max_len}-token context this "
+                             f"plan was made for; plan a longer --context")
+        params = SampleParams(sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed)
+        out: list[list[int]] = []
+        for k in range(0, len(ids), rt.batch):
+            out += rt.generate_batch(ids[k:k + rt.batch], sampling.max_tokens, params, set(self._eos_ids()))
+        return out
+
     def _complete(self, prompts: list[str], sampling: Sampling) -> list[Completion]:
         out = []
         eos = set(self._eos_ids())
-        for prompt in prompts:
-            tokens = list(self._tokens(prompt, sampling))
+        many = self.batched is not None and len(prompts) > 1
+        generated = self._batches(prompts, sampling) if many else None
+        for n, prompt in enumerate(prompts):
+            tokens = list(generated[n]) if many else list(self._tokens(prompt, sampling))
             finish = "length"
             if tokens and tokens[-1] in eos:
                 tokens.pop()
@@ -76,7 +95,7 @@ class RuntimeEngine(HFEngine):
     def close(self) -> None:
         if self.hybrid is not None:
             self.hybrid.close()
-        self.runtime = None
+        self.runtime = self.batched = None
         self.hybrid = None
         super().close()
 
@@ -97,7 +116,15 @@ def build_fast(model: Any, tokenizer: Any, plan: Any) -> RuntimeEngine:
         raise ValueError(f"the fast path covers Qwen3 / Qwen3-MoE / Qwen2 models, not {model.config.model_type}")
     if device == "cpu":
         torch.set_num_threads(min(int(plan.config.get("threads") or 1), os.cpu_count() or 1))
-    runtime = Runtime(model, max_len=int(plan.context or 4096), device=device,
-                      graphs=plan.config.get("cuda_graphs", True),
-                      decode_experts=plan.config.get("decode_experts", "grouped_mm"))
-    return RuntimeEngine(model, tokenizer, runtime, plan=plan)
+    runtimes = [Runtime(model, max_len=int(plan.context or 4096), device=device, batch=b,
+                        graphs=plan.config.get("cuda_graphs", True),
+                        decode_experts=plan.config.get("decode_experts", "grouped_mm"))
+                for b in batch_sizes(plan.concurrency)]
+    return RuntimeEngine(model, tokenizer, runtimes[0], plan=plan, batched=runtimes[1] if len(runtimes) > 1 else None)
+
+
+def batch_sizes(concurrency: int | None) -> list[int]:
+    """Runtimes to build: batch 1 (streams, single prompts), and the plan's concurrency for prompt lists (the
+    planner sized the KV cache and picked the layout for that many sequences at once)."""
+    n = int(concurrency or 1)
+    return [1, n] if n > 1 else [1]

@@ -53,7 +53,7 @@ def _load_rank(plan: Any, path: str) -> HFEngine:
 
     from qwenhw.engine.ranks import Replicas
 
-    from .engine_runtime import RuntimeEngine
+    from .engine_runtime import RuntimeEngine, batch_sizes
     from .parallel import load_shard, replica_group
     from .runtime import Runtime
 
@@ -69,10 +69,12 @@ def _load_rank(plan: Any, path: str) -> HFEngine:
         model = load_shard(path, rank % tp, tp, device, dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device}).eval()
-    runtime = Runtime(model, max_len=int(plan.context or 4096), device=device,
-                      graphs=plan.config.get("cuda_graphs", True), decode_experts=plan.config.get("decode_experts"),
-                      group=group if tp > 1 else None)
-    engine = RuntimeEngine(model, AutoTokenizer.from_pretrained(path), runtime, plan=plan)
+    share = -(-int(plan.concurrency or 1) // replicas)  # the sequences one replica decodes at once
+    runtimes = [Runtime(model, max_len=int(plan.context or 4096), device=device, batch=b,
+                        graphs=plan.config.get("cuda_graphs", True), decode_experts=plan.config.get("decode_experts"),
+                        group=group if tp > 1 else None) for b in batch_sizes(share)]
+    engine = RuntimeEngine(model, AutoTokenizer.from_pretrained(path), runtimes[0], plan=plan,
+                           batched=runtimes[1] if len(runtimes) > 1 else None)
     if replicas == 1:
         return engine
     gather = dist.new_group(backend="gloo", timeout=timedelta(days=7))  # replicas wait here for the slowest

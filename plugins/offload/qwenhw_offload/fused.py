@@ -195,11 +195,12 @@ if triton is not None:
         tl.store(out_ptr + t * H + o, acc.to(ty), mask=o < H)
 
     @triton.jit
-    def _attn_split(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, ml_ptr, HQ, HK, L, S, scale, G: tl.constexpr,
-                    BG: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr,
+    def _attn_split(q_ptr, k_ptr, v_ptr, pos_ptr, start_ptr, acc_ptr, ml_ptr, HQ, HK, L, S, scale,
+                    G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr,
                     EXACT: tl.constexpr):
-        """One KV head's G query heads over cache positions [s*CHUNK, (s+1)*CHUNK) up to the current one:
-        flash-attention partials (unnormalised sum, running max, denominator)."""
+        """One KV head's G query heads over cache positions [s*CHUNK, (s+1)*CHUNK), from the sequence's
+        first slot up to the current one: flash-attention partials (unnormalised sum, running max,
+        denominator)."""
         bk = tl.program_id(0)
         sp = tl.program_id(1)
         bi = bk // HK
@@ -213,8 +214,8 @@ if triton is not None:
         acc = tl.zeros([BG, D], dtype=tl.float32)
         base = (bi * HK + kh).to(tl.int64) * L * D
         end = tl.minimum(tl.load(pos_ptr) + 1, (sp + 1) * CHUNK)
-        n0 = sp * CHUNK
-        while n0 < end:  # positions past the current one are never read
+        n0 = tl.maximum(sp * CHUNK, tl.load(start_ptr + bi))
+        while n0 < end:  # slots before the sequence's start (left padding) or past the current one: never read
             n = n0 + tl.arange(0, BN)
             ok = n < end
             k = tl.load(k_ptr + base + n[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
@@ -312,11 +313,12 @@ def moe_experts(x: torch.Tensor, experts: Any, idx: torch.Tensor, weights: torch
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """Attention of one new token per sequence over the static cache, reading positions 0..pos only.
+                     scale: float, start: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one new token per sequence over the static cache, reading slots start[j]..pos only.
 
-    q [b, hq, 1, d] contiguous; caches [b, hk, max_len, d]; pos a 1-element tensor (read on the device, so a
-    captured graph serves every step). Returns [b, 1, hq * d], the layout o_proj takes. Split-KV
+    q [b, hq, 1, d] contiguous; caches [b, hk, max_len, d]; pos a 1-element tensor and start [b] (each
+    sequence's first slot; zeros if None), read on the device, so a captured graph serves every step.
+    Returns [b, 1, hq * d], the layout o_proj takes. Split-KV
     (flash-decoding): programs over 256-position chunks, then one kernel combines them. SDPA over the
     static cache with a mask reads all max_len positions every step.
     """
@@ -328,9 +330,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty((b, 1, hq * d), dtype=q.dtype, device=q.device)
     g = hq // hk
     exact = not q.is_cuda or q.dtype == torch.float32
-    _attn_split[(b * hk, splits)](q, k_cache, v_cache, pos, acc, ml, hq, hk, max_len, splits, float(scale),
-                                  G=g, BG=max(16, triton.next_power_of_2(g)), D=d, BN=64 if q.is_cuda else 16,
-                                  CHUNK=ATTN_CHUNK, EXACT=exact)
+    if start is None:
+        start = torch.zeros((b,), dtype=torch.long, device=q.device)
+    _attn_split[(b * hk, splits)](q, k_cache, v_cache, pos, start, acc, ml, hq, hk, max_len, splits,
+                                  float(scale), G=g, BG=max(16, triton.next_power_of_2(g)), D=d,
+                                  BN=64 if q.is_cuda else 16, CHUNK=ATTN_CHUNK, EXACT=exact)
     _attn_combine[(b * hq,)](acc, ml, out, splits, D=d, BS=max(2, triton.next_power_of_2(splits)))
     return out
 

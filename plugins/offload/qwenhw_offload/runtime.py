@@ -93,6 +93,9 @@ class Runtime:
         # static buffers for captured decode steps
         self.tok = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
         self.pos = torch.zeros((1,), dtype=torch.long, device=self.device)
+        # prompts of a batch are left-padded to one length: sequence j's cache starts at slot start[j] (RoPE
+        # depends on relative positions only, so the shift changes nothing; the pad slots are masked)
+        self.start = torch.zeros((batch,), dtype=torch.long, device=self.device)
         self._step_graph: Any = None
         self._layer_graphs: list[Any] = []
         self._graph_out: Any = None
@@ -101,7 +104,7 @@ class Runtime:
     # --- the model's pieces -------------------------------------------------------------------------
     def _attention(self, i: int, h: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    mask: torch.Tensor) -> torch.Tensor:
-        if self.fused and mask is not None:
+        if self.fused and self._decoding:
             return self._attention_decode(i, h, pos, cos, sin)
         layer = self.layers[i]
         a = layer.self_attn
@@ -137,7 +140,7 @@ class Runtime:
         q, k, v = F.linear(x, w, bias).view(b, t, -1, self.head_dim).split(heads, dim=2)
         q = fused.qk_rope_cache(q, k, v, getattr(a, "q_norm", None), getattr(a, "k_norm", None), cos, sin, pos,
                                 self.k[i], self.v[i])
-        out = fused.decode_attention(q, self.k[i], self.v[i], pos, a.scaling)
+        out = fused.decode_attention(q, self.k[i], self.v[i], pos, a.scaling, self.start)
         return self._row_parallel(out.view(b * t, -1), a.o_proj, h)
 
     def _row_parallel(self, x: torch.Tensor, linear: Any, h: torch.Tensor) -> torch.Tensor:
@@ -217,19 +220,22 @@ class Runtime:
         """Sum partial results over the tensor/expert-parallel ranks (row-parallel outputs)."""
         return x if self.reducer is None else self.reducer(x)
 
-    def _rope_and_mask(self, pos: torch.Tensor, causal_from_zero: bool = False):
+    def _rope_and_mask(self, pos: torch.Tensor, causal_from_zero: bool = False, padded: bool = False):
         cos, sin = self.model.model.rotary_emb(self.k, position_ids=pos[None, :])
-        if causal_from_zero:
+        if causal_from_zero and not padded:
             return cos, sin, None
-        # query t may see cache slots up to its own position; the rest of the static cache is masked
-        allowed = self.arange[None, :] <= pos[:, None]
+        # query t of sequence j sees the cache slots from start[j] up to its own position; the rest of the
+        # static cache is masked. A pad query sees itself only (no row may be fully masked: NaN)
+        slots, start = self.arange[None, None, :], self.start[:, None, None]
+        allowed = (slots <= pos[None, :, None]) & (slots >= start)
+        allowed |= (slots == pos[None, :, None]) & (pos[None, :, None] < start)
         mask = torch.zeros(allowed.shape, dtype=self.k.dtype, device=self.device)
-        mask = mask.masked_fill(~allowed, float("-inf"))[None, None]
-        return cos, sin, mask
+        return cos, sin, mask.masked_fill(~allowed, float("-inf"))[:, None]
 
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, from_zero: bool = False) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, from_zero: bool = False,
+                 padded: bool = False) -> torch.Tensor:
         h = self.model.model.embed_tokens(ids)
-        cos, sin, mask = self._rope_and_mask(pos, causal_from_zero=from_zero)
+        cos, sin, mask = self._rope_and_mask(pos, causal_from_zero=from_zero, padded=padded)
         for i in range(len(self.layers)):
             h = self._attention(i, h, pos, cos, sin, mask)
             h = self._moe_or_mlp(i, h)
@@ -249,19 +255,22 @@ class Runtime:
 
     @torch.inference_mode()
     def prefill(self, ids: list[int] | list[list[int]]) -> torch.Tensor:
-        """Prompt(s) from position 0: one list of ids, or `batch` lists of equal length. Returns logits."""
+        """Prompt(s) from position 0: one list of ids, or `batch` lists (left-padded to the longest).
+        Returns the logits of each sequence's last token."""
         rows = ids if ids and isinstance(ids[0], list) else [ids]
-        n = len(rows[0])
-        if len(rows) != self.batch or any(len(r) != n for r in rows):
-            raise ValueError(f"this runtime decodes {self.batch} sequence(s) of equal length at a time")
+        if len(rows) != self.batch or not all(rows):
+            raise ValueError(f"this runtime decodes {self.batch} non-empty sequence(s) at a time")
+        n = max(len(r) for r in rows)
         if n + 1 > self.max_len:
             raise ValueError(f"prompt of {n} tokens does not fit the {self.max_len}-token cache")
         self._use_experts(self.prefill_experts)
         self._decoding = False
-        t = torch.tensor(rows, dtype=torch.long, device=self.device)
+        pads = [n - len(r) for r in rows]
+        t = torch.tensor([[r[0]] * p + r for r, p in zip(rows, pads)], dtype=torch.long, device=self.device)
+        self.start.copy_(torch.tensor(pads))
         pos = torch.arange(n, device=self.device)
         self.length = n
-        return self._forward(t, pos, from_zero=True)
+        return self._forward(t, pos, from_zero=True, padded=any(pads))
 
     @torch.inference_mode()
     def decode(self, token: int | torch.Tensor) -> torch.Tensor:
@@ -338,7 +347,33 @@ class Runtime:
             lambda: self.model.lm_head(rms_norm(self.model.model.norm, self._head_in))[:, -1].float())
         self._layer_graphs = [g_embed, layers, g_head]
 
-    # --- sampling loop ------------------------------------------------------------------------------
+    # --- sampling loops -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate_batch(self, prompts: list[list[int]], max_new: int, params: SampleParams,
+                       eos: set[int]) -> list[list[int]]:
+        """Up to `batch` prompts decoded together (rows past them repeat the first prompt and are dropped);
+        each sequence stops at its EOS (kept) or after `max_new` tokens."""
+        n = len(prompts)
+        if not 0 < n <= self.batch:
+            raise ValueError(f"this runtime decodes up to {self.batch} sequences at a time, not {n}")
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        logits = self.prefill(list(prompts) + [prompts[0]] * (self.batch - n))
+        out: list[list[int]] = [[] for _ in range(n)]
+        live = set(range(n))
+        for step in range(min(max_new, self.max_len - self.length)):
+            tokens = sample_rows(logits, params, gen)
+            for j, token in enumerate(tokens.tolist()[:n]):
+                if j in live:
+                    out[j].append(token)
+                    if token in eos:
+                        live.discard(j)
+            if not live or self.length >= self.max_len:
+                break
+            logits = self.decode(tokens)
+        return out
+
     def generate(self, ids: list[int], max_new: int, params: SampleParams, eos: set[int]) -> Iterator[int]:
         gen = None
         if params.seed is not None:
@@ -353,8 +388,13 @@ class Runtime:
 
 
 def sample(logits: torch.Tensor, p: SampleParams, gen: torch.Generator | None) -> int:
+    return int(sample_rows(logits, p, gen)[0])
+
+
+def sample_rows(logits: torch.Tensor, p: SampleParams, gen: torch.Generator | None) -> torch.Tensor:
+    """One token id per row of logits [rows, vocab]."""
     if p.temperature <= 0:
-        return int(logits.argmax(-1))
+        return logits.argmax(-1)
     logits = logits / p.temperature
     if p.top_k:
         kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[..., -1, None]
@@ -365,7 +405,7 @@ def sample(logits: torch.Tensor, p: SampleParams, gen: torch.Generator | None) -
         keep = sorted_p.cumsum(-1) - sorted_p < p.top_p
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return int(torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen))
+    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen)[:, 0]
 
 
 def rms_norm(module: Any, x: torch.Tensor) -> torch.Tensor:
