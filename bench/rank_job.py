@@ -67,8 +67,9 @@ def measure(plan, label: str, reference: list | None) -> tuple[dict, list]:
     engine = qwenhw.load(plan)
     load_s = time.perf_counter() - t
     try:
-        engine.generate(PROMPTS[0], max_tokens=4, temperature=0)  # CUDA graph capture, untimed
-        engine.generate(PROMPTS[:4], max_tokens=4, temperature=0)
+        # CUDA graph capture, untimed: the batch-1 runtime, and the batched one of every replica
+        engine.generate(PROMPTS[0], max_tokens=4, temperature=0)
+        engine.generate(PROMPTS, max_tokens=4, temperature=0)
         rates = []
         for _ in range(3):
             t = time.perf_counter()
@@ -82,6 +83,7 @@ def measure(plan, label: str, reference: list | None) -> tuple[dict, list]:
         engine.close()
     tokens = [list(c.token_ids) for c in many]
     row = {"layout": label, "engine": plan.engine, "parallel": str(plan.parallel), "load_s": load_s,
+           "load_info": {k: v for k, v in getattr(engine, "info", {}).items() if k != "python"},
            "one_prompt_tok_s": statistics.median(rates), "sixteen_prompts_tok_s": sum(map(len, tokens)) / many_s,
            "pred_tok_s": plan.estimate.throughput_tok_s, "streamed_chars": len(streamed)}
     if reference is not None:  # greedy tokens against the 1-GPU engine, prompt by prompt (bf16: sums differ)

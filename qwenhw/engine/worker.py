@@ -152,7 +152,7 @@ def serve(stdin=None, stdout=None) -> None:
                 plan = Plan.from_dict(msg["plan"])
                 backend = plugins.load().backends[plan.backend]
                 engine = backend.load_in_process(plan)
-                _reply({"ok": True, "info": {"python": sys.executable}}, out)
+                _reply({"ok": True, "info": {"python": sys.executable, **getattr(engine, "load_info", {})}}, out)
             elif op == "complete":
                 assert engine is not None
                 results = engine._complete(msg["prompts"], Sampling(**_sampling(msg["sampling"])))

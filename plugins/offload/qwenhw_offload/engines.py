@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from typing import Any
 
 from qwenhw.engine.hf import HFEngine
@@ -65,20 +66,25 @@ def _load_rank(plan: Any, path: str) -> HFEngine:
         torch.cuda.set_device(rank)
     group = replica_group(tp) if replicas > 1 and tp > 1 else dist.group.WORLD
     dtype = getattr(torch, TORCH_DTYPES[plan.config["dtype"]])
+    start = time.perf_counter()
     if tp > 1:  # only this rank's slices are read: the whole model need not fit one GPU, nor host RAM
         model = load_shard(path, rank % tp, tp, device, dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device}).eval()
+    weights_s = time.perf_counter() - start
     share = -(-int(plan.concurrency or 1) // replicas)  # the sequences one replica decodes at once
     runtimes = [Runtime(model, max_len=int(plan.context or 4096), device=device, batch=b,
                         graphs=plan.config.get("cuda_graphs", True), decode_experts=plan.config.get("decode_experts"),
                         group=group if tp > 1 else None) for b in batch_sizes(share)]
-    engine = RuntimeEngine(model, AutoTokenizer.from_pretrained(path), runtimes[0], plan=plan,
-                           batched=runtimes[1] if len(runtimes) > 1 else None)
-    if replicas == 1:
-        return engine
-    gather = dist.new_group(backend="gloo", timeout=timedelta(days=7))  # replicas wait here for the slowest
-    return Replicas(engine, rank // tp, replicas, lead=rank % tp == 0, group=gather)
+    engine: Any = RuntimeEngine(model, AutoTokenizer.from_pretrained(path), runtimes[0], plan=plan,
+                                batched=runtimes[1] if len(runtimes) > 1 else None)
+    if replicas > 1:
+        gather = dist.new_group(backend="gloo", timeout=timedelta(days=7))  # replicas wait here for the slowest
+        engine = Replicas(engine, rank // tp, replicas, lead=rank % tp == 0, group=gather)
+    # reported by rank 0 with its load reply (engine.info on the caller's side)
+    engine.load_info = {"weights_s": round(weights_s, 2), "setup_s": round(time.perf_counter() - start - weights_s, 2),
+                        "reduce": runtimes[0].reducer.path if runtimes[0].reducer else None}
+    return engine
 
 
 def device_map(plan: Any) -> dict[str, Any]:

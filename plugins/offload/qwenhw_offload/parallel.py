@@ -195,23 +195,30 @@ def load_shard(path: str, rank: int, world: int, device: str, dtype: torch.dtype
         part = where[key].get_slice(key)
         return part[:] if cut is None else _cut(part, cut)
 
+    def put(name: str, param: torch.Tensor, value: torch.Tensor) -> None:
+        if value.shape != param.shape:
+            raise ValueError(f"{name}: the checkpoint gives {tuple(value.shape)}, the shard holds "
+                             f"{tuple(param.shape)}")
+        param.copy_(value)
+
     with torch.no_grad():
         for name, param in model.named_parameters():
             cut = plan.get(name)
             if name in where:
-                value = read(name, cut)
+                put(name, param, read(name, cut))
             elif name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
                 stem, kind = name.rsplit(".", 1)
-                lo, hi = (cut[1], cut[2]) if cut else (0, param.shape[0])
-                value = torch.stack([
-                    torch.cat([read(f"{stem}.{e}.gate_proj.weight"), read(f"{stem}.{e}.up_proj.weight")])
-                    if kind == "gate_up_proj" else read(f"{stem}.{e}.down_proj.weight") for e in range(lo, hi)])
+                lo = cut[1] if cut else 0
+                for j in range(param.shape[0]):  # each expert's matrices straight into its slot on the device
+                    e = f"{stem}.{lo + j}"
+                    if kind == "gate_up_proj":
+                        half = param.shape[1] // 2
+                        put(f"{e}.gate_proj.weight", param[j, :half], read(f"{e}.gate_proj.weight"))
+                        put(f"{e}.up_proj.weight", param[j, half:], read(f"{e}.up_proj.weight"))
+                    else:
+                        put(f"{e}.down_proj.weight", param[j], read(f"{e}.down_proj.weight"))
             else:
                 raise KeyError(f"{name} is not in the checkpoint at {path}")
-            if value.shape != param.shape:
-                raise ValueError(f"{name}: the checkpoint gives {tuple(value.shape)}, the shard holds "
-                                 f"{tuple(param.shape)}")
-            param.copy_(value)
     for module in model.modules():  # non-persistent buffers (rotary inverse frequencies) were left empty
         if type(module).__name__.endswith("RotaryEmbedding"):
             fresh = type(module)(config).to(device)
