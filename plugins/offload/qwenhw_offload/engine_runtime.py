@@ -10,6 +10,7 @@ import torch
 from qwenhw.engine.base import Completion, Sampling
 from qwenhw.engine.hf import HFEngine, _cut_at_stop
 
+from .planner import runtime_batches
 from .runtime import Runtime, SampleParams, supported
 
 
@@ -119,12 +120,5 @@ def build_fast(model: Any, tokenizer: Any, plan: Any) -> RuntimeEngine:
     runtimes = [Runtime(model, max_len=int(plan.context or 4096), device=device, batch=b,
                         graphs=plan.config.get("cuda_graphs", True),
                         decode_experts=plan.config.get("decode_experts", "grouped_mm"))
-                for b in batch_sizes(plan.concurrency)]
+                for b in runtime_batches(plan.concurrency)]
     return RuntimeEngine(model, tokenizer, runtimes[0], plan=plan, batched=runtimes[1] if len(runtimes) > 1 else None)
-
-
-def batch_sizes(concurrency: int | None) -> list[int]:
-    """Runtimes to build: batch 1 (streams, single prompts), and the plan's concurrency for prompt lists (the
-    planner sized the KV cache and picked the layout for that many sequences at once)."""
-    n = int(concurrency or 1)
-    return [1, n] if n > 1 else [1]

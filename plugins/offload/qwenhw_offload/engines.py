@@ -54,8 +54,9 @@ def _load_rank(plan: Any, path: str) -> HFEngine:
 
     from qwenhw.engine.ranks import Replicas
 
-    from .engine_runtime import RuntimeEngine, batch_sizes
+    from .engine_runtime import RuntimeEngine
     from .parallel import load_shard, replica_group
+    from .planner import runtime_batches
     from .runtime import Runtime
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -75,7 +76,7 @@ def _load_rank(plan: Any, path: str) -> HFEngine:
     share = -(-int(plan.concurrency or 1) // replicas)  # the sequences one replica decodes at once
     runtimes = [Runtime(model, max_len=int(plan.context or 4096), device=device, batch=b,
                         graphs=plan.config.get("cuda_graphs", True), decode_experts=plan.config.get("decode_experts"),
-                        group=group if tp > 1 else None) for b in batch_sizes(share)]
+                        group=group if tp > 1 else None) for b in runtime_batches(share)]
     engine: Any = RuntimeEngine(model, AutoTokenizer.from_pretrained(path), runtimes[0], plan=plan,
                                 batched=runtimes[1] if len(runtimes) > 1 else None)
     if replicas > 1:

@@ -73,6 +73,13 @@ def activation_bytes(spec: ModelSpec, context: int, concurrency: int) -> float:
     return tokens * (4 * h + attn + mlp) * 2 + logits
 
 
+def runtime_batches(concurrency: int | None) -> list[int]:
+    """The lean runtimes a fast-path or rank engine builds: batch 1 (streams, single prompts), and one of the
+    plan's concurrency for prompt lists. Each holds its own KV cache."""
+    n = int(concurrency or 1)
+    return [1, n] if n > 1 else [1]
+
+
 def kv_bytes(spec: ModelSpec, context: int, concurrency: int, kv_dtype: str) -> float:
     return (mm.kv_bytes_per_token(spec, kv_dtype) * context + mm.linear_state_bytes_per_seq(spec)) * concurrency
 
@@ -217,7 +224,8 @@ def gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, con
     cap = gpu.memory_bytes * GPU_UTILISATION
     if req.gpu_memory_gib is not None:
         cap = min(cap, req.gpu_memory_gib * GiB)
-    kv = kv_bytes(served, context, req.concurrency, kv_dtype)
+    sequences = sum(runtime_batches(req.concurrency)) if fast and not hybrid else req.concurrency
+    kv = kv_bytes(served, context, sequences, kv_dtype)
     act = activation_bytes(served, context, req.concurrency)
     ram = _ram_budget(node, req)
     dev = gpu.device_id
@@ -341,7 +349,7 @@ def parallel_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str
     batch = req.concurrency
     per_replica = -(-batch // dp)  # sequences one replica decodes at a time
     kv_share = max(1, spec.num_kv_heads // tp) / spec.num_kv_heads
-    kv = kv_bytes(served, context, per_replica, kv_dtype) * kv_share
+    kv = kv_bytes(served, context, sum(runtime_batches(per_replica)), kv_dtype) * kv_share
     act = activation_bytes(served, context, per_replica)
     weights = wb.embeddings + (wb.non_expert + wb.experts) / tp
     overhead = act + CUDA_CONTEXT + (NCCL_BUFFERS if tp > 1 else 0.0)

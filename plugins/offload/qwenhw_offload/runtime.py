@@ -38,7 +38,8 @@ def supported(model: Any) -> bool:
 
 
 class Runtime:
-    """Prefill + decode for one sequence at a time, with a static cache of `max_len` tokens.
+    """Prefill + decode for `batch` sequences at a time (prompts left-padded to one length), with a static
+    cache of `max_len` tokens per sequence.
 
     `moe_hook`, when given, replaces each MoE block: `moe_hook(i, h) -> h` eagerly, or in graph mode
     `moe_hook.route(i, h) -> (x, weights, idx)` inside layer i's graph and `moe_hook.experts(i, x, weights,
