@@ -130,3 +130,28 @@ def test_shard_loader_reads_each_ranks_slices_from_the_checkpoint(tiny_moe, worl
         assert torch.equal(part.model.rotary_emb.inv_freq, whole.model.rotary_emb.inv_freq)
         experts = part.model.layers[0].mlp.experts
         assert experts.ep_start == rank * 8 // world and experts.gate_up_proj.shape[0] == 8 // world
+
+
+def test_shard_loader_refuses_quantized_and_foreign_checkpoints(tiny_moe, tmp_path):
+    """A quantized checkpoint or one missing a tensor the shard needs stops with a message that says so."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from qwenhw_offload.parallel import load_shard
+
+    quantized = tmp_path / "fp8"
+    shutil.copytree(tiny_moe, quantized)
+    config = json.loads((quantized / "config.json").read_text())
+    (quantized / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
+    with pytest.raises(ValueError, match="quantized checkpoint \\(fp8\\)"):
+        load_shard(str(quantized), 0, 2, "cpu", torch.float32)
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_moe, partial)
+    tensors = load_file(str(partial / "model.safetensors"))
+    del tensors["model.layers.1.mlp.experts.5.up_proj.weight"]
+    save_file(tensors, str(partial / "model.safetensors"))
+    with pytest.raises(ValueError, match="no tensor model.layers.1.mlp.experts.5.up_proj.weight"):
+        load_shard(str(partial), 1, 2, "cpu", torch.float32)  # rank 1 holds experts 4..7

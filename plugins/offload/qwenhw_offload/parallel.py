@@ -172,9 +172,11 @@ def load_shard(path: str, rank: int, world: int, device: str, dtype: torch.dtype
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(path)
-    if getattr(config, "quantization_config", None):
-        raise ValueError(f"{path} is a quantized checkpoint ({config.quantization_config.get('quant_method')}); "
-                         "tensor-parallel ranks load bf16/fp16 weights: use the unquantized checkpoint")
+    quant = getattr(config, "quantization_config", None)
+    if quant:
+        method = quant.get("quant_method") if isinstance(quant, dict) else type(quant).__name__
+        raise ValueError(f"{path} is a quantized checkpoint ({method}); tensor-parallel ranks load bf16/fp16 "
+                         "weights: point the plan at the unquantized checkpoint")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     plan = cuts(model, rank, world)
@@ -191,7 +193,8 @@ def load_shard(path: str, rank: int, world: int, device: str, dtype: torch.dtype
 
     def read(key: str, cut: Cut | None = None) -> torch.Tensor:
         if key not in where:
-            raise KeyError(f"{key} is not in the checkpoint at {path}")
+            raise ValueError(f"the checkpoint at {path} has no tensor {key}: tensor-parallel ranks read "
+                             "Qwen2/Qwen3(-MoE) checkpoints in the Hub's layout")
         part = where[key].get_slice(key)
         return part[:] if cut is None else _cut(part, cut)
 
@@ -218,7 +221,8 @@ def load_shard(path: str, rank: int, world: int, device: str, dtype: torch.dtype
                     else:
                         put(f"{e}.down_proj.weight", param[j], read(f"{e}.down_proj.weight"))
             else:
-                raise KeyError(f"{name} is not in the checkpoint at {path}")
+                raise ValueError(f"the checkpoint at {path} has no tensor {name}: tensor-parallel ranks read "
+                                 "Qwen2/Qwen3(-MoE) checkpoints in the Hub's layout")
     for module in model.modules():  # non-persistent buffers (rotary inverse frequencies) were left empty
         if type(module).__name__.endswith("RotaryEmbedding"):
             fresh = type(module)(config).to(device)
