@@ -176,10 +176,18 @@ def attention_check(heads: int = 32, kv_heads: int = 4, head_dim: int = 128) -> 
         with torch.inference_mode():
             ref = sdpa().transpose(1, 2).reshape(b, 1, -1).float()
             got = fused.decode_attention(q, kc, vc, p, scale).float()
-            rows.append({"batch": b, "max_len": max_len, "pos": pos,
-                         "rel_err": float((got - ref).norm() / ref.norm()),
-                         "fused_us": graph_time(lambda: fused.decode_attention(q, kc, vc, p, scale)) * 1e6,
-                         "sdpa_us": graph_time(sdpa) * 1e6})
+            row = {"batch": b, "max_len": max_len, "pos": pos, "rel_err": float((got - ref).norm() / ref.norm()),
+                   "fused_us": graph_time(lambda: fused.decode_attention(q, kc, vc, p, scale)) * 1e6,
+                   "sdpa_us": graph_time(sdpa) * 1e6}
+            if pos > 4096:  # a long filled cache: which tiles stream it fastest (the default is the first)
+                row["sweep_us"] = {}
+                for block in ((64, 4, 3), (64, 4, 2), (128, 4, 2), (128, 8, 2), (32, 4, 3), (64, 8, 3)):
+                    try:
+                        t = graph_time(lambda: fused.decode_attention(q, kc, vc, p, scale, block=block))
+                        row["sweep_us"][str(block)] = t * 1e6
+                    except Exception as exc:  # a tile shape this GPU cannot compile
+                        row["sweep_us"][str(block)] = f"{type(exc).__name__}"
+            rows.append(row)
     return rows
 
 

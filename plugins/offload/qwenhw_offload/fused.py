@@ -313,12 +313,14 @@ def moe_experts(x: torch.Tensor, experts: Any, idx: torch.Tensor, weights: torch
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                     scale: float, start: torch.Tensor | None = None) -> torch.Tensor:
+                     scale: float, start: torch.Tensor | None = None,
+                     block: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Attention of one new token per sequence over the static cache, reading slots start[j]..pos only.
 
     q [b, hq, 1, d] contiguous; caches [b, hk, max_len, d]; pos a 1-element tensor and start [b] (each
     sequence's first slot; zeros if None), read on the device, so a captured graph serves every step.
-    Returns [b, 1, hq * d], the layout o_proj takes. Split-KV
+    Returns [b, 1, hq * d], the layout o_proj takes. `block` = (BN, warps, stages) overrides the tiles
+    (bench/multi_gpu.py sweeps a few). Split-KV
     (flash-decoding): programs over 256-position chunks, then one kernel combines them. SDPA over the
     static cache with a mask reads all max_len positions every step.
     """
@@ -332,9 +334,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     exact = not q.is_cuda or q.dtype == torch.float32
     if start is None:
         start = torch.zeros((b,), dtype=torch.long, device=q.device)
+    bn, warps, stages = block or ((64, 4, 3) if q.is_cuda else (16, 4, 1))  # as measured (Triton defaults)
     _attn_split[(b * hk, splits)](q, k_cache, v_cache, pos, start, acc, ml, hq, hk, max_len, splits,
-                                  float(scale), G=g, BG=max(16, triton.next_power_of_2(g)), D=d,
-                                  BN=64 if q.is_cuda else 16, CHUNK=ATTN_CHUNK, EXACT=exact)
+                                  float(scale), G=g, BG=max(16, triton.next_power_of_2(g)), D=d, BN=bn,
+                                  CHUNK=ATTN_CHUNK, EXACT=exact, num_warps=warps, num_stages=stages)
     _attn_combine[(b * hq,)](acc, ml, out, splits, D=d, BS=max(2, triton.next_power_of_2(splits)))
     return out
 
