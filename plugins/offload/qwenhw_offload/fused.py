@@ -100,7 +100,6 @@ if triton is not None:
         tl.store(w_ptr + n * K + ks, vals.to(ty), mask=ks < K)
         tl.store(idx_ptr + n * K + ks, idxs, mask=ks < K)
 
-
     @triton.jit
     def _dot(a, b, acc, EXACT: tl.constexpr):
         """acc + a @ b with fp32 accumulation. EXACT (the CPU interpreter, whose bf16 dot is wrong): in fp32."""
@@ -126,8 +125,8 @@ if triton is not None:
 
     @triton.jit
     def _moe_gate_up(x_ptr, w_ptr, ids_ptr, h_ptr, P, ep_start, H: tl.constexpr, I: tl.constexpr,
-                     TOP_K: tl.constexpr, BP: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EXACT: tl.constexpr):
+                     TOP_K: tl.constexpr, BP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     EXACT: tl.constexpr):
         """h[pair, n] = act(x[token] @ gate[e, n]) * (x[token] @ up[e, n]) for expert e's pairs, BN columns."""
         ty = h_ptr.dtype.element_ty
         e = tl.program_id(0)
@@ -156,8 +155,7 @@ if triton is not None:
 
     @triton.jit
     def _moe_down(h_ptr, w_ptr, ids_ptr, rw_ptr, y_ptr, P, ep_start, H: tl.constexpr, I: tl.constexpr,
-                  BP: tl.constexpr, BM: tl.constexpr,
-                  BN: tl.constexpr, BK: tl.constexpr, EXACT: tl.constexpr):
+                  BP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EXACT: tl.constexpr):
         """y[pair, n] = (h[pair] @ down[e, n]) * routing weight[pair], for expert e's pairs, BN columns."""
         ty = y_ptr.dtype.element_ty
         e = tl.program_id(0)
