@@ -25,12 +25,16 @@ class RuntimeEngine(HFEngine):
         self.batched = batched
         self.hybrid = None
 
-    def _tokens(self, prompt: str, sampling: Sampling) -> Iterator[int]:
+    def _prompt_ids(self, prompt: str, runtime: Runtime) -> list[int]:
         ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
-        budget = self.runtime.max_len - len(ids)
-        if budget < 1:
-            raise ValueError(f"prompt of {len(ids)} tokens leaves no room in the {self.runtime.max_len}-token "
+        if len(ids) >= runtime.max_len:
+            raise ValueError(f"prompt of {len(ids)} tokens leaves no room in the {runtime.max_len}-token "
                              f"context this plan was made for; plan a longer --context")
+        return ids
+
+    def _tokens(self, prompt: str, sampling: Sampling) -> Iterator[int]:
+        ids = self._prompt_ids(prompt, self.runtime)
+        budget = self.runtime.max_len - len(ids)
         params = SampleParams(sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed)
         self.runtime.reset()
         yield from self.runtime.generate(ids, min(sampling.max_tokens, budget), params, set(self._eos_ids()))
@@ -38,11 +42,7 @@ class RuntimeEngine(HFEngine):
     def _batches(self, prompts: list[str], sampling: Sampling) -> list[list[int]]:
         """Each prompt's generated tokens, `batched.batch` prompts per run of the batched runtime."""
         rt = self.batched
-        ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-        longest = max(len(i) for i in ids)
-        if longest >= rt.max_len:
-            raise ValueError(f"prompt of {longest} tokens leaves no room in the {rt.max_len}-token context this "
-                             f"plan was made for; plan a longer --context")
+        ids = [self._prompt_ids(p, rt) for p in prompts]
         params = SampleParams(sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed)
         out: list[list[int]] = []
         for k in range(0, len(ids), rt.batch):
@@ -117,8 +117,15 @@ def build_fast(model: Any, tokenizer: Any, plan: Any) -> RuntimeEngine:
         raise ValueError(f"the fast path covers Qwen3 / Qwen3-MoE / Qwen2 models, not {model.config.model_type}")
     if device == "cpu":
         torch.set_num_threads(min(int(plan.config.get("threads") or 1), os.cpu_count() or 1))
+    return runtime_engine(model, tokenizer, plan, device, plan.concurrency,
+                          decode_experts=plan.config.get("decode_experts", "grouped_mm"))
+
+
+def runtime_engine(model: Any, tokenizer: Any, plan: Any, device: str, sequences: int | None,
+                   **runtime_args: Any) -> RuntimeEngine:
+    """The engine over the runtimes a plan needs (planner.runtime_batches): batch 1, and `sequences` at once
+    for prompt lists when that is more than one."""
     runtimes = [Runtime(model, max_len=int(plan.context or 4096), device=device, batch=b,
-                        graphs=plan.config.get("cuda_graphs", True),
-                        decode_experts=plan.config.get("decode_experts", "grouped_mm"))
-                for b in runtime_batches(plan.concurrency)]
+                        graphs=plan.config.get("cuda_graphs", True), **runtime_args)
+                for b in runtime_batches(sequences)]
     return RuntimeEngine(model, tokenizer, runtimes[0], plan=plan, batched=runtimes[1] if len(runtimes) > 1 else None)

@@ -54,10 +54,8 @@ def _load_rank(plan: Any, path: str) -> HFEngine:
 
     from qwenhw.engine.ranks import Replicas
 
-    from .engine_runtime import RuntimeEngine
+    from .engine_runtime import runtime_engine
     from .parallel import load_shard, replica_group
-    from .planner import runtime_batches
-    from .runtime import Runtime
 
     rank, world = dist.get_rank(), dist.get_world_size()
     tp = int(plan.config.get("tp", world))
@@ -74,17 +72,15 @@ def _load_rank(plan: Any, path: str) -> HFEngine:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device}).eval()
     weights_s = time.perf_counter() - start
     share = -(-int(plan.concurrency or 1) // replicas)  # the sequences one replica decodes at once
-    runtimes = [Runtime(model, max_len=int(plan.context or 4096), device=device, batch=b,
-                        graphs=plan.config.get("cuda_graphs", True), decode_experts=plan.config.get("decode_experts"),
-                        group=group if tp > 1 else None) for b in runtime_batches(share)]
-    engine: Any = RuntimeEngine(model, AutoTokenizer.from_pretrained(path), runtimes[0], plan=plan,
-                                batched=runtimes[1] if len(runtimes) > 1 else None)
+    inner = runtime_engine(model, AutoTokenizer.from_pretrained(path), plan, device, share,
+                           decode_experts=plan.config.get("decode_experts"), group=group if tp > 1 else None)
+    engine: Any = inner
     if replicas > 1:
         gather = dist.new_group(backend="gloo", timeout=timedelta(days=7))  # replicas wait here for the slowest
         engine = Replicas(engine, rank // tp, replicas, lead=rank % tp == 0, group=gather)
     # reported by rank 0 with its load reply (engine.info on the caller's side)
     engine.load_info = {"weights_s": round(weights_s, 2), "setup_s": round(time.perf_counter() - start - weights_s, 2),
-                        "reduce": runtimes[0].reducer.path if runtimes[0].reducer else None}
+                        "reduce": inner.runtime.reducer.path if inner.runtime.reducer else None}
     return engine
 
 

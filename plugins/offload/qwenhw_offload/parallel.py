@@ -142,8 +142,9 @@ def _cut(t: Any, cut: Cut) -> Any:
     return t[:, start:stop] if how == "cols" else t[start:stop]
 
 
-def shard(model: Any, rank: int, world: int) -> None:
-    """Keep this rank's slice of every layer, in place (on the meta device: the shapes only)."""
+def shard(model: Any, rank: int, world: int) -> dict[str, Cut]:
+    """Keep this rank's slice of every layer, in place (on the meta device: the shapes only); returns the
+    cuts it made."""
     plan = cuts(model, rank, world)
     params = dict(model.named_parameters())
     for name, cut in plan.items():
@@ -157,6 +158,7 @@ def shard(model: Any, rank: int, world: int) -> None:
             experts.ep_start = cut[1]
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    return plan
 
 
 def load_shard(path: str, rank: int, world: int, device: str, dtype: torch.dtype) -> Any:
@@ -179,8 +181,7 @@ def load_shard(path: str, rank: int, world: int, device: str, dtype: torch.dtype
                          "weights: point the plan at the unquantized checkpoint")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    plan = cuts(model, rank, world)
-    shard(model, rank, world)
+    plan = shard(model, rank, world)
     model.to_empty(device=device)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -191,10 +192,13 @@ def load_shard(path: str, rank: int, world: int, device: str, dtype: torch.dtype
     handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
     where = {key: h for h in handles for key in h.keys()}
 
+    def missing(key: str) -> ValueError:
+        return ValueError(f"the checkpoint at {path} has no tensor {key}: tensor-parallel ranks read "
+                          "Qwen2/Qwen3(-MoE) checkpoints in the Hub's layout")
+
     def read(key: str, cut: Cut | None = None) -> torch.Tensor:
         if key not in where:
-            raise ValueError(f"the checkpoint at {path} has no tensor {key}: tensor-parallel ranks read "
-                             "Qwen2/Qwen3(-MoE) checkpoints in the Hub's layout")
+            raise missing(key)
         part = where[key].get_slice(key)
         return part[:] if cut is None else _cut(part, cut)
 
@@ -221,8 +225,7 @@ def load_shard(path: str, rank: int, world: int, device: str, dtype: torch.dtype
                     else:
                         put(f"{e}.down_proj.weight", param[j], read(f"{e}.down_proj.weight"))
             else:
-                raise ValueError(f"the checkpoint at {path} has no tensor {name}: tensor-parallel ranks read "
-                                 "Qwen2/Qwen3(-MoE) checkpoints in the Hub's layout")
+                raise missing(name)
     for module in model.modules():  # non-persistent buffers (rotary inverse frequencies) were left empty
         if type(module).__name__.endswith("RotaryEmbedding"):
             fresh = type(module)(config).to(device)
