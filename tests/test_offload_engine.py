@@ -201,3 +201,13 @@ def test_fast_path_decodes_a_list_of_prompts_together_like_one_at_a_time(tiny_mo
         assert int(eng.batched.start.max()) > 0  # the last batch was padded
     assert [c.token_ids for c in together] == [c.token_ids for c in alone]
     assert [c.finish_reason for c in together] == [c.finish_reason for c in alone]
+
+
+def test_fast_path_refuses_a_prompt_longer_than_the_planned_context(tiny_moe):
+    """Alone or in a list, a prompt that fills the planned context stops with a message naming the fix."""
+    plan = qwenhw.plan(str(tiny_moe), backend="offload", engine="transformers-fast", context=16, concurrency=2)
+    long = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen"
+    with qwenhw.load(plan) as eng:
+        for prompts in (long, [long, "Hi"]):
+            with pytest.raises(ValueError, match="16-token context .* plan a longer --context"):
+                eng.generate(prompts, max_tokens=2, temperature=0)
