@@ -216,24 +216,15 @@ def allreduce_check(group, world: int, hidden: int) -> list[dict]:
 
 
 def build_sharded(cfg, rank: int, world: int, device: str):
-    """This rank's TP+EP shard of a random-weight model, built on the meta device and materialised on the
-    GPU (the whole model need not fit anywhere). Replicated weights come out equal on every rank: same seed,
-    same shapes, same order."""
-    from transformers import Qwen3MoeForCausalLM
+    """This rank's TP+EP shard of a random-weight model (parallel.empty_shard: the whole model need not fit
+    anywhere). Replicated weights come out equal on every rank: same seed, same shapes, same order."""
+    from qwenhw_offload.parallel import empty_shard
 
-    from qwenhw_offload.parallel import shard
-
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("meta"):
-        model = Qwen3MoeForCausalLM(cfg)
-    torch.set_default_dtype(torch.float32)
-    shard(model, rank, world)
-    model.to_empty(device=device)
+    model, _ = empty_shard(cfg, rank, world, device, torch.bfloat16)
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(1.0) if p.dim() == 1 else p.normal_(0.0, 0.02)  # 1-D: the RMSNorm weights
-    model.model.rotary_emb = type(model.model.rotary_emb)(cfg).to(device)  # to_empty left its buffers unset
     return model.eval()
 
 

@@ -171,7 +171,7 @@ def load_shard(path: str, rank: int, world: int, device: str, dtype: torch.dtype
     from pathlib import Path
 
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path)
     quant = getattr(config, "quantization_config", None)
@@ -179,12 +179,7 @@ def load_shard(path: str, rank: int, world: int, device: str, dtype: torch.dtype
         method = quant.get("quant_method") if isinstance(quant, dict) else type(quant).__name__
         raise ValueError(f"{path} is a quantized checkpoint ({method}); tensor-parallel ranks load bf16/fp16 "
                          "weights: point the plan at the unquantized checkpoint")
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    plan = shard(model, rank, world)
-    model.to_empty(device=device)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
+    model, plan = empty_shard(config, rank, world, device, dtype)
     root = Path(path)
     index = root / "model.safetensors.index.json"
     files = sorted({root / f for f in json.loads(index.read_text())["weight_map"].values()}) if index.exists() \
@@ -226,12 +221,26 @@ def load_shard(path: str, rank: int, world: int, device: str, dtype: torch.dtype
                         put(f"{e}.down_proj.weight", param[j], read(f"{e}.down_proj.weight"))
             else:
                 raise missing(name)
+    return model.eval()
+
+
+def empty_shard(config: Any, rank: int, world: int, device: str, dtype: torch.dtype) -> tuple[Any, dict[str, Cut]]:
+    """This rank's shard of a model of `config`, allocated on `device` with its weights unset (built on the
+    meta device: the whole model is never materialised), and the cuts that shaped it."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    plan = shard(model, rank, world)
+    model.to_empty(device=device)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
     for module in model.modules():  # non-persistent buffers (rotary inverse frequencies) were left empty
         if type(module).__name__.endswith("RotaryEmbedding"):
             fresh = type(module)(config).to(device)
             for key, buf in fresh.named_buffers(recurse=False):
                 setattr(module, key, buf)
-    return model.eval()
+    return model, plan
 
 
 def expert_parallel_moe(mlp: Any, x: torch.Tensor, route: Any = None) -> torch.Tensor:
