@@ -191,63 +191,6 @@ def attention_check(heads: int = 32, kv_heads: int = 4, head_dim: int = 128) -> 
     return rows
 
 
-def norm_kernels_check(hidden: int = 2048, n_exp: int = 128, top_k: int = 8) -> dict:
-    """The RMSNorms folded into the next kernel against a norm kernel + cuBLAS (+ the route kernel): the
-    q/k/v projection (1 GPU's and one TP=4 rank's columns, a few tile shapes) and the MoE router."""
-    import torch.nn.functional as F
-    from transformers import Qwen3MoeConfig
-    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm, Qwen3MoeTopKRouter
-
-    from qwenhw_offload import fused
-    from qwenhw_offload.runtime import rms_norm
-
-    torch.manual_seed(0)
-    norm = Qwen3MoeRMSNorm(hidden, eps=1e-6).cuda().bfloat16()
-    norm.weight.data.normal_(1.0, 0.1)
-    out: dict = {"qkv": [], "router": []}
-    blocks = [(32, 128, 4, 4), (64, 128, 4, 3), (16, 128, 4, 4), (32, 256, 4, 3), (64, 64, 4, 4), (128, 64, 4, 3)]
-    for cols in (5120, 1280):  # q/k/v rows of Qwen3-30B-A3B on 1 GPU, on one of 4 TP ranks
-        w = (torch.randn(cols, hidden, device="cuda") * 0.02).bfloat16()
-        for b in (1, 16):
-            h = torch.randn(b, hidden, device="cuda").bfloat16()
-            with torch.inference_mode():
-                ref = F.linear(rms_norm(norm, h), w)
-                row = {"cols": cols, "batch": b, "cublas_us": graph_time(lambda: F.linear(rms_norm(norm, h), w)) * 1e6,
-                       "fused_us": {}, "rel_err": {}}
-                for block in blocks:
-                    try:
-                        got = fused.norm_linear(norm, h, w, block=block)
-                        t = graph_time(lambda: fused.norm_linear(norm, h, w, block=block))
-                        row["fused_us"][str(block)] = t * 1e6
-                        row["rel_err"][str(block)] = float((got.float() - ref.float()).norm() / ref.float().norm())
-                    except Exception as exc:  # a tile shape this GPU cannot compile
-                        row["fused_us"][str(block)] = f"{type(exc).__name__}"
-            out["qkv"].append(row)
-    score = {}  # a tile shape's total over the four cases, where it compiled and was right in all of them
-    for block in blocks:
-        times = [row["fused_us"][str(block)] for row in out["qkv"] if row["rel_err"].get(str(block), 1.0) < 2e-2]
-        if len(times) == len(out["qkv"]):
-            score[block] = sum(times)
-    best = min(score, key=score.get) if score else None
-    out["best"], out["best_us"] = (list(best), score[best]) if best else (None, None)
-    out["cublas_us"] = sum(row["cublas_us"] for row in out["qkv"])
-    cfg = Qwen3MoeConfig(hidden_size=hidden, num_experts=n_exp, num_experts_per_tok=top_k, norm_topk_prob=True)
-    router = Qwen3MoeTopKRouter(cfg).cuda().bfloat16()
-    router.weight.data.normal_(0.0, 0.02)
-    for b in (1, 16):
-        h = torch.randn(b, hidden, device="cuda").bfloat16()
-        with torch.inference_mode():
-            x = rms_norm(norm, h)
-            _, _, ids = router(x)
-            got = fused.norm_route(norm, router, h)
-            out["router"].append({
-                "batch": b, "same_ids": bool(torch.equal(got[2].sort(-1).values, ids.sort(-1).values)),
-                "x_rel_err": float((got[0].float() - x.float()).norm() / x.float().norm()),
-                "three_kernels_us": graph_time(lambda: fused.gate_route(router, rms_norm(norm, h))) * 1e6,
-                "fused_us": graph_time(lambda: fused.norm_route(norm, router, h)) * 1e6})
-    return out
-
-
 def allreduce_check(group, world: int, hidden: int) -> list[dict]:
     """Per-call latency of summing [batch, hidden] bf16 over the group inside a CUDA graph."""
     from qwenhw_offload.parallel import Reducer
@@ -360,25 +303,6 @@ def main() -> None:
     else:  # the rows still run, on transformers' experts kernels
         os.environ["QWENHW_FUSED_MOE"] = "0"
     extra["moe_block"] = list(fused.MOE_BLOCK) if fused.moe_enabled() else None
-    if rank == 0:
-        try:
-            extra["norms"] = norm_kernels_check(4096 if big else 2048)
-        except Exception as exc:
-            extra["norms"] = {"error": f"{type(exc).__name__}: {exc}"[:500], "best": None}
-        log(json.dumps({"norms": extra["norms"]}))
-    verdict = [extra.get("norms")]
-    dist.broadcast_object_list(verdict, src=0)
-    norms = verdict[0]
-    # the norm as q/k/v's prologue only where a tile shape beat the norm kernel + cuBLAS in total
-    fused.NORM_LINEAR_BLOCK = (tuple(norms["best"]) if norms.get("best") and norms["best_us"] < norms["cublas_us"]
-                               else None)
-    extra["norm_linear_block"] = fused.NORM_LINEAR_BLOCK
-    if "error" not in norms:  # the same for the router: one kernel only where it beat the three
-        fused.NORM_ROUTE = (sum(r["fused_us"] for r in norms["router"])
-                            < sum(r["three_kernels_us"] for r in norms["router"]))
-    extra["norm_route"] = fused.NORM_ROUTE
-    norms_ok = "error" not in norms and all(r["same_ids"] for r in norms["router"])
-    os.environ["QWENHW_FUSED_NORM"] = "1" if norms_ok else "0"  # if not, the rows run on the norm kernels
     if rank == 0 and not big:
         try:
             extra["attention"] = attention_check()
@@ -405,14 +329,11 @@ def main() -> None:
         step_logits = {}
         moe_on = fused.moe_enabled()
         # all fused decode kernels (fused.py); the same without the MoE one; torch ops only
-        on = os.environ["QWENHW_FUSED_NORM"]
-        variants = [("", "1", "1", on), (", norms in kernels of their own", "1", "1", "0")] if moe_on else []
-        variants += [(", transformers experts" if moe_on else "", "1", "0", on),
-                     (", unfused (torch ops)", "0", "0", on)]
+        variants = [("", "1", "1")] if moe_on else []
+        variants += [(", transformers experts" if moe_on else "", "1", "0"), (", unfused (torch ops)", "0", "0")]
         for b in batches:
-            for label, fused_on, moe, norms_on in variants:
+            for label, fused_on, moe in variants:
                 os.environ["QWENHW_FUSED"], os.environ["QWENHW_FUSED_MOE"] = fused_on, moe
-                os.environ["QWENHW_FUSED_NORM"] = norms_on
                 torch.cuda.reset_peak_memory_stats(0)
                 rt = Runtime(model, max_len=args.context, device="cuda:0", graphs=True,
                              decode_experts="grouped_mm", batch=b)
@@ -433,7 +354,6 @@ def main() -> None:
                 gc.collect()
                 torch.cuda.empty_cache()
         os.environ["QWENHW_FUSED"], os.environ["QWENHW_FUSED_MOE"] = "1", "1" if moe_on else "0"
-        os.environ["QWENHW_FUSED_NORM"] = on
         r = step_logits.get(", unfused (torch ops)")
         for label, a in step_logits.items():
             if r is not None and label != ", unfused (torch ops)":

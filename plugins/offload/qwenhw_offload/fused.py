@@ -77,9 +77,13 @@ if triton is not None:
             tl.store(vdst + HALF + o, tl.load(vsrc + HALF + o))
 
     @triton.jit
-    def _select(x, o, K: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr):
-        """softmax (fp32) -> top-k -> renormalise of one token's router logits x (-inf past the experts):
-        (weights [BLOCK_K] fp32, ids [BLOCK_K] int64), as Qwen3MoeTopKRouter."""
+    def _route(logits_ptr, w_ptr, idx_ptr, E, K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+               NORM: tl.constexpr):
+        """softmax (fp32) -> top-k -> renormalise -> cast, one token per program (Qwen3MoeTopKRouter)."""
+        ty = w_ptr.dtype.element_ty
+        n = tl.program_id(0)
+        o = tl.arange(0, BLOCK_E)
+        x = tl.load(logits_ptr + n * E + o, mask=o < E, other=float("-inf")).to(tl.float32)
         e = tl.exp(x - tl.max(x, 0))
         p = e / tl.sum(e, 0)
         ks = tl.arange(0, BLOCK_K)
@@ -93,98 +97,8 @@ if triton is not None:
             p = tl.where(o == at, -1.0, p)
         if NORM:
             vals = vals / tl.sum(vals, 0)
-        return vals, idxs
-
-    @triton.jit
-    def _route(logits_ptr, w_ptr, idx_ptr, E, K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-               NORM: tl.constexpr):
-        """softmax -> top-k -> renormalise -> cast, one token per program."""
-        n = tl.program_id(0)
-        o = tl.arange(0, BLOCK_E)
-        x = tl.load(logits_ptr + n * E + o, mask=o < E, other=float("-inf")).to(tl.float32)
-        vals, idxs = _select(x, o, K, BLOCK_K, NORM)
-        ks = tl.arange(0, BLOCK_K)
-        tl.store(w_ptr + n * K + ks, vals.to(w_ptr.dtype.element_ty), mask=ks < K)
+        tl.store(w_ptr + n * K + ks, vals.to(ty), mask=ks < K)
         tl.store(idx_ptr + n * K + ks, idxs, mask=ks < K)
-
-    @triton.jit
-    def _rms(h_ptr, rows, ok, H: tl.constexpr, eps, BH: tl.constexpr):
-        """1 / RMS of rows [BM] of h [*, H], in fp32 (Qwen3's RMSNorm). Loops run to constexpr bounds: the
-        compiler pipelines their loads (a while loop waits for each)."""
-        o = tl.arange(0, BH)
-        ss = tl.zeros([rows.shape[0], BH], dtype=tl.float32)
-        for k0 in range(0, H, BH):
-            v = tl.load(h_ptr + rows[:, None] * H + k0 + o[None, :], mask=ok[:, None] & (k0 + o[None, :] < H),
-                        other=0.0).to(tl.float32)
-            ss += v * v
-        return tl.math.rsqrt(tl.sum(ss, 1) / H + eps)
-
-    @triton.jit
-    def _normed(h_ptr, g_ptr, rows, ok, r, k, H, ty: tl.constexpr):
-        """Columns k of RMSNorm(h)[rows], rounded where transformers rounds: weight * (h * r).to(dtype)."""
-        m = ok[:, None] & (k[None, :] < H)
-        v = tl.load(h_ptr + rows[:, None] * H + k[None, :], mask=m, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + k, mask=k < H, other=0.0).to(tl.float32)
-        return _round(g[None, :] * _round(v * r[:, None], ty), ty)
-
-    @triton.jit
-    def _norm_route(h_ptr, g_ptr, w_ptr, x_ptr, logit_ptr, cnt_ptr, rw_ptr, idx_ptr, H: tl.constexpr, E, eps,
-                    K: tl.constexpr, BE: tl.constexpr, BH: tl.constexpr, BLOCK_E: tl.constexpr,
-                    BLOCK_K: tl.constexpr, NORM: tl.constexpr):
-        """A MoE block's input norm, router and top-k in one launch. Program (token, expert block) computes
-        the token's normalised row (block 0 stores it for the experts) and BE router logits; the token's
-        last block to finish (an atomic count) reads all its logits and routes."""
-        ty = x_ptr.dtype.element_ty
-        n = tl.program_id(0)
-        eb = tl.program_id(1)
-        row = tl.full([1], 0, tl.int64) + n
-        live = tl.full([1], 1, tl.int1)
-        r = _rms(h_ptr, row, live, H, eps, BH)
-        e = eb * BE + tl.arange(0, BE)
-        o = tl.arange(0, BH)
-        acc = tl.zeros([BE, BH], dtype=tl.float32)  # summed across threads once, after the loop
-        for k0 in range(0, H, BH):
-            k = k0 + o
-            x = _normed(h_ptr, g_ptr, row, live, r, k, H, ty)
-            tl.store(x_ptr + row[:, None] * H + k[None, :], x.to(ty), mask=(k[None, :] < H) & (eb == 0))
-            w = tl.load(w_ptr + e[:, None] * H + k[None, :], mask=(e[:, None] < E) & (k[None, :] < H), other=0.0)
-            acc += w.to(tl.float32) * x
-        tl.store(logit_ptr + n * E + e, tl.sum(acc, 1).to(ty), mask=e < E)  # F.linear's output dtype
-        tl.debug_barrier()  # every thread's logits stored before the count says this block is done
-        if tl.atomic_add(cnt_ptr + n, 1, sem="acq_rel") == tl.num_programs(1) - 1:
-            oe = tl.arange(0, BLOCK_E)
-            logits = tl.load(logit_ptr + n * E + oe, mask=oe < E, other=float("-inf"), cache_modifier=".cg")
-            vals, idxs = _select(logits.to(tl.float32), oe, K, BLOCK_K, NORM)
-            ks = tl.arange(0, BLOCK_K)
-            tl.store(rw_ptr + n * K + ks, vals.to(rw_ptr.dtype.element_ty), mask=ks < K)
-            tl.store(idx_ptr + n * K + ks, idxs, mask=ks < K)
-            tl.atomic_xchg(cnt_ptr + n, 0)  # ready for the next call (and the next replay of a graph)
-
-    @triton.jit
-    def _norm_linear(h_ptr, g_ptr, w_ptr, b_ptr, out_ptr, M, N, H: tl.constexpr, eps, BM: tl.constexpr,
-                     BN: tl.constexpr, BK: tl.constexpr, EXACT: tl.constexpr, BIAS: tl.constexpr):
-        """out = RMSNorm(h) @ w.T (+ b) for a decode step's few rows, the norm inside the GEMM: one pass
-        sums (weight * h) @ w.T and h^2, and scales the rows by 1/RMS at the end (the rounding of h * (1/RMS)
-        to the model dtype moves after the product: last-bit differences, as F.rms_norm's)."""
-        ty = out_ptr.dtype.element_ty
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        ok = rows < M
-        cols = tl.program_id(1) * BN + tl.arange(0, BN)
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
-        ss = tl.zeros([BM, BK], dtype=tl.float32)
-        for k0 in range(0, H, BK):
-            k = k0 + tl.arange(0, BK)
-            v = tl.load(h_ptr + rows[:, None] * H + k[None, :], mask=ok[:, None] & (k[None, :] < H),
-                        other=0.0).to(tl.float32)
-            ss += v * v
-            g = tl.load(g_ptr + k, mask=k < H, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + cols[None, :].to(tl.int64) * H + k[:, None],
-                        mask=(cols[None, :] < N) & (k[:, None] < H), other=0.0)
-            acc = _dot((v * g[None, :]).to(ty), w, acc, EXACT)
-        acc *= tl.math.rsqrt(tl.sum(ss, 1) / H + eps)[:, None]
-        if BIAS:
-            acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(ty), mask=ok[:, None] & (cols[None, :] < N))
 
     @triton.jit
     def _dot(a, b, acc, EXACT: tl.constexpr):
@@ -346,17 +260,12 @@ if triton is not None:
 
 
 ATTN_CHUNK = 256  # cache positions per program: a 32k cache is 128 splits, a short prompt one or two
-ATTN_BLOCK = (128, 4, 2)  # (BN, warps, stages) on GPUs: the fastest of 6 at batch 16 (docs/benchmarks.md)
+ATTN_BLOCK = (64, 4, 2)  # (BN, warps, stages) on GPUs: the least total of 6 over 3 cases (docs/benchmarks.md)
 
 MOE_MAX_PAIRS = 512  # token-expert pairs per call (batch 64 at top-8); the selection is O(pairs) per program
 # (BN, BK, warps, stages) on GPUs: decode reads each touched expert once, so many narrow column blocks keep
 # every SM streaming weights
 MOE_BLOCK = (64, 128, 4, 3)
-# (BN, BK, warps, stages) of norm_linear; None: the norm kernel, then cuBLAS
-NORM_LINEAR_BLOCK: tuple[int, int, int, int] | None = (32, 128, 4, 4)
-NORM_ROUTE = True  # the post-attention norm inside the router kernel (False: norm, router GEMM, top-k)
-ROUTE_MAX_TOKENS = 64  # norm_route's tokens per call (decode steps: each token's programs read the router)
-_COUNTS: dict[Any, torch.Tensor] = {}
 
 
 def moe_supported(experts: Any) -> bool:
@@ -486,67 +395,3 @@ def gate_route(gate: Any, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
         return route(torch.nn.functional.linear(flat, gate.weight), gate.top_k, bool(gate.norm_topk_prob))
     _, weights, idx = gate(flat)
     return weights, idx
-
-
-def _router_fusable(norm: Any, gate: Any, h: torch.Tensor) -> bool:
-    """Qwen3's RMSNorm before a Qwen3-style top-k router (weights [experts, hidden], no bias)."""
-    return (getattr(norm, "variance_epsilon", None) is not None and hasattr(gate, "top_k")
-            and hasattr(gate, "norm_topk_prob") and getattr(gate, "bias", None) is None
-            and gate.weight.shape == (getattr(gate, "num_experts", -1), h.shape[-1])
-            and h.shape[0] <= ROUTE_MAX_TOKENS)
-
-
-def norms_enabled() -> bool:
-    """RMSNorms fused into the next kernel on (QWENHW_FUSED_NORM=0: a norm kernel of their own)."""
-    return os.environ.get("QWENHW_FUSED_NORM", "1") != "0"
-
-
-def _norm(norm: Any, h: torch.Tensor) -> torch.Tensor:
-    eps = getattr(norm, "variance_epsilon", None)
-    return norm(h) if eps is None else torch.nn.functional.rms_norm(h, (h.shape[-1],), norm.weight, eps)
-
-
-def norm_route(norm: Any, gate: Any, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x = norm(h), routing weights, expert ids) for h [tokens, hidden]: a decoder layer's
-    post-attention RMSNorm and its MoE router in one kernel (three before: norm, router GEMM, top-k)."""
-    if not (NORM_ROUTE and norms_enabled() and _router_fusable(norm, gate, h)):
-        x = _norm(norm, h)
-        return (x, *gate_route(gate, x))
-    n, hidden = h.shape
-    experts, top_k = gate.weight.shape[0], gate.top_k
-    h = h.contiguous()
-    x = torch.empty_like(h)
-    logits = torch.empty((n, experts), dtype=h.dtype, device=h.device)
-    weights = torch.empty((n, top_k), dtype=h.dtype, device=h.device)
-    idx = torch.empty((n, top_k), dtype=torch.int64, device=h.device)
-    counts = _COUNTS.get(h.device)
-    if counts is None:
-        counts = _COUNTS[h.device] = torch.zeros(ROUTE_MAX_TOKENS, dtype=torch.int32, device=h.device)
-    be = 16 if h.is_cuda else 32
-    _norm_route[(n, triton.cdiv(experts, be))](
-        h, norm.weight, gate.weight, x, logits, counts, weights, idx, hidden, experts, float(norm.variance_epsilon),
-        K=top_k, BE=be, BH=128, BLOCK_E=triton.next_power_of_2(experts), BLOCK_K=triton.next_power_of_2(top_k),
-        NORM=bool(gate.norm_topk_prob))
-    return x, weights, idx
-
-
-def norm_linear(norm: Any, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                block: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """RMSNorm(h) @ weight.T (+ bias) for a decode step's rows h [rows, hidden], in one kernel (the q/k/v
-    projection: the norm was a kernel of its own). `block` = (BN, BK, warps, stages) overrides the tiles;
-    with NORM_LINEAR_BLOCK None (or QWENHW_FUSED_NORM=0) it is the norm kernel, then cuBLAS."""
-    block = block or (NORM_LINEAR_BLOCK if h.is_cuda else (16, 32, 4, 1))
-    if block is None or not norms_enabled() or getattr(norm, "variance_epsilon", None) is None:
-        return torch.nn.functional.linear(_norm(norm, h), weight, bias)
-    m, hidden = h.shape
-    n = weight.shape[0]
-    h = h.contiguous()
-    out = torch.empty((m, n), dtype=h.dtype, device=h.device)
-    bn, bk, warps, stages = block
-    exact = not h.is_cuda or h.dtype == torch.float32
-    _norm_linear[(triton.cdiv(m, 16), triton.cdiv(n, bn))](
-        h, norm.weight, weight, bias if bias is not None else weight, out, m, n, hidden,
-        float(norm.variance_epsilon), BM=16, BN=bn, BK=bk, EXACT=exact, BIAS=bias is not None,
-        num_warps=warps, num_stages=stages)
-    return out
-

@@ -176,8 +176,6 @@ class HybridMoE:
     def route(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Norm and router on the GPU (captured into the layer's graph in decode)."""
         layer = self.layers[i]
-        if self.fused_route and h.shape[0] * h.shape[1] <= fused.ROUTE_MAX_TOKENS:  # decode: one kernel
-            return fused.norm_route(layer.post_attention_layernorm, layer.mlp.gate, h.reshape(-1, h.shape[-1]))
         x = rms_norm(layer.post_attention_layernorm, h)
         flat = x.reshape(-1, x.shape[-1])
         if self.fused_route:

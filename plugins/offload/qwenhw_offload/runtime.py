@@ -135,10 +135,10 @@ class Runtime:
         write in one kernel; attention over the filled part of the cache; o_proj with the residual added."""
         layer = self.layers[i]
         a = layer.self_attn
-        b, t, hidden = h.shape
+        b, t, _ = h.shape
+        x = rms_norm(layer.input_layernorm, h)
         w, bias, heads = self._qkv[i]
-        qkv = fused.norm_linear(layer.input_layernorm, h.reshape(b * t, hidden), w, bias)
-        q, k, v = qkv.view(b, t, -1, self.head_dim).split(heads, dim=2)
+        q, k, v = F.linear(x, w, bias).view(b, t, -1, self.head_dim).split(heads, dim=2)
         q = fused.qk_rope_cache(q, k, v, getattr(a, "q_norm", None), getattr(a, "k_norm", None), cos, sin, pos,
                                 self.k[i], self.v[i])
         out = fused.decode_attention(q, self.k[i], self.v[i], pos, a.scaling, self.start)
@@ -192,16 +192,16 @@ class Runtime:
 
     def _mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
         layer = self.layers[i]
+        x = rms_norm(layer.post_attention_layernorm, h)
+        route = fused.gate_route if self.fused else None
         experts = getattr(layer.mlp, "experts", None)
-        if experts is not None and self._fused_moe(layer.mlp, h):  # decode: norm + router, 3 expert kernels
-            flat, weights, idx = fused.norm_route(layer.post_attention_layernorm, layer.mlp.gate,
-                                                  h.reshape(-1, h.shape[-1]))
+        if experts is not None and self._fused_moe(layer.mlp, x):  # decode: router + 3 Triton kernels
+            flat = x.reshape(-1, x.shape[-1])
+            weights, idx = route(layer.mlp.gate, flat)
             out = self._partial(h)
             fused.moe_experts(flat, experts, idx, weights, getattr(experts, "ep_start", 0),
                               residual=h.view_as(flat) if self.lead else None, out=out.view_as(flat))
             return self._reduce(out)
-        x = rms_norm(layer.post_attention_layernorm, h)
-        route = fused.gate_route if self.fused else None
         if self.group is not None and experts is not None:
             from .parallel import expert_parallel_moe
 
