@@ -10,7 +10,9 @@ memory. This script goes the way a user does:
      planner, and loads it with `qwenhw.load`: the TP ranks read only their slices (parallel.load_shard),
      all ranks run as a torchrun job that qwenhw starts and drives;
   3. times the load, one streamed prompt, and a list of 16 prompts of different lengths (decoded
-     `concurrency` at a time); compares every completion's tokens with the 1-GPU engine's.
+     `concurrency` at a time); compares every completion's tokens with the 1-GPU engine's;
+  4. serves the engine over HTTP (`qwenhw serve`'s server) and times the 16 prompts sent as 16 requests,
+     one after another and all at once (the server decodes concurrent requests together).
 `--checkpoint DIR` reuses a checkpoint (on a machine without GPUs, the tiny test one: a smoke test).
 """
 
@@ -79,19 +81,48 @@ def measure(plan, label: str, reference: list | None) -> tuple[dict, list]:
         many = engine.generate(PROMPTS, max_tokens=64, temperature=0)
         many_s = time.perf_counter() - t
         streamed = "".join(engine.stream(PROMPTS[1], max_tokens=16, temperature=0))
+        http = serve_rates(engine)
     finally:
         engine.close()
     tokens = [list(c.token_ids) for c in many]
     row = {"layout": label, "engine": plan.engine, "parallel": str(plan.parallel), "load_s": load_s,
            "load_info": {k: v for k, v in getattr(engine, "info", {}).items() if k != "python"},
            "one_prompt_tok_s": statistics.median(rates), "sixteen_prompts_tok_s": sum(map(len, tokens)) / many_s,
-           "pred_tok_s": plan.estimate.throughput_tok_s, "streamed_chars": len(streamed)}
+           "pred_tok_s": plan.estimate.throughput_tok_s, "streamed_chars": len(streamed), **http}
     if reference is not None:  # greedy tokens against the 1-GPU engine, prompt by prompt (bf16: sums differ)
         same = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y)))
                 for x, y in zip(tokens, reference)]
         row["tokens_equal_to_1_gpu"] = f"{sum(s == len(r) for s, r in zip(same, reference))}/16 prompts all 64"
         row["first_difference_median"] = statistics.median(same)
     return row, tokens
+
+
+def serve_rates(engine, max_tokens: int = 64) -> dict:
+    """Completion tokens per second through the HTTP server: 16 requests one after another, then at once."""
+    from concurrent.futures import ThreadPoolExecutor
+    from urllib.request import Request, urlopen
+
+    from qwenhw.serve import make_server
+
+    server = make_server(engine, "127.0.0.1", 0, served_model_name="m")
+    server.start()
+
+    def post(prompt: str) -> int:
+        body = json.dumps({"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
+        with urlopen(Request(server.url + "/completions", body, {"Content-Type": "application/json"})) as r:
+            return json.loads(r.read())["usage"]["completion_tokens"]
+
+    try:
+        post(PROMPTS[0])
+        t = time.perf_counter()
+        alone = sum(post(p) for p in PROMPTS) / (time.perf_counter() - t)
+        t = time.perf_counter()
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            together = sum(pool.map(post, PROMPTS)) / (time.perf_counter() - t)
+    finally:
+        server.shutdown()
+        server.server_close()
+    return {"http_one_at_a_time_tok_s": alone, "http_16_at_once_tok_s": together}
 
 
 def main() -> None:
@@ -150,13 +181,15 @@ def main() -> None:
         log(json.dumps(row))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"rank_job_{n}.json").write_text(json.dumps({"rows": rows, "layers": args.layers}, indent=2))
-    log(f"{'layout':<18} {'load s':>7} {'1 prompt tok/s':>15} {'16 prompts tok/s':>17} {'planner':>8}  tokens")
+    log(f"{'layout':<18} {'load s':>7} {'1 prompt tok/s':>15} {'16 prompts tok/s':>17} {'planner':>8} "
+        f"{'HTTP 1 by 1':>12} {'HTTP 16 at once':>16}  tokens")
     for r in rows:
         if "error" in r:
             log(f"{r['layout']:<18} failed: {r['error']}")
             continue
         log(f"{r['layout']:<18} {r['load_s']:7.1f} {r['one_prompt_tok_s']:15.1f} {r['sixteen_prompts_tok_s']:17.1f} "
-            f"{r['pred_tok_s']:8.0f}  {r.get('tokens_equal_to_1_gpu', 'reference')}"
+            f"{r['pred_tok_s']:8.0f} {r['http_one_at_a_time_tok_s']:12.1f} {r['http_16_at_once_tok_s']:16.1f}  "
+            f"{r.get('tokens_equal_to_1_gpu', 'reference')}"
             + (f", first difference at token {r['first_difference_median']} (median)" if "first_difference_median"
                in r else ""))
 

@@ -52,9 +52,9 @@ def test_soft_switches_pick_the_mode_and_its_sampling(engine):
     assert r.thinking is False
     r = engine.chat([{"role": "user", "content": "hi /think"}], max_tokens=4, seed=1)
     assert r.thinking is True
-    s = engine._chat_sampling(True, 10)
+    s = engine.chat_sampling(True, 10)
     assert (s.temperature, s.top_p, s.top_k) == (0.6, 0.95, 20)
-    s = engine._chat_sampling(False, 10)
+    s = engine.chat_sampling(False, 10)
     assert (s.temperature, s.top_p, s.top_k) == (0.7, 0.8, 20)
     assert SAMPLING[False]["top_p"] == 0.8
 

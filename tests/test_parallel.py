@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from qwenhw.engine.base import Sampling
+
 pytestmark = pytest.mark.slow
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "offload"))
 
@@ -79,16 +81,34 @@ def test_load_starts_a_rank_job_and_matches_one_process(tiny_moe):
     import qwenhw
 
     plan = qwenhw.plan(str(tiny_moe), hardware="2xH100-80G", backend="offload", engine="transformers-tp",
-                       context=128)
+                       context=128, concurrency=2)
     assert plan.engine == "transformers-tp" and plan.parallel.tp == 2 and plan.parallel.ep == 2
     fp32 = plan.replace(config={**plan.config, "dtype": "fp32", "threads": 1})
+    prompts = ["The capital of France is", "Hello"]
+    greedy = [Sampling(max_tokens=6, temperature=0), Sampling(max_tokens=3, temperature=0)]
     with qwenhw.load(fp32) as engine:
         ranks = engine.generate("The capital of France is", max_tokens=6, temperature=0)[0]
         chat = engine.chat([{"role": "user", "content": "hi"}], thinking=False, max_tokens=4, temperature=0)
+        # the server's path: two requests decoded together on the ranks' batched runtime
+        assert engine.max_batch == 2
+        together = texts(engine.stream_batch(prompts, greedy))
     single_plan = qwenhw.plan(str(tiny_moe), backend="offload", engine="transformers-fast", context=128)
     with qwenhw.load(single_plan.replace(config={**single_plan.config, "dtype": "fp32"})) as engine:
         one = engine.generate("The capital of France is", max_tokens=6, temperature=0)[0]
+        alone = [texts(engine.stream_batch([p], [s]))[0] for p, s in zip(prompts, greedy)]
     assert ranks.token_ids == one.token_ids and chat.completion_tokens == 4
+    assert together == alone
+
+
+def texts(pieces) -> list[tuple[str, str, int]]:
+    """(text, finish reason, completion tokens) per row of Engine.stream_batch."""
+    out: dict[int, list] = {}
+    for piece in pieces:
+        row = out.setdefault(piece.row, ["", None, 0])
+        row[0] += piece.text
+        if piece.finish:
+            row[1:] = [piece.finish, piece.tokens]
+    return [tuple(out[i]) for i in sorted(out)]
 
 
 def test_data_parallel_replicas_split_a_batch_and_match_one_process(tiny_moe):
@@ -100,14 +120,21 @@ def test_data_parallel_replicas_split_a_batch_and_match_one_process(tiny_moe):
                        context=128, concurrency=4)
     assert plan.engine == "transformers-dp" and plan.parallel.dp == 2 and plan.parallel.tp == 1
     prompts = ["The capital of France is", "1, 2, 3,", "Hello", "def add(a, b):", "Qwen is"]
+    greedy = [Sampling(max_tokens=5 - i % 2, temperature=0) for i in range(len(prompts))]
     with qwenhw.load(plan.replace(config={**plan.config, "dtype": "fp32", "threads": 1})) as engine:
         split = engine.generate(prompts, max_tokens=5, temperature=0)
         streamed = "".join(engine.stream(prompts[0], max_tokens=5, temperature=0))
+        # the server's path: whole texts split over the replicas, streams on replica 0
+        assert engine.max_batch == 4
+        whole = texts(engine.stream_batch(prompts[:4], greedy[:4], stream=False))
+        pieces = texts(engine.stream_batch(prompts[:2], greedy[:2]))
     single_plan = qwenhw.plan(str(tiny_moe), backend="offload", engine="transformers-fast", context=128)
     with qwenhw.load(single_plan.replace(config={**single_plan.config, "dtype": "fp32"})) as engine:
         one = engine.generate(prompts, max_tokens=5, temperature=0)
+        alone = [texts(engine.stream_batch([p], [s]))[0] for p, s in zip(prompts, greedy)]
     assert [c.token_ids for c in split] == [c.token_ids for c in one]
     assert streamed == one[0].text
+    assert whole == alone[:4] and pieces == alone[:2]
 
 
 @pytest.mark.parametrize("world", [2, 4])

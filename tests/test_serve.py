@@ -241,10 +241,10 @@ def test_queue_is_bounded(engine):
     s.start()
     c = openai.OpenAI(base_url=s.url, api_key="none", max_retries=0, timeout=60)
     try:
-        with s._gate:  # the engine is busy: one request may wait, the next is turned away
+        with s.scheduler.busy:  # the engine is busy: one request may wait, the next is turned away
             waiting = threading.Thread(target=ask, args=(c, "a", 2))
             waiting.start()
-            while s._waiting < 1:
+            while s.scheduler.active < 1:
                 time.sleep(0.01)
             with pytest.raises(openai.InternalServerError) as err:
                 ask(c, "b", 2)
@@ -254,6 +254,73 @@ def test_queue_is_bounded(engine):
     finally:
         s.shutdown()
         s.server_close()
+
+
+@pytest.fixture(scope="module")
+def batching(tiny_moe):
+    """A server over the lean runtime planned for 4 concurrent sequences, its batched runtime's calls
+    recorded (how many prompts each batch decoded). fp32: the random model's logits are nearly flat, and
+    bf16 sums in another order (a batch of 4 against 1) would flip greedy picks."""
+    plan = qwenhw.plan(str(tiny_moe), backend="offload", engine="transformers-fast", context=256, concurrency=4,
+                       dtype="float32")
+    with qwenhw.load(plan) as eng:
+        assert eng.max_batch == 4
+        batches: list[int] = []
+        decode = eng.batched.stream_batch
+        eng.batched.stream_batch = lambda prompts, *a, **k: batches.append(len(prompts)) or decode(prompts, *a, **k)
+        s = make_server(eng, "127.0.0.1", 0, served_model_name=NAME)
+        s.start()
+        yield s, openai.OpenAI(base_url=s.url, api_key="none", max_retries=0, timeout=120), batches
+        s.shutdown()
+        s.server_close()
+
+
+def held_until_queued(server, n, calls):
+    """Run `calls` concurrently while the engine is busy, so that all n requests queue before any runs."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        with server.scheduler.busy:
+            futures = [pool.submit(call) for call in calls]
+            while server.scheduler.active < n:
+                time.sleep(0.01)
+        return [f.result() for f in futures]
+
+
+@slow
+def test_concurrent_requests_decode_together(batching):
+    """8 chat requests at once on a plan for 4 sequences: two batches of 4, each request with its own
+    max_tokens, stop string and stream mode, and each answer the one it gets alone (greedy)."""
+    server, client, batches = batching
+    jobs = [(f"Question number {i}: tell me about topic {i}.", 4 + i, i % 2 == 1) for i in range(8)]
+    alone = [ask(client, text, n) for text, n, _ in jobs]
+    stop = alone[5][0][3:5]  # a stop string inside one answer: that row ends there, the rest go on
+    assert stop and stop.strip(), alone[5]
+    expect = list(alone)
+    expect[5] = (alone[5][0][:alone[5][0].find(stop)].strip(), "stop", None)
+    batches.clear()
+    together = held_until_queued(server, 8, [
+        (lambda job=job, i=i: ask(client, *job, **({"stop": [stop]} if i == 5 else {}))) for i, job in enumerate(jobs)])
+    assert batches == [4, 4]
+    for (text, n, stream), ref, got in zip(jobs, expect, together):
+        assert got[:2] == ref[:2], (text, stream, got, ref)
+        assert stream or ref[1] == "stop" or got[2] == n  # exact completion tokens from the batched runtime
+
+
+@slow
+def test_one_completions_request_with_many_prompts_decodes_them_together(batching):
+    server, client, batches = batching
+    prompts = ["The capital of France is", "One, two, three,", "Hello"]
+    alone = [client.completions.create(model=NAME, prompt=t, max_tokens=6, temperature=0).choices[0].text
+             for t in prompts]
+    batches.clear()
+    r = client.completions.create(model=NAME, prompt=prompts, max_tokens=6, temperature=0)
+    assert batches == [3]
+    assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == alone
+    assert r.usage.completion_tokens == 18
+    streamed = {}
+    for chunk in client.completions.create(model=NAME, prompt=prompts, max_tokens=6, temperature=0, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+    assert [streamed[i] for i in range(3)] == alone
 
 
 @slow

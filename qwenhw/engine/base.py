@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .thinking import SAMPLING, StreamSplitter, resolve_mode, split_reasoning
 
@@ -38,6 +38,17 @@ class Completion:
     @property
     def completion_tokens(self) -> int:
         return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Text generated for one prompt (`row`) of `Engine.stream_batch`. A row's last piece has `finish`
+    ("stop" | "length") and the row's completion tokens."""
+
+    row: int
+    text: str
+    finish: str | None = None
+    tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -111,12 +122,61 @@ class Engine:
         with self._lock:
             yield from self._stream(prompt, sampling)
 
+    @property
+    def max_batch(self) -> int:
+        """Sequences this engine decodes together: a server batches concurrent requests up to this many."""
+        return 1
+
+    def batch_key(self, sampling: Sampling) -> Any:
+        """Requests whose keys are equal may share a batch: the same sampling, and no seed (a seeded request
+        draws alone, so it gives what it gives alone)."""
+        if sampling.greedy:
+            return "greedy"
+        return object() if sampling.seed is not None else (sampling.temperature, sampling.top_p, sampling.top_k)
+
+    def stream_batch(self, prompts: Sequence[str], samplings: Sequence[Sampling],
+                     alive: Callable[[int], bool] | None = None, stream: bool = True) -> Iterator[Piece]:
+        """Generate for several prompts, together where the engine can (`max_batch`), as pieces of text
+        tagged with their prompt's row; each row ends with one piece that has `finish`. A row whose
+        `alive(row)` turns false is dropped (its client left). stream=False: whole texts are enough, which
+        lets an engine without batched streaming give exact token counts."""
+        self._check_open()
+        with self._lock:
+            yield from self._stream_batch(list(prompts), list(samplings), alive or (lambda row: True), stream)
+
+    def _stream_batch(self, prompts: list[str], samplings: list[Sampling], alive: Callable[[int], bool],
+                      stream: bool) -> Iterator[Piece]:
+        """Default: one prompt after another. Streamed rows count their tokens by tokenizing the text (exact
+        for ordinary text); hitting max_tokens means "length"."""
+        for row, (prompt, sampling) in enumerate(zip(prompts, samplings)):
+            if not alive(row):
+                continue
+            if not stream:
+                out = self._complete([prompt], sampling)[0]
+                yield Piece(row, out.text, out.finish_reason, out.completion_tokens)
+                continue
+            parts: list[str] = []
+            deltas = self._stream(prompt, sampling)
+            try:
+                for text in deltas:
+                    parts.append(text)
+                    yield Piece(row, text)
+                    if not alive(row):
+                        break
+            finally:
+                deltas.close()  # stops the generation of a row nobody reads
+            if alive(row):
+                text = "".join(parts)
+                n = min(self.count_tokens(text) if text else 0, sampling.max_tokens)
+                yield Piece(row, "", "length" if n >= sampling.max_tokens else "stop", n)
+
     def chat_prompt(self, messages: list[dict], thinking: bool | None = None) -> tuple[str, bool]:
         """The rendered prompt and whether the turn thinks."""
         thinks, flag = resolve_mode(thinking, messages, self.model_thinking)
         return self.render_chat(messages, flag), thinks
 
-    def _chat_sampling(self, thinks: bool, max_tokens: int, **overrides: Any) -> Sampling:
+    def chat_sampling(self, thinks: bool, max_tokens: int, **overrides: Any) -> Sampling:
+        """Qwen's sampling defaults for the turn's mode, with the caller's non-None overrides."""
         values = dict(SAMPLING[thinks])
         values.update({k: v for k, v in overrides.items() if v is not None})
         stop = tuple(values.pop("stop", None) or ())
@@ -126,7 +186,7 @@ class Engine:
         """The rendered prompt, whether the turn thinks, and its sampling (Qwen's defaults for that mode)."""
         self._check_open()
         prompt, thinks = self.chat_prompt(messages, thinking)
-        sampling = self._chat_sampling(thinks, max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        sampling = self.chat_sampling(thinks, max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                        stop=stop, seed=seed)
         return prompt, thinks, sampling
 

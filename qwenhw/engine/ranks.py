@@ -23,7 +23,7 @@ import threading
 from datetime import timedelta
 from typing import Any, Iterator
 
-from .base import Engine
+from .base import Engine, Piece
 from .worker import WorkerEngine
 
 
@@ -77,9 +77,12 @@ def _seeded(line: str) -> str:
     if not line:
         return ""
     msg = json.loads(line)
-    sampling = msg.get("sampling")
-    if sampling is not None and sampling.get("seed") is None and sampling.get("temperature", 1.0) > 0:
-        sampling["seed"] = random.randrange(2**31)
+    samplings = [msg["sampling"]] if msg.get("sampling") is not None else msg.get("samplings") or []
+    unseeded = [s for s in samplings if s.get("seed") is None and s.get("temperature", 1.0) > 0]
+    if unseeded:
+        seed = random.randrange(2**31)  # one for the whole batch: its rows draw from one generator
+        for s in unseeded:
+            s["seed"] = seed
         return json.dumps(msg) + "\n"
     return line
 
@@ -133,6 +136,36 @@ class Replicas(Engine):
     def _stream(self, prompt: str, sampling: Any) -> Iterator[str]:
         if self.replica == 0:
             yield from self.inner._stream(prompt, sampling)
+
+    @property
+    def max_batch(self) -> int:
+        return self.inner.max_batch * self.replicas
+
+    def _stream_batch(self, prompts: list[str], samplings: list[Any], alive: Any, stream: bool) -> Iterator[Piece]:
+        """Streams are decoded by replica 0 (its pieces are what rank 0 answers); whole texts are split over
+        the replicas like a batch, each replica decoding its share together."""
+        import torch.distributed as dist
+
+        if stream or len(prompts) == 1:
+            if self.replica == 0:
+                yield from self.inner._stream_batch(prompts, samplings, alive, stream)
+            return
+        mine = list(range(self.replica, len(prompts), self.replicas))
+        texts: dict[int, str] = {i: "" for i in mine}
+        ends: dict[int, tuple[str, int]] = {}
+        if mine:
+            for piece in self.inner._stream_batch([prompts[i] for i in mine], [samplings[i] for i in mine],
+                                                  lambda row: True, False):
+                texts[mine[piece.row]] += piece.text
+                if piece.finish:
+                    ends[mine[piece.row]] = (piece.finish, piece.tokens)
+        parts: list[Any] = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(parts, (texts, ends) if self.lead else ({}, {}), group=self.group)
+        for i in range(len(prompts)):
+            for done_texts, done_ends in parts:
+                if i in done_ends:
+                    yield Piece(i, done_texts[i], *done_ends[i])
+                    break
 
     def render_chat(self, messages: list[dict], enable_thinking: bool | None) -> str:
         return self.inner.render_chat(messages, enable_thinking)

@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator
 
-from .base import Completion, Engine, Sampling
+from .base import Completion, Engine, Piece, Sampling
 
 
 def worker_python(backend: str) -> str | None:
@@ -101,6 +101,34 @@ class WorkerEngine(Engine):
                 self._cancel_stream()
                 raise
 
+    @property
+    def max_batch(self) -> int:
+        return int(self.info.get("max_batch", 1))
+
+    def _stream_batch(self, prompts: list[str], samplings: list[Sampling], alive: Any,
+                      stream: bool) -> Iterator[Piece]:
+        with self._io:
+            self._send({"op": "stream_batch", "prompts": prompts, "samplings": [s.__dict__ for s in samplings],
+                        "stream": stream})
+            cancelled = False
+            try:
+                while True:
+                    reply = self._recv()
+                    if reply.get("done"):
+                        return
+                    row, text, finish, tokens = reply["piece"]
+                    if alive(row):
+                        yield Piece(row, text, finish, tokens)
+                    elif not cancelled and not any(alive(r) for r in range(len(prompts))):
+                        self._send({"op": "cancel"})  # nobody reads any row: stop; read on up to "done"
+                        cancelled = True
+            except (WorkerError, MemoryError):
+                raise
+            except BaseException:
+                if not cancelled:
+                    self._cancel_stream()
+                raise
+
     def _cancel_stream(self) -> None:
         # The worker checks for "cancel" between deltas and then answers "done"; the deltas already in the
         # pipe are read and dropped, so the next request does not take a stale delta for its reply.
@@ -152,7 +180,8 @@ def serve(stdin=None, stdout=None) -> None:
                 plan = Plan.from_dict(msg["plan"])
                 backend = plugins.load().backends[plan.backend]
                 engine = backend.load_in_process(plan)
-                _reply({"ok": True, "info": {"python": sys.executable, **getattr(engine, "load_info", {})}}, out)
+                info = {"python": sys.executable, "max_batch": engine.max_batch, **getattr(engine, "load_info", {})}
+                _reply({"ok": True, "info": info}, out)
             elif op == "complete":
                 assert engine is not None
                 results = engine._complete(msg["prompts"], Sampling(**_sampling(msg["sampling"])))
@@ -168,6 +197,18 @@ def serve(stdin=None, stdout=None) -> None:
                             break
                 finally:
                     stream.close()  # stops the generation
+                _reply({"done": True}, out)
+            elif op == "stream_batch":
+                assert engine is not None
+                samplings = [Sampling(**_sampling(d)) for d in msg["samplings"]]
+                pieces = engine._stream_batch(msg["prompts"], samplings, lambda row: True, msg["stream"])
+                try:
+                    for piece in pieces:
+                        _reply({"piece": [piece.row, piece.text, piece.finish, piece.tokens]}, out)
+                        if _cancelled(stdin):
+                            break
+                finally:
+                    pieces.close()
                 _reply({"done": True}, out)
             elif op == "cancel":
                 pass  # arrived after the stream had already ended: its "done" is on its way

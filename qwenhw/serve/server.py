@@ -1,10 +1,10 @@
 """An OpenAI-compatible HTTP server over any Engine, on the standard library's ThreadingHTTPServer.
 
 Why the standard library: it has no dependencies (the core stays installable where no engine is), it runs
-in-process in a thread (tests start it on port 0), and one request at a time is all an Engine does anyway,
-so an async framework would buy nothing. Each connection gets a thread; requests wait at one gate, which
-is held from the prompt check to the last streamed byte, so answers never interleave. The tokenizer is
-only used behind the gate too (HF fast tokenizers are not safe to mutate from two threads).
+in-process in a thread (tests start it on port 0), and the engine is driven by one thread anyway, so an
+async framework would buy nothing. Each connection gets a thread, which hands its request to the
+scheduler (scheduler.py): the one thread that uses the engine and its tokenizer, and decodes concurrent
+requests together where the engine batches (a plan for --concurrency N).
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import logging
 import socket
 import threading
 import time
-from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterator
+from typing import Any
 
-from ..engine.base import Engine
+from ..engine.base import Engine, Piece, Sampling
+from ..engine.thinking import StreamSplitter, split_reasoning
 from . import protocol as p
 from .protocol import APIError
+from .scheduler import Job, Scheduler
 
 log = logging.getLogger("qwenhw.serve")
 MAX_BODY = 16 * 2**20
@@ -41,12 +42,9 @@ class OpenAIServer(ThreadingHTTPServer):
         names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [])
         self.names = names or ([engine.plan.model] if engine is not None and engine.plan else ["qwenhw"])
         self._max_context = max_context
-        self.max_queue = max_queue
         self.access_log = access_log
         self.created = int(time.time())
-        self._gate = threading.Lock()
-        self._count = threading.Lock()
-        self._waiting = 0
+        self.scheduler = Scheduler(self, max_queue)
 
     @property
     def url(self) -> str:
@@ -61,28 +59,16 @@ class OpenAIServer(ThreadingHTTPServer):
         plan = getattr(self.engine, "plan", None)
         return (getattr(plan, "context", 0) or getattr(plan, "max_context", 0) or None) if plan else None
 
+    def server_close(self) -> None:
+        if hasattr(self, "scheduler"):  # not when binding failed (socketserver closes the socket itself)
+            self.scheduler.stop()
+        super().server_close()
+
     def start(self) -> threading.Thread:
         """Serve in a daemon thread; stop with shutdown() then server_close()."""
         thread = threading.Thread(target=self.serve_forever, name="qwenhw-serve", daemon=True)
         thread.start()
         return thread
-
-    @contextmanager
-    def turn(self) -> Iterator[Engine]:
-        """Wait for the engine (bounded queue), then hold it for the whole request."""
-        with self._count:
-            if self._waiting >= self.max_queue:
-                raise APIError(503, f"The server is busy ({self._waiting} requests queued); retry later.",
-                               code="queue_full")
-            self._waiting += 1
-        try:
-            with self._gate:
-                if self.engine is None or self.engine.closed:
-                    raise APIError(503, "The model is not loaded.", code="model_not_ready")
-                yield self.engine
-        finally:
-            with self._count:
-                self._waiting -= 1
 
 
 def make_server(engine: Engine | None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
@@ -150,37 +136,44 @@ class Handler(BaseHTTPRequestHandler):
 
     def _chat(self) -> None:
         call = p.parse(self._body(), True, self.server.names, self.server.context_limit)
-        with self.server.turn() as engine:
+        limit = self.server.context_limit
+        seen: dict[str, Any] = {}
+
+        def prepare(engine: Engine) -> list[tuple[str, Sampling]]:
             try:
-                prompt, _ = engine.chat_prompt(call.messages, call.thinking)
+                prompt, thinks = engine.chat_prompt(call.messages, call.thinking)
             except Exception as exc:  # the chat template rejected the conversation (roles out of order, ...)
                 raise APIError(400, f"The chat template rejected the messages: {exc}", "messages") from exc
-            n_prompt = engine.count_tokens(prompt)
-            max_tokens = p.check_length(n_prompt, call.max_tokens, self.server.context_limit, "messages")
-            kwargs = dict(thinking=call.thinking, max_tokens=max_tokens, **call.sampling)
+            seen["prompt_tokens"] = engine.count_tokens(prompt)
+            # Thinking-2507 templates open <think> in the prompt: the answer starts inside the reasoning
+            seen["in_reasoning"] = prompt.rstrip().endswith("<think>")
+            max_tokens = p.check_length(seen["prompt_tokens"], call.max_tokens, limit, "messages")
+            return [(prompt, engine.chat_sampling(thinks, max_tokens, **call.sampling))]
+
+        with self.server.scheduler.submit(prepare, call.stream) as job:
+            job.ready()
             rid = p.new_id("chatcmpl")
             if not call.stream:
-                r = engine.chat(call.messages, **kwargs)
-                self._send_json(200, p.chat_response(call, rid, r.content, r.reasoning, r.finish_reason,
-                                                     r.prompt_tokens, r.completion_tokens))
+                text, last = _collect(job)[0]
+                parts = split_reasoning(text)
+                self._send_json(200, p.chat_response(call, rid, parts.content, parts.reasoning, last.finish,
+                                                     seen["prompt_tokens"], last.tokens))
                 return
             created = int(time.time())
             self._start_stream()
             self._event(p.chat_chunk(call, rid, created, {"role": "assistant", "content": ""}))
-            parts: dict[str, list[str]] = {"reasoning": [], "content": []}
+            splitter = StreamSplitter(in_reasoning=seen["in_reasoning"])
             try:
-                stream = engine.chat_stream(call.messages, **kwargs)
-                try:
-                    for kind, text in stream:
-                        parts[kind].append(text)
+                last = None
+                for piece in job.pieces():
+                    for kind, text in splitter.feed(piece.text) + (splitter.flush() if piece.finish else []):
                         delta = p.reasoning_fields(text) if kind == "reasoning" else {"content": text}
                         self._event(p.chat_chunk(call, rid, created, delta))
-                finally:
-                    stream.close()  # a client that left stops the generation here
-                n_out, finish = self._stream_usage(engine, parts, max_tokens)
-                self._event(p.chat_chunk(call, rid, created, {}, finish))
+                    last = piece
+                self._event(p.chat_chunk(call, rid, created, {}, last.finish))
                 if call.include_usage:
-                    self._event(p.chat_chunk(call, rid, created, usage_=p.usage(n_prompt, n_out)))
+                    self._event(p.chat_chunk(call, rid, created,
+                                             usage_=p.usage(seen["prompt_tokens"], last.tokens)))
             except (BrokenPipeError, ConnectionResetError):
                 raise
             except Exception as exc:  # headers are gone: report in-band, as vLLM does
@@ -191,38 +184,39 @@ class Handler(BaseHTTPRequestHandler):
     def _completions(self) -> None:
         call = p.parse(self._body(), False, self.server.names, self.server.context_limit)
         limit = self.server.context_limit
-        with self.server.turn() as engine:
-            n_prompts = [engine.count_tokens(text) for text in call.prompts]
+        n_prompts: list[int] = []
+
+        def prepare(engine: Engine) -> list[tuple[str, Sampling]]:
+            n_prompts[:] = [engine.count_tokens(text) for text in call.prompts]
             # a batch shares one max_tokens: the longest prompt decides whether it fits
             max_tokens = min(p.check_length(n, call.max_tokens, limit, "prompt") for n in n_prompts)
-            kwargs = dict(max_tokens=max_tokens, **{k: v for k, v in call.sampling.items() if v is not None})
+            options = {k: v for k, v in call.sampling.items() if v is not None}
+            sampling = Sampling(max_tokens=max_tokens, **{**options, "stop": tuple(options.get("stop") or ())})
+            return [(prompt, sampling) for prompt in call.prompts]
+
+        with self.server.scheduler.submit(prepare, call.stream) as job:
+            job.ready()
             rid, created = p.new_id("cmpl"), int(time.time())
             if not call.stream:
-                outs = engine.generate(call.prompts, **kwargs)
-                choices = [{"index": i, "text": (call.prompts[i] if call.echo else "") + o.text,
-                            "finish_reason": o.finish_reason, "logprobs": None} for i, o in enumerate(outs)]
+                outs = _collect(job)
+                choices = [{"index": i, "text": (call.prompts[i] if call.echo else "") + text,
+                            "finish_reason": last.finish, "logprobs": None} for i, (text, last) in enumerate(outs)]
                 body = {"id": rid, "object": "text_completion", "created": created, "model": call.model,
-                        "choices": choices, "usage": p.usage(sum(o.prompt_tokens for o in outs),
-                                                             sum(o.completion_tokens for o in outs))}
+                        "choices": choices, "usage": p.usage(sum(n_prompts), sum(last.tokens for _, last in outs))}
                 self._send_json(200, body)
                 return
             self._start_stream()
             total = 0
             try:
-                for i, prompt in enumerate(call.prompts):  # one after another: a stream is one sequence
-                    if call.echo:
+                if call.echo:
+                    for i, prompt in enumerate(call.prompts):
                         self._event(p.completion_chunk(call, rid, created, i, prompt))
-                    pieces: list[str] = []
-                    stream = engine.stream(prompt, **kwargs)
-                    try:
-                        for text in stream:
-                            pieces.append(text)
-                            self._event(p.completion_chunk(call, rid, created, i, text))
-                    finally:
-                        stream.close()
-                    n_out, finish = self._stream_usage(engine, {"content": pieces}, max_tokens)
-                    total += n_out
-                    self._event(p.completion_chunk(call, rid, created, i, "", finish))
+                for piece in job.pieces():  # the prompts' pieces as they come (batched: interleaved)
+                    if piece.text:
+                        self._event(p.completion_chunk(call, rid, created, piece.row, piece.text))
+                    if piece.finish:
+                        total += piece.tokens
+                        self._event(p.completion_chunk(call, rid, created, piece.row, "", piece.finish))
                 if call.include_usage:
                     self._event(p.completion_chunk(call, rid, created, usage_=p.usage(sum(n_prompts), total)))
             except (BrokenPipeError, ConnectionResetError):
@@ -231,16 +225,6 @@ class Handler(BaseHTTPRequestHandler):
                 log.exception("stream failed")
                 self._event(APIError(500, f"{type(exc).__name__}: {exc}").body())
             self._end_stream()
-
-    @staticmethod
-    def _stream_usage(engine: Engine, parts: dict[str, list[str]], max_tokens: int) -> tuple[int, str]:
-        # The stream protocol yields text only, so completion tokens are the text re-tokenized (exact for
-        # ordinary text, approximate for odd byte sequences); hitting max_tokens means "length".
-        text = "".join(parts.get("reasoning", [])) + "".join(parts["content"])
-        n = engine.count_tokens(text) if text else 0
-        if parts.get("reasoning"):
-            n += 2  # <think> and </think> are one token each
-        return min(n, max_tokens), "length" if n >= max_tokens else "stop"
 
     # --- I/O -------------------------------------------------------------------------------------------
     def _body(self) -> Any:
@@ -318,3 +302,14 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         if self.server.access_log:
             log.info("%s %s", self.address_string(), format % args)
+
+
+def _collect(job: Job) -> list[tuple[str, Piece]]:
+    """Each row's whole text and its last piece (finish reason, completion tokens)."""
+    texts = [""] * len(job.rows)
+    last: list[Any] = [None] * len(job.rows)
+    for piece in job.pieces():
+        texts[piece.row] += piece.text
+        if piece.finish:
+            last[piece.row] = piece
+    return list(zip(texts, last))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
-from qwenhw.engine.base import Completion, Sampling
+from qwenhw.engine.base import Completion, Piece, Sampling
 from qwenhw.engine.hf import HFEngine, _cut_at_stop
 
 from .planner import runtime_batches
@@ -67,21 +67,55 @@ class RuntimeEngine(HFEngine):
 
     def _stream(self, prompt: str, sampling: Sampling) -> Iterator[str]:
         eos = set(self._eos_ids())
-        tokens: list[int] = []
-        sent = ""
+        text = TextStream(self.tokenizer, sampling.stop)
         for token in self._tokens(prompt, sampling):
             if token in eos:
                 break
-            tokens.append(token)
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-                continue
-            cut, stopped = _cut_at_stop(text, sampling.stop)
-            if len(cut) > len(sent):
-                yield cut[len(sent):]
-                sent = cut
-            if stopped:
+            delta = text.feed(token)
+            if delta:
+                yield delta
+            if text.stopped:
                 return
+
+    @property
+    def max_batch(self) -> int:
+        return self.batched.batch if self.batched is not None else 1
+
+    def _stream_batch(self, prompts: list[str], samplings: list[Sampling], alive: Callable[[int], bool],
+                      stream: bool) -> Iterator[Piece]:
+        """Prompts decode together on the batched runtime, `batched.batch` at a time (one alone: the batch-1
+        runtime), each with its own max_tokens and stop strings, when they share their sampling; else one
+        after another."""
+        shared = {(0.0,) if s.greedy else (s.temperature, s.top_p, s.top_k, s.seed) for s in samplings}
+        rt = self.runtime if len(prompts) == 1 else self.batched
+        if rt is None or len(shared) > 1:
+            yield from super()._stream_batch(prompts, samplings, alive, stream)
+            return
+        for k in range(0, len(prompts), rt.batch):
+            rows = range(k, min(k + rt.batch, len(prompts)))
+            yield from self._decode_rows(rt, [prompts[r] for r in rows], [samplings[r] for r in rows],
+                                         lambda i: alive(k + i), k)
+
+    def _decode_rows(self, rt: Runtime, prompts: list[str], samplings: list[Sampling],
+                     alive: Callable[[int], bool], first: int) -> Iterator[Piece]:
+        ids = [self._prompt_ids(p, rt) for p in prompts]
+        s = samplings[0]
+        params = SampleParams(s.temperature, s.top_p, s.top_k, s.seed)
+        eos = set(self._eos_ids())
+        texts = [TextStream(self.tokenizer, x.stop) for x in samplings]
+        counts = [0] * len(prompts)
+        rt.reset()
+        for i, token, last in rt.stream_batch(ids, [x.max_tokens for x in samplings], params, eos,
+                                              lambda i: alive(i) and not texts[i].stopped):
+            if token in eos:  # not part of the text, nor of the completion tokens (as in _complete)
+                yield Piece(first + i, "", "stop", counts[i])
+                continue
+            counts[i] += 1
+            delta = texts[i].feed(token)
+            if texts[i].stopped or last:
+                yield Piece(first + i, delta, "stop" if texts[i].stopped else "length", counts[i])
+            elif delta:
+                yield Piece(first + i, delta)
 
     def calibrate(self, prompt: str) -> None:
         """Route a calibration prompt, then cache the most-used experts on the GPU."""
@@ -99,6 +133,27 @@ class RuntimeEngine(HFEngine):
         self.runtime = self.batched = None
         self.hybrid = None
         super().close()
+
+
+class TextStream:
+    """One sequence's tokens as text deltas: whole characters only, cut before the first stop string."""
+
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.tokens: list[int] = []
+        self.sent = ""
+        self.stopped = False
+
+    def feed(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            return ""
+        cut, self.stopped = _cut_at_stop(text, self.stop)
+        if len(cut) <= len(self.sent):
+            return ""
+        delta, self.sent = cut[len(self.sent):], cut
+        return delta
 
 
 def load_fast(plan: Any, path: str, dtype: Any) -> RuntimeEngine:

@@ -352,8 +352,18 @@ class Runtime:
     @torch.inference_mode()
     def generate_batch(self, prompts: list[list[int]], max_new: int, params: SampleParams,
                        eos: set[int]) -> list[list[int]]:
-        """Up to `batch` prompts decoded together (rows past them repeat the first prompt and are dropped);
-        each sequence stops at its EOS (kept) or after `max_new` tokens."""
+        """Up to `batch` prompts decoded together; each sequence's tokens up to its EOS (kept) or `max_new`."""
+        out: list[list[int]] = [[] for _ in prompts]
+        for row, token, _ in self.stream_batch(prompts, [max_new] * len(prompts), params, eos):
+            out[row].append(token)
+        return out
+
+    @torch.inference_mode()
+    def stream_batch(self, prompts: list[list[int]], max_new: list[int], params: SampleParams, eos: set[int],
+                     alive: Callable[[int], bool] | None = None) -> Iterator[tuple[int, int, bool]]:
+        """Up to `batch` prompts decoded together (rows past them repeat the first prompt and are dropped):
+        (row, token, last) as each step samples. A row ends at its EOS (yielded, last), after its own
+        max_new tokens or when the cache is full (last), or when `alive(row)` turns false (nothing more)."""
         n = len(prompts)
         if not 0 < n <= self.batch:
             raise ValueError(f"this runtime decodes up to {self.batch} sequences at a time, not {n}")
@@ -361,19 +371,27 @@ class Runtime:
         if params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
         logits = self.prefill(list(prompts) + [prompts[0]] * (self.batch - n))
-        out: list[list[int]] = [[] for _ in range(n)]
-        live = set(range(n))
-        for step in range(min(max_new, self.max_len - self.length)):
+        room = self.max_len - self.length
+        limit = [min(m, room) for m in max_new]
+        count = [0] * n
+        live = {row for row in range(n) if limit[row] > 0}
+        while live:
             tokens = sample_rows(logits, params, gen)
-            for j, token in enumerate(tokens.tolist()[:n]):
-                if j in live:
-                    out[j].append(token)
-                    if token in eos:
-                        live.discard(j)
-            if not live or self.length >= self.max_len:
-                break
-            logits = self.decode(tokens)
-        return out
+            for row, token in enumerate(tokens.tolist()[:n]):
+                if row not in live:
+                    continue
+                if alive is not None and not alive(row):
+                    live.discard(row)
+                    continue
+                count[row] += 1
+                last = token in eos or count[row] >= limit[row]
+                if last:
+                    live.discard(row)
+                yield row, token, last
+            if live and alive is not None:
+                live = {row for row in live if alive(row)}
+            if live:
+                logits = self.decode(tokens)
 
     def generate(self, ids: list[int], max_new: int, params: SampleParams, eos: set[int]) -> Iterator[int]:
         gen = None

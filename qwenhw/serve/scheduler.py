@@ -1,0 +1,162 @@
+"""One thread owns the engine; HTTP handler threads hand it their requests and read back pieces of text.
+
+Why one thread: the tokenizer is not safe to use from two threads (HF fast tokenizers raise "Already
+borrowed"), and an engine decodes one batch at a time anyway. The thread prepares each request (chat
+template, token counts, the context check) and then decodes the waiting sequences that may share a batch
+together: up to `engine.max_batch` of them with equal `engine.batch_key`. An engine that decodes one
+sequence at a time gets them one after another, in arrival order. A batch runs to its end; requests that
+arrive meanwhile form the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+from ..engine.base import Engine, Piece, Sampling
+from .protocol import APIError
+
+log = logging.getLogger("qwenhw.serve")
+Prepare = Callable[[Engine], list[tuple[str, Sampling]]]
+
+
+class Job:
+    """One HTTP request's sequences. `prepare(engine)`, run on the scheduler's thread, returns a (prompt,
+    sampling) per sequence or raises APIError; the handler then reads Pieces (row = the sequence's index).
+    Use it as a context manager: leaving it (the client went away, an error) drops what is left of it."""
+
+    def __init__(self, prepare: Prepare, stream: bool, done: Callable[["Job"], None]):
+        self.prepare = prepare
+        self.stream = stream
+        self.rows: list[tuple[str, Sampling]] = []
+        self.left = False
+        self._events: queue.Queue = queue.Queue()
+        self._done = done
+
+    def ready(self) -> None:
+        """Wait until the scheduler has prepared this job; raise what preparing it raised."""
+        kind, value = self._events.get()
+        if kind == "error":
+            raise value
+
+    def pieces(self) -> Iterator[Piece]:
+        """Pieces of every row as they come, until each row's last one (`finish` set)."""
+        open_rows = len(self.rows)
+        while open_rows:
+            kind, value = self._events.get()
+            if kind == "error":
+                raise value
+            yield value
+            open_rows -= value.finish is not None
+
+    def put(self, kind: str, value: Any) -> None:
+        self._events.put((kind, value))
+
+    def __enter__(self) -> "Job":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self.left:
+            self.left = True
+            self._done(self)
+
+
+class Scheduler:
+    """Jobs in, batches out. `max_queue` bounds the jobs waiting or running (the rest get a 503)."""
+
+    def __init__(self, server: Any, max_queue: int = 64, window: float = 0.005):
+        self.server = server  # its .engine may be attached after the scheduler starts
+        self.max_queue = max_queue
+        self.window = window  # seconds to let requests sent together arrive together
+        self.busy = threading.Lock()  # held while the engine works (tests hold it to make the engine busy)
+        self._cond = threading.Condition()
+        self._new: list[Job] = []
+        self._rows: list[tuple[Job, int]] = []  # prepared sequences waiting for a batch, in arrival order
+        self.active = 0
+        self._stopped = False
+        threading.Thread(target=self._run, name="qwenhw-scheduler", daemon=True).start()
+
+    def stop(self) -> None:
+        """End the thread once the batch it runs is done (the server is closing)."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
+    def submit(self, prepare: Prepare, stream: bool) -> Job:
+        with self._cond:
+            if self.active >= self.max_queue:
+                raise APIError(503, f"The server is busy ({self.active} requests queued); retry later.",
+                               code="queue_full")
+            job = Job(prepare, stream, self._finished)
+            self.active += 1
+            self._new.append(job)
+            self._cond.notify()
+        return job
+
+    def _finished(self, job: Job) -> None:
+        with self._cond:
+            self.active -= 1
+
+    # --- the engine's thread -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._new and not self._rows and not self._stopped:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+            engine = self.server.engine
+            batch = getattr(engine, "max_batch", 1)
+            if batch > 1 and self.window and len(self._rows) + len(self._new) < batch:
+                time.sleep(self.window)
+            with self.busy:
+                self._prepare(engine)
+                group = self._take(engine)
+                if group:
+                    self._decode(engine, group)
+
+    def _prepare(self, engine: Engine | None) -> None:
+        with self._cond:
+            new, self._new = self._new, []
+        for job in new:
+            try:
+                if engine is None or engine.closed:
+                    raise APIError(503, "The model is not loaded.", code="model_not_ready")
+                job.rows = job.prepare(engine)
+            except Exception as exc:  # APIError for the client; anything else is a 500 there
+                job.put("error", exc)
+                continue
+            job.put("ready", None)
+            with self._cond:
+                self._rows += [(job, i) for i in range(len(job.rows))]
+
+    def _take(self, engine: Engine) -> list[tuple[Job, int]]:
+        """The oldest waiting sequence and those that may share its batch."""
+        with self._cond:
+            rows = [r for r in self._rows if not r[0].left]
+            if not rows:
+                self._rows = []
+                return []
+            key = engine.batch_key(rows[0][0].rows[rows[0][1]][1])
+            group, rest = rows[:1], []
+            for job, i in rows[1:]:
+                fits = len(group) < engine.max_batch and engine.batch_key(job.rows[i][1]) == key
+                (group if fits else rest).append((job, i))
+            self._rows = rest
+            return group
+
+    def _decode(self, engine: Engine, group: list[tuple[Job, int]]) -> None:
+        prompts = [job.rows[i][0] for job, i in group]
+        samplings = [job.rows[i][1] for job, i in group]
+        stream = any(job.stream for job, _ in group)
+        try:
+            for piece in engine.stream_batch(prompts, samplings, lambda row: not group[row][0].left, stream):
+                job, i = group[piece.row]
+                job.put("piece", Piece(i, piece.text, piece.finish, piece.tokens))
+        except Exception as exc:  # an engine fault: every job of the batch reports it; the server goes on
+            log.exception("generation failed")
+            for job in {job for job, _ in group}:
+                job.put("error", exc)
