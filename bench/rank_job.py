@@ -116,13 +116,15 @@ def serve_rates(engine, max_tokens: int = 64) -> dict:
         post(PROMPTS[0])
         t = time.perf_counter()
         alone = sum(post(p) for p in PROMPTS) / (time.perf_counter() - t)
+        server.scheduler.batch_sizes.clear()
         t = time.perf_counter()
         with ThreadPoolExecutor(len(PROMPTS)) as pool:
             together = sum(pool.map(post, PROMPTS)) / (time.perf_counter() - t)
+        sizes = dict(server.scheduler.batch_sizes)
     finally:
         server.shutdown()
         server.server_close()
-    return {"http_one_at_a_time_tok_s": alone, "http_16_at_once_tok_s": together}
+    return {"http_one_at_a_time_tok_s": alone, "http_16_at_once_tok_s": together, "http_batch_sizes": sizes}
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from typing import Any, Callable, Iterator
 
 from ..engine.base import Engine, Piece, Sampling
@@ -67,10 +68,13 @@ class Job:
 class Scheduler:
     """Jobs in, batches out. `max_queue` bounds the jobs waiting or running (the rest get a 503)."""
 
-    def __init__(self, server: Any, max_queue: int = 64, window: float = 0.005):
+    def __init__(self, server: Any, max_queue: int = 64, window: float = 0.01, max_wait: float = 0.05):
         self.server = server  # its .engine may be attached after the scheduler starts
         self.max_queue = max_queue
-        self.window = window  # seconds to let requests sent together arrive together
+        # requests sent together arrive spread over a few ms (and a worker engine takes a round trip to
+        # prepare each): a batch starts once none arrived for `window` s, or after `max_wait`, or when full
+        self.window, self.max_wait = window, max_wait
+        self.batch_sizes: Counter = Counter()  # sequences per batch decoded, for benchmarks and logs
         self.busy = threading.Lock()  # held while the engine works (tests hold it to make the engine busy)
         self._cond = threading.Condition()
         self._new: list[Job] = []
@@ -109,14 +113,24 @@ class Scheduler:
                 if self._stopped:
                     return
             engine = self.server.engine
-            batch = getattr(engine, "max_batch", 1)
-            if batch > 1 and self.window and len(self._rows) + len(self._new) < batch:
-                time.sleep(self.window)
             with self.busy:
-                self._prepare(engine)
-                group = self._take(engine)
+                self._gather(engine)
+                group = self._take(engine) if engine is not None else []
                 if group:
                     self._decode(engine, group)
+
+    def _gather(self, engine: Engine | None) -> None:
+        """Prepare the new requests; on an engine that batches, go on while more keep arriving."""
+        deadline = time.monotonic() + self.max_wait
+        while True:
+            self._prepare(engine)
+            batch = getattr(engine, "max_batch", 1)
+            if batch <= 1 or len(self._rows) >= batch or time.monotonic() >= deadline:
+                return
+            if not self._new:
+                time.sleep(self.window)
+                if not self._new:
+                    return
 
     def _prepare(self, engine: Engine | None) -> None:
         with self._cond:
@@ -152,6 +166,7 @@ class Scheduler:
         prompts = [job.rows[i][0] for job, i in group]
         samplings = [job.rows[i][1] for job, i in group]
         stream = any(job.stream for job, _ in group)
+        self.batch_sizes[len(group)] += 1
         try:
             for piece in engine.stream_batch(prompts, samplings, lambda row: not group[row][0].left, stream):
                 job, i = group[piece.row]

@@ -94,26 +94,26 @@ class RuntimeEngine(HFEngine):
         for k in range(0, len(prompts), rt.batch):
             rows = range(k, min(k + rt.batch, len(prompts)))
             yield from self._decode_rows(rt, [prompts[r] for r in rows], [samplings[r] for r in rows],
-                                         lambda i: alive(k + i), k)
+                                         lambda i: alive(k + i), k, stream)
 
     def _decode_rows(self, rt: Runtime, prompts: list[str], samplings: list[Sampling],
-                     alive: Callable[[int], bool], first: int) -> Iterator[Piece]:
+                     alive: Callable[[int], bool], first: int, stream: bool) -> Iterator[Piece]:
         ids = [self._prompt_ids(p, rt) for p in prompts]
         s = samplings[0]
         params = SampleParams(s.temperature, s.top_p, s.top_k, s.seed)
         eos = set(self._eos_ids())
-        texts = [TextStream(self.tokenizer, x.stop) for x in samplings]
+        texts = [TextStream(self.tokenizer, x.stop, lazy=not stream) for x in samplings]
         counts = [0] * len(prompts)
         rt.reset()
         for i, token, last in rt.stream_batch(ids, [x.max_tokens for x in samplings], params, eos,
                                               lambda i: alive(i) and not texts[i].stopped):
             if token in eos:  # not part of the text, nor of the completion tokens (as in _complete)
-                yield Piece(first + i, "", "stop", counts[i])
+                yield Piece(first + i, texts[i].rest(), "stop", counts[i])
                 continue
             counts[i] += 1
             delta = texts[i].feed(token)
             if texts[i].stopped or last:
-                yield Piece(first + i, delta, "stop" if texts[i].stopped else "length", counts[i])
+                yield Piece(first + i, delta + texts[i].rest(), "stop" if texts[i].stopped else "length", counts[i])
             elif delta:
                 yield Piece(first + i, delta)
 
@@ -136,16 +136,27 @@ class RuntimeEngine(HFEngine):
 
 
 class TextStream:
-    """One sequence's tokens as text deltas: whole characters only, cut before the first stop string."""
+    """One sequence's tokens as text deltas: whole characters only, cut before the first stop string.
+    `lazy` (nobody reads the deltas, no stop strings to look for): decode once, in rest()."""
 
-    def __init__(self, tokenizer: Any, stop: tuple[str, ...]):
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...], lazy: bool = False):
         self.tokenizer, self.stop = tokenizer, stop
+        self.lazy = lazy and not stop
         self.tokens: list[int] = []
         self.sent = ""
         self.stopped = False
 
+    def rest(self) -> str:
+        """What a lazy stream holds back (the text so far, at the end); "" otherwise."""
+        if not self.lazy:
+            return ""
+        self.lazy = False
+        return self.feed(self.tokens.pop()) if self.tokens else ""
+
     def feed(self, token: int) -> str:
         self.tokens.append(token)
+        if self.lazy:
+            return ""
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
             return ""
