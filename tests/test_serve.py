@@ -393,6 +393,31 @@ def test_reasoning_content_in_message_and_deltas(scripted):
     assert reasoning.strip() == "add two and two" and content.strip() == "four"
 
 
+def test_a_scheduler_fault_answers_500_and_the_server_goes_on():
+    """A fault in the scheduler itself (here: the engine's batch_key, once) fails the waiting request with a
+    500 instead of leaving it hanging; the next request is served."""
+    class Faulty(ScriptedEngine):
+        faults = 1
+
+        def batch_key(self, sampling):
+            if self.faults:
+                self.faults -= 1
+                raise RuntimeError("batch key broke")
+            return super().batch_key(sampling)
+
+    s = make_server(Faulty("four"), "127.0.0.1", 0, served_model_name="s", max_context=64)
+    s.start()
+    try:
+        c = openai.OpenAI(base_url=s.url, api_key="none", max_retries=0, timeout=30)
+        with pytest.raises(openai.InternalServerError) as err:
+            c.completions.create(model="s", prompt="x", max_tokens=4)
+        assert "batch key broke" in err.value.body["message"]
+        assert c.completions.create(model="s", prompt="x", max_tokens=4).choices[0].text == "four"
+    finally:
+        s.shutdown()
+        s.server_close()
+
+
 def test_history_reasoning_is_dropped_and_parts_joined(scripted):
     msgs = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
             {"role": "assistant", "content": "c", "reasoning_content": "secret"},

@@ -114,10 +114,21 @@ class Scheduler:
                     return
             engine = self.server.engine
             with self.busy:
-                self._gather(engine)
-                group = self._take(engine) if engine is not None else []
-                if group:
-                    self._decode(engine, group)
+                try:
+                    self._gather(engine)
+                    group = self._take(engine) if engine is not None else []
+                    if group:
+                        self._decode(engine, group)
+                except Exception as exc:  # a fault of ours: fail what waits rather than leave it hanging
+                    log.exception("scheduler failed")
+                    self._fail_waiting(exc)
+
+    def _fail_waiting(self, exc: Exception) -> None:
+        with self._cond:
+            jobs = {job for job, _ in self._rows} | set(self._new)
+            self._rows, self._new = [], []
+        for job in jobs:
+            job.put("error", exc)
 
     def _gather(self, engine: Engine | None) -> None:
         """Prepare the new requests; on an engine that batches, go on while more keep arriving."""
