@@ -309,8 +309,10 @@ def serve(model: str, host: str, port: int, api_key: str | None, served_model_na
         with _load(model, kw) as engine:
             server.engine = engine
             lock = "requires an API key" if api_key else "no API key"
+            together = (f"up to {engine.max_batch} requests decoded together" if engine.max_batch > 1
+                        else "one request decoded at a time")
             click.echo(f"qwenhw: serving {server.names[0]!r} at {server.url} ({lock}; "
-                       f"{server.context_limit} tokens of context per request). Ctrl-C stops.", err=True)
+                       f"{server.context_limit} tokens of context per request; {together}). Ctrl-C stops.", err=True)
             if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
                 click.echo(f"qwenhw: warning: {host} is reachable from other machines and no --api-key is set.",
                            err=True)

@@ -338,6 +338,7 @@ def test_cli_serve_subprocess(tiny_moe):
             found = re.search(r"at (http://127\.0\.0\.1:\d+/v1)", line)
             url = found and found.group(1)
         assert url
+        assert "one request decoded at a time" in line  # transformers' generate(): no batched runtime
         c = openai.OpenAI(base_url=url, api_key="env-key", max_retries=0, timeout=60)
         r = c.chat.completions.create(model="t", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
                                       temperature=0)
