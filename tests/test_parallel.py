@@ -92,11 +92,15 @@ def test_load_starts_a_rank_job_and_matches_one_process(tiny_moe):
         # the server's path: two requests decoded together on the ranks' batched runtime
         assert engine.max_batch == 2
         together = texts(engine.stream_batch(prompts, greedy))
+        left = engine.stream_batch(prompts, greedy)  # a reader that leaves after one piece: the ranks run the
+        next(left)                                   # batch to its end; its pieces must not answer the next
+        left.close()
+        again = engine.generate("The capital of France is", max_tokens=6, temperature=0)[0]
     single_plan = qwenhw.plan(str(tiny_moe), backend="offload", engine="transformers-fast", context=128)
     with qwenhw.load(single_plan.replace(config={**single_plan.config, "dtype": "fp32"})) as engine:
         one = engine.generate("The capital of France is", max_tokens=6, temperature=0)[0]
         alone = [texts(engine.stream_batch([p], [s]))[0] for p, s in zip(prompts, greedy)]
-    assert ranks.token_ids == one.token_ids and chat.completion_tokens == 4
+    assert ranks.token_ids == one.token_ids == again.token_ids and chat.completion_tokens == 4
     assert together == alone
 
 

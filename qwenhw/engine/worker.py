@@ -124,9 +124,8 @@ class WorkerEngine(Engine):
                         cancelled = True
             except (WorkerError, MemoryError):
                 raise
-            except BaseException:
-                if not cancelled:
-                    self._cancel_stream()
+            except BaseException:  # closed early: stop the worker and read up to its "done", as for a stream
+                self._cancel_stream()  # a second "cancel" is harmless: the worker takes it as a no-op
                 raise
 
     def _cancel_stream(self) -> None:
