@@ -34,10 +34,9 @@ class RuntimeEngine(HFEngine):
 
     def _tokens(self, prompt: str, sampling: Sampling) -> Iterator[int]:
         ids = self._prompt_ids(prompt, self.runtime)
-        budget = self.runtime.max_len - len(ids)
         params = SampleParams(sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed)
         self.runtime.reset()
-        yield from self.runtime.generate(ids, min(sampling.max_tokens, budget), params, set(self._eos_ids()))
+        yield from self.runtime.generate(ids, sampling.max_tokens, params, set(self._eos_ids()))  # cache-capped
 
     def _batches(self, prompts: list[str], sampling: Sampling) -> list[list[int]]:
         """Each prompt's generated tokens, `batched.batch` prompts per run of the batched runtime."""
@@ -66,16 +65,9 @@ class RuntimeEngine(HFEngine):
         return out
 
     def _stream(self, prompt: str, sampling: Sampling) -> Iterator[str]:
-        eos = set(self._eos_ids())
-        text = TextStream(self.tokenizer, sampling.stop)
-        for token in self._tokens(prompt, sampling):
-            if token in eos:
-                break
-            delta = text.feed(token)
-            if delta:
-                yield delta
-            if text.stopped:
-                return
+        for piece in self._decode_rows(self.runtime, [prompt], [sampling], lambda row: True, 0, True):
+            if piece.text:
+                yield piece.text
 
     @property
     def max_batch(self) -> int:

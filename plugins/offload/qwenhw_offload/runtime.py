@@ -394,20 +394,9 @@ class Runtime:
                 logits = self.decode(tokens)
 
     def generate(self, ids: list[int], max_new: int, params: SampleParams, eos: set[int]) -> Iterator[int]:
-        gen = None
-        if params.seed is not None:
-            gen = torch.Generator(device=self.device).manual_seed(params.seed)
-        logits = self.prefill(ids)
-        for n in range(max_new):
-            token = sample(logits, params, gen)
+        """One sequence's tokens, up to its EOS (yielded) or `max_new` or a full cache."""
+        for _, token, _ in self.stream_batch([ids], [max_new], params, eos):
             yield token
-            if token in eos or n + 1 == max_new or self.length >= self.max_len:
-                return
-            logits = self.decode(token)
-
-
-def sample(logits: torch.Tensor, p: SampleParams, gen: torch.Generator | None) -> int:
-    return int(sample_rows(logits, p, gen)[0])
 
 
 def sample_rows(logits: torch.Tensor, p: SampleParams, gen: torch.Generator | None) -> torch.Tensor:
