@@ -112,7 +112,7 @@ def moe_kernel_check(hidden: int = 2048, inter: int = 768, n_exp: int = 128, top
     torch.manual_seed(0)
     out: dict = {"sweep": []}
     blocks = [(64, 128, 4, 3), (32, 128, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3), (32, 256, 4, 3), (64, 256, 8, 3)]
-    for share in (1, 4):  # all experts (1 GPU), and one rank's quarter (EP=4)
+    for share in (1, 2, 4):  # all experts (1 GPU), one rank's half (EP=2) and quarter (EP=4)
         local = n_exp // share
         with torch.device("meta"):
             ex = Qwen3MoeExperts(cfg)
@@ -192,10 +192,16 @@ def attention_check(heads: int = 32, kv_heads: int = 4, head_dim: int = 128) -> 
 
 
 def allreduce_check(group, world: int, hidden: int) -> list[dict]:
-    """Per-call latency of summing [batch, hidden] bf16 over the group inside a CUDA graph."""
+    """Per-call latency of summing [batch, hidden] bf16 over the group inside a CUDA graph; and of the sum
+    followed by the next RMSNorm, as two kernels (torch's one-shot, then the norm) and as one
+    (Reducer.reduce_norm), which is checked against the two first."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
+
     from qwenhw_offload.parallel import Reducer
+    from qwenhw_offload.runtime import rms_norm
 
     rows = []
+    rank = dist.get_rank(group)
     for b in (1, 16):
         x = torch.ones(b, hidden, dtype=torch.bfloat16, device="cuda")
         red = Reducer(group, b * hidden, torch.bfloat16, x.device)
@@ -210,8 +216,31 @@ def allreduce_check(group, world: int, hidden: int) -> list[dict]:
         t_copy = graph_time(lambda: red(x.fill_(1.0)), calls=50)
         dist.barrier()
         t_nccl = graph_time(lambda: dist.all_reduce(x.fill_(1.0), group=group), calls=50)
-        rows.append({"batch": b, "reducer": red.path, "reducer_us": t_sym * 1e6, "reducer_with_copy_us": t_copy * 1e6,
-                     "nccl_us": t_nccl * 1e6, "reducer_sum_correct": ok})
+        row = {"batch": b, "reducer": red.path, "reducer_us": t_sym * 1e6, "reducer_with_copy_us": t_copy * 1e6,
+               "nccl_us": t_nccl * 1e6, "reducer_sum_correct": ok}
+        if red.handle is not None:
+            g = torch.Generator(device="cuda").manual_seed(7)
+            base = torch.randn(b, hidden, generator=g, device="cuda").bfloat16()
+            part = (base.float() * (rank + 1)).bfloat16()
+            norm = Qwen3MoeRMSNorm(hidden, eps=1e-6).cuda().bfloat16()
+            norm.weight.data.normal_(1.0, 0.1, generator=g)
+            red.restart()
+            with torch.inference_mode():
+                h2 = red(red.buffer_like(part).copy_(part))
+                x2 = rms_norm(norm, h2)
+                h1, x1 = red.reduce_norm(red.buffer_like(part).copy_(part), norm)
+                torch.cuda.synchronize()
+                row["fused_h_equal"] = bool(torch.equal(h1, h2))
+                row["fused_norm_rel_err"] = float((x1.float() - x2.float()).norm() / x2.float().norm())
+                red.restart()
+                dist.barrier()
+                row["reduce_then_norm_us"] = graph_time(
+                    lambda: rms_norm(norm, red(red.buffer_like(part).copy_(part))), calls=50) * 1e6
+                red.restart()
+                dist.barrier()
+                row["fused_reduce_norm_us"] = graph_time(
+                    lambda: red.reduce_norm(red.buffer_like(part).copy_(part), norm), calls=50) * 1e6
+        rows.append(row)
     return rows
 
 
@@ -266,6 +295,8 @@ def main() -> None:
     ap.add_argument("--accelerate-tokens", type=int, default=8)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--only-tp", action="store_true", help="only the TP+EP layout over all GPUs (memory traces)")
+    ap.add_argument("--only-reduce", action="store_true",
+                    help="only the all-reduce checks (a quick run before the rest, under a timeout)")
     args = ap.parse_args()
     big = args.model == "235b"
     args.layers = args.layers or (94 if big else 48)
@@ -288,7 +319,7 @@ def main() -> None:
     probe = torch.randint(0, 151936, (1, 32), generator=g)
 
     # --- the fused MoE decode kernel: right, and its fastest tile shape here (rank 0; all ranks use it) ----
-    if rank == 0:
+    if rank == 0 and not args.only_reduce:
         try:
             shape = (4096, 1536) if big else (2048, 768)
             extra["moe_kernel"] = moe_kernel_check(*shape)
@@ -297,13 +328,15 @@ def main() -> None:
         log(json.dumps({"moe_kernel": extra["moe_kernel"]}))
     verdict = [extra.get("moe_kernel")]
     dist.broadcast_object_list(verdict, src=0)
-    check = verdict[0]
-    if check["best"] is not None and check["max_rel_err"] is not None and check["max_rel_err"] < 0.02:
+    check = verdict[0] or {"best": None, "max_rel_err": None}
+    if args.only_reduce:
+        pass
+    elif check["best"] is not None and check["max_rel_err"] is not None and check["max_rel_err"] < 0.02:
         fused.MOE_BLOCK = tuple(check["best"])
     else:  # the rows still run, on transformers' experts kernels
         os.environ["QWENHW_FUSED_MOE"] = "0"
     extra["moe_block"] = list(fused.MOE_BLOCK) if fused.moe_enabled() else None
-    if rank == 0 and not big:
+    if rank == 0 and not big and not args.only_reduce:
         try:
             extra["attention"] = attention_check()
         except Exception as exc:
@@ -316,6 +349,12 @@ def main() -> None:
             extra["allreduce"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         if rank == 0:
             log(json.dumps({"allreduce": extra["allreduce"]}))
+        if args.only_reduce:
+            if rank == 0:
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                (Path(args.out) / f"allreduce_{world}.json").write_text(json.dumps(extra["allreduce"], indent=2))
+            dist.destroy_process_group()
+            return
 
     # --- 1 GPU and accelerate's layer split: rank 0 alone, the other GPUs idle ---------------------
     ref = None
@@ -406,9 +445,14 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
         trace = [memory_point("after build + shard", rank, model)]
-        runs = [(b, "1") for b in batches] + ([] if big else [(b, "0") for b in batches])
-        for b, symm in runs:  # symm "0": the same layout on NCCL all-reduces (parallel.Reducer's fallback)
+        # symm "0": the same layout on NCCL all-reduces (parallel.Reducer's fallback); apart "1": the
+        # symmetric-memory reduction and the next RMSNorm as two kernels (QWENHW_FUSED_REDUCE=0)
+        runs = [(b, "1", "") for b in batches]
+        runs += [] if big else [(b, "1", "apart") for b in batches] + [(b, "0", "") for b in batches]
+        tp_step = {}
+        for b, symm, apart in runs:
             os.environ["QWENHW_SYMM_MEM"] = symm
+            os.environ["QWENHW_FUSED_REDUCE"] = "0" if apart else "1"
             torch.cuda.reset_peak_memory_stats(rank)
             path = None
             for graphs in (True, False):
@@ -422,7 +466,9 @@ def main() -> None:
                         err = None
                         if b == 1 and not big and not args.only_tp and symm == "1":  # every rank runs it
                             rt.reset()
-                            logits = rt.prefill(probe[0].tolist())[0].float().cpu()
+                            logits = rt.prefill(probe[0].tolist())[0]
+                            tp_step[apart] = rt.decode(int(logits.argmax()))[0].float().cpu()
+                            logits = logits.float().cpu()
                             err = float((logits - ref).norm() / ref.norm()) if rank == 0 else None
                     break
                 except Exception as exc:  # graph capture of NCCL collectives can fail: measure eagerly then
@@ -434,14 +480,20 @@ def main() -> None:
             dist.all_gather(mems, mem)
             if rank == 0:
                 rows.append({"config": f"qwenhw TP={world} attention + EP={world} experts"
-                                       + ("" if graphs else " (no CUDA graphs)") + ("" if symm == "1" else ", NCCL"),
+                                       + ("" if graphs else " (no CUDA graphs)") + ("" if symm == "1" else ", NCCL")
+                             + (", reduce and norm apart" if apart else ""),
                              "batch": b, "tok_s": rate, "gpu_gib": [float(m) for m in mems], "logit_rel_err": err,
                              "reduce": path})
                 log(json.dumps(rows[-1]))
             del rt
             gc.collect()
             torch.cuda.empty_cache()
-        os.environ["QWENHW_SYMM_MEM"] = "1"
+        os.environ["QWENHW_SYMM_MEM"] = os.environ["QWENHW_FUSED_REDUCE"] = "1"
+        if "" in tp_step and "apart" in tp_step:
+            a, r = tp_step[""], tp_step["apart"]
+            extra["tp_decode_logits_rel_err_fused_reduce_vs_apart"] = float((a - r).norm() / r.norm())
+            log(json.dumps({"tp_decode_logits_rel_err_fused_reduce_vs_apart": extra[
+                "tp_decode_logits_rel_err_fused_reduce_vs_apart"]}))
         traces = [None] * world
         dist.all_gather_object(traces, {"nontorch_gib": nontorch / GiB, "points": trace})
         extra["tp_memory_trace"] = traces

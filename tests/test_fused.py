@@ -148,6 +148,35 @@ pair = Runtime(model, 64, "cpu", graphs=False, batch=2).generate_batch([prompt, 
 print(json.dumps({"fused": tokens, "hf": ref, **counts, "batch": pair, "alone": [tokens, short]}))
 '''
 
+REDUCE_NORM = r'''
+import json, torch
+from types import SimpleNamespace
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
+from qwenhw_offload import fused
+from qwenhw_offload.runtime import rms_norm
+g = torch.Generator().manual_seed(0)
+rows, hidden, world = 3, 96, 2
+# rank 0 of two: two symmetric buffers (each two halves) and two signal pads, all in this process
+bufs = [torch.randn(2 * rows * hidden, generator=g) for _ in range(world)]
+pads = [torch.zeros(64, dtype=torch.int32) for _ in range(world)]
+for slot in range(rows):
+    pads[0][slot * world + 1] = 1  # rank 1 has reached the barrier of every row already
+buf_ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
+pad_ptrs = torch.tensor([p.data_ptr() for p in pads], dtype=torch.int64)
+handle = SimpleNamespace(buffer_ptrs_dev=buf_ptrs.data_ptr(), signal_pad_ptrs_dev=pad_ptrs.data_ptr(), rank=0,
+                         world_size=world)
+norm = Qwen3MoeRMSNorm(hidden, eps=1e-6)
+with torch.no_grad():
+    norm.weight.copy_(1 + 0.2 * torch.randn(hidden, generator=g))
+h, x = torch.empty(rows, hidden), torch.empty(rows, hidden)
+fused.reduce_norm(handle, rows * hidden, rows, hidden, norm.weight, 1e-6, h, x)  # the second half
+ref = (bufs[0][rows * hidden:] + bufs[1][rows * hidden:]).view(rows, hidden)
+sent = [int(pads[1][slot * world + 0]) for slot in range(rows)]
+print(json.dumps({"h": float((h - ref).abs().max()), "x": float((x - rms_norm(norm, ref)).abs().max()),
+                  "own_pad_cleared": int(pads[0].abs().sum()), "sent_to_peer": sent,
+                  "peer_pad_rest": int(pads[1].abs().sum()) - sum(sent)}))
+'''
+
 
 def _interpret(code: str, *args: str) -> dict:
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
@@ -189,3 +218,12 @@ def test_decode_attention_reads_the_filled_cache_only():
     out = _interpret(ATTENTION)
     assert max(out["float32"].values()) < 1e-5
     assert max(out["bfloat16"].values()) < 2e-2
+
+
+def test_reduce_norm_sums_the_ranks_and_normalises():
+    """The decode all-reduce + RMSNorm kernel as rank 0 of two, both ranks' buffers and signal pads in one
+    process: it signals the peer once per row, takes the peer's flags back to zero, and sums the half it
+    is pointed at. (The cross-GPU run is in bench/multi_gpu.py.)"""
+    out = _interpret(REDUCE_NORM)
+    assert out["h"] < 1e-6 and out["x"] < 1e-5
+    assert out["own_pad_cleared"] == 0 and out["sent_to_peer"] == [1, 1, 1] and out["peer_pad_rest"] == 0

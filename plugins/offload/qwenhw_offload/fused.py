@@ -259,6 +259,47 @@ if triton is not None:
         tl.store(out_ptr + r * D + d, o.to(out_ptr.dtype.element_ty))
 
 
+    @triton.jit
+    def _peer_barrier(pads_ptr, slot, RANK: tl.constexpr, WORLD: tl.constexpr):
+        """Program `slot` of every rank waits here for program `slot` of every other. Each sets a flag in
+        each peer's signal pad (release) and takes its peers' flags back to zero (acquire), so the pads
+        end as they began and a CUDA graph replays the kernel as captured. Scalar atomics run in one thread
+        of the program. The protocol is torch's symmetric-memory barrier's, so the two share the pads."""
+        pads = pads_ptr.to(tl.pointer_type(tl.uint64))
+        mine = tl.load(pads + RANK).to(tl.pointer_type(tl.int32)) + slot * WORLD
+        for r in tl.static_range(WORLD):
+            flag = tl.load(pads + r).to(tl.pointer_type(tl.int32)) + slot * WORLD + RANK
+            old = tl.atomic_cas(flag, 0, 1, sem="release", scope="sys")
+            while old != 0:  # the peer has not yet taken our previous flag
+                old = tl.atomic_cas(flag, 0, 1, sem="release", scope="sys")
+        for r in tl.static_range(WORLD):
+            old = tl.atomic_cas(mine + r, 1, 0, sem="acquire", scope="sys")
+            while old != 1:
+                old = tl.atomic_cas(mine + r, 1, 0, sem="acquire", scope="sys")
+
+    @triton.jit
+    def _reduce_norm(bufs_ptr, pads_ptr, offset, h_ptr, x_ptr, w_ptr, H, eps, RANK: tl.constexpr,
+                     WORLD: tl.constexpr, BH: tl.constexpr):
+        """One token row per program: h = the sum of every rank's partial row (read over NVLink from the
+        symmetric buffers, in rank order, so every rank gets the same bits), x = RMSNorm(h) * weight."""
+        ty = h_ptr.dtype.element_ty
+        row = tl.program_id(0)
+        _peer_barrier(pads_ptr, row, RANK, WORLD)
+        o = tl.arange(0, BH)
+        m = o < H
+        bufs = bufs_ptr.to(tl.pointer_type(tl.uint64))
+        acc = tl.zeros([BH], dtype=tl.float32)
+        for r in tl.static_range(WORLD):
+            part = tl.load(bufs + r).to(tl.pointer_type(ty)) + offset + row * H
+            acc += tl.load(part + o, mask=m, other=0.0, volatile=True).to(tl.float32)
+        h = acc.to(ty)
+        tl.store(h_ptr + row * H + o, h, mask=m)
+        hf = h.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(hf * hf, 0) / H + eps)
+        w = tl.load(w_ptr + o, mask=m, other=0.0).to(tl.float32)
+        tl.store(x_ptr + row * H + o, (hf * rstd * w).to(ty), mask=m)
+
+
 ATTN_CHUNK = 256  # cache positions per program: a 32k cache is 128 splits, a short prompt one or two
 ATTN_BLOCK = (64, 4, 2)  # (BN, warps, stages) on GPUs: the least total of 6 over 3 cases (docs/benchmarks.md)
 
@@ -395,3 +436,16 @@ def gate_route(gate: Any, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
         return route(torch.nn.functional.linear(flat, gate.weight), gate.top_k, bool(gate.norm_topk_prob))
     _, weights, idx = gate(flat)
     return weights, idx
+
+
+def reduce_norm(handle: Any, offset: int, rows: int, hidden: int, weight: torch.Tensor, eps: float,
+                h: torch.Tensor, x: torch.Tensor) -> None:
+    """All-reduce + RMSNorm in one kernel over torch symmetric memory (`handle`: rendezvous's result).
+
+    Every rank's partial sum [rows, hidden] sits at element `offset` of its symmetric buffer; writes the sum
+    into `h` and RMSNorm(sum) * weight into `x`. One barrier: it orders this call's reads after every
+    rank's producer, not the next producer after them, so consecutive calls must alternate between two
+    buffer regions (parallel.Reducer does)."""
+    bh = triton.next_power_of_2(hidden)
+    _reduce_norm[(rows,)](handle.buffer_ptrs_dev, handle.signal_pad_ptrs_dev, offset, h, x, weight, hidden, eps,
+                          RANK=handle.rank, WORLD=handle.world_size, BH=bh, num_warps=max(1, min(8, bh // 512)))

@@ -50,12 +50,22 @@ class Reducer:
     hidden): 8-12 us with the copy into the buffer, NCCL 7-14 us; without the copy it is one kernel where
     NCCL's in-place all-reduce also is one. Larger tensors (prompts), CPUs, and machines where the buffer
     cannot be set up use `torch.distributed.all_reduce`. QWENHW_SYMM_MEM=0 turns the symmetric path off.
+
+    `reduce_norm` also applies the RMSNorm that reads the sum next, in the same kernel (fused.reduce_norm),
+    with one cross-GPU barrier where torch's one-shot kernel takes two. One barrier is safe because
+    consecutive reductions alternate between two halves of the buffer (`turn`): a rank writes a half again
+    only after every peer has reached the reduction in between, so has finished reading it. `restart()`
+    puts the turn back at the start of each forward pass (every pass reduces an even number of times: two
+    per layer), so a captured CUDA graph and its replays agree on the halves.
     Creating one is collective: every rank of the group must create it at the same point.
     """
 
     def __init__(self, group: Any, numel: int, dtype: torch.dtype, device: torch.device):
         self.group = group
         self.buf: torch.Tensor | None = None
+        self.handle: Any = None
+        self.numel = numel
+        self.turn = 0
         self.path = "all_reduce"
         if device.type != "cuda" or os.environ.get("QWENHW_SYMM_MEM", "1") == "0":
             return
@@ -66,23 +76,32 @@ class Reducer:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     symm_mem.enable_symm_mem_for_group(group.group_name)
-            buf = symm_mem.empty(numel, dtype=dtype, device=device)
-            symm_mem.rendezvous(buf, group.group_name)
+            buf = symm_mem.empty(2 * numel, dtype=dtype, device=device)
+            self.handle = symm_mem.rendezvous(buf, group.group_name)
             self.buf, self.name, self.path = buf, group.group_name, "symmetric-memory one-shot"
+            if os.environ.get("QWENHW_FUSED_REDUCE", "1") != "0":
+                self.path += ", fused with the next RMSNorm in decode steps"
         except Exception as exc:  # older torch, no peer access: NCCL it is
             self.path = f"all_reduce (symmetric memory unavailable: {type(exc).__name__}: {exc})"
 
+    def restart(self) -> None:
+        self.turn = 0
+
     def _fits(self, x: torch.Tensor) -> bool:
-        return self.buf is not None and x.numel() <= self.buf.numel() and x.dtype == self.buf.dtype
+        return self.buf is not None and x.numel() <= self.numel and x.dtype == self.buf.dtype
+
+    def _half(self) -> torch.Tensor:
+        return self.buf[self.turn * self.numel: (self.turn + 1) * self.numel]
 
     def buffer_like(self, x: torch.Tensor) -> torch.Tensor:
         """Where a producer writes the partial sum it will reduce: the shared buffer when it fits (no copy)."""
-        return self.buf[: x.numel()].view(x.shape) if self._fits(x) else torch.empty_like(x)
+        return self._half()[: x.numel()].view(x.shape) if self._fits(x) else torch.empty_like(x)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The sum over the group: `x` itself (reduced in place) or, from the shared buffer, a new tensor."""
         if self._fits(x) and x.is_contiguous():
-            part = self.buf[: x.numel()]
+            part = self._half()[: x.numel()]
+            self.turn ^= 1
             out = x
             if x.data_ptr() == part.data_ptr():
                 out = torch.empty_like(x)
@@ -92,6 +111,26 @@ class Reducer:
             return out
         torch.distributed.all_reduce(x, group=self.group)
         return x
+
+    def can_fuse(self, x: torch.Tensor, norm: Any) -> bool:
+        """Whether `reduce_norm` takes x: written in place by its producer, and a Qwen RMSNorm after it.
+        QWENHW_FUSED_REDUCE=0 keeps the reduction and the norm apart (torch's one-shot kernel)."""
+        from . import fused
+
+        return (self.handle is not None and self._fits(x) and x.data_ptr() == self._half().data_ptr()
+                and getattr(norm, "variance_epsilon", None) is not None and fused.available(x.device)
+                and os.environ.get("QWENHW_FUSED_REDUCE", "1") != "0")
+
+    def reduce_norm(self, x: torch.Tensor, norm: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum over the group, norm(sum)) in one kernel, for x from `buffer_like` (see `can_fuse`)."""
+        from . import fused
+
+        h, normed = torch.empty_like(x), torch.empty_like(x)
+        hidden = x.shape[-1]
+        fused.reduce_norm(self.handle, self.turn * self.numel, x.numel() // hidden, hidden, norm.weight,
+                          float(norm.variance_epsilon), h, normed)
+        self.turn ^= 1
+        return h, normed
 
 
 Cut = tuple[str, int, int]  # ("rows" | "cols" | "experts", start, stop)

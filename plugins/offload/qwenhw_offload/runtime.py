@@ -80,6 +80,7 @@ class Runtime:
         self.v = torch.zeros(shape, dtype=dtype, device=self.device)
         self.arange = torch.arange(max_len, device=self.device)
         self.reducer = None
+        self._normed: Any = None  # (h, norm, norm(h)) from a fused reduction, for `_norm`
         self.lead = True  # the rank that adds the residual into its partial sum (all of them reduce)
         if group is not None:
             from .parallel import Reducer
@@ -136,18 +137,19 @@ class Runtime:
         layer = self.layers[i]
         a = layer.self_attn
         b, t, _ = h.shape
-        x = rms_norm(layer.input_layernorm, h)
+        x = self._norm(layer.input_layernorm, h)
         w, bias, heads = self._qkv[i]
         q, k, v = F.linear(x, w, bias).view(b, t, -1, self.head_dim).split(heads, dim=2)
         q = fused.qk_rope_cache(q, k, v, getattr(a, "q_norm", None), getattr(a, "k_norm", None), cos, sin, pos,
                                 self.k[i], self.v[i])
         out = fused.decode_attention(q, self.k[i], self.v[i], pos, a.scaling, self.start)
-        return self._row_parallel(out.view(b * t, -1), a.o_proj, h)
+        return self._row_parallel(out.view(b * t, -1), a.o_proj, h, layer.post_attention_layernorm)
 
-    def _row_parallel(self, x: torch.Tensor, linear: Any, h: torch.Tensor) -> torch.Tensor:
+    def _row_parallel(self, x: torch.Tensor, linear: Any, h: torch.Tensor, norm: Any = None) -> torch.Tensor:
         """h + linear(x), summed over the tensor-parallel ranks: the residual rides in the GEMM (addmm) of
         one rank, whose output goes straight into the reducer's buffer. On one GPU the GEMM accumulates
-        into h itself (the layer's input, read by nothing after this), which saves addmm's copy of h."""
+        into h itself (the layer's input, read by nothing after this), which saves addmm's copy of h.
+        `norm`: the RMSNorm that reads the sum next (see `_reduce`)."""
         if linear.bias is not None:
             return h + self._reduce(linear(x).view_as(h))
         if self.reducer is None:
@@ -159,7 +161,7 @@ class Runtime:
             torch.addmm(h.view(-1, h.shape[-1]), x, linear.weight.t(), out=flat)
         else:
             torch.mm(x, linear.weight.t(), out=flat)
-        return self._reduce(out)
+        return self._reduce(out, norm)
 
     def _partial(self, like: torch.Tensor) -> torch.Tensor:
         return torch.empty_like(like) if self.reducer is None else self.reducer.buffer_like(like)
@@ -192,7 +194,7 @@ class Runtime:
 
     def _mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
         layer = self.layers[i]
-        x = rms_norm(layer.post_attention_layernorm, h)
+        x = self._norm(layer.post_attention_layernorm, h)
         route = fused.gate_route if self.fused else None
         experts = getattr(layer.mlp, "experts", None)
         if experts is not None and self._fused_moe(layer.mlp, x):  # decode: router + 3 Triton kernels
@@ -201,7 +203,7 @@ class Runtime:
             out = self._partial(h)
             fused.moe_experts(flat, experts, idx, weights, getattr(experts, "ep_start", 0),
                               residual=h.view_as(flat) if self.lead else None, out=out.view_as(flat))
-            return self._reduce(out)
+            return self._reduce(out, self._next_norm(i))
         if self.group is not None and experts is not None:
             from .parallel import expert_parallel_moe
 
@@ -217,9 +219,28 @@ class Runtime:
         return (self.fused and self._decoding and fused.moe_enabled() and not hasattr(mlp, "shared_expert")
                 and pairs <= fused.MOE_MAX_PAIRS and fused.moe_supported(mlp.experts))
 
-    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum partial results over the tensor/expert-parallel ranks (row-parallel outputs)."""
-        return x if self.reducer is None else self.reducer(x)
+    def _reduce(self, x: torch.Tensor, norm: Any = None) -> torch.Tensor:
+        """Sum partial results over the tensor/expert-parallel ranks (row-parallel outputs). With `norm`, the
+        RMSNorm that reads the sum next, a decode step on GPUs sums and normalises in one kernel
+        (Reducer.reduce_norm); `_norm` hands the normalised copy to that reader."""
+        if self.reducer is None:
+            return x
+        if norm is not None and self.fused and self._decoding and self.reducer.can_fuse(x, norm):
+            h, normed = self.reducer.reduce_norm(x, norm)
+            self._normed = (h, norm, normed)
+            return h
+        return self.reducer(x)
+
+    def _norm(self, module: Any, h: torch.Tensor) -> torch.Tensor:
+        """rms_norm(module, h), unless the reduction that produced h computed it already."""
+        done, self._normed = self._normed, None
+        if done is not None and done[0] is h and done[1] is module:
+            return done[2]
+        return rms_norm(module, h)
+
+    def _next_norm(self, i: int) -> Any:
+        """The RMSNorm that reads layer i's output: the next layer's input norm, or the final one."""
+        return self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.model.model.norm
 
     def _rope_and_mask(self, pos: torch.Tensor, causal_from_zero: bool = False, padded: bool = False):
         cos, sin = self.model.model.rotary_emb(self.k, position_ids=pos[None, :])
@@ -235,12 +256,16 @@ class Runtime:
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, from_zero: bool = False,
                  padded: bool = False) -> torch.Tensor:
+        if self.reducer is not None:
+            self.reducer.restart()
+        self._normed = None
         h = self.model.model.embed_tokens(ids)
         cos, sin, mask = self._rope_and_mask(pos, causal_from_zero=from_zero, padded=padded)
         for i in range(len(self.layers)):
             h = self._attention(i, h, pos, cos, sin, mask)
             h = self._moe_or_mlp(i, h)
-        return self.model.lm_head(rms_norm(self.model.model.norm, h[:, -1:]))[:, -1].float()
+        last = h if h.shape[1] == 1 else h[:, -1:]
+        return self.model.lm_head(self._norm(self.model.model.norm, last))[:, -1].float()
 
     def _moe_or_mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
         if self.moe_hook is not None and self._is_moe(i):
