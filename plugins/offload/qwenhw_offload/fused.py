@@ -260,31 +260,38 @@ if triton is not None:
 
 
     @triton.jit
-    def _peer_barrier(pads_ptr, slot, RANK: tl.constexpr, WORLD: tl.constexpr):
+    def _peer_barrier(pads_ptr, slot, RANK: tl.constexpr, WORLD: tl.constexpr, BW: tl.constexpr):
         """Program `slot` of every rank waits here for program `slot` of every other. Each sets a flag in
         each peer's signal pad (release) and takes its peers' flags back to zero (acquire), so the pads
-        end as they began and a CUDA graph replays the kernel as captured. Scalar atomics run in one thread
-        of the program. The protocol is torch's symmetric-memory barrier's, so the two share the pads."""
+        end as they began and a CUDA graph replays the kernel as captured. The protocol is torch's
+        symmetric-memory barrier's, so the two share the pads. One lane per peer, all at once (one NVLink
+        round trip, not WORLD in a row); a lane that is done compares against 2, which no flag holds."""
         pads = pads_ptr.to(tl.pointer_type(tl.uint64))
-        mine = tl.load(pads + RANK).to(tl.pointer_type(tl.int32)) + slot * WORLD
-        for r in tl.static_range(WORLD):
-            flag = tl.load(pads + r).to(tl.pointer_type(tl.int32)) + slot * WORLD + RANK
-            old = tl.atomic_cas(flag, 0, 1, sem="release", scope="sys")
-            while old != 0:  # the peer has not yet taken our previous flag
-                old = tl.atomic_cas(flag, 0, 1, sem="release", scope="sys")
-        for r in tl.static_range(WORLD):
-            old = tl.atomic_cas(mine + r, 1, 0, sem="acquire", scope="sys")
-            while old != 1:
-                old = tl.atomic_cas(mine + r, 1, 0, sem="acquire", scope="sys")
+        r = tl.arange(0, BW)
+        mine = tl.load(pads + RANK)
+        peers = tl.where(r < WORLD, tl.load(pads + r, mask=r < WORLD, other=0), mine)
+        send = peers.to(tl.pointer_type(tl.int32)) + slot * WORLD + RANK
+        done = (r >= WORLD).to(tl.int32)
+        while tl.min(done, 0) == 0:  # a peer that has not yet taken our previous flag: try again
+            old = tl.atomic_cas(send, tl.where(done > 0, 2, 0), tl.full([BW], 1, tl.int32), sem="release",
+                                scope="sys")
+            done = done | (old == 0).to(tl.int32)
+        wait = mine.to(tl.pointer_type(tl.int32)) + slot * WORLD + tl.minimum(r, WORLD - 1)
+        done = (r >= WORLD).to(tl.int32)
+        while tl.min(done, 0) == 0:
+            old = tl.atomic_cas(wait, tl.where(done > 0, 2, 1), tl.zeros([BW], tl.int32), sem="acquire",
+                                scope="sys")
+            done = done | (old == 1).to(tl.int32)
+        tl.debug_barrier()
 
     @triton.jit
     def _reduce_norm(bufs_ptr, pads_ptr, offset, h_ptr, x_ptr, w_ptr, H, eps, RANK: tl.constexpr,
-                     WORLD: tl.constexpr, BH: tl.constexpr):
+                     WORLD: tl.constexpr, BW: tl.constexpr, BH: tl.constexpr):
         """One token row per program: h = the sum of every rank's partial row (read over NVLink from the
         symmetric buffers, in rank order, so every rank gets the same bits), x = RMSNorm(h) * weight."""
         ty = h_ptr.dtype.element_ty
         row = tl.program_id(0)
-        _peer_barrier(pads_ptr, row, RANK, WORLD)
+        _peer_barrier(pads_ptr, row, RANK, WORLD, BW)
         o = tl.arange(0, BH)
         m = o < H
         bufs = bufs_ptr.to(tl.pointer_type(tl.uint64))
@@ -448,4 +455,5 @@ def reduce_norm(handle: Any, offset: int, rows: int, hidden: int, weight: torch.
     buffer regions (parallel.Reducer does)."""
     bh = triton.next_power_of_2(hidden)
     _reduce_norm[(rows,)](handle.buffer_ptrs_dev, handle.signal_pad_ptrs_dev, offset, h, x, weight, hidden, eps,
-                          RANK=handle.rank, WORLD=handle.world_size, BH=bh, num_warps=max(1, min(8, bh // 512)))
+                          RANK=handle.rank, WORLD=handle.world_size, BW=triton.next_power_of_2(handle.world_size),
+                          BH=bh, num_warps=max(1, min(8, bh // 512)))
