@@ -172,9 +172,16 @@ h, x = torch.empty(rows, hidden), torch.empty(rows, hidden)
 fused.reduce_norm(handle, rows * hidden, rows, hidden, norm.weight, 1e-6, h, x)  # the second half
 ref = (bufs[0][rows * hidden:] + bufs[1][rows * hidden:]).view(rows, hidden)
 sent = [int(pads[1][slot * world + 0]) for slot in range(rows)]
-print(json.dumps({"h": float((h - ref).abs().max()), "x": float((x - rms_norm(norm, ref)).abs().max()),
-                  "own_pad_cleared": int(pads[0].abs().sum()), "sent_to_peer": sent,
-                  "peer_pad_rest": int(pads[1].abs().sum()) - sum(sent)}))
+out = {"h": float((h - ref).abs().max()), "x": float((x - rms_norm(norm, ref)).abs().max()),
+       "own_pad_cleared": int(pads[0].abs().sum()), "sent_to_peer": sent,
+       "peer_pad_rest": int(pads[1].abs().sum()) - sum(sent)}
+pads[1].zero_()
+pads[0][0 * world + 1] = pads[0][1 * world + 1] = 1  # two rows per program: two barriers, the last half full
+fused.reduce_norm(handle, 0, rows, hidden, norm.weight, 1e-6, h, x, per_program=2)  # the first half
+ref = (bufs[0][: rows * hidden] + bufs[1][: rows * hidden]).view(rows, hidden)
+out.update({"h2": float((h - ref).abs().max()), "x2": float((x - rms_norm(norm, ref)).abs().max()),
+            "pads2": [int(pads[0].abs().sum()), int(pads[1].abs().sum())]})
+print(json.dumps(out))
 '''
 
 
@@ -227,3 +234,4 @@ def test_reduce_norm_sums_the_ranks_and_normalises():
     out = _interpret(REDUCE_NORM)
     assert out["h"] < 1e-6 and out["x"] < 1e-5
     assert out["own_pad_cleared"] == 0 and out["sent_to_peer"] == [1, 1, 1] and out["peer_pad_rest"] == 0
+    assert out["h2"] < 1e-6 and out["x2"] < 1e-5 and out["pads2"] == [0, 2]

@@ -285,26 +285,28 @@ if triton is not None:
         tl.debug_barrier()
 
     @triton.jit
-    def _reduce_norm(bufs_ptr, pads_ptr, offset, h_ptr, x_ptr, w_ptr, H, eps, RANK: tl.constexpr,
-                     WORLD: tl.constexpr, BW: tl.constexpr, BH: tl.constexpr):
-        """One token row per program: h = the sum of every rank's partial row (read over NVLink from the
+    def _reduce_norm(bufs_ptr, pads_ptr, offset, h_ptr, x_ptr, w_ptr, N, H, eps, RANK: tl.constexpr,
+                     WORLD: tl.constexpr, BW: tl.constexpr, R: tl.constexpr, BH: tl.constexpr):
+        """R token rows per program: h = the sum of every rank's partial rows (read over NVLink from the
         symmetric buffers, in rank order, so every rank gets the same bits), x = RMSNorm(h) * weight."""
         ty = h_ptr.dtype.element_ty
-        row = tl.program_id(0)
-        _peer_barrier(pads_ptr, row, RANK, WORLD, BW)
+        p = tl.program_id(0)
+        _peer_barrier(pads_ptr, p, RANK, WORLD, BW)
+        rows = p * R + tl.arange(0, R)
         o = tl.arange(0, BH)
-        m = o < H
+        at = rows[:, None] * H + o[None, :]
+        m = (rows[:, None] < N) & (o[None, :] < H)
         bufs = bufs_ptr.to(tl.pointer_type(tl.uint64))
-        acc = tl.zeros([BH], dtype=tl.float32)
-        for r in tl.static_range(WORLD):
-            part = tl.load(bufs + r).to(tl.pointer_type(ty)) + offset + row * H
-            acc += tl.load(part + o, mask=m, other=0.0, volatile=True).to(tl.float32)
+        acc = tl.zeros([R, BH], dtype=tl.float32)
+        for r in tl.static_range(WORLD):  # .cg: from L2 (the owner's), never a stale L1 line
+            part = tl.load(bufs + r).to(tl.pointer_type(ty)) + offset
+            acc += tl.load(part + at, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
         h = acc.to(ty)
-        tl.store(h_ptr + row * H + o, h, mask=m)
+        tl.store(h_ptr + at, h, mask=m)
         hf = h.to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(hf * hf, 0) / H + eps)
-        w = tl.load(w_ptr + o, mask=m, other=0.0).to(tl.float32)
-        tl.store(x_ptr + row * H + o, (hf * rstd * w).to(ty), mask=m)
+        rstd = 1.0 / tl.sqrt(tl.sum(hf * hf, 1) / H + eps)
+        w = tl.load(w_ptr + o, mask=o < H, other=0.0).to(tl.float32)
+        tl.store(x_ptr + at, (hf * rstd[:, None] * w[None, :]).to(ty), mask=m)
 
 
 ATTN_CHUNK = 256  # cache positions per program: a 32k cache is 128 splits, a short prompt one or two
@@ -445,15 +447,20 @@ def gate_route(gate: Any, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return weights, idx
 
 
+REDUCE_ROWS = 1  # token rows per program of reduce_norm: each program is one cross-GPU barrier
+
+
 def reduce_norm(handle: Any, offset: int, rows: int, hidden: int, weight: torch.Tensor, eps: float,
-                h: torch.Tensor, x: torch.Tensor) -> None:
+                h: torch.Tensor, x: torch.Tensor, per_program: int | None = None) -> None:
     """All-reduce + RMSNorm in one kernel over torch symmetric memory (`handle`: rendezvous's result).
 
     Every rank's partial sum [rows, hidden] sits at element `offset` of its symmetric buffer; writes the sum
     into `h` and RMSNorm(sum) * weight into `x`. One barrier: it orders this call's reads after every
     rank's producer, not the next producer after them, so consecutive calls must alternate between two
-    buffer regions (parallel.Reducer does)."""
+    buffer regions (parallel.Reducer does). `per_program` overrides REDUCE_ROWS (the bench sweeps it)."""
+    r = triton.next_power_of_2(min(per_program or REDUCE_ROWS, rows))
     bh = triton.next_power_of_2(hidden)
-    _reduce_norm[(rows,)](handle.buffer_ptrs_dev, handle.signal_pad_ptrs_dev, offset, h, x, weight, hidden, eps,
-                          RANK=handle.rank, WORLD=handle.world_size, BW=triton.next_power_of_2(handle.world_size),
-                          BH=bh, num_warps=max(1, min(8, bh // 512)))
+    _reduce_norm[(triton.cdiv(rows, r),)](
+        handle.buffer_ptrs_dev, handle.signal_pad_ptrs_dev, offset, h, x, weight, rows, hidden, eps,
+        RANK=handle.rank, WORLD=handle.world_size, BW=triton.next_power_of_2(handle.world_size), R=r, BH=bh,
+        num_warps=max(1, min(8, r * bh // 512)))
