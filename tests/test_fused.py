@@ -158,9 +158,10 @@ g = torch.Generator().manual_seed(0)
 rows, hidden, world = 3, 96, 2
 # rank 0 of two: two symmetric buffers (each two halves) and two signal pads, all in this process
 bufs = [torch.randn(2 * rows * hidden, generator=g) for _ in range(world)]
-pads = [torch.zeros(64, dtype=torch.int32) for _ in range(world)]
+line = fused.PAD_LINE  # each barrier slot's flags: rank r's at slot * line + r
+pads = [torch.zeros(rows * line, dtype=torch.int32) for _ in range(world)]
 for slot in range(rows):
-    pads[0][slot * world + 1] = 1  # rank 1 has reached the barrier of every row already
+    pads[0][slot * line + 1] = 1  # rank 1 has reached the barrier of every row already
 buf_ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
 pad_ptrs = torch.tensor([p.data_ptr() for p in pads], dtype=torch.int64)
 handle = SimpleNamespace(buffer_ptrs_dev=buf_ptrs.data_ptr(), signal_pad_ptrs_dev=pad_ptrs.data_ptr(), rank=0,
@@ -171,12 +172,12 @@ with torch.no_grad():
 h, x = torch.empty(rows, hidden), torch.empty(rows, hidden)
 fused.reduce_norm(handle, rows * hidden, rows, hidden, norm.weight, 1e-6, h, x)  # the second half
 ref = (bufs[0][rows * hidden:] + bufs[1][rows * hidden:]).view(rows, hidden)
-sent = [int(pads[1][slot * world + 0]) for slot in range(rows)]
+sent = [int(pads[1][slot * line + 0]) for slot in range(rows)]
 out = {"h": float((h - ref).abs().max()), "x": float((x - rms_norm(norm, ref)).abs().max()),
        "own_pad_cleared": int(pads[0].abs().sum()), "sent_to_peer": sent,
        "peer_pad_rest": int(pads[1].abs().sum()) - sum(sent)}
 pads[1].zero_()
-pads[0][0 * world + 1] = pads[0][1 * world + 1] = 1  # two rows per program: two barriers, the last half full
+pads[0][0 * line + 1] = pads[0][1 * line + 1] = 1  # two rows per program: two barriers, the last half full
 fused.reduce_norm(handle, 0, rows, hidden, norm.weight, 1e-6, h, x, per_program=2)  # the first half
 ref = (bufs[0][: rows * hidden] + bufs[1][: rows * hidden]).view(rows, hidden)
 out.update({"h2": float((h - ref).abs().max()), "x2": float((x - rms_norm(norm, ref)).abs().max()),

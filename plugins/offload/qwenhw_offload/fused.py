@@ -31,6 +31,8 @@ def available(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+PAD_LINE = 32  # int32 flags per barrier slot in a signal pad: one 128-byte line (up to 32 ranks)
+
 if triton is not None:
 
     @triton.jit
@@ -265,18 +267,20 @@ if triton is not None:
         each peer's signal pad (release) and takes its peers' flags back to zero (acquire), so the pads
         end as they began and a CUDA graph replays the kernel as captured. The protocol is torch's
         symmetric-memory barrier's, so the two share the pads. One lane per peer, all at once (one NVLink
-        round trip, not WORLD in a row); a lane that is done compares against 2, which no flag holds."""
+        round trip, not WORLD in a row); a lane that is done compares against 2, which no flag holds.
+        Each slot's flags get a 128-byte line of their own (PAD_LINE ints): the programs' atomics and
+        spinning do not queue on one line."""
         pads = pads_ptr.to(tl.pointer_type(tl.uint64))
         r = tl.arange(0, BW)
         mine = tl.load(pads + RANK)
         peers = tl.where(r < WORLD, tl.load(pads + r, mask=r < WORLD, other=0), mine)
-        send = peers.to(tl.pointer_type(tl.int32)) + slot * WORLD + RANK
+        send = peers.to(tl.pointer_type(tl.int32)) + slot * PAD_LINE + RANK
         done = (r >= WORLD).to(tl.int32)
         while tl.min(done, 0) == 0:  # a peer that has not yet taken our previous flag: try again
             old = tl.atomic_cas(send, tl.where(done > 0, 2, 0), tl.full([BW], 1, tl.int32), sem="release",
                                 scope="sys")
             done = done | (old == 0).to(tl.int32)
-        wait = mine.to(tl.pointer_type(tl.int32)) + slot * WORLD + tl.minimum(r, WORLD - 1)
+        wait = mine.to(tl.pointer_type(tl.int32)) + slot * PAD_LINE + tl.minimum(r, WORLD - 1)
         done = (r >= WORLD).to(tl.int32)
         while tl.min(done, 0) == 0:
             old = tl.atomic_cas(wait, tl.where(done > 0, 2, 1), tl.zeros([BW], tl.int32), sem="acquire",
@@ -450,6 +454,15 @@ def gate_route(gate: Any, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 REDUCE_ROWS = 1  # token rows per program of reduce_norm: each program is one cross-GPU barrier
 
 
+def reduce_rows(rows: int, per_program: int | None = None) -> int:
+    return triton.next_power_of_2(min(per_program or REDUCE_ROWS, rows))
+
+
+def reduce_pad_bytes(rows: int) -> int:
+    """Signal-pad bytes reduce_norm's barriers use for `rows` token rows."""
+    return triton.cdiv(rows, reduce_rows(rows)) * PAD_LINE * 4
+
+
 def reduce_norm(handle: Any, offset: int, rows: int, hidden: int, weight: torch.Tensor, eps: float,
                 h: torch.Tensor, x: torch.Tensor, per_program: int | None = None) -> None:
     """All-reduce + RMSNorm in one kernel over torch symmetric memory (`handle`: rendezvous's result).
@@ -458,7 +471,7 @@ def reduce_norm(handle: Any, offset: int, rows: int, hidden: int, weight: torch.
     into `h` and RMSNorm(sum) * weight into `x`. One barrier: it orders this call's reads after every
     rank's producer, not the next producer after them, so consecutive calls must alternate between two
     buffer regions (parallel.Reducer does). `per_program` overrides REDUCE_ROWS (the bench sweeps it)."""
-    r = triton.next_power_of_2(min(per_program or REDUCE_ROWS, rows))
+    r = reduce_rows(rows, per_program)
     bh = triton.next_power_of_2(hidden)
     _reduce_norm[(triton.cdiv(rows, r),)](
         handle.buffer_ptrs_dev, handle.signal_pad_ptrs_dev, offset, h, x, weight, rows, hidden, eps,

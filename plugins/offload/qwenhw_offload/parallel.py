@@ -119,7 +119,8 @@ class Reducer:
 
         return (self.handle is not None and self._fits(x) and x.data_ptr() == self._half().data_ptr()
                 and getattr(norm, "variance_epsilon", None) is not None and fused.available(x.device)
-                and os.environ.get("QWENHW_FUSED_REDUCE", "1") != "0")
+                and os.environ.get("QWENHW_FUSED_REDUCE", "1") != "0"
+                and fused.reduce_pad_bytes(x.numel() // x.shape[-1]) <= self.handle.signal_pad_size)
 
     def reduce_norm(self, x: torch.Tensor, norm: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum over the group, norm(sum)) in one kernel, for x from `buffer_like` (see `can_fuse`)."""
