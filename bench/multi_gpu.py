@@ -314,6 +314,7 @@ def main() -> None:
     from qwenhw_offload.runtime import Runtime, SampleParams, set_experts
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    fuse_reduce = os.environ.get("QWENHW_FUSED_REDUCE", "1") != "0"  # 0: every row reduces and norms apart
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
     torch.zeros(1, device="cuda")
@@ -464,7 +465,7 @@ def main() -> None:
         tp_step = {}
         for b, symm, apart in runs:
             os.environ["QWENHW_SYMM_MEM"] = symm
-            os.environ["QWENHW_FUSED_REDUCE"] = "0" if apart else "1"
+            os.environ["QWENHW_FUSED_REDUCE"] = "0" if apart or not fuse_reduce else "1"
             torch.cuda.reset_peak_memory_stats(rank)
             path = None
             for graphs in (True, False):
@@ -500,7 +501,7 @@ def main() -> None:
             del rt
             gc.collect()
             torch.cuda.empty_cache()
-        os.environ["QWENHW_SYMM_MEM"] = os.environ["QWENHW_FUSED_REDUCE"] = "1"
+        os.environ["QWENHW_SYMM_MEM"], os.environ["QWENHW_FUSED_REDUCE"] = "1", "1" if fuse_reduce else "0"
         if "" in tp_step and "apart" in tp_step:
             a, r = tp_step[""], tp_step["apart"]
             extra["tp_decode_logits_rel_err_fused_reduce_vs_apart"] = float((a - r).norm() / r.norm())

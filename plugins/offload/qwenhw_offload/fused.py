@@ -262,25 +262,26 @@ if triton is not None:
 
 
     @triton.jit
-    def _peer_barrier(pads_ptr, slot, RANK: tl.constexpr, WORLD: tl.constexpr, BW: tl.constexpr):
+    def _peer_barrier(pads_ptr, slot, RANK: tl.constexpr, WORLD: tl.constexpr, BW: tl.constexpr,
+                      LINE: tl.constexpr):
         """Program `slot` of every rank waits here for program `slot` of every other. Each sets a flag in
         each peer's signal pad (release) and takes its peers' flags back to zero (acquire), so the pads
         end as they began and a CUDA graph replays the kernel as captured. The protocol is torch's
         symmetric-memory barrier's, so the two share the pads. One lane per peer, all at once (one NVLink
         round trip, not WORLD in a row); a lane that is done compares against 2, which no flag holds.
-        Each slot's flags get a 128-byte line of their own (PAD_LINE ints): the programs' atomics and
+        Each slot's flags get a 128-byte line of their own (LINE ints): the programs' atomics and
         spinning do not queue on one line."""
         pads = pads_ptr.to(tl.pointer_type(tl.uint64))
         r = tl.arange(0, BW)
         mine = tl.load(pads + RANK)
         peers = tl.where(r < WORLD, tl.load(pads + r, mask=r < WORLD, other=0), mine)
-        send = peers.to(tl.pointer_type(tl.int32)) + slot * PAD_LINE + RANK
+        send = peers.to(tl.pointer_type(tl.int32)) + slot * LINE + RANK
         done = (r >= WORLD).to(tl.int32)
         while tl.min(done, 0) == 0:  # a peer that has not yet taken our previous flag: try again
             old = tl.atomic_cas(send, tl.where(done > 0, 2, 0), tl.full([BW], 1, tl.int32), sem="release",
                                 scope="sys")
             done = done | (old == 0).to(tl.int32)
-        wait = mine.to(tl.pointer_type(tl.int32)) + slot * PAD_LINE + tl.minimum(r, WORLD - 1)
+        wait = mine.to(tl.pointer_type(tl.int32)) + slot * LINE + tl.minimum(r, WORLD - 1)
         done = (r >= WORLD).to(tl.int32)
         while tl.min(done, 0) == 0:
             old = tl.atomic_cas(wait, tl.where(done > 0, 2, 1), tl.zeros([BW], tl.int32), sem="acquire",
@@ -290,12 +291,13 @@ if triton is not None:
 
     @triton.jit
     def _reduce_norm(bufs_ptr, pads_ptr, offset, h_ptr, x_ptr, w_ptr, N, H, eps, RANK: tl.constexpr,
-                     WORLD: tl.constexpr, BW: tl.constexpr, R: tl.constexpr, BH: tl.constexpr):
+                     WORLD: tl.constexpr, BW: tl.constexpr, LINE: tl.constexpr, R: tl.constexpr,
+                     BH: tl.constexpr):
         """R token rows per program: h = the sum of every rank's partial rows (read over NVLink from the
         symmetric buffers, in rank order, so every rank gets the same bits), x = RMSNorm(h) * weight."""
         ty = h_ptr.dtype.element_ty
         p = tl.program_id(0)
-        _peer_barrier(pads_ptr, p, RANK, WORLD, BW)
+        _peer_barrier(pads_ptr, p, RANK, WORLD, BW, LINE)
         rows = p * R + tl.arange(0, R)
         o = tl.arange(0, BH)
         at = rows[:, None] * H + o[None, :]
@@ -475,5 +477,5 @@ def reduce_norm(handle: Any, offset: int, rows: int, hidden: int, weight: torch.
     bh = triton.next_power_of_2(hidden)
     _reduce_norm[(triton.cdiv(rows, r),)](
         handle.buffer_ptrs_dev, handle.signal_pad_ptrs_dev, offset, h, x, weight, rows, hidden, eps,
-        RANK=handle.rank, WORLD=handle.world_size, BW=triton.next_power_of_2(handle.world_size), R=r, BH=bh,
-        num_warps=max(1, min(8, r * bh // 512)))
+        RANK=handle.rank, WORLD=handle.world_size, BW=triton.next_power_of_2(handle.world_size), LINE=PAD_LINE,
+        R=r, BH=bh, num_warps=max(1, min(8, r * bh // 512)))

@@ -66,6 +66,7 @@ class Reducer:
         self.handle: Any = None
         self.numel = numel
         self.turn = 0
+        self.fuse = True
         self.path = "all_reduce"
         if device.type != "cuda" or os.environ.get("QWENHW_SYMM_MEM", "1") == "0":
             return
@@ -117,10 +118,15 @@ class Reducer:
         QWENHW_FUSED_REDUCE=0 keeps the reduction and the norm apart (torch's one-shot kernel)."""
         from . import fused
 
-        return (self.handle is not None and self._fits(x) and x.data_ptr() == self._half().data_ptr()
+        return (self.handle is not None and self.fuse and self._fits(x) and x.data_ptr() == self._half().data_ptr()
                 and getattr(norm, "variance_epsilon", None) is not None and fused.available(x.device)
                 and os.environ.get("QWENHW_FUSED_REDUCE", "1") != "0"
                 and fused.reduce_pad_bytes(x.numel() // x.shape[-1]) <= self.handle.signal_pad_size)
+
+    def unfuse(self, exc: Exception) -> None:
+        """reduce_norm failed to build: reduce and normalise apart from now on, and say why in `path`."""
+        self.fuse = False
+        self.path = f"symmetric-memory one-shot (reduce + RMSNorm kernel unavailable: {type(exc).__name__})"
 
     def reduce_norm(self, x: torch.Tensor, norm: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum over the group, norm(sum)) in one kernel, for x from `buffer_like` (see `can_fuse`)."""

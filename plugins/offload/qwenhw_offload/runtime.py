@@ -226,7 +226,11 @@ class Runtime:
         if self.reducer is None:
             return x
         if norm is not None and self.fused and self._decoding and self.reducer.can_fuse(x, norm):
-            h, normed = self.reducer.reduce_norm(x, norm)
+            try:
+                h, normed = self.reducer.reduce_norm(x, norm)
+            except Exception as exc:  # a Triton that cannot build it (every rank alike): the two kernels
+                self.reducer.unfuse(exc)
+                return self.reducer(x)
             self._normed = (h, norm, normed)
             return h
         return self.reducer(x)
