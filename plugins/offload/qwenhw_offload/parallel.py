@@ -41,6 +41,12 @@ def replica_group(tp: int) -> Any:
     return groups[rank // tp]
 
 
+# reduce_norm reads rows x (world - 1) rows over NVLink. Measured on H200s (docs/benchmarks.md), against
+# torch's one-shot kernel and the norm apart: 6.8 vs 11.2 us for 1 row on 4 GPUs, 8.0 vs 11.1 for 16 rows on
+# 2; but 14.8 vs 13.1 for 16 rows on 4. Up to 16 remote rows it is used.
+FUSE_MAX_REMOTE_ROWS = 16
+
+
 class Reducer:
     """Sums a row-parallel output over the tensor-parallel group.
 
@@ -52,7 +58,7 @@ class Reducer:
     cannot be set up use `torch.distributed.all_reduce`. QWENHW_SYMM_MEM=0 turns the symmetric path off.
 
     `reduce_norm` also applies the RMSNorm that reads the sum next, in the same kernel (fused.reduce_norm),
-    with one cross-GPU barrier where torch's one-shot kernel takes two. One barrier is safe because
+    with a single cross-GPU barrier (before its reads; none after). That is safe because
     consecutive reductions alternate between two halves of the buffer (`turn`): a rank writes a half again
     only after every peer has reached the reduction in between, so has finished reading it. `restart()`
     puts the turn back at the start of each forward pass (every pass reduces an even number of times: two
@@ -81,7 +87,8 @@ class Reducer:
             self.handle = symm_mem.rendezvous(buf, group.group_name)
             self.buf, self.name, self.path = buf, group.group_name, "symmetric-memory one-shot"
             if os.environ.get("QWENHW_FUSED_REDUCE", "1") != "0":
-                self.path += ", fused with the next RMSNorm in decode steps"
+                rows = FUSE_MAX_REMOTE_ROWS // max(1, self.handle.world_size - 1)
+                self.path += f", fused with the next RMSNorm in decode steps of up to {rows} sequences"
         except Exception as exc:  # older torch, no peer access: NCCL it is
             self.path = f"all_reduce (symmetric memory unavailable: {type(exc).__name__}: {exc})"
 
@@ -121,7 +128,8 @@ class Reducer:
         return (self.handle is not None and self.fuse and self._fits(x) and x.data_ptr() == self._half().data_ptr()
                 and getattr(norm, "variance_epsilon", None) is not None and fused.available(x.device)
                 and os.environ.get("QWENHW_FUSED_REDUCE", "1") != "0"
-                and fused.reduce_pad_bytes(x.numel() // x.shape[-1]) <= self.handle.signal_pad_size)
+                and fused.reduce_pad_bytes(x.numel() // x.shape[-1]) <= self.handle.signal_pad_size
+                and x.numel() // x.shape[-1] * (self.handle.world_size - 1) <= FUSE_MAX_REMOTE_ROWS)
 
     def unfuse(self, exc: Exception) -> None:
         """reduce_norm failed to build: reduce and normalise apart from now on, and say why in `path`."""
