@@ -186,4 +186,6 @@ def runtime_engine(model: Any, tokenizer: Any, plan: Any, device: str, sequences
     runtimes = [Runtime(model, max_len=int(plan.context or 4096), device=device, batch=b,
                         graphs=plan.config.get("cuda_graphs", True), **runtime_args)
                 for b in runtime_batches(sequences)]
+    for rt in runtimes:
+        rt.warm()
     return RuntimeEngine(model, tokenizer, runtimes[0], plan=plan, batched=runtimes[1] if len(runtimes) > 1 else None)

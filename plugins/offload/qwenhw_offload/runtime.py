@@ -284,6 +284,18 @@ class Runtime:
         self.length = 0
 
     @torch.inference_mode()
+    def warm(self) -> None:
+        """Capture the decode graphs now, not in the first request that reaches this runtime (measured: a
+        DP=4 rank job served 16 concurrent requests at 790 tok/s instead of ~6000 when two of them arrived
+        late and went alone to replicas whose batch-1 runtime had never run). Graph runtimes only; every
+        rank of a tensor-parallel group calls it at the same point (the step has collectives)."""
+        if not self.graphs or self.device.type != "cuda":
+            return
+        self.prefill([[0]] * self.batch)
+        self.decode(torch.zeros(self.batch, dtype=torch.long, device=self.device))
+        self.reset()
+
+    @torch.inference_mode()
     def prefill(self, ids: list[int] | list[list[int]]) -> torch.Tensor:
         """Prompt(s) from position 0: one list of ids, or `batch` lists (left-padded to the longest).
         Returns the logits of each sequence's last token."""
