@@ -21,7 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .planner import split_counts
+# reduce_norm reads rows x (world - 1) rows over NVLink. Measured on H200s (docs/benchmarks.md), against
+# torch's one-shot kernel and the norm apart: 6.7 vs 11.1 us for 1 row on 4 GPUs, 8.0 vs 11.1 for 16 rows on
+# 2; but 14.5 vs 13.1 for 16 rows on 4. It is used up to FUSE_MAX_REMOTE_ROWS remote rows (the planner's too).
+from .planner import FUSE_MAX_REMOTE_ROWS, split_counts
 
 
 def check(config: Any, world: int) -> str | None:
@@ -39,12 +42,6 @@ def replica_group(tp: int) -> Any:
     world, rank = dist.get_world_size(), dist.get_rank()
     groups = [dist.new_group(list(range(r * tp, (r + 1) * tp))) for r in range(world // tp)]
     return groups[rank // tp]
-
-
-# reduce_norm reads rows x (world - 1) rows over NVLink. Measured on H200s (docs/benchmarks.md), against
-# torch's one-shot kernel and the norm apart: 6.8 vs 11.2 us for 1 row on 4 GPUs, 8.0 vs 11.1 for 16 rows on
-# 2; but 14.8 vs 13.1 for 16 rows on 4. Up to 16 remote rows it is used.
-FUSE_MAX_REMOTE_ROWS = 16
 
 
 class Reducer:

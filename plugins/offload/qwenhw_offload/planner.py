@@ -45,6 +45,11 @@ HYBRID_CPU_EFFICIENCY = 0.72
 # all-reducing one decode step's hidden states inside our CUDA graphs over NVLink (parallel.Reducer: a
 # symmetric-memory one-shot kernel; NCCL took 7-13 us): 8-12 us measured on 2 and 4 H200s
 GRAPH_ALLREDUCE_S = 10e-6
+# ...and with the next RMSNorm in the same kernel (fused.reduce_norm), which parallel.Reducer uses up to
+# FUSE_MAX_REMOTE_ROWS rows read over the links (sequences x (GPUs - 1)): the end-to-end steps of TP=2 and
+# TP=4 got 4.0-5.1 us shorter per all-reduce on 4x H200 (docs/benchmarks.md, 2026-11-28)
+GRAPH_FUSED_ALLREDUCE_S = 5e-6
+FUSE_MAX_REMOTE_ROWS = 16
 ACCELERATE_COPY_EFFICIENCY = 0.12  # of the pinned host-to-device rate, for accelerate's pageable copies
 DEFAULT_CONTEXT = 8192
 FAST_ARCHITECTURES = ("qwen3", "qwen3_moe", "qwen2")
@@ -360,7 +365,8 @@ def parallel_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str
     if not why and not fits:
         reasons.append(f"{(weights + kv + overhead) / GiB:.1f} GiB per GPU exceed the {cap / GiB:.1f} GiB budget")
     bw, latency = link_between(node, tp)
-    latency = max(latency, GRAPH_ALLREDUCE_S)
+    if bw >= 100:  # NVLink-class: our in-graph kernels, as measured (the generic link figure is NCCL's)
+        latency = GRAPH_FUSED_ALLREDUCE_S if per_replica * (tp - 1) <= FUSE_MAX_REMOTE_ROWS else GRAPH_ALLREDUCE_S
     if fits and tp > 1:
         reasons.append(
             (f"{dp} replicas of {tp} GPUs, each decoding {per_replica} of the {batch} sequences; in a replica, "
