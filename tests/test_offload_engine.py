@@ -211,3 +211,35 @@ def test_fast_path_refuses_a_prompt_longer_than_the_planned_context(tiny_moe):
         for prompts in (long, [long, "Hi"]):
             with pytest.raises(ValueError, match="16-token context .* plan a longer --context"):
                 eng.generate(prompts, max_tokens=2, temperature=0)
+
+
+def test_text_stream_is_incremental_and_never_leaks_a_stop_string():
+    """The streamed deltas of a sequence (multi-byte characters split over tokens, a stop string split over
+    tokens) join to what decoding the whole sequence and cutting at the stop gives; no delta carries the
+    beginning of the stop string; and each token decodes a few tokens, not the sequence so far."""
+    from transformers import AutoTokenizer
+
+    from qwenhw.engine.hf import _cut_at_stop
+    from qwenhw.tiny import tokenizer_dir
+    from qwenhw_offload.engine_runtime import TextStream
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir())
+    text = ("Quantum 量子计算 🚀 étude naïve — " * 40) + "the answer is <<END>> and more text after it"
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert any(tok.decode([i]).endswith("\ufffd") for i in ids)  # some characters span tokens
+    decoded = []
+    real = tok.decode
+    tok.decode = lambda t, **k: decoded.append(len(t)) or real(t, **k)
+    for stop, lazy in (((), False), (("<<END>>", "zzz-never"), False), ((), True)):
+        decoded.clear()
+        stream = TextStream(tok, stop, lazy=lazy)
+        deltas = [stream.feed(i) for i in ids]
+        deltas.append(stream.rest())
+        whole, stopped = _cut_at_stop(real(ids, skip_special_tokens=True), stop)
+        assert "".join(deltas) == whole and stream.stopped == stopped
+        assert not stop or not any("<" in d or "END" in d for d in deltas)
+        if lazy:
+            assert deltas[:-1] == [""] * len(ids) and decoded == [len(ids)]
+        else:
+            assert sum(decoded) < 8 * len(ids)  # the whole prefix each time would be ~len(ids)**2
+        assert stopped == bool(stop) and whole.endswith("the answer is " if stop else "after it")

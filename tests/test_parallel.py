@@ -128,17 +128,21 @@ def test_data_parallel_replicas_split_a_batch_and_match_one_process(tiny_moe):
     with qwenhw.load(plan.replace(config={**plan.config, "dtype": "fp32", "threads": 1})) as engine:
         split = engine.generate(prompts, max_tokens=5, temperature=0)
         streamed = "".join(engine.stream(prompts[0], max_tokens=5, temperature=0))
-        # the server's path: whole texts split over the replicas, streams on replica 0
+        # the server's path: a batch split over the replicas, whole texts or streamed pieces
         assert engine.max_batch == 4
         whole = texts(engine.stream_batch(prompts[:4], greedy[:4], stream=False))
-        pieces = texts(engine.stream_batch(prompts[:2], greedy[:2]))
+        order = list(engine.stream_batch(prompts[:4], greedy[:4]))
+        pieces = texts(order)
     single_plan = qwenhw.plan(str(tiny_moe), backend="offload", engine="transformers-fast", context=128)
     with qwenhw.load(single_plan.replace(config={**single_plan.config, "dtype": "fp32"})) as engine:
         one = engine.generate(prompts, max_tokens=5, temperature=0)
         alone = [texts(engine.stream_batch([p], [s]))[0] for p, s in zip(prompts, greedy)]
     assert [c.token_ids for c in split] == [c.token_ids for c in one]
     assert streamed == one[0].text
-    assert whole == alone[:4] and pieces == alone[:2]
+    # rows 1 and 3 can only come from replica 1, and replica 0 decodes rows 0 and 2 together
+    assert whole == alone[:4] and pieces == alone[:4]
+    rows = [p.row for p in order]
+    assert rows.index(2) < len(rows) - 1 - rows[::-1].index(0)
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -163,6 +163,34 @@ def test_sampling_and_batches(engine):
     assert [o.token_ids for o in outs] == [o.token_ids for o in again]  # seeded
 
 
+def test_stream_batch_steps_the_rows_together(engine):
+    """The server's path: every row a request of vLLM's engine, stepped together (their pieces interleave),
+    each giving what the same list through generate() gives; a row with fewer max_tokens ends first."""
+    from qwenhw.engine.base import Sampling
+
+    prompts = [PROMPT, "Hello", "1, 2, 3,"]
+    whole = engine.generate(prompts, max_tokens=6, temperature=0)
+    assert engine.max_batch >= 3
+    for stream in (True, False):
+        pieces = list(engine.stream_batch(prompts, [Sampling(max_tokens=6, temperature=0)] * 3, stream=stream))
+        rows: dict[int, list] = {}
+        for p in pieces:
+            row = rows.setdefault(p.row, ["", None, 0])
+            row[0] += p.text
+            if p.finish:
+                row[1:] = [p.finish, p.tokens]
+        assert [tuple(rows[i]) for i in range(3)] == [(c.text, c.finish_reason, c.completion_tokens) for c in whole]
+        order = [p.row for p in pieces]
+        if stream:
+            assert order.index(1) < len(order) - 1 - order[::-1].index(0)  # row 1 starts before row 0 ends
+        else:
+            assert len(pieces) == 3  # one whole text per row
+    mixed = list(engine.stream_batch(prompts[:2], [Sampling(max_tokens=2, temperature=0),
+                                                   Sampling(max_tokens=6, temperature=0)]))
+    ends = [(p.row, p.tokens) for p in mixed if p.finish]
+    assert ends[0] == (0, 2) and ends[1][0] == 1
+
+
 @pytest.mark.skipif(not IN_PROCESS, reason="compares against vLLM's own LLM.chat: needs vLLM in this process")
 def test_chat_equals_llm_chat_with_chat_template_kwargs(engine):
     from vllm import SamplingParams

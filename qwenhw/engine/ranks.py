@@ -112,8 +112,9 @@ class Replicas(Engine):
 
     Every rank sees every request (see _Broadcast). A batch is split over the replicas and the lead rank of
     each (its first; the others of a tensor-parallel replica hold the same result) contributes its share to
-    an all-gather over `group`, so rank 0 answers with all of them, in order. A stream is one sequence:
-    replica 0 decodes it while the others wait for the next request.
+    an all-gather over `group`, so rank 0 answers with all of them, in order; a streamed batch is split the
+    same way, each lead sending its pieces to rank 0 as they come. A single sequence is replica 0's, while
+    the others wait for the next request.
     """
 
     def __init__(self, inner: Engine, replica: int, replicas: int, lead: bool, group: Any):
@@ -142,23 +143,33 @@ class Replicas(Engine):
         return self.inner.max_batch * self.replicas
 
     def _stream_batch(self, prompts: list[str], samplings: list[Any], alive: Any, stream: bool) -> Iterator[Piece]:
-        """Streams are decoded by replica 0 (its pieces are what rank 0 answers); whole texts are split over
-        the replicas like a batch, each replica decoding its share together."""
+        """A batch is split over the replicas, each replica decoding its share together. Whole texts meet in
+        one all-gather at the end; streamed pieces go from each replica's lead to rank 0 as they come
+        (`_forward`, `_merged`). A single stream is replica 0's alone."""
         import torch.distributed as dist
 
-        if stream or len(prompts) == 1:
+        if len(prompts) == 1:
             if self.replica == 0:
                 yield from self.inner._stream_batch(prompts, samplings, alive, stream)
             return
         mine = list(range(self.replica, len(prompts), self.replicas))
+        own = self.inner._stream_batch([prompts[i] for i in mine], [samplings[i] for i in mine],
+                                       lambda row: True, stream) if mine else iter(())
+        if stream:
+            if self.replica != 0:
+                self._forward(own, mine)
+            elif self.lead:
+                yield from self._merged(own, mine)
+            else:
+                for _ in own:  # a tensor-parallel member of replica 0: decode in lockstep, answer nothing
+                    pass
+            return
         texts: dict[int, str] = {i: "" for i in mine}
         ends: dict[int, tuple[str, int]] = {}
-        if mine:
-            for piece in self.inner._stream_batch([prompts[i] for i in mine], [samplings[i] for i in mine],
-                                                  lambda row: True, False):
-                texts[mine[piece.row]] += piece.text
-                if piece.finish:
-                    ends[mine[piece.row]] = (piece.finish, piece.tokens)
+        for piece in own:
+            texts[mine[piece.row]] += piece.text
+            if piece.finish:
+                ends[mine[piece.row]] = (piece.finish, piece.tokens)
         parts: list[Any] = [None] * dist.get_world_size(self.group)
         dist.all_gather_object(parts, (texts, ends) if self.lead else ({}, {}), group=self.group)
         for i in range(len(prompts)):
@@ -166,6 +177,63 @@ class Replicas(Engine):
                 if i in done_ends:
                     yield Piece(i, done_texts[i], *done_ends[i])
                     break
+
+    def _forward(self, pieces: Iterator[Piece], rows: list[int]) -> None:
+        """A replica other than 0 decodes its rows; its lead sends each piece to rank 0, then None."""
+        import torch.distributed as dist
+
+        for piece in pieces:
+            if self.lead:
+                dist.send_object_list([(rows[piece.row], piece.text, piece.finish, piece.tokens)], dst=0,
+                                      group=self.group)
+        if self.lead:
+            dist.send_object_list([None], dst=0, group=self.group)
+
+    def _merged(self, pieces: Iterator[Piece], rows: list[int]) -> Iterator[Piece]:
+        """Rank 0: its own rows' pieces, and the other replicas' as they arrive (one receiving thread per
+        replica lead), until every replica has sent its last."""
+        import queue
+
+        import torch.distributed as dist
+
+        arrived: queue.Queue = queue.Queue()
+        tp = dist.get_world_size(self.group) // self.replicas
+
+        def receive(src: int) -> None:
+            while True:
+                box: list[Any] = [None]
+                dist.recv_object_list(box, src=src, group=self.group)
+                arrived.put(box[0])
+                if box[0] is None:
+                    return
+
+        threads = [threading.Thread(target=receive, args=(r * tp,), daemon=True) for r in range(1, self.replicas)]
+        for t in threads:
+            t.start()
+        waiting = len(threads)
+
+        def take(block: bool) -> list[Piece]:
+            """What has arrived (block: wait for at least one piece, unless every replica is done)."""
+            nonlocal waiting
+            out: list[Piece] = []
+            while waiting:
+                try:
+                    got = arrived.get(block=block and not out)
+                except queue.Empty:
+                    break
+                if got is None:
+                    waiting -= 1
+                else:
+                    out.append(Piece(*got))
+            return out
+
+        for piece in pieces:
+            yield Piece(rows[piece.row], piece.text, piece.finish, piece.tokens)
+            yield from take(block=False)
+        while waiting:
+            yield from take(block=True)
+        for t in threads:
+            t.join()
 
     def render_chat(self, messages: list[dict], enable_thinking: bool | None) -> str:
         return self.inner.render_chat(messages, enable_thinking)

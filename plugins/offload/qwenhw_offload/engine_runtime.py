@@ -32,36 +32,25 @@ class RuntimeEngine(HFEngine):
                              f"context this plan was made for; plan a longer --context")
         return ids
 
-    def _tokens(self, prompt: str, sampling: Sampling) -> Iterator[int]:
-        ids = self._prompt_ids(prompt, self.runtime)
-        params = SampleParams(sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed)
-        self.runtime.reset()
-        yield from self.runtime.generate(ids, sampling.max_tokens, params, set(self._eos_ids()))  # cache-capped
-
-    def _batches(self, prompts: list[str], sampling: Sampling) -> list[list[int]]:
-        """Each prompt's generated tokens, `batched.batch` prompts per run of the batched runtime."""
-        rt = self.batched
+    def _complete(self, prompts: list[str], sampling: Sampling) -> list[Completion]:
+        """Each prompt's tokens up to its EOS or max_tokens (capped by the cache): a list of prompts goes
+        `batched.batch` at a time through the batched runtime, one prompt through the batch-1 runtime."""
+        rt = self.batched if self.batched is not None and len(prompts) > 1 else self.runtime
         ids = [self._prompt_ids(p, rt) for p in prompts]
         params = SampleParams(sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed)
-        out: list[list[int]] = []
-        for k in range(0, len(ids), rt.batch):
-            out += rt.generate_batch(ids[k:k + rt.batch], sampling.max_tokens, params, set(self._eos_ids()))
-        return out
-
-    def _complete(self, prompts: list[str], sampling: Sampling) -> list[Completion]:
-        out = []
         eos = set(self._eos_ids())
-        many = self.batched is not None and len(prompts) > 1
-        generated = self._batches(prompts, sampling) if many else None
-        for n, prompt in enumerate(prompts):
-            tokens = list(generated[n]) if many else list(self._tokens(prompt, sampling))
+        generated: list[list[int]] = []
+        for k in range(0, len(ids), rt.batch):
+            rt.reset()
+            generated += rt.generate_batch(ids[k:k + rt.batch], sampling.max_tokens, params, eos)
+        out = []
+        for tokens, prompt_ids in zip(generated, ids):
             finish = "length"
             if tokens and tokens[-1] in eos:
                 tokens.pop()
                 finish = "stop"
             text, stopped = _cut_at_stop(self.tokenizer.decode(tokens), sampling.stop)
-            n_prompt = len(self.tokenizer(prompt, add_special_tokens=False).input_ids)
-            out.append(Completion(text, tuple(tokens), n_prompt, "stop" if stopped else finish))
+            out.append(Completion(text, tuple(tokens), len(prompt_ids), "stop" if stopped else finish))
         return out
 
     def _stream(self, prompt: str, sampling: Sampling) -> Iterator[str]:
@@ -129,34 +118,64 @@ class RuntimeEngine(HFEngine):
 
 class TextStream:
     """One sequence's tokens as text deltas: whole characters only, cut before the first stop string.
-    `lazy` (nobody reads the deltas, no stop strings to look for): decode once, in rest()."""
+
+    Each token decodes a window of a few tokens, not the whole sequence (the prefix / read offsets of the
+    incremental detokenizers in transformers' streamers and vLLM), and stop strings are looked for where the
+    new text could complete one, so a long stream costs O(1) per token, not O(length). The last
+    (longest stop - 1) characters are held back while a stop string could still be completing, so its
+    beginning never goes out. `lazy` (nobody reads the deltas, no stop strings to look for): decode once,
+    in rest()."""
 
     def __init__(self, tokenizer: Any, stop: tuple[str, ...], lazy: bool = False):
-        self.tokenizer, self.stop = tokenizer, stop
-        self.lazy = lazy and not stop
+        self.tokenizer = tokenizer
+        self.stop = tuple(s for s in stop if s)
+        self.lazy = lazy and not self.stop
         self.tokens: list[int] = []
-        self.sent = ""
+        self.prefix = self.read = 0  # tokens[prefix:read] decode to text already out; tokens[read:] are new
+        self.text = ""  # the text so far, cut at the first stop string once one is found
+        self.sent = 0  # characters of `text` handed out
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.stopped = False
 
-    def rest(self) -> str:
-        """What a lazy stream holds back (the text so far, at the end); "" otherwise."""
-        if not self.lazy:
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _add(self, new: str) -> None:
+        """Append decoded text; cut it at a stop string that ends in it."""
+        start = max(0, len(self.text) - self.hold)  # where a stop string ending in `new` can begin
+        self.text += new
+        if self.stop:
+            cut, self.stopped = _cut_at_stop(self.text[start:], self.stop)
+            self.text = self.text[:start] + cut
+
+    def _take(self, upto: int) -> str:
+        if upto <= self.sent:
             return ""
-        self.lazy = False
-        return self.feed(self.tokens.pop()) if self.tokens else ""
+        out, self.sent = self.text[self.sent:upto], upto
+        return out
 
     def feed(self, token: int) -> str:
         self.tokens.append(token)
+        if self.lazy or self.stopped:
+            return ""
+        done = self._decode(self.tokens[self.prefix:self.read])
+        full = self._decode(self.tokens[self.prefix:])
+        if len(full) <= len(done) or full.endswith("\ufffd"):  # half of a multi-byte character: wait
+            return ""
+        self.prefix, self.read = self.read, len(self.tokens)
+        self._add(full[len(done):])
+        return self._take(len(self.text) if self.stopped else len(self.text) - self.hold)
+
+    def rest(self) -> str:
+        """At the end of the sequence: the text held back (a lazy stream's whole text; the end of a character
+        still incomplete decodes as the whole sequence's decode would, with a replacement mark)."""
         if self.lazy:
-            return ""
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-            return ""
-        cut, self.stopped = _cut_at_stop(text, self.stop)
-        if len(cut) <= len(self.sent):
-            return ""
-        delta, self.sent = cut[len(self.sent):], cut
-        return delta
+            self.lazy = False
+            self._add(self._decode(self.tokens))
+        elif not self.stopped and self.read < len(self.tokens):
+            self._add(self._decode(self.tokens[self.prefix:])[len(self._decode(self.tokens[self.prefix:self.read])):])
+            self.prefix = self.read = len(self.tokens)
+        return self._take(len(self.text))
 
 
 def load_fast(plan: Any, path: str, dtype: Any) -> RuntimeEngine:

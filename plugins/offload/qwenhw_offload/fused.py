@@ -6,6 +6,8 @@ A decode step replays ~57 small kernels per layer, and every GPU of a multi-GPU 
 - the MoE router's softmax, top-k, renormalisation and cast: 6 kernels per layer, here one;
 - the routed experts (transformers' grouped/batched kernels sort, gather, pad and scatter around the two
   GEMMs: ~15 kernels, plus 4 for the expert-parallel masking): here three, `moe_experts`.
+Tensor-parallel decode steps also sum each row-parallel output over the GPUs and apply the RMSNorm that
+reads it in one kernel (`reduce_norm`, over torch's symmetric memory).
 All follow transformers' Qwen3 arithmetic, rounding to the model dtype where it rounds. The runtime uses
 them for decode steps on CUDA when Triton is importable, and keeps its torch code everywhere else (prefill,
 CPU). The CPU tests run these kernels through Triton's interpreter (TRITON_INTERPRET=1).
@@ -259,7 +261,6 @@ if triton is not None:
         acc = tl.load(acc_ptr + (r * S + sp[:, None]) * D + d[None, :], mask=sp[:, None] < S, other=0.0)
         o = tl.sum(acc * w[:, None], 0) / tl.sum(den * w, 0)
         tl.store(out_ptr + r * D + d, o.to(out_ptr.dtype.element_ty))
-
 
     @triton.jit
     def _peer_barrier(pads_ptr, slot, RANK: tl.constexpr, WORLD: tl.constexpr, BW: tl.constexpr,

@@ -365,8 +365,9 @@ def parallel_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str
     if not why and not fits:
         reasons.append(f"{(weights + kv + overhead) / GiB:.1f} GiB per GPU exceed the {cap / GiB:.1f} GiB budget")
     bw, latency = link_between(node, tp)
+    fused = bw >= 100 and per_replica * (tp - 1) <= FUSE_MAX_REMOTE_ROWS
     if bw >= 100:  # NVLink-class: our in-graph kernels, as measured (the generic link figure is NCCL's)
-        latency = GRAPH_FUSED_ALLREDUCE_S if per_replica * (tp - 1) <= FUSE_MAX_REMOTE_ROWS else GRAPH_ALLREDUCE_S
+        latency = GRAPH_FUSED_ALLREDUCE_S if fused else GRAPH_ALLREDUCE_S
     if fits and tp > 1:
         reasons.append(
             (f"{dp} replicas of {tp} GPUs, each decoding {per_replica} of the {batch} sequences; in a replica, "
@@ -375,7 +376,8 @@ def parallel_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str
             + (f"experts by expert parallelism ({spec.moe.num_experts // tp} whole experts per GPU), " if spec.moe
                else "MLPs split by columns/rows, ")
             + f"2 all-reduces per layer over {node.link(0, 1).kind if node.link(0, 1) else 'PCIe'} "
-              f"({bw:.0f} GB/s); embeddings and router replicated")
+              f"({bw:.0f} GB/s{', each fused with the next RMSNorm: ~5 us' if fused else ''}); "
+              f"embeddings and router replicated")
     elif fits:
         reasons.append(f"{dp} data-parallel replicas, one whole model per GPU ({weights / GiB:.1f} GiB), each "
                        f"decoding {per_replica} of the {batch} sequences through the fast path; nothing crosses "

@@ -13,9 +13,9 @@ import itertools
 import logging
 import os
 import warnings
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from qwenhw.engine.base import Completion, Engine, Sampling
+from qwenhw.engine.base import Completion, Engine, Piece, Sampling
 from qwenhw.engine.preflight import checkpoint_dir
 
 log = logging.getLogger("qwenhw.vllm")
@@ -149,6 +149,56 @@ class VllmEngine(Engine):
         finally:
             if not finished:  # consumer stopped early (or an error): free the sequence's KV pages
                 engine.abort_request([request_id])
+
+    @property
+    def max_batch(self) -> int:
+        """vLLM schedules the requests it holds together: up to its max_num_seqs."""
+        try:
+            return max(1, int(self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs))
+        except AttributeError:  # another vLLM layout: what the plan asked for
+            return max(1, int(self.engine_args.get("max_num_seqs") or 1))
+
+    def batch_key(self, sampling: Sampling) -> Any:
+        return "vllm"  # each request keeps its own sampling parameters and seed inside one vLLM batch
+
+    def _stream_batch(self, prompts: list[str], samplings: list[Sampling], alive: Callable[[int], bool],
+                      stream: bool) -> Iterator[Piece]:
+        """Every row is a request of vLLM's engine, stepped together; a row whose client left is aborted.
+        Token counts leave out the end-of-turn token, as `_completion` does."""
+        from vllm.sampling_params import RequestOutputKind
+
+        engine = self.llm.llm_engine
+        rows: dict[str, int] = {}
+        for row, (prompt, sampling) in enumerate(zip(prompts, samplings)):
+            params = self._params(sampling)
+            params.output_kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
+            rid = f"qwenhw-batch-{next(self._ids)}"
+            engine.add_request(rid, self._encode(prompt), params)
+            rows[rid] = row
+        counts = dict.fromkeys(rows, 0)
+        try:
+            while rows and engine.has_unfinished_requests():
+                for out in engine.step():
+                    row = rows.get(out.request_id)
+                    if row is None:
+                        continue
+                    if not alive(row):
+                        engine.abort_request([out.request_id])
+                        del rows[out.request_id]
+                        continue
+                    done = out.outputs[0] if out.outputs else None
+                    ids = list(done.token_ids) if done else []
+                    counts[out.request_id] += len(ids)
+                    text = done.text if done else ""
+                    if out.finished:
+                        del rows[out.request_id]
+                        n = counts[out.request_id] - (1 if ids and ids[-1] in self._eos else 0)
+                        yield Piece(row, text, "stop" if done and done.finish_reason == "stop" else "length", n)
+                    elif text:
+                        yield Piece(row, text)
+        finally:
+            if rows:  # the reader stopped early (or an error): free the rest's KV pages
+                engine.abort_request(list(rows))
 
     def close(self) -> None:
         if self.closed:
