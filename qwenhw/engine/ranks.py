@@ -227,13 +227,15 @@ class Replicas(Engine):
                     out.append(Piece(*got))
             return out
 
-        for piece in pieces:
-            yield Piece(rows[piece.row], piece.text, piece.finish, piece.tokens)
-            yield from take(block=False)
-        while waiting:
-            yield from take(block=True)
-        for t in threads:
-            t.join()
+        try:
+            for piece in pieces:
+                yield Piece(rows[piece.row], piece.text, piece.finish, piece.tokens)
+                yield from take(block=False)
+            while waiting:
+                yield from take(block=True)
+        finally:  # the other replicas send up to their None whatever happens here: no thread outlives this batch
+            for t in threads:
+                t.join()
 
     def render_chat(self, messages: list[dict], enable_thinking: bool | None) -> str:
         return self.inner.render_chat(messages, enable_thinking)
