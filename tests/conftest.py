@@ -36,3 +36,19 @@ def hf_reference(tiny_moe):
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=8, do_sample=False)
     return {"prompt": prompt, "tokens": out[0, ids.shape[1]:].tolist()}
+
+
+def _row_texts(pieces) -> list[tuple[str, str, int]]:
+    """(text, finish reason, completion tokens) per row of Engine.stream_batch's pieces, rows in order."""
+    out: dict[int, list] = {}
+    for piece in pieces:
+        row = out.setdefault(piece.row, ["", None, 0])
+        row[0] += piece.text
+        if piece.finish:
+            row[1:] = [piece.finish, piece.tokens]
+    return [tuple(out[i]) for i in sorted(out)]
+
+
+@pytest.fixture
+def texts():
+    return _row_texts

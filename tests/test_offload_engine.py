@@ -219,9 +219,8 @@ def test_text_stream_is_incremental_and_never_leaks_a_stop_string():
     beginning of the stop string; and each token decodes a few tokens, not the sequence so far."""
     from transformers import AutoTokenizer
 
-    from qwenhw.engine.hf import _cut_at_stop
+    from qwenhw.engine.text import TextStream, cut_at_stop
     from qwenhw.tiny import tokenizer_dir
-    from qwenhw_offload.engine_runtime import TextStream
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir())
     text = ("Quantum 量子计算 🚀 étude naïve — " * 40) + "the answer is <<END>> and more text after it"
@@ -235,7 +234,7 @@ def test_text_stream_is_incremental_and_never_leaks_a_stop_string():
         stream = TextStream(tok, stop, lazy=lazy)
         deltas = [stream.feed(i) for i in ids]
         deltas.append(stream.rest())
-        whole, stopped = _cut_at_stop(real(ids, skip_special_tokens=True), stop)
+        whole, stopped = cut_at_stop(real(ids, skip_special_tokens=True), stop)
         assert "".join(deltas) == whole and stream.stopped == stopped
         assert not stop or not any("<" in d or "END" in d for d in deltas)
         if lazy:
@@ -243,3 +242,39 @@ def test_text_stream_is_incremental_and_never_leaks_a_stop_string():
         else:
             assert sum(decoded) < 8 * len(ids)  # the whole prefix each time would be ~len(ids)**2
         assert stopped == bool(stop) and whole.endswith("the answer is " if stop else "after it")
+
+
+def test_generate_engine_decodes_a_servers_batch_in_one_call(tiny_moe, texts):
+    """The plain transformers engine (CPU and accelerate-offload plans) planned for 3 concurrent sequences
+    decodes a server's batch in generate() calls of 3 rows: each row keeps its own max_tokens and stop
+    string and gives what it gives alone (fp32); streamed rows interleave; a row whose client left is
+    dropped and the others go on."""
+    from qwenhw.engine.base import Sampling
+
+    plan = qwenhw.plan(str(tiny_moe), backend="offload", engine="transformers", context=128, concurrency=3)
+    assert plan.engine == "transformers"
+    prompts = ["The capital of France is", "1, 2, 3,", "Hello", "def add(a, b):"]
+    with qwenhw.load(plan.replace(config={**plan.config, "dtype": "fp32"})) as eng:
+        assert eng.max_batch == 3
+        first = eng.generate(prompts[2], max_tokens=6, temperature=0)[0].text
+        stop = first[len(first) // 2:][:3] or "zzz"  # a string the third row meets halfway
+        samplings = [Sampling(max_tokens=6 - i % 2, temperature=0, stop=(stop,) if i == 2 else ()) for i in range(4)]
+        alone = [texts(eng.stream_batch([p], [s], stream=False))[0] for p, s in zip(prompts, samplings)]
+        calls: list[int] = []
+        real = eng.model.generate
+        eng.model.generate = lambda *a, **k: calls.append(k["input_ids"].shape[0]) or real(*a, **k)
+        together = texts(eng.stream_batch(prompts, samplings, stream=False))
+        assert calls == [3, 1]
+        order = list(eng.stream_batch(prompts, samplings))
+        left = list(eng.stream_batch(prompts[:3], samplings[:3], alive=lambda row: row != 1))
+    assert together == alone
+    assert alone[2][1] == "stop" and stop not in alone[2][0]
+    assert [t[0] for t in texts(order)] == [cut_specials(eng, a[0]) for a in alone]
+    rows = [p.row for p in order]
+    assert rows.index(1) < len(rows) - 1 - rows[::-1].index(0)  # rows 0 and 1 decode in one generate()
+    assert {p.row for p in left} == {0, 2} and sum(1 for p in left if p.finish) == 2  # row 1 was dropped
+
+
+def cut_specials(eng, text: str) -> str:
+    """A whole text as a stream gives it: special tokens left out."""
+    return eng.tokenizer.decode(eng.tokenizer(text, add_special_tokens=False).input_ids, skip_special_tokens=True)

@@ -75,7 +75,7 @@ def test_two_ranks_match_one(tiny_moe, fused):
     assert results[0] == results[1] == single
 
 
-def test_load_starts_a_rank_job_and_matches_one_process(tiny_moe):
+def test_load_starts_a_rank_job_and_matches_one_process(tiny_moe, texts):
     """A transformers-tp plan (made for a 2-GPU profile) loads as a 2-rank torchrun job qwenhw drives;
     here on the CPU over gloo, in fp32 so the split sums agree with one process to the last token."""
     import qwenhw
@@ -104,18 +104,7 @@ def test_load_starts_a_rank_job_and_matches_one_process(tiny_moe):
     assert together == alone
 
 
-def texts(pieces) -> list[tuple[str, str, int]]:
-    """(text, finish reason, completion tokens) per row of Engine.stream_batch."""
-    out: dict[int, list] = {}
-    for piece in pieces:
-        row = out.setdefault(piece.row, ["", None, 0])
-        row[0] += piece.text
-        if piece.finish:
-            row[1:] = [piece.finish, piece.tokens]
-    return [tuple(out[i]) for i in sorted(out)]
-
-
-def test_data_parallel_replicas_split_a_batch_and_match_one_process(tiny_moe):
+def test_data_parallel_replicas_split_a_batch_and_match_one_process(tiny_moe, texts):
     """A transformers-dp plan: 2 replicas (one per GPU of the profile; here 2 CPU ranks over gloo) each
     decode their share of a batch of prompts; rank 0 answers with all of them, in order."""
     import qwenhw

@@ -163,7 +163,7 @@ def test_sampling_and_batches(engine):
     assert [o.token_ids for o in outs] == [o.token_ids for o in again]  # seeded
 
 
-def test_stream_batch_steps_the_rows_together(engine):
+def test_stream_batch_steps_the_rows_together(engine, texts):
     """The server's path: every row a request of vLLM's engine, stepped together (their pieces interleave),
     each giving what the same list through generate() gives; a row with fewer max_tokens ends first."""
     from qwenhw.engine.base import Sampling
@@ -173,13 +173,7 @@ def test_stream_batch_steps_the_rows_together(engine):
     assert engine.max_batch >= 3
     for stream in (True, False):
         pieces = list(engine.stream_batch(prompts, [Sampling(max_tokens=6, temperature=0)] * 3, stream=stream))
-        rows: dict[int, list] = {}
-        for p in pieces:
-            row = rows.setdefault(p.row, ["", None, 0])
-            row[0] += p.text
-            if p.finish:
-                row[1:] = [p.finish, p.tokens]
-        assert [tuple(rows[i]) for i in range(3)] == [(c.text, c.finish_reason, c.completion_tokens) for c in whole]
+        assert texts(pieces) == [(c.text, c.finish_reason, c.completion_tokens) for c in whole]
         order = [p.row for p in pieces]
         if stream:
             assert order.index(1) < len(order) - 1 - order[::-1].index(0)  # row 1 starts before row 0 ends

@@ -7,15 +7,20 @@ torch and transformers are imported only when an engine is created.
 from __future__ import annotations
 
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from .base import Completion, Engine, Sampling
+from .base import Completion, Engine, Piece, Sampling
+from .text import TextStream, cut_at_stop
 
 
 class HFEngine(Engine):
+    """`batch`: sequences one generate() call decodes together when a server hands it several (the plan's
+    concurrency); 1 runs them one after another."""
+
     def __init__(self, model: Any, tokenizer: Any, plan: Any = None, device: str | None = None,
-                 on_close: Any = None):
+                 on_close: Any = None, batch: int = 1):
         super().__init__(plan)
+        self.batch = max(1, int(batch or 1))
         self.model = model
         self.tokenizer = tokenizer
         self.device = device or _input_device(model)
@@ -78,7 +83,7 @@ class HFEngine(Engine):
                 new.pop()
                 finish = "stop"
             text = self.tokenizer.decode(new, skip_special_tokens=False)
-            text, stopped = _cut_at_stop(text, sampling.stop)
+            text, stopped = cut_at_stop(text, sampling.stop)
             results.append(Completion(text=text, token_ids=tuple(new), prompt_tokens=int(mask.sum()),
                                       finish_reason="stop" if stopped else finish))
         return results
@@ -115,7 +120,7 @@ class HFEngine(Engine):
         try:
             for piece in streamer:  # generate() itself stops at stop strings; we only trim them off
                 text += piece
-                cut, stopped = _cut_at_stop(text, sampling.stop)
+                cut, stopped = cut_at_stop(text, sampling.stop)
                 if len(cut) > sent:
                     yield cut[sent:]
                     sent = len(cut)
@@ -128,6 +133,107 @@ class HFEngine(Engine):
             worker.join()
         if errors:
             raise errors[0]
+
+    @property
+    def max_batch(self) -> int:
+        return self.batch
+
+    def _stream_batch(self, prompts: list[str], samplings: list[Sampling], alive: Callable[[int], bool],
+                      stream: bool) -> Iterator[Piece]:
+        """Up to `batch` rows through one generate() call (left-padded); each row keeps its own max_tokens
+        and stop strings and ends on its own (a stopping criterion per row). The server batches rows of one
+        sampling (Engine.batch_key), so generate() takes the first row's."""
+        if self.batch == 1 or len(prompts) == 1:
+            yield from super()._stream_batch(prompts, samplings, alive, stream)
+            return
+        for k in range(0, len(prompts), self.batch):
+            rows = range(k, min(k + self.batch, len(prompts)))
+            yield from self._generate_rows([prompts[r] for r in rows], [samplings[r] for r in rows],
+                                           lambda i: alive(k + i), k, stream)
+
+    def _generate_rows(self, prompts: list[str], samplings: list[Sampling], alive: Callable[[int], bool],
+                       first: int, stream: bool) -> Iterator[Piece]:
+        import queue
+
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        n = len(prompts)
+        eos = set(self._eos_ids())
+        # streams leave special tokens out (as _stream's streamer does), whole texts keep them (as _complete)
+        texts = [TextStream(self.tokenizer, s.stop, lazy=not stream, skip_special=stream) for s in samplings]
+        counts, ended = [0] * n, [False] * n
+        steps: queue.Queue = queue.Queue()
+        errors: list[BaseException] = []
+        cancel = threading.Event()
+        enc = self._encode(prompts)
+        width = enc["input_ids"].shape[1]
+        limits = [s.max_tokens for s in samplings]
+
+        class Steps(BaseStreamer):  # generate() hands it the prompts, then each step's token per row
+            def __init__(self) -> None:
+                self.prompt = True
+
+            def put(self, value: Any) -> None:
+                if self.prompt:
+                    self.prompt = False
+                else:
+                    steps.put(value.reshape(-1).tolist())
+
+            def end(self) -> None:
+                steps.put(None)
+
+        class RowsDone(StoppingCriteria):  # its own max_tokens, a stop string seen, its client gone
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                made = input_ids.shape[1] - width
+                done = [cancel.is_set() or ended[i] or made >= limits[i] for i in range(n)]
+                return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+        sampling = Sampling(max(limits), samplings[0].temperature, samplings[0].top_p, samplings[0].top_k,
+                            (), samplings[0].seed)
+
+        def run() -> None:
+            try:
+                if sampling.seed is not None:
+                    torch.manual_seed(sampling.seed)
+                with torch.inference_mode():
+                    self.model.generate(**enc, **self._generate_kwargs(sampling), streamer=Steps(),
+                                        stopping_criteria=StoppingCriteriaList([RowsDone()]))
+            except BaseException as exc:  # surface in the consumer
+                errors.append(exc)
+                steps.put(None)
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        try:
+            while (step := steps.get()) is not None:
+                for i, token in enumerate(step):
+                    if ended[i]:
+                        continue
+                    if not alive(i):
+                        ended[i] = True
+                        continue
+                    if token in eos:
+                        ended[i] = True
+                        yield Piece(first + i, texts[i].rest(), "stop", counts[i])
+                        continue
+                    counts[i] += 1
+                    delta = texts[i].feed(token)
+                    if texts[i].stopped or counts[i] >= limits[i]:
+                        ended[i] = True
+                        yield Piece(first + i, delta + texts[i].rest(), "stop" if texts[i].stopped else "length",
+                                    counts[i])
+                    elif delta:
+                        yield Piece(first + i, delta)
+        finally:
+            cancel.set()  # a reader that stopped early: generate() ends at its next step
+            worker.join()
+        if errors:
+            raise errors[0]
+        for i in range(n):  # generate() ended first (the model's length limit)
+            if not ended[i] and alive(i):
+                yield Piece(first + i, texts[i].rest(), "length", counts[i])
 
     def close(self) -> None:
         if self.closed:
@@ -159,8 +265,3 @@ def _input_device(model: Any) -> str:
         return str(next(model.parameters()).device)
     except Exception:
         return "cpu"
-
-
-def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
-    cut = min((text.find(s) for s in stops if s and s in text), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)

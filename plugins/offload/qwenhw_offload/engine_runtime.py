@@ -8,7 +8,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from qwenhw.engine.base import Completion, Piece, Sampling
-from qwenhw.engine.hf import HFEngine, _cut_at_stop
+from qwenhw.engine.hf import HFEngine
+from qwenhw.engine.text import TextStream, cut_at_stop
 
 from .planner import runtime_batches
 from .runtime import Runtime, SampleParams, supported
@@ -49,7 +50,7 @@ class RuntimeEngine(HFEngine):
             if tokens and tokens[-1] in eos:
                 tokens.pop()
                 finish = "stop"
-            text, stopped = _cut_at_stop(self.tokenizer.decode(tokens), sampling.stop)
+            text, stopped = cut_at_stop(self.tokenizer.decode(tokens), sampling.stop)
             out.append(Completion(text, tuple(tokens), len(prompt_ids), "stop" if stopped else finish))
         return out
 
@@ -114,68 +115,6 @@ class RuntimeEngine(HFEngine):
         self.runtime = self.batched = None
         self.hybrid = None
         super().close()
-
-
-class TextStream:
-    """One sequence's tokens as text deltas: whole characters only, cut before the first stop string.
-
-    Each token decodes a window of a few tokens, not the whole sequence (the prefix / read offsets of the
-    incremental detokenizers in transformers' streamers and vLLM), and stop strings are looked for where the
-    new text could complete one, so a long stream costs O(1) per token, not O(length). The last
-    (longest stop - 1) characters are held back while a stop string could still be completing, so its
-    beginning never goes out. `lazy` (nobody reads the deltas, no stop strings to look for): decode once,
-    in rest()."""
-
-    def __init__(self, tokenizer: Any, stop: tuple[str, ...], lazy: bool = False):
-        self.tokenizer = tokenizer
-        self.stop = tuple(s for s in stop if s)
-        self.lazy = lazy and not self.stop
-        self.tokens: list[int] = []
-        self.prefix = self.read = 0  # tokens[prefix:read] decode to text already out; tokens[read:] are new
-        self.text = ""  # the text so far, cut at the first stop string once one is found
-        self.sent = 0  # characters of `text` handed out
-        self.hold = max((len(s) for s in self.stop), default=1) - 1
-        self.stopped = False
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def _add(self, new: str) -> None:
-        """Append decoded text; cut it at a stop string that ends in it."""
-        start = max(0, len(self.text) - self.hold)  # where a stop string ending in `new` can begin
-        self.text += new
-        if self.stop:
-            cut, self.stopped = _cut_at_stop(self.text[start:], self.stop)
-            self.text = self.text[:start] + cut
-
-    def _take(self, upto: int) -> str:
-        if upto <= self.sent:
-            return ""
-        out, self.sent = self.text[self.sent:upto], upto
-        return out
-
-    def feed(self, token: int) -> str:
-        self.tokens.append(token)
-        if self.lazy or self.stopped:
-            return ""
-        done = self._decode(self.tokens[self.prefix:self.read])
-        full = self._decode(self.tokens[self.prefix:])
-        if len(full) <= len(done) or full.endswith("\ufffd"):  # half of a multi-byte character: wait
-            return ""
-        self.prefix, self.read = self.read, len(self.tokens)
-        self._add(full[len(done):])
-        return self._take(len(self.text) if self.stopped else len(self.text) - self.hold)
-
-    def rest(self) -> str:
-        """At the end of the sequence: the text held back (a lazy stream's whole text; the end of a character
-        still incomplete decodes as the whole sequence's decode would, with a replacement mark)."""
-        if self.lazy:
-            self.lazy = False
-            self._add(self._decode(self.tokens))
-        elif not self.stopped and self.read < len(self.tokens):
-            self._add(self._decode(self.tokens[self.prefix:])[len(self._decode(self.tokens[self.prefix:self.read])):])
-            self.prefix = self.read = len(self.tokens)
-        return self._take(len(self.text))
 
 
 def load_fast(plan: Any, path: str, dtype: Any) -> RuntimeEngine:

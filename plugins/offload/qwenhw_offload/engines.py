@@ -104,7 +104,9 @@ def _load_transformers(plan: Any, path: str, dtype: Any) -> HFEngine:
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     cleanup = (lambda: shutil.rmtree(folder, ignore_errors=True)) if folder else None
-    return HFEngine(model, tokenizer, plan=plan, device=plan.config.get("main_device"), on_close=cleanup)
+    # a plan for N concurrent sequences: a server's batches of up to N decode in one generate() call
+    return HFEngine(model, tokenizer, plan=plan, device=plan.config.get("main_device"), on_close=cleanup,
+                    batch=plan.concurrency)
 
 
 def zero3_config(plan: Any) -> dict[str, Any]:

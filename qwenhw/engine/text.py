@@ -1,0 +1,74 @@
+"""Generated tokens as text: stop strings, and incremental decoding for streams (shared by the engines)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """The text before the first stop string, and whether there was one."""
+    cut = min((text.find(s) for s in stops if s and s in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+class TextStream:
+    """One sequence's tokens as text deltas: whole characters only, cut before the first stop string.
+
+    Each token decodes a window of a few tokens, not the whole sequence (the prefix / read offsets of the
+    incremental detokenizers in transformers' streamers and vLLM), and stop strings are looked for where the
+    new text could complete one, so a long stream costs O(1) per token, not O(length). The last
+    (longest stop - 1) characters are held back while a stop string could still be completing, so its
+    beginning never goes out. `lazy` (nobody reads the deltas, no stop strings to look for): decode once,
+    in rest(). `skip_special`: special tokens stay out of the text (streams leave them out)."""
+
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...], lazy: bool = False, skip_special: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special = skip_special
+        self.stop = tuple(s for s in stop if s)
+        self.lazy = lazy and not self.stop
+        self.tokens: list[int] = []
+        self.prefix = self.read = 0  # tokens[prefix:read] decode to text already out; tokens[read:] are new
+        self.text = ""  # the text so far, cut at the first stop string once one is found
+        self.sent = 0  # characters of `text` handed out
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.stopped = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)
+
+    def _add(self, new: str) -> None:
+        """Append decoded text; cut it at a stop string that ends in it."""
+        start = max(0, len(self.text) - self.hold)  # where a stop string ending in `new` can begin
+        self.text += new
+        if self.stop:
+            cut, self.stopped = cut_at_stop(self.text[start:], self.stop)
+            self.text = self.text[:start] + cut
+
+    def _take(self, upto: int) -> str:
+        if upto <= self.sent:
+            return ""
+        out, self.sent = self.text[self.sent:upto], upto
+        return out
+
+    def feed(self, token: int) -> str:
+        self.tokens.append(token)
+        if self.lazy or self.stopped:
+            return ""
+        done = self._decode(self.tokens[self.prefix:self.read])
+        full = self._decode(self.tokens[self.prefix:])
+        if len(full) <= len(done) or full.endswith("\ufffd"):  # half of a multi-byte character: wait
+            return ""
+        self.prefix, self.read = self.read, len(self.tokens)
+        self._add(full[len(done):])
+        return self._take(len(self.text) if self.stopped else len(self.text) - self.hold)
+
+    def rest(self) -> str:
+        """At the end of the sequence: the text held back (a lazy stream's whole text; the end of a character
+        still incomplete decodes as the whole sequence's decode would, with a replacement mark)."""
+        if self.lazy:
+            self.lazy = False
+            self._add(self._decode(self.tokens))
+        elif not self.stopped and self.read < len(self.tokens):
+            self._add(self._decode(self.tokens[self.prefix:])[len(self._decode(self.tokens[self.prefix:self.read])):])
+            self.prefix = self.read = len(self.tokens)
+        return self._take(len(self.text))
