@@ -285,6 +285,20 @@ def memory_point(label: str, device: int, model=None) -> dict:
     return point
 
 
+def worst_prefill(rt, batch: int, context: int) -> None:
+    """Prefill `batch` prompts as long as the planner reserves activations for (min(context, PREFILL_CHUNK)
+    tokens each), so the peak memory that follows is the one the plan is for (--worst-prefill)."""
+    from qwenhw_offload.planner import PREFILL_CHUNK
+
+    n = min(context, PREFILL_CHUNK) - 1  # the cache keeps one slot for the first decode step
+    g = torch.Generator().manual_seed(2)
+    rt.reset()
+    with torch.inference_mode():
+        rt.prefill(torch.randint(0, 151936, (batch, n), generator=g).tolist())
+    torch.cuda.synchronize()
+    rt.reset()
+
+
 def peak_gib(device: int, nontorch: float) -> float:
     return (torch.cuda.max_memory_reserved(device) + nontorch) / GiB
 
@@ -301,6 +315,9 @@ def main() -> None:
     ap.add_argument("--accelerate-tokens", type=int, default=8)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--only-tp", action="store_true", help="only the TP+EP layout over all GPUs (memory traces)")
+    ap.add_argument("--worst-prefill", action="store_true",
+                    help="after timing, prefill the longest prompts the plan reserves memory for (1 GPU and TP rows), "
+                         "so the peak memory is comparable with the planner's")
     ap.add_argument("--only-reduce", action="store_true",
                     help="only the all-reduce checks (a quick run before the rest, under a timeout)")
     args = ap.parse_args()
@@ -321,7 +338,8 @@ def main() -> None:
     free, total = torch.cuda.mem_get_info()
     nontorch = (total - free) - torch.cuda.memory_reserved()
     rows: list[dict] = []
-    extra: dict = {"device": torch.cuda.get_device_name(0), "model": args.model, "layers": args.layers}
+    extra: dict = {"device": torch.cuda.get_device_name(0), "model": args.model, "layers": args.layers,
+                   "worst_prefill": args.worst_prefill}
     g = torch.Generator().manual_seed(1)
     probe = torch.randint(0, 151936, (1, 32), generator=g)
 
@@ -391,6 +409,8 @@ def main() -> None:
                              decode_experts="grouped_mm", batch=b)
                 with torch.inference_mode():
                     rate = decode_rate(rt, b, args.tokens, args.repeats)
+                    if args.worst_prefill and not label:
+                        worst_prefill(rt, b, args.context)
                     note = ""
                     if b == 1:
                         rt.reset()
@@ -476,6 +496,8 @@ def main() -> None:
                     trace.append(memory_point(f"batch {b}, symm {symm}: runtime built", rank))
                     with torch.inference_mode():
                         rate = decode_rate(rt, b, args.tokens, args.repeats)
+                        if args.worst_prefill and not apart and symm == "1":
+                            worst_prefill(rt, b, args.context)
                         err = None
                         if b == 1 and not big and not args.only_tp and symm == "1":  # every rank runs it
                             rt.reset()
