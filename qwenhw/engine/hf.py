@@ -10,7 +10,7 @@ import threading
 from typing import Any, Callable, Iterator
 
 from .base import Completion, Engine, Piece, Sampling
-from .text import TextStream, cut_at_stop
+from .text import RowTexts, cut_at_stop
 
 
 class HFEngine(Engine):
@@ -160,16 +160,13 @@ class HFEngine(Engine):
         from transformers.generation.streamers import BaseStreamer
 
         n = len(prompts)
-        eos = set(self._eos_ids())
         # streams leave special tokens out (as _stream's streamer does), whole texts keep them (as _complete)
-        texts = [TextStream(self.tokenizer, s.stop, lazy=not stream, skip_special=stream) for s in samplings]
-        counts, ended = [0] * n, [False] * n
+        rows = RowTexts(self.tokenizer, samplings, set(self._eos_ids()), first, stream, skip_special=stream)
         steps: queue.Queue = queue.Queue()
         errors: list[BaseException] = []
         cancel = threading.Event()
         enc = self._encode(prompts)
         width = enc["input_ids"].shape[1]
-        limits = [s.max_tokens for s in samplings]
 
         class Steps(BaseStreamer):  # generate() hands it the prompts, then each step's token per row
             def __init__(self) -> None:
@@ -187,10 +184,10 @@ class HFEngine(Engine):
         class RowsDone(StoppingCriteria):  # its own max_tokens, a stop string seen, its client gone
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
                 made = input_ids.shape[1] - width
-                done = [cancel.is_set() or ended[i] or made >= limits[i] for i in range(n)]
+                done = [cancel.is_set() or rows.ended[i] or made >= rows.limits[i] for i in range(n)]
                 return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
-        sampling = Sampling(max(limits), samplings[0].temperature, samplings[0].top_p, samplings[0].top_k,
+        sampling = Sampling(max(rows.limits), samplings[0].temperature, samplings[0].top_p, samplings[0].top_k,
                             (), samplings[0].seed)
 
         def run() -> None:
@@ -209,31 +206,17 @@ class HFEngine(Engine):
         try:
             while (step := steps.get()) is not None:
                 for i, token in enumerate(step):
-                    if ended[i]:
-                        continue
-                    if not alive(i):
-                        ended[i] = True
-                        continue
-                    if token in eos:
-                        ended[i] = True
-                        yield Piece(first + i, texts[i].rest(), "stop", counts[i])
-                        continue
-                    counts[i] += 1
-                    delta = texts[i].feed(token)
-                    if texts[i].stopped or counts[i] >= limits[i]:
-                        ended[i] = True
-                        yield Piece(first + i, delta + texts[i].rest(), "stop" if texts[i].stopped else "length",
-                                    counts[i])
-                    elif delta:
-                        yield Piece(first + i, delta)
+                    if not rows.ended[i] and not alive(i):
+                        rows.drop(i)
+                    piece = rows.add(i, token)
+                    if piece is not None:
+                        yield piece
         finally:
             cancel.set()  # a reader that stopped early: generate() ends at its next step
             worker.join()
         if errors:
             raise errors[0]
-        for i in range(n):  # generate() ended first (the model's length limit)
-            if not ended[i] and alive(i):
-                yield Piece(first + i, texts[i].rest(), "length", counts[i])
+        yield from rows.unended()  # generate() ended first (the model's length limit)
 
     def close(self) -> None:
         if self.closed:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .base import Piece, Sampling
+
 
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     """The text before the first stop string, and whether there was one."""
@@ -72,3 +74,45 @@ class TextStream:
             self._add(self._decode(self.tokens[self.prefix:])[len(self._decode(self.tokens[self.prefix:self.read])):])
             self.prefix = self.read = len(self.tokens)
         return self._take(len(self.text))
+
+
+class RowTexts:
+    """The rows of a batch being decoded, token by token, as `Piece`s: an end-of-turn token ends a row
+    ("stop"; neither text nor counted), so do its stop strings ("stop") and its max_tokens or the engine's
+    `last` ("length"). Rows are numbered from `first` in the pieces."""
+
+    def __init__(self, tokenizer: Any, samplings: list[Sampling], eos: set[int], first: int, stream: bool,
+                 skip_special: bool = True):
+        self.texts = [TextStream(tokenizer, s.stop, lazy=not stream, skip_special=skip_special) for s in samplings]
+        self.limits = [s.max_tokens for s in samplings]
+        self.counts = [0] * len(samplings)
+        self.ended = [False] * len(samplings)
+        self.eos, self.first = eos, first
+
+    def add(self, i: int, token: int, last: bool = False) -> Piece | None:
+        """Row i's next token: its piece (None while a delta is held back, or after the row ended)."""
+        if self.ended[i]:
+            return None
+        text = self.texts[i]
+        if token in self.eos:
+            self.ended[i] = True
+            return Piece(self.first + i, text.rest(), "stop", self.counts[i])
+        self.counts[i] += 1
+        delta = text.feed(token)
+        if text.stopped or last or self.counts[i] >= self.limits[i]:
+            self.ended[i] = True
+            return Piece(self.first + i, delta + text.rest(), "stop" if text.stopped else "length", self.counts[i])
+        return Piece(self.first + i, delta) if delta else None
+
+    def drop(self, i: int) -> None:
+        """Row i's client left: nothing more for it."""
+        self.ended[i] = True
+
+    def unended(self) -> list[Piece]:
+        """The rows still open when the engine stopped on its own (a length limit): their last pieces."""
+        out = []
+        for i, ended in enumerate(self.ended):
+            if not ended:
+                self.ended[i] = True
+                out.append(Piece(self.first + i, self.texts[i].rest(), "length", self.counts[i]))
+        return out

@@ -9,7 +9,7 @@ import torch
 
 from qwenhw.engine.base import Completion, Piece, Sampling
 from qwenhw.engine.hf import HFEngine
-from qwenhw.engine.text import TextStream, cut_at_stop
+from qwenhw.engine.text import RowTexts, cut_at_stop
 
 from .planner import runtime_batches
 from .runtime import Runtime, SampleParams, supported
@@ -84,20 +84,13 @@ class RuntimeEngine(HFEngine):
         s = samplings[0]
         params = SampleParams(s.temperature, s.top_p, s.top_k, s.seed)
         eos = set(self._eos_ids())
-        texts = [TextStream(self.tokenizer, x.stop, lazy=not stream) for x in samplings]
-        counts = [0] * len(prompts)
+        rows = RowTexts(self.tokenizer, samplings, eos, first, stream)
         rt.reset()
         for i, token, last in rt.stream_batch(ids, [x.max_tokens for x in samplings], params, eos,
-                                              lambda i: alive(i) and not texts[i].stopped):
-            if token in eos:  # not part of the text, nor of the completion tokens (as in _complete)
-                yield Piece(first + i, texts[i].rest(), "stop", counts[i])
-                continue
-            counts[i] += 1
-            delta = texts[i].feed(token)
-            if texts[i].stopped or last:
-                yield Piece(first + i, delta + texts[i].rest(), "stop" if texts[i].stopped else "length", counts[i])
-            elif delta:
-                yield Piece(first + i, delta)
+                                              lambda i: alive(i) and not rows.texts[i].stopped):
+            piece = rows.add(i, token, last)
+            if piece is not None:
+                yield piece
 
     def calibrate(self, prompt: str) -> None:
         """Route a calibration prompt, then cache the most-used experts on the GPU."""
