@@ -52,16 +52,23 @@ class TextStream:
         out, self.sent = self.text[self.sent:upto], upto
         return out
 
+    def _window(self, final: bool) -> str | None:
+        """The text the tokens past `read` add; None while they end inside a character (unless `final`)."""
+        done = self._decode(self.tokens[self.prefix:self.read])
+        full = self._decode(self.tokens[self.prefix:])
+        if not final and (len(full) <= len(done) or full.endswith("\ufffd")):  # half a character: wait
+            return None
+        self.prefix, self.read = self.read, len(self.tokens)
+        return full[len(done):]
+
     def feed(self, token: int) -> str:
         self.tokens.append(token)
         if self.lazy or self.stopped:
             return ""
-        done = self._decode(self.tokens[self.prefix:self.read])
-        full = self._decode(self.tokens[self.prefix:])
-        if len(full) <= len(done) or full.endswith("\ufffd"):  # half of a multi-byte character: wait
+        new = self._window(final=False)
+        if new is None:
             return ""
-        self.prefix, self.read = self.read, len(self.tokens)
-        self._add(full[len(done):])
+        self._add(new)
         return self._take(len(self.text) if self.stopped else len(self.text) - self.hold)
 
     def rest(self) -> str:
@@ -71,8 +78,7 @@ class TextStream:
             self.lazy = False
             self._add(self._decode(self.tokens))
         elif not self.stopped and self.read < len(self.tokens):
-            self._add(self._decode(self.tokens[self.prefix:])[len(self._decode(self.tokens[self.prefix:self.read])):])
-            self.prefix = self.read = len(self.tokens)
+            self._add(self._window(final=True))
         return self._take(len(self.text))
 
 

@@ -87,7 +87,7 @@ class RuntimeEngine(HFEngine):
         rows = RowTexts(self.tokenizer, samplings, eos, first, stream)
         rt.reset()
         for i, token, last in rt.stream_batch(ids, [x.max_tokens for x in samplings], params, eos,
-                                              lambda i: alive(i) and not rows.texts[i].stopped):
+                                              lambda i: alive(i) and not rows.ended[i]):
             piece = rows.add(i, token, last)
             if piece is not None:
                 yield piece

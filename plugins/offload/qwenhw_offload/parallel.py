@@ -24,7 +24,7 @@ from torch import nn
 # reduce_norm reads rows x (world - 1) rows over NVLink. Measured on H200s (docs/benchmarks.md), against
 # torch's one-shot kernel and the norm apart: 6.7 vs 11.1 us for 1 row on 4 GPUs, 8.0 vs 11.1 for 16 rows on
 # 2; but 14.5 vs 13.1 for 16 rows on 4. It is used up to FUSE_MAX_REMOTE_ROWS remote rows (the planner's too).
-from .planner import FUSE_MAX_REMOTE_ROWS, split_counts
+from .planner import FUSE_MAX_REMOTE_ROWS, fuses_reduce, split_counts
 
 
 def check(config: Any, world: int) -> str | None:
@@ -69,7 +69,8 @@ class Reducer:
         self.handle: Any = None
         self.numel = numel
         self.turn = 0
-        self.fuse = True
+        # QWENHW_FUSED_REDUCE=0 keeps the reduction and the norm apart (torch's one-shot kernel)
+        self.fuse = os.environ.get("QWENHW_FUSED_REDUCE", "1") != "0"
         self.path = "all_reduce"
         if device.type != "cuda" or os.environ.get("QWENHW_SYMM_MEM", "1") == "0":
             return
@@ -83,7 +84,7 @@ class Reducer:
             buf = symm_mem.empty(2 * numel, dtype=dtype, device=device)
             self.handle = symm_mem.rendezvous(buf, group.group_name)
             self.buf, self.name, self.path = buf, group.group_name, "symmetric-memory one-shot"
-            if os.environ.get("QWENHW_FUSED_REDUCE", "1") != "0":
+            if self.fuse:
                 rows = FUSE_MAX_REMOTE_ROWS // max(1, self.handle.world_size - 1)
                 self.path += f", fused with the next RMSNorm in decode steps of up to {rows} sequences"
         except Exception as exc:  # older torch, no peer access: NCCL it is
@@ -118,15 +119,14 @@ class Reducer:
         return x
 
     def can_fuse(self, x: torch.Tensor, norm: Any) -> bool:
-        """Whether `reduce_norm` takes x: written in place by its producer, and a Qwen RMSNorm after it.
-        QWENHW_FUSED_REDUCE=0 keeps the reduction and the norm apart (torch's one-shot kernel)."""
+        """Whether `reduce_norm` takes x: written in place by its producer, and a Qwen RMSNorm after it."""
         from . import fused
 
+        rows = x.numel() // x.shape[-1]
         return (self.handle is not None and self.fuse and self._fits(x) and x.data_ptr() == self._half().data_ptr()
                 and getattr(norm, "variance_epsilon", None) is not None and fused.available(x.device)
-                and os.environ.get("QWENHW_FUSED_REDUCE", "1") != "0"
-                and fused.reduce_pad_bytes(x.numel() // x.shape[-1]) <= self.handle.signal_pad_size
-                and x.numel() // x.shape[-1] * (self.handle.world_size - 1) <= FUSE_MAX_REMOTE_ROWS)
+                and fused.reduce_pad_bytes(rows) <= self.handle.signal_pad_size
+                and fuses_reduce(rows, self.handle.world_size))
 
     def unfuse(self, exc: Exception) -> None:
         """reduce_norm failed to build: reduce and normalise apart from now on, and say why in `path`."""

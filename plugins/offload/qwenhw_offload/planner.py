@@ -50,6 +50,11 @@ GRAPH_ALLREDUCE_S = 10e-6
 # TP=4 got 4.0-5.1 us shorter per all-reduce on 4x H200 (docs/benchmarks.md, 2026-11-28)
 GRAPH_FUSED_ALLREDUCE_S = 5e-6
 FUSE_MAX_REMOTE_ROWS = 16
+
+
+def fuses_reduce(rows: int, world: int) -> bool:
+    """Whether a decode step's all-reduce of `rows` sequences over `world` GPUs takes the fused kernel."""
+    return rows * (world - 1) <= FUSE_MAX_REMOTE_ROWS
 ACCELERATE_COPY_EFFICIENCY = 0.12  # of the pinned host-to-device rate, for accelerate's pageable copies
 DEFAULT_CONTEXT = 8192
 FAST_ARCHITECTURES = ("qwen3", "qwen3_moe", "qwen2")
@@ -365,10 +370,11 @@ def parallel_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str
     if not why and not fits:
         reasons.append(f"{(weights + kv + overhead) / GiB:.1f} GiB per GPU exceed the {cap / GiB:.1f} GiB budget")
     bw, latency = link_between(node, tp)
-    fused = bw >= 100 and per_replica * (tp - 1) <= FUSE_MAX_REMOTE_ROWS
+    fused = bw >= 100 and fuses_reduce(per_replica, tp)
     if bw >= 100:  # NVLink-class: our in-graph kernels, as measured (the generic link figure is NCCL's)
         latency = GRAPH_FUSED_ALLREDUCE_S if fused else GRAPH_ALLREDUCE_S
     if fits and tp > 1:
+        fused_note = f", each fused with the next RMSNorm: ~{GRAPH_FUSED_ALLREDUCE_S * 1e6:.0f} us" if fused else ""
         reasons.append(
             (f"{dp} replicas of {tp} GPUs, each decoding {per_replica} of the {batch} sequences; in a replica, "
              if dp > 1 else f"{n} GPUs, one process each: ")
@@ -376,7 +382,7 @@ def parallel_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str
             + (f"experts by expert parallelism ({spec.moe.num_experts // tp} whole experts per GPU), " if spec.moe
                else "MLPs split by columns/rows, ")
             + f"2 all-reduces per layer over {node.link(0, 1).kind if node.link(0, 1) else 'PCIe'} "
-              f"({bw:.0f} GB/s{', each fused with the next RMSNorm: ~5 us' if fused else ''}); "
+              f"({bw:.0f} GB/s{fused_note}); "
               f"embeddings and router replicated")
     elif fits:
         reasons.append(f"{dp} data-parallel replicas, one whole model per GPU ({weights / GiB:.1f} GiB), each "

@@ -129,26 +129,9 @@ class VllmEngine(Engine):
         return [self._completion(o, len(i["prompt_token_ids"])) for o, i in zip(outputs, inputs)]
 
     def _stream(self, prompt: str, sampling: Sampling) -> Iterator[str]:
-        from vllm.sampling_params import RequestOutputKind
-
-        params = self._params(sampling)
-        params.output_kind = RequestOutputKind.DELTA
-        engine = self.llm.llm_engine
-        request_id = f"qwenhw-stream-{next(self._ids)}"
-        engine.add_request(request_id, self._encode(prompt), params)
-        finished = False
-        try:
-            while not finished and engine.has_unfinished_requests():
-                for out in engine.step():
-                    if out.request_id != request_id:
-                        continue
-                    delta = out.outputs[0].text if out.outputs else ""
-                    if delta:
-                        yield delta
-                    finished = out.finished
-        finally:
-            if not finished:  # consumer stopped early (or an error): free the sequence's KV pages
-                engine.abort_request([request_id])
+        for piece in self._stream_batch([prompt], [sampling], lambda row: True, True):
+            if piece.text:
+                yield piece.text
 
     @property
     def max_batch(self) -> int:
