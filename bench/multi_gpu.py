@@ -98,30 +98,41 @@ def graph_time(fn, calls: int = 20, replays: int = 20) -> float:
     return statistics.median(times)
 
 
-def moe_kernel_check(hidden: int = 2048, inter: int = 768, n_exp: int = 128, top_k: int = 8) -> dict:
+MOE_SHARES = {"1": (1, "ep"), "ep2": (2, "ep"), "ep4": (4, "ep"), "tp2": (2, "tp"), "tp4": (4, "tp")}
+MOE_BLOCKS = [(64, 128, 4, 3), (64, 128, 4, 3, 2), (64, 128, 4, 3, 4), (32, 128, 4, 3), (32, 128, 4, 3, 2),
+              (64, 64, 4, 4), (128, 128, 8, 3), (64, 256, 8, 3)]
+
+
+def moe_kernel_check(hidden: int = 2048, inter: int = 768, n_exp: int = 128, top_k: int = 8,
+                     shares: tuple[str, ...] = tuple(MOE_SHARES)) -> dict:
     """The fused MoE decode kernels against transformers' grouped_mm experts (same module, same routing):
-    relative error, and effective weight bandwidth over the experts touched, for each tile shape swept."""
+    relative error, and effective weight bandwidth over the experts touched, for each tile shape swept
+    (BN, BK, warps, stages[, split of the gate/up kernel's hidden size]), for one rank's experts of each
+    layout: all (1 GPU), whole experts of one EP rank ("ep2", "ep4"), or every expert's 1/2 or 1/4 of the
+    intermediate size ("tp2", "tp4"). `best[share][tokens]`: that case's fastest shape."""
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
     from qwenhw_offload import fused
 
-    cfg = Qwen3MoeConfig(hidden_size=hidden, moe_intermediate_size=inter, num_experts=n_exp,
-                         num_experts_per_tok=top_k)
-    cfg._experts_implementation = "grouped_mm"
     torch.manual_seed(0)
-    out: dict = {"sweep": []}
-    blocks = [(64, 128, 4, 3), (32, 128, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3), (32, 256, 4, 3), (64, 256, 8, 3)]
-    for share in (1, 2, 4):  # all experts (1 GPU), one rank's half (EP=2) and quarter (EP=4)
-        local = n_exp // share
+    out: dict = {"sweep": [], "best": {}}
+    for key in shares:
+        ways, mode = MOE_SHARES[key]
+        local = n_exp // ways if mode == "ep" else n_exp
+        part = inter // ways if mode == "tp" else inter
+        cfg = Qwen3MoeConfig(hidden_size=hidden, moe_intermediate_size=part, num_experts=n_exp,
+                             num_experts_per_tok=top_k)
+        cfg._experts_implementation = "grouped_mm"
         with torch.device("meta"):
             ex = Qwen3MoeExperts(cfg)
-        ex.gate_up_proj = torch.nn.Parameter((torch.randn(local, 2 * inter, hidden, device="cuda") * 0.02).bfloat16(),
+        ex.gate_up_proj = torch.nn.Parameter((torch.randn(local, 2 * part, hidden, device="cuda") * 0.02).bfloat16(),
                                              requires_grad=False)
-        ex.down_proj = torch.nn.Parameter((torch.randn(local, hidden, inter, device="cuda") * 0.02).bfloat16(),
+        ex.down_proj = torch.nn.Parameter((torch.randn(local, hidden, part, device="cuda") * 0.02).bfloat16(),
                                           requires_grad=False)
         ex.num_experts = local
-        ex._is_expert_parallel = share > 1  # ids >= local: transformers' sentinel slot, skipped
+        ex._is_expert_parallel = local < n_exp  # ids >= local: transformers' sentinel slot, skipped
+        out["best"][key] = {}
         for t in (1, 16):
             x = torch.randn(t, hidden, device="cuda").bfloat16()
             idx = torch.stack([torch.randperm(n_exp, device="cuda")[:top_k] for _ in range(t)])
@@ -129,29 +140,38 @@ def moe_kernel_check(hidden: int = 2048, inter: int = 768, n_exp: int = 128, top
             mine = idx < local
             with torch.inference_mode():
                 ref = ex(x, torch.where(mine, idx, torch.full_like(idx, local)), w * mine)
-                got = fused.moe_experts(x, ex, idx, w)
-                err = float((got.float() - ref.float()).norm() / ref.float().norm())
-                touched = int(idx[mine].unique().numel()) * 3 * hidden * inter * 2
+                touched = int(idx[mine].unique().numel()) * 3 * hidden * part * 2
                 try:
                     t_ref = graph_time(lambda: ex(x, torch.where(mine, idx, torch.full_like(idx, local)), w * mine))
                 except Exception:  # noqa: BLE001 - the reference kernel failing to capture is not our result
                     t_ref = float("nan")
-                for block in blocks:
+                best = None
+                for block in MOE_BLOCKS:
                     try:
+                        got = fused.moe_experts(x, ex, idx, w, block=block)
+                        err = float((got.float() - ref.float()).norm() / ref.float().norm())
                         dt = graph_time(lambda: fused.moe_experts(x, ex, idx, w, block=block))
                     except Exception as exc:  # a tile shape this GPU cannot compile
-                        out["sweep"].append({"block": block, "error": f"{type(exc).__name__}: {exc}"[:200]})
+                        out["sweep"].append({"share": key, "block": block,
+                                             "error": f"{type(exc).__name__}: {exc}"[:200]})
                         continue
-                    out["sweep"].append({"experts_local": local, "tokens": t, "block": block, "us": dt * 1e6,
-                                         "gb_s": touched / dt / 1e9, "transformers_us": t_ref * 1e6,
-                                         "rel_err": err})
+                    out["sweep"].append({"share": key, "experts_local": local, "inter_local": part, "tokens": t,
+                                         "block": block, "us": dt * 1e6, "gb_s": touched / dt / 1e9,
+                                         "transformers_us": t_ref * 1e6, "rel_err": err})
+                    if err < 0.02 and (best is None or dt < best[1]):
+                        best = (list(block), dt)
+                out["best"][key][t] = best[0] if best else None
+
     ok = [r for r in out["sweep"] if "us" in r]
-    score = {}
-    for r in ok:  # the tile shape with the least total time over the four cases
-        score[tuple(r["block"])] = score.get(tuple(r["block"]), 0.0) + r["us"]
-    out["best"] = list(min(score, key=score.get)) if score else None
     out["max_rel_err"] = max((r["rel_err"] for r in ok), default=None)
     return out
+
+
+def moe_block_for(check: dict, share: str, tokens: int) -> tuple | None:
+    """The fastest tile shape the sweep found for this layout's experts at this batch (None: not swept)."""
+    best = (check or {}).get("best") or {}
+    found = (best.get(share) or {}).get(tokens) or (best.get(share) or {}).get(str(tokens))
+    return tuple(found) if found else None
 
 
 def attention_check(heads: int = 32, kv_heads: int = 4, head_dim: int = 128) -> list[dict]:
@@ -250,12 +270,12 @@ def allreduce_check(group, world: int, hidden: int) -> list[dict]:
     return rows
 
 
-def build_sharded(cfg, rank: int, world: int, device: str):
-    """This rank's TP+EP shard of a random-weight model (parallel.empty_shard: the whole model need not fit
+def build_sharded(cfg, rank: int, world: int, device: str, experts: str = "ep"):
+    """This rank's TP shard of a random-weight model (parallel.empty_shard: the whole model need not fit
     anywhere). Replicated weights come out equal on every rank: same seed, same shapes, same order."""
     from qwenhw_offload.parallel import empty_shard
 
-    model, _ = empty_shard(cfg, rank, world, device, torch.bfloat16)
+    model, _ = empty_shard(cfg, rank, world, device, torch.bfloat16, experts)
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -320,6 +340,15 @@ def main() -> None:
                          "so the peak memory is comparable with the planner's")
     ap.add_argument("--only-reduce", action="store_true",
                     help="only the all-reduce checks (a quick run before the rest, under a timeout)")
+    ap.add_argument("--only-moe", action="store_true", help="only the MoE kernel sweep (rank 0)")
+    ap.add_argument("--experts", default="ep,tp",
+                    help="how the TP rows split the MoE layers: ep (whole experts per GPU), tp (every expert split)")
+    ap.add_argument("--nccl", action="store_true", help="also the TP rows over NCCL all-reduces")
+    ap.add_argument("--no-attention", action="store_true", help="skip the decode-attention kernel check")
+    ap.add_argument("--moe-from", default=None, help="the MoE sweep's JSON from an --only-moe run (not swept again)")
+    ap.add_argument("--fused-only", action="store_true",
+                    help="1-GPU rows on the fused kernels only (not also transformers' experts and torch ops), "
+                         "and no accelerate layer split")
     args = ap.parse_args()
     big = args.model == "235b"
     args.layers = args.layers or (94 if big else 48)
@@ -343,25 +372,35 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     probe = torch.randint(0, 151936, (1, 32), generator=g)
 
-    # --- the fused MoE decode kernel: right, and its fastest tile shape here (rank 0; all ranks use it) ----
-    if rank == 0 and not args.only_reduce:
+    # --- the fused MoE decode kernel: right, and its fastest tile shapes here (rank 0; all ranks use them) --
+    if rank == 0 and args.moe_from:
+        extra["moe_kernel"] = json.loads(Path(args.moe_from).read_text())
+    elif rank == 0 and not args.only_reduce:
         try:
             shape = (4096, 1536) if big else (2048, 768)
             extra["moe_kernel"] = moe_kernel_check(*shape)
         except Exception as exc:
-            extra["moe_kernel"] = {"error": f"{type(exc).__name__}: {exc}"[:500], "best": None, "max_rel_err": None}
+            extra["moe_kernel"] = {"error": f"{type(exc).__name__}: {exc}"[:500], "best": {}, "max_rel_err": None}
         log(json.dumps({"moe_kernel": extra["moe_kernel"]}))
+        if args.only_moe:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "moe_kernel.json").write_text(json.dumps(extra["moe_kernel"], indent=2))
+    if args.only_moe:
+        dist.destroy_process_group()
+        return
     verdict = [extra.get("moe_kernel")]
     dist.broadcast_object_list(verdict, src=0)
-    check = verdict[0] or {"best": None, "max_rel_err": None}
-    if args.only_reduce:
-        pass
-    elif check["best"] is not None and check["max_rel_err"] is not None and check["max_rel_err"] < 0.02:
-        fused.MOE_BLOCK = tuple(check["best"])
-    else:  # the rows still run, on transformers' experts kernels
-        os.environ["QWENHW_FUSED_MOE"] = "0"
-    extra["moe_block"] = list(fused.MOE_BLOCK) if fused.moe_enabled() else None
-    if rank == 0 and not big and not args.only_reduce:
+    check = verdict[0] or {"best": {}, "max_rel_err": None}
+    default_block = fused.MOE_BLOCK
+    if not args.only_reduce and not (check["max_rel_err"] is not None and check["max_rel_err"] < 0.02):
+        os.environ["QWENHW_FUSED_MOE"] = "0"  # the rows still run, on transformers' experts kernels
+
+    def use_block(share: str, batch: int) -> list | None:
+        """Each layout's rows run on the tile shape the sweep found fastest for its experts and batch."""
+        fused.MOE_BLOCK = moe_block_for(check, share, 1 if batch == 1 else 16) or default_block
+        return list(fused.MOE_BLOCK) if fused.moe_enabled() else None
+
+    if rank == 0 and not big and not args.only_reduce and not args.no_attention:
         try:
             extra["attention"] = attention_check()
         except Exception as exc:
@@ -400,8 +439,10 @@ def main() -> None:
         moe_on = fused.moe_enabled()
         # all fused decode kernels (fused.py); the same without the MoE one; torch ops only
         variants = [("", "1", "1")] if moe_on else []
-        variants += [(", transformers experts" if moe_on else "", "1", "0"), (", unfused (torch ops)", "0", "0")]
+        if not args.fused_only or not moe_on:
+            variants += [(", transformers experts" if moe_on else "", "1", "0"), (", unfused (torch ops)", "0", "0")]
         for b in batches:
+            block = use_block("1", b)
             for label, fused_on, moe in variants:
                 os.environ["QWENHW_FUSED"], os.environ["QWENHW_FUSED_MOE"] = fused_on, moe
                 torch.cuda.reset_peak_memory_stats(0)
@@ -420,7 +461,8 @@ def main() -> None:
                         step_logits[label] = rt.decode(tok)[0].float().cpu()
                         note = f"greedy tokens equal to HF: {sum(a == c for a, c in zip(greedy, hf_greedy))}/16"
                 rows.append({"config": "1 GPU, qwenhw fast path" + label, "batch": b, "tok_s": rate,
-                             "gpu_gib": [peak_gib(0, nontorch)], "note": note})
+                             "gpu_gib": [peak_gib(0, nontorch)], "note": note,
+                             "moe_block": block if moe == "1" else None})
                 log(json.dumps(rows[-1]))
                 del rt
                 gc.collect()
@@ -436,7 +478,7 @@ def main() -> None:
             log(json.dumps({"kernel_census": census}))
         except Exception as exc:
             census = {"error": f"{type(exc).__name__}: {exc}"}
-        if world > 1:
+        if world > 1 and not args.fused_only:
             from accelerate import dispatch_model
             from accelerate.hooks import remove_hook_from_module
 
@@ -468,24 +510,30 @@ def main() -> None:
         torch.cuda.empty_cache()
     dist.barrier()
 
-    # --- qwenhw: tensor-parallel attention + expert-parallel MoE, one rank per GPU ------------------
-    if world > 1:
+    # --- qwenhw: tensor-parallel attention + MoE (whole experts per GPU, or every expert split), one rank per GPU
+    modes = [m for m in args.experts.split(",") if m]
+    tp_step = {}
+    traces_all = {}
+    for mode in modes if world > 1 else []:
         if big:
-            model = build_sharded(config_235b(args.layers), rank, world, f"cuda:{rank}")
+            model = build_sharded(config_235b(args.layers), rank, world, f"cuda:{rank}", mode)
         else:
             model = build(args.layers, f"cuda:{rank}")  # same seed on every rank: identical weights
-            shard(model, rank, world)
+            shard(model, rank, world, mode)
         gc.collect()
         torch.cuda.empty_cache()
-        trace = [memory_point("after build + shard", rank, model)]
-        # symm "0": the same layout on NCCL all-reduces (parallel.Reducer's fallback); apart "1": the
-        # symmetric-memory reduction and the next RMSNorm as two kernels (QWENHW_FUSED_REDUCE=0)
+        trace = [memory_point(f"experts {mode}: after build + shard", rank, model)]
+        # the first mode also runs "apart" (the symmetric-memory reduction and the next RMSNorm as two
+        # kernels, QWENHW_FUSED_REDUCE=0) and, with --nccl, the same layout on NCCL all-reduces (symm "0")
         runs = [(b, "1", "") for b in batches]
-        runs += [] if big else [(b, "1", "apart") for b in batches] + [(b, "0", "") for b in batches]
-        tp_step = {}
+        if not big and mode == modes[0]:
+            runs += [(b, "1", "apart") for b in batches] + ([(b, "0", "") for b in batches] if args.nccl else [])
+        layout = (f"qwenhw TP={world} attention + EP={world} experts" if mode == "ep"
+                  else f"qwenhw TP={world} attention + experts split {world} ways")
         for b, symm, apart in runs:
             os.environ["QWENHW_SYMM_MEM"] = symm
             os.environ["QWENHW_FUSED_REDUCE"] = "0" if apart or not fuse_reduce else "1"
+            block = use_block(f"{mode}{world}", b)
             torch.cuda.reset_peak_memory_stats(rank)
             path = None
             for graphs in (True, False):
@@ -493,7 +541,7 @@ def main() -> None:
                     rt = Runtime(model, max_len=args.context, device=f"cuda:{rank}", graphs=graphs,
                                  decode_experts="grouped_mm", batch=b, group=dist.group.WORLD)
                     path = rt.reducer.path
-                    trace.append(memory_point(f"batch {b}, symm {symm}: runtime built", rank))
+                    trace.append(memory_point(f"experts {mode}, batch {b}, symm {symm}: runtime built", rank))
                     with torch.inference_mode():
                         rate = decode_rate(rt, b, args.tokens, args.repeats)
                         if args.worst_prefill and not apart and symm == "1":
@@ -502,59 +550,65 @@ def main() -> None:
                         if b == 1 and not big and not args.only_tp and symm == "1":  # every rank runs it
                             rt.reset()
                             logits = rt.prefill(probe[0].tolist())[0]
-                            tp_step[apart] = rt.decode(int(logits.argmax()))[0].float().cpu()
+                            tp_step[(mode, apart)] = rt.decode(int(logits.argmax()))[0].float().cpu()
                             logits = logits.float().cpu()
                             err = float((logits - ref).norm() / ref.norm()) if rank == 0 else None
                     break
                 except Exception as exc:  # graph capture of NCCL collectives can fail: measure eagerly then
                     log(f"rank {rank}: graphs={graphs} failed: {type(exc).__name__}: {exc}")
                     rate, err = float("nan"), None
-            trace.append(memory_point(f"batch {b}, symm {symm}: after decoding", rank))
+            trace.append(memory_point(f"experts {mode}, batch {b}, symm {symm}: after decoding", rank))
             mem = torch.tensor([peak_gib(rank, nontorch)], device="cuda")
             mems = [torch.zeros_like(mem) for _ in range(world)]
             dist.all_gather(mems, mem)
             if rank == 0:
-                rows.append({"config": f"qwenhw TP={world} attention + EP={world} experts"
-                                       + ("" if graphs else " (no CUDA graphs)") + ("" if symm == "1" else ", NCCL")
-                             + (", reduce and norm apart" if apart else ""),
+                rows.append({"config": layout + ("" if graphs else " (no CUDA graphs)")
+                             + ("" if symm == "1" else ", NCCL") + (", reduce and norm apart" if apart else ""),
                              "batch": b, "tok_s": rate, "gpu_gib": [float(m) for m in mems], "logit_rel_err": err,
-                             "reduce": path})
+                             "reduce": path, "experts": mode, "moe_block": block})
                 log(json.dumps(rows[-1]))
             del rt
             gc.collect()
             torch.cuda.empty_cache()
         os.environ["QWENHW_SYMM_MEM"], os.environ["QWENHW_FUSED_REDUCE"] = "1", "1" if fuse_reduce else "0"
-        if "" in tp_step and "apart" in tp_step:
-            a, r = tp_step[""], tp_step["apart"]
-            extra["tp_decode_logits_rel_err_fused_reduce_vs_apart"] = float((a - r).norm() / r.norm())
-            log(json.dumps({"tp_decode_logits_rel_err_fused_reduce_vs_apart": extra[
-                "tp_decode_logits_rel_err_fused_reduce_vs_apart"]}))
+        traces_all[mode] = trace
+        del model  # before the next layout builds its own
+        gc.collect()
+        torch.cuda.empty_cache()
+    if ("ep", "") in tp_step and ("ep", "apart") in tp_step:
+        a, r = tp_step[("ep", "")], tp_step[("ep", "apart")]
+        extra["tp_decode_logits_rel_err_fused_reduce_vs_apart"] = float((a - r).norm() / r.norm())
+    if ("ep", "") in tp_step and ("tp", "") in tp_step:
+        a, r = tp_step[("tp", "")], tp_step[("ep", "")]
+        extra["tp_decode_logits_rel_err_split_vs_whole_experts"] = float((a - r).norm() / r.norm())
+    log(json.dumps({k: v for k, v in extra.items() if k.startswith("tp_decode")}))
+    if traces_all:
         traces = [None] * world
-        dist.all_gather_object(traces, {"nontorch_gib": nontorch / GiB, "points": trace})
+        dist.all_gather_object(traces, {"nontorch_gib": nontorch / GiB, "points": traces_all})
         extra["tp_memory_trace"] = traces
         if rank == 0:
             for r, t in enumerate(traces):
                 log(f"rank {r} memory (GiB; torch context and NCCL outside: {t['nontorch_gib']:.2f} at start)")
-                for point in t["points"]:
-                    log("  " + json.dumps(point))
-        del model  # before the next layout builds its own
-        gc.collect()
-        torch.cuda.empty_cache()
+                for mode, points in t["points"].items():
+                    for point in points:
+                        log("  " + json.dumps(point))
 
     # --- qwenhw data parallel: world // tp replicas of tp GPUs, each decoding batch // replicas -------------
     tps = [1] + ([2] if world >= 4 else [])
+    dp_mode = modes[-1] if modes else "ep"  # DP x TP replicas split their experts as the last --experts mode
     for tp in tps if world > 1 and not big and not args.only_tp else []:
         replicas = world // tp
         group = replica_group(tp) if tp > 1 else None
         model = build(args.layers, f"cuda:{rank}")
         if tp > 1:
-            shard(model, rank % tp, tp)
+            shard(model, rank % tp, tp, dp_mode)
         gc.collect()
         torch.cuda.empty_cache()
         for b in batches:
             if b < replicas:
                 continue  # fewer sequences than replicas: the planner keeps the smaller layout
             torch.cuda.reset_peak_memory_stats(rank)
+            block = use_block("1" if tp == 1 else f"{dp_mode}{tp}", b // replicas)
             rt = Runtime(model, max_len=args.context, device=f"cuda:{rank}", graphs=True,
                          decode_experts="grouped_mm", batch=b // replicas, group=group)
             with torch.inference_mode():
@@ -563,10 +617,12 @@ def main() -> None:
             every = [torch.zeros_like(stats) for _ in range(world)]
             dist.all_gather(every, stats)
             if rank == 0:
+                split = f"EP={tp} experts" if dp_mode == "ep" else f"experts split {tp} ways"
                 label = (f"qwenhw DP={replicas} (whole model per GPU)" if tp == 1
-                         else f"qwenhw DP={replicas} x (TP={tp} attention + EP={tp} experts)")
+                         else f"qwenhw DP={replicas} x (TP={tp} attention + {split})")
                 rows.append({"config": label, "batch": b, "tok_s": float(sum(e[0] for e in every)),
-                             "gpu_gib": [float(e[1]) for e in every], "tp": tp, "n": world})
+                             "gpu_gib": [float(e[1]) for e in every], "tp": tp, "n": world, "moe_block": block,
+                             "experts": dp_mode if tp > 1 else None})
                 log(json.dumps(rows[-1]))
             del rt
             gc.collect()

@@ -84,7 +84,13 @@ for name in ("float32", "bfloat16"):
         h = torch.randn(t, 48, generator=g).to(dt)
         into = torch.full((t, 48), float("nan"), dtype=dt)
         with_res = fused.moe_experts(x, ex, idx, w, residual=h, out=into)
-    out[name] = {"full": rel(got, ref), "ep": rel(part, ref_part), "ep_sum": rel(part + rest, ref),
+        # the gate/up kernel in 3 slices of the hidden size, the last slice to finish applying the activation
+        split = fused.moe_experts(x, ex, idx, w, block=(16, 16, 4, 1, 3))
+        split_ep = fused.moe_experts(x, upper, idx, w, ep_start=4, block=(16, 16, 4, 1, 3))
+        counts = fused._COUNTS[x.device]
+    out[name] = {"split": rel(split, ref), "split_ep": rel(split_ep, ref_part),
+                 "counts_back_to_zero": int(counts.count_nonzero()) == 0 and counts.numel() >= 8 * 3,
+                 "full": rel(got, ref), "ep": rel(part, ref_part), "ep_sum": rel(part + rest, ref),
                  "top1": rel(top1, ref_top1), "supported": fused.moe_supported(ex),
                  "no_pair_row_zero": bool((rest[3] == 0).all()), "residual": rel(with_res, h + ref),
                  "wrote_into_out": with_res is into and not bool(into.isnan().any())}
@@ -216,8 +222,9 @@ def test_fused_moe_kernels_follow_transformers_experts():
     assert fp32["full"] < 1e-5 and fp32["ep"] < 1e-5 and fp32["ep_sum"] < 1e-5 and fp32["top1"] < 1e-5
     assert bf16["full"] < 3e-2 and bf16["ep"] < 3e-2 and bf16["ep_sum"] < 3e-2
     assert fp32["residual"] < 1e-5 and bf16["residual"] < 3e-2
+    assert fp32["split"] < 1e-5 and fp32["split_ep"] < 1e-5 and bf16["split"] < 3e-2
     for r in (fp32, bf16):
-        assert r["supported"] and r["no_pair_row_zero"] and r["wrote_into_out"]
+        assert r["supported"] and r["no_pair_row_zero"] and r["wrote_into_out"] and r["counts_back_to_zero"]
 
 
 def test_decode_attention_reads_the_filled_cache_only():
@@ -261,3 +268,38 @@ def test_reduce_norm_compiles_for_hopper():
                 pytest.skip(str(exc)[:200])
             raise
         assert "atom.global.release.sys.cas.b32" in ptx and "atom.global.acquire.sys.cas.b32" in ptx
+
+
+def test_moe_kernels_compile_for_hopper():
+    """The MoE kernels for sm_90 ahead of time (see above), the split gate/up kernel included: weight loads
+    pipelined (cp.async, given the 16-byte aligned pointers a launch specialises on), the split's count an
+    acquire-release atomic and its partial sums read back from L2."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+
+    sys.path.insert(0, str(ROOT / "plugins" / "offload"))
+    from qwenhw_offload import fused
+
+    tiles = {"BP": 128, "BM": 16, "BN": 64, "BK": 128, "EXACT": False}
+    kernels = [
+        (fused._moe_gate_up, {"x_ptr": "*bf16", "w_ptr": "*bf16", "ids_ptr": "*i64", "h_ptr": "*bf16",
+                              "part_ptr": "*fp32", "cnt_ptr": "*i32", "P": "i32", "ep_start": "i32"},
+         [{"H": 2048, "I": inter, "TOP_K": 8, "SPLIT": split, **tiles} for inter in (768, 192) for split in (1, 2)]),
+        (fused._moe_down, {"h_ptr": "*bf16", "w_ptr": "*bf16", "ids_ptr": "*i64", "rw_ptr": "*bf16", "y_ptr": "*bf16",
+                           "P": "i32", "ep_start": "i32"}, [{"H": 2048, "I": 192, **tiles}]),
+    ]
+    for fn, sig, variants in kernels:
+        aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, ty in sig.items() if ty.startswith("*")}
+        for consts in variants:
+            src = triton.compiler.ASTSource(fn=fn, signature={**sig, **dict.fromkeys(consts, "constexpr")},
+                                            constexprs=consts, attrs=aligned)
+            try:
+                ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                     options={"num_warps": 4, "num_stages": 3}).asm["ptx"]
+            except RuntimeError as exc:  # no ptxas in this Triton build
+                if "ptxas" in str(exc):
+                    pytest.skip(str(exc)[:200])
+                raise
+            assert "cp.async.cg.shared.global" in ptx, (fn.__name__, consts)
+            if consts.get("SPLIT", 1) > 1:
+                assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx

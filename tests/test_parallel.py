@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "offload"))
 
 
-def _rank(rank: int, world: int, port: int, path: str, prompt: list[int], out, fused: bool = False) -> None:
+def _rank(rank: int, world: int, port: int, path: str, prompt: list[int], out, fused: bool = False,
+          experts: str = "ep") -> None:
     if fused:  # the Triton decode kernels through the interpreter (read when triton.jit decorates them)
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
@@ -29,7 +30,7 @@ def _rank(rank: int, world: int, port: int, path: str, prompt: list[int], out, f
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # fp32: sums agree to ~1e-6
-    shard(model, rank, world)
+    shard(model, rank, world, experts)
     rt = Runtime(model, 64, "cpu", graphs=False if fused else "emulate", group=dist.group.WORLD, batch=2)
     assert rt.fused == fused
     logits = rt.prefill([prompt, prompt[::-1]])
@@ -40,10 +41,12 @@ def _rank(rank: int, world: int, port: int, path: str, prompt: list[int], out, f
     dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("experts", ["ep", "tp"], ids=["whole-experts", "split-experts"])
 @pytest.mark.parametrize("fused", [False, True], ids=["torch", "fused-kernels"])
-def test_two_ranks_match_one(tiny_moe, fused):
+def test_two_ranks_match_one(tiny_moe, fused, experts):
     """Each rank's experts through transformers' kernels (expert-parallel sentinel) or the fused Triton
-    MoE kernels (expert ids outside the rank's range skipped): the same tokens as one process."""
+    MoE kernels (expert ids outside the rank's range skipped), with whole experts per rank or every expert
+    split by its intermediate size: the same tokens as one process."""
     if fused:
         pytest.importorskip("triton")
     import torch
@@ -66,7 +69,8 @@ def test_two_ranks_match_one(tiny_moe, fused):
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, 2, port, str(tiny_moe), prompt, out, fused)) for r in range(2)]
+    procs = [ctx.Process(target=_rank, args=(r, 2, port, str(tiny_moe), prompt, out, fused, experts))
+             for r in range(2)]
     for p in procs:
         p.start()
     results = dict(out.get(timeout=300) for _ in procs)
@@ -134,8 +138,9 @@ def test_data_parallel_replicas_split_a_batch_and_match_one_process(tiny_moe, te
     assert rows.index(2) < len(rows) - 1 - rows[::-1].index(0)
 
 
+@pytest.mark.parametrize("experts", ["ep", "tp"])
 @pytest.mark.parametrize("world", [2, 4])
-def test_shard_loader_reads_each_ranks_slices_from_the_checkpoint(tiny_moe, world):
+def test_shard_loader_reads_each_ranks_slices_from_the_checkpoint(tiny_moe, world, experts):
     """load_shard builds a rank's shard from the safetensors slices alone (the experts fused from the
     checkpoint's per-expert tensors): the same parameters as loading the whole model and cutting it."""
     import torch
@@ -143,17 +148,26 @@ def test_shard_loader_reads_each_ranks_slices_from_the_checkpoint(tiny_moe, worl
 
     from qwenhw_offload.parallel import load_shard, shard
 
+    whole = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32)
+    gate_up = whole.model.layers[0].mlp.experts.gate_up_proj.detach().clone()  # [8, 2 x inter, hidden]
+    inter = gate_up.shape[1] // 2
     for rank in range(world):
         whole = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32)
-        shard(whole, rank, world)
-        part = load_shard(str(tiny_moe), rank, world, "cpu", torch.float32)
+        shard(whole, rank, world, experts)
+        part = load_shard(str(tiny_moe), rank, world, "cpu", torch.float32, experts)
         mine, ref = dict(part.named_parameters()), dict(whole.named_parameters())
         assert mine.keys() == ref.keys()
         for name, value in ref.items():
             assert torch.equal(mine[name], value), name
         assert torch.equal(part.model.rotary_emb.inv_freq, whole.model.rotary_emb.inv_freq)
-        experts = part.model.layers[0].mlp.experts
-        assert experts.ep_start == rank * 8 // world and experts.gate_up_proj.shape[0] == 8 // world
+        got = part.model.layers[0].mlp.experts
+        if experts == "ep":
+            assert got.ep_start == rank * 8 // world and got.gate_up_proj.shape[0] == 8 // world
+            continue
+        n = inter // world  # every expert, rows [rank*n, (rank+1)*n) of its gate and of its up projection
+        assert got.gate_up_proj.shape == (8, 2 * n, gate_up.shape[2]) and got.down_proj.shape[-1] == n
+        assert torch.equal(got.gate_up_proj[:, :n], gate_up[:, rank * n:(rank + 1) * n])
+        assert torch.equal(got.gate_up_proj[:, n:], gate_up[:, inter + rank * n:inter + (rank + 1) * n])
 
 
 def test_shard_loader_refuses_quantized_and_foreign_checkpoints(tiny_moe, tmp_path):

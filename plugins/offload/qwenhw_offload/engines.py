@@ -67,7 +67,7 @@ def _load_rank(plan: Any, path: str) -> HFEngine:
     dtype = getattr(torch, TORCH_DTYPES[plan.config["dtype"]])
     start = time.perf_counter()
     if tp > 1:  # only this rank's slices are read: the whole model need not fit one GPU, nor host RAM
-        model = load_shard(path, rank % tp, tp, device, dtype)
+        model = load_shard(path, rank % tp, tp, device, dtype, plan.config.get("experts", "ep"))
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device}).eval()
     weights_s = time.perf_counter() - start

@@ -128,47 +128,98 @@ if triton is not None:
         return tl.sum(((tl.load(ids_ptr + p, mask=p < P, other=-1) - ep_start) == e).to(tl.int32), 0)
 
     @triton.jit
-    def _moe_gate_up(x_ptr, w_ptr, ids_ptr, h_ptr, P, ep_start, H: tl.constexpr, I: tl.constexpr,
-                     TOP_K: tl.constexpr, BP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                     EXACT: tl.constexpr):
-        """h[pair, n] = act(x[token] @ gate[e, n]) * (x[token] @ up[e, n]) for expert e's pairs, BN columns."""
+    def _gate_up_sums(x_ptr, w_e, tok, valid, n, k_lo, H: tl.constexpr, I: tl.constexpr, KS: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EXACT: tl.constexpr):
+        """fp32 (x @ gate, x @ up) over hidden [k_lo, k_lo + KS) for BM (token) rows and BN columns."""
+        acc_g = tl.zeros([BM, BN], dtype=tl.float32)
+        acc_u = tl.zeros([BM, BN], dtype=tl.float32)
+        for k0 in range(0, KS, BK):
+            k = k_lo + k0 + tl.arange(0, BK)
+            x = tl.load(x_ptr + tok[:, None] * H + k[None, :], mask=valid[:, None] & (k[None, :] < H), other=0.0)
+            wmask = (n[None, :] < I) & (k[:, None] < H)
+            wg = tl.load(w_e + n[None, :] * H + k[:, None], mask=wmask, other=0.0)
+            wu = tl.load(w_e + (I + n[None, :]) * H + k[:, None], mask=wmask, other=0.0)
+            acc_g = _dot(x, wg, acc_g, EXACT)
+            acc_u = _dot(x, wu, acc_u, EXACT)
+        return acc_g, acc_u
+
+    @triton.jit
+    def _act_store(h_ptr, acc_g, acc_u, pair, out, n, I: tl.constexpr):
         ty = h_ptr.dtype.element_ty
+        g = _round(acc_g, ty)  # transformers: linear -> chunk (rounded), silu (rounded), * up (rounded)
+        act = _round(g / (1.0 + tl.exp(-g)), ty)
+        tl.store(h_ptr + pair[:, None] * I + n[None, :], (act * _round(acc_u, ty)).to(ty), mask=out)
+
+    @triton.jit
+    def _moe_gate_up(x_ptr, w_ptr, ids_ptr, h_ptr, part_ptr, cnt_ptr, P, ep_start, H: tl.constexpr, I: tl.constexpr,
+                     TOP_K: tl.constexpr, BP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     SPLIT: tl.constexpr, EXACT: tl.constexpr):
+        """h[pair, n] = act(x[token] @ gate[e, n]) * (x[token] @ up[e, n]) for BM of expert e's pairs (chunk
+        c of its pairs; programs past its count return at once, without reading a weight), BN columns.
+
+        Chunks are programs (grid axis 2), not a loop around the pipelined one over the hidden size.
+        SPLIT > 1: program (e, tile, c * SPLIT + s) sums hidden slice s of SPLIT only and leaves its fp32
+        sums in `part` [SPLIT, pairs, 2, I]; the last of the SPLIT to finish (an atomic count per (e, tile,
+        c), put back to zero after) adds them up and applies the activation. More, shorter programs: at
+        decode sizes few experts are touched, and one program per (expert, column block) leaves SMs idle."""
         e = tl.program_id(0)
-        n = tl.program_id(1) * BN + tl.arange(0, BN)
+        tile = tl.program_id(1)
+        chunk = tl.program_id(2) // SPLIT
+        s = tl.program_id(2) % SPLIT
+        n = tile * BN + tl.arange(0, BN)
         count = _count(ids_ptr, P, e, ep_start, BP)
-        w_e = w_ptr + e.to(tl.int64) * 2 * I * H
-        c = 0
-        while c < count:  # no pairs: no weight is read (a while loop: the interpreter takes no tensor range)
-            pair, valid = _pairs_of(ids_ptr, P, e, ep_start, c, BP, BM)
+        if chunk * BM < count:
+            pair, valid = _pairs_of(ids_ptr, P, e, ep_start, chunk * BM, BP, BM)
             tok = pair // TOP_K
+            w_e = w_ptr + e.to(tl.int64) * 2 * I * H
+            KS: tl.constexpr = H // SPLIT  # the wrapper checks that BK divides it
             acc_g = tl.zeros([BM, BN], dtype=tl.float32)
             acc_u = tl.zeros([BM, BN], dtype=tl.float32)
-            for k0 in range(0, H, BK):
-                k = k0 + tl.arange(0, BK)
+            for k0 in range(0, KS, BK):
+                k = s * KS + k0 + tl.arange(0, BK)
                 x = tl.load(x_ptr + tok[:, None] * H + k[None, :], mask=valid[:, None] & (k[None, :] < H), other=0.0)
                 wmask = (n[None, :] < I) & (k[:, None] < H)
                 wg = tl.load(w_e + n[None, :] * H + k[:, None], mask=wmask, other=0.0)
                 wu = tl.load(w_e + (I + n[None, :]) * H + k[:, None], mask=wmask, other=0.0)
                 acc_g = _dot(x, wg, acc_g, EXACT)
                 acc_u = _dot(x, wu, acc_u, EXACT)
-            g = _round(acc_g, ty)  # transformers: linear -> chunk (rounded), silu (rounded), * up (rounded)
-            act = _round(g / (1.0 + tl.exp(-g)), ty)
-            h = act * _round(acc_u, ty)
-            tl.store(h_ptr + pair[:, None] * I + n[None, :], h.to(ty), mask=valid[:, None] & (n[None, :] < I))
-            c += BM
+            out = valid[:, None] & (n[None, :] < I)
+            last = True
+            if SPLIT > 1:
+                at = (s * P + pair[:, None]) * 2 * I + n[None, :]
+                tl.store(part_ptr + at, acc_g, mask=out)
+                tl.store(part_ptr + at + I, acc_u, mask=out)
+                tl.debug_barrier()  # every thread's partials written before the count says so (release)
+                cnt = cnt_ptr + (e * tl.num_programs(1) + tile) * (tl.num_programs(2) // SPLIT) + chunk
+                last = tl.atomic_add(cnt, 1, sem="acq_rel") == SPLIT - 1
+                if last:
+                    tl.store(cnt, 0)  # for the next call (and the next replay of a CUDA graph)
+                    tl.debug_barrier()
+                    acc_g = tl.zeros([BM, BN], dtype=tl.float32)
+                    acc_u = tl.zeros([BM, BN], dtype=tl.float32)
+                    for j in tl.static_range(SPLIT):  # .cg: from L2, where the other programs wrote
+                        at = (j * P + pair[:, None]) * 2 * I + n[None, :]
+                        acc_g += tl.load(part_ptr + at, mask=out, other=0.0, cache_modifier=".cg")
+                        acc_u += tl.load(part_ptr + at + I, mask=out, other=0.0, cache_modifier=".cg")
+            if last:
+                ty = h_ptr.dtype.element_ty
+                g = _round(acc_g, ty)  # transformers: linear -> chunk (rounded), silu (rounded), * up (rounded)
+                act = _round(g / (1.0 + tl.exp(-g)), ty)
+                tl.store(h_ptr + pair[:, None] * I + n[None, :], (act * _round(acc_u, ty)).to(ty), mask=out)
 
     @triton.jit
     def _moe_down(h_ptr, w_ptr, ids_ptr, rw_ptr, y_ptr, P, ep_start, H: tl.constexpr, I: tl.constexpr,
                   BP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EXACT: tl.constexpr):
-        """y[pair, n] = (h[pair] @ down[e, n]) * routing weight[pair], for expert e's pairs, BN columns."""
+        """y[pair, n] = (h[pair] @ down[e, n]) * routing weight[pair], for BM of expert e's pairs (chunk c),
+        BN columns."""
         ty = y_ptr.dtype.element_ty
         e = tl.program_id(0)
         n = tl.program_id(1) * BN + tl.arange(0, BN)
+        chunk = tl.program_id(2)
         count = _count(ids_ptr, P, e, ep_start, BP)
-        w_e = w_ptr + e.to(tl.int64) * H * I
-        c = 0
-        while c < count:
-            pair, valid = _pairs_of(ids_ptr, P, e, ep_start, c, BP, BM)
+        if chunk * BM < count:
+            pair, valid = _pairs_of(ids_ptr, P, e, ep_start, chunk * BM, BP, BM)
+            w_e = w_ptr + e.to(tl.int64) * H * I
             acc = tl.zeros([BM, BN], dtype=tl.float32)
             for k0 in range(0, I, BK):
                 k = k0 + tl.arange(0, BK)
@@ -178,7 +229,6 @@ if triton is not None:
             rw = tl.load(rw_ptr + pair, mask=valid, other=0.0).to(tl.float32)
             y = _round(acc, ty) * rw[:, None]
             tl.store(y_ptr + pair[:, None] * H + n[None, :], y.to(ty), mask=valid[:, None] & (n[None, :] < H))
-            c += BM
 
     @triton.jit
     def _moe_sum(y_ptr, ids_ptr, res_ptr, out_ptr, H, ep_start, E, TOP_K: tl.constexpr, BH: tl.constexpr,
@@ -345,14 +395,15 @@ def moe_enabled() -> bool:
 
 
 def moe_experts(x: torch.Tensor, experts: Any, idx: torch.Tensor, weights: torch.Tensor,
-                ep_start: int = 0, block: tuple[int, int, int, int] | None = None,
+                ep_start: int = 0, block: tuple[int, ...] | None = None,
                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """The routed experts' output [tokens, hidden] for x [tokens, hidden], ids/weights [tokens, top_k].
 
     Experts are `experts.gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I] (transformers' layout); ids are
     global, this module holds experts [ep_start, ep_start + E) and pairs routed elsewhere contribute zero
     (expert parallel). Three kernels whatever the routing: gate/up + SiLU, down * weight, and the sum.
-    `block` = (BN, BK, warps, stages) overrides the tile shape (bench/multi_gpu.py sweeps a few).
+    `block` = (BN, BK, warps, stages[, split]) overrides the tile shape and the gate/up kernel's split of the
+    hidden size (bench/multi_gpu.py sweeps a few).
     `residual` [tokens, hidden] is added in the last kernel (the decoder layer's skip connection); `out`, a
     contiguous [tokens, hidden] tensor to write into (a tensor-parallel reducer's buffer).
     """
@@ -369,16 +420,40 @@ def moe_experts(x: torch.Tensor, experts: Any, idx: torch.Tensor, weights: torch
     out = torch.empty((tokens, hidden), dtype=x.dtype, device=x.device) if out is None else out
     bp = max(16, triton.next_power_of_2(pairs))
     exact = not x.is_cuda or x.dtype == torch.float32  # fp32 models keep fp32 products (no TF32)
-    bn, bk, warps, stages = block or (MOE_BLOCK if x.is_cuda else (16, 32, 4, 1))
-    tiles = dict(BP=bp, BM=16, BN=bn, BK=bk, EXACT=exact, num_warps=warps, num_stages=stages)
-    _moe_gate_up[(n_exp, triton.cdiv(inter, bn))](x, gu, ids, h, pairs, ep_start, H=hidden, I=inter,
-                                                  TOP_K=top_k, **tiles)
-    _moe_down[(n_exp, triton.cdiv(hidden, bn))](h, dn, ids, rw, y, pairs, ep_start, H=hidden, I=inter, **tiles)
+    bn, bk, warps, stages, *rest = block or (MOE_BLOCK if x.is_cuda else (16, 32, 4, 1))
+    split = rest[0] if rest else 1
+    if hidden % (split * bk):
+        split = 1  # each slice a whole number of BK steps
+    bm = 16
+    chunks = triton.cdiv(tokens, bm)  # an expert gets at most one pair per token: its chunks of bm pairs
+    tiles = dict(BP=bp, BM=bm, BN=bn, BK=bk, EXACT=exact, num_warps=warps, num_stages=stages)
+    n_tiles = triton.cdiv(inter, bn)
+    part, cnt = h, ids  # unused unless split
+    if split > 1:
+        part = torch.empty((split, pairs, two_i), dtype=torch.float32, device=x.device)
+        cnt = _split_counts(x.device, n_exp * n_tiles * chunks)
+    _moe_gate_up[(n_exp, n_tiles, chunks * split)](x, gu, ids, h, part, cnt, pairs, ep_start, H=hidden, I=inter,
+                                                   TOP_K=top_k, SPLIT=split, **tiles)
+    _moe_down[(n_exp, triton.cdiv(hidden, bn), chunks)](h, dn, ids, rw, y, pairs, ep_start, H=hidden, I=inter,
+                                                         **tiles)
     bh = min(1024, triton.next_power_of_2(hidden))
     res = residual.contiguous() if residual is not None else out
     _moe_sum[(tokens, triton.cdiv(hidden, bh))](y, ids, res, out, hidden, ep_start, n_exp, TOP_K=top_k, BH=bh,
                                                 RESIDUAL=residual is not None)
     return out
+
+
+_COUNTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counts(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters for the split gate/up kernel, kept per device: each call leaves them at zero,
+    so a tensor made once (outside any CUDA graph capture: the runtime's warm-up calls come first) serves
+    every call and replay. Grown, never shrunk."""
+    have = _COUNTS.get(device)
+    if have is None or have.numel() < n:
+        _COUNTS[device] = have = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return have
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,

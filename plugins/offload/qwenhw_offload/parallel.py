@@ -2,8 +2,11 @@
 
 Each rank keeps its slice of every layer, in place:
 - attention: its share of the query heads and of the KV heads (q/k/v split by rows, o_proj by columns);
-- MoE layers: experts [rank*E/world, (rank+1)*E/world) whole (expert parallel: no expert is split, so
-  block-quantized experts keep their shape); the router is replicated and every rank routes every token;
+- MoE layers, one of two ways (`experts`); the router is replicated and every rank routes every token:
+  - "ep" (expert parallel): experts [rank*E/world, (rank+1)*E/world) whole, so block-quantized experts keep
+    their shape; a step waits for the rank whose experts the batch touched most;
+  - "tp": every expert split by its intermediate size (gate/up by rows, down by columns), as vLLM does
+    without --enable-expert-parallel: each rank reads the same share of every touched expert;
 - dense MLPs: gate/up by rows, down by columns;
 - embeddings, norms and the LM head are replicated (small next to the experts).
 Row-parallel outputs (o_proj, down projections, expert sums) are all-reduced by the runtime (`Reducer`).
@@ -145,13 +148,14 @@ class Reducer:
         return h, normed
 
 
-Cut = tuple[str, int, int]  # ("rows" | "cols" | "experts", start, stop)
+Cut = tuple[str, int, int]  # ("rows" | "cols" | "experts" | "gate_up" | "inner", start, stop)
+EXPERT_MODES = ("ep", "tp")
 
 
-def cuts(model: Any, rank: int, world: int) -> dict[str, Cut]:
+def cuts(model: Any, rank: int, world: int, experts: str = "ep") -> dict[str, Cut]:
     """How this rank's shard cuts each parameter of an unsharded model (see the module docstring); the
     parameters not listed are replicated whole. Shapes only: the model may live on the meta device."""
-    why = check(model.config, world)
+    why = check(model.config, world) if experts == "ep" else check_split(model.config, world)
     if why:
         raise ValueError(why)
     out: dict[str, Cut] = {}
@@ -174,9 +178,13 @@ def cuts(model: Any, rank: int, world: int) -> dict[str, Cut]:
                 out[f"{pre}self_attn.{name}.bias"] = cut
         out[f"{pre}self_attn.o_proj.weight"] = ("cols", q[1], q[2])
         mlp = layer.mlp
-        experts = getattr(mlp, "experts", None)
-        if experts is not None:  # whole experts per rank; a shared expert stays replicated
-            n = experts.gate_up_proj.shape[0] // world
+        routed = getattr(mlp, "experts", None)
+        if routed is not None and experts == "tp":  # every expert's intermediate rows; shared expert replicated
+            n = routed.down_proj.shape[-1] // world
+            out[f"{pre}mlp.experts.gate_up_proj"] = ("gate_up", rank * n, (rank + 1) * n)
+            out[f"{pre}mlp.experts.down_proj"] = ("inner", rank * n, (rank + 1) * n)
+        elif routed is not None:  # whole experts per rank; a shared expert stays replicated
+            n = routed.gate_up_proj.shape[0] // world
             for name in ("gate_up_proj", "down_proj"):
                 out[f"{pre}mlp.experts.{name}"] = ("experts", rank * n, (rank + 1) * n)
         else:
@@ -187,22 +195,39 @@ def cuts(model: Any, rank: int, world: int) -> dict[str, Cut]:
     return out
 
 
+def check_split(config: Any, world: int) -> str | None:
+    """Why this model's attention and experts' intermediate size cannot be split `world` ways, or None."""
+    why = split_counts(config.num_attention_heads, config.num_key_value_heads, 0, world)
+    inter = getattr(config, "moe_intermediate_size", None)
+    if why is None and inter and inter % world:
+        why = f"the experts' intermediate size {inter} is not divisible by {world} GPUs"
+    return why
+
+
 def _cut(t: Any, cut: Cut) -> Any:
-    """A tensor, or a safetensors slice (read only where it is cut), cut as `cut` says."""
+    """A tensor, or a safetensors slice (read only where it is cut), cut as `cut` says. "gate_up": rows
+    [start, stop) of both halves of a fused [experts, 2 x inter, hidden] tensor; "inner": its last dim."""
     how, start, stop = cut
-    return t[:, start:stop] if how == "cols" else t[start:stop]
+    if how == "cols":
+        return t[:, start:stop]
+    if how == "inner":
+        return t[:, :, start:stop]
+    if how == "gate_up":
+        half = (t.get_shape() if hasattr(t, "get_shape") else t.shape)[1] // 2
+        return torch.cat([t[:, start:stop], t[:, half + start:half + stop]], 1)
+    return t[start:stop]
 
 
-def shard(model: Any, rank: int, world: int) -> dict[str, Cut]:
+def shard(model: Any, rank: int, world: int, experts: str = "ep") -> dict[str, Cut]:
     """Keep this rank's slice of every layer, in place (on the meta device: the shapes only); returns the
-    cuts it made."""
-    plan = cuts(model, rank, world)
+    cuts it made. `experts`: "ep" whole experts per rank, "tp" every expert split (module docstring)."""
+    plan = cuts(model, rank, world, experts)
     params = dict(model.named_parameters())
     for name, cut in plan.items():
         owner, attr = name.rsplit(".", 1)
         setattr(model.get_submodule(owner), attr,
                 nn.Parameter(_cut(params[name].data, cut).clone(), requires_grad=False))
-        if attr == "gate_up_proj":  # transformers' expert-parallel fields, and where our experts start
+        if attr == "gate_up_proj" and cut[0] == "experts":  # transformers' expert-parallel fields, our first expert
             experts = model.get_submodule(owner)
             experts.num_experts = cut[2] - cut[1]
             experts._is_expert_parallel = True
@@ -212,7 +237,7 @@ def shard(model: Any, rank: int, world: int) -> dict[str, Cut]:
     return plan
 
 
-def load_shard(path: str, rank: int, world: int, device: str, dtype: torch.dtype) -> Any:
+def load_shard(path: str, rank: int, world: int, device: str, dtype: torch.dtype, experts: str = "ep") -> Any:
     """This rank's shard of a checkpoint, read slice by slice from its safetensors files: no process holds
     the whole model (Qwen3-235B-A22B is 470 GB in bf16), and the GPU never holds the unsharded tensors.
     Checkpoints store the experts one by one (experts.{e}.gate_proj/up_proj/down_proj); transformers' model
@@ -230,7 +255,7 @@ def load_shard(path: str, rank: int, world: int, device: str, dtype: torch.dtype
         method = quant.get("quant_method") if isinstance(quant, dict) else type(quant).__name__
         raise ValueError(f"{path} is a quantized checkpoint ({method}); tensor-parallel ranks load bf16/fp16 "
                          "weights: point the plan at the unquantized checkpoint")
-    model, plan = empty_shard(config, rank, world, device, dtype)
+    model, plan = empty_shard(config, rank, world, device, dtype, experts)
     root = Path(path)
     index = root / "model.safetensors.index.json"
     files = sorted({root / f for f in json.loads(index.read_text())["weight_map"].values()}) if index.exists() \
@@ -261,28 +286,32 @@ def load_shard(path: str, rank: int, world: int, device: str, dtype: torch.dtype
                 put(name, param, read(name, cut))
             elif name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
                 stem, kind = name.rsplit(".", 1)
-                lo = cut[1] if cut else 0
+                lo = cut[1] if cut and cut[0] == "experts" else 0
+                inner = cut if cut and cut[0] in ("gate_up", "inner") else None  # each expert's slice (tp)
+                rows = ("rows", inner[1], inner[2]) if inner else None
+                cols = ("cols", inner[1], inner[2]) if inner else None
                 for j in range(param.shape[0]):  # each expert's matrices straight into its slot on the device
                     e = f"{stem}.{lo + j}"
                     if kind == "gate_up_proj":
                         half = param.shape[1] // 2
-                        put(f"{e}.gate_proj.weight", param[j, :half], read(f"{e}.gate_proj.weight"))
-                        put(f"{e}.up_proj.weight", param[j, half:], read(f"{e}.up_proj.weight"))
+                        put(f"{e}.gate_proj.weight", param[j, :half], read(f"{e}.gate_proj.weight", rows))
+                        put(f"{e}.up_proj.weight", param[j, half:], read(f"{e}.up_proj.weight", rows))
                     else:
-                        put(f"{e}.down_proj.weight", param[j], read(f"{e}.down_proj.weight"))
+                        put(f"{e}.down_proj.weight", param[j], read(f"{e}.down_proj.weight", cols))
             else:
                 raise missing(name)
     return model.eval()
 
 
-def empty_shard(config: Any, rank: int, world: int, device: str, dtype: torch.dtype) -> tuple[Any, dict[str, Cut]]:
+def empty_shard(config: Any, rank: int, world: int, device: str, dtype: torch.dtype,
+                experts: str = "ep") -> tuple[Any, dict[str, Cut]]:
     """This rank's shard of a model of `config`, allocated on `device` with its weights unset (built on the
     meta device: the whole model is never materialised), and the cuts that shaped it."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    plan = shard(model, rank, world)
+    plan = shard(model, rank, world, experts)
     model.to_empty(device=device)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -304,7 +333,7 @@ def expert_parallel_moe(mlp: Any, x: torch.Tensor, route: Any = None) -> torch.T
     else:
         _, weights, idx = mlp.gate(flat)
     experts = mlp.experts
-    local = idx - experts.ep_start
+    local = idx - getattr(experts, "ep_start", 0)  # 0 with experts split by their intermediate size (all local)
     mine = (local >= 0) & (local < experts.num_experts)
     local = torch.where(mine, local, torch.full_like(local, experts.num_experts))  # the sentinel slot
     weights = weights * mine.to(weights.dtype)
