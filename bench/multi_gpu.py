@@ -100,7 +100,7 @@ def graph_time(fn, calls: int = 20, replays: int = 20) -> float:
 
 MOE_SHARES = {"1": (1, "ep"), "ep2": (2, "ep"), "ep4": (4, "ep"), "tp2": (2, "tp"), "tp4": (4, "tp")}
 MOE_BLOCKS = [(64, 128, 4, 3), (64, 128, 4, 3, 2), (64, 128, 4, 3, 4), (32, 128, 4, 3), (32, 128, 4, 3, 2),
-              (64, 64, 4, 4), (128, 128, 8, 3), (64, 256, 8, 3)]
+              (128, 128, 8, 3)]
 
 
 def moe_kernel_check(hidden: int = 2048, inter: int = 768, n_exp: int = 128, top_k: int = 8,
