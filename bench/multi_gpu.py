@@ -83,6 +83,38 @@ def kernel_census(model, context: int) -> dict:
     return {"kernels_per_step": sum(names.values()), "top": names.most_common(25)}
 
 
+def step_profile(rt, batch: int, steps: int = 4, prompt_len: int = 32) -> dict:
+    """Where a captured decode step's time goes: device microseconds per step by kernel (CUPTI records the
+    kernels a CUDA graph replays), the sum of them, and the step's wall time over the same steps."""
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, 151936, (batch, prompt_len), generator=g).tolist()
+    rt.reset()
+    tok = rt.decode(rt.prefill(prompts).argmax(-1)).argmax(-1)  # graphs captured before the profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        for _ in range(steps):
+            tok = rt.decode(tok).argmax(-1)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t) / steps
+    us: dict = defaultdict(float)
+    calls: dict = defaultdict(int)
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            name = e.name.split("(")[0][:80]
+            us[name] += e.device_time / steps
+            calls[name] += 1
+    top = sorted(us.items(), key=lambda kv: -kv[1])[:20]
+    rt.reset()
+    return {"step_wall_us": wall * 1e6, "kernel_sum_us": sum(us.values()),
+            "kernels_per_step": sum(calls.values()) / steps,
+            "top": [[name, round(t, 1), calls[name] // steps] for name, t in top]}
+
+
 def graph_time(fn, calls: int = 20, replays: int = 20) -> float:
     """Median seconds per call of `fn`, `calls` of them captured in one CUDA graph (launch cost excluded)."""
     from qwenhw_offload.runtime import _capture
@@ -99,24 +131,29 @@ def graph_time(fn, calls: int = 20, replays: int = 20) -> float:
 
 
 MOE_SHARES = {"1": (1, "ep"), "ep2": (2, "ep"), "ep4": (4, "ep"), "tp2": (2, "tp"), "tp4": (4, "tp")}
-MOE_BLOCKS = [(64, 128, 4, 3), (64, 128, 4, 3, 2), (64, 128, 4, 3, 4), (32, 128, 4, 3), (32, 128, 4, 3, 2),
-              (128, 128, 8, 3)]
+# gate/up: (BN, BK, warps, stages[, split of the hidden size]); down: (BN, BK, warps, stages)
+MOE_UP_BLOCKS = [(64, 128, 4, 3), (128, 128, 8, 3), (128, 128, 4, 3), (64, 128, 4, 4), (32, 128, 4, 3),
+                 (64, 128, 4, 3, 2), (64, 128, 4, 3, 4), (128, 128, 8, 3, 2)]
+MOE_DOWN_BLOCKS = [(64, 128, 4, 3), (128, 128, 8, 3), (128, 128, 4, 3), (64, 64, 4, 4), (256, 64, 8, 3),
+                   (32, 128, 4, 3), (128, 64, 4, 4)]
+MOE_COPIES = 4  # consecutive timed calls use different weights, as consecutive layers do (no L2 reuse)
 
 
 def moe_kernel_check(hidden: int = 2048, inter: int = 768, n_exp: int = 128, top_k: int = 8,
                      shares: tuple[str, ...] = tuple(MOE_SHARES)) -> dict:
-    """The fused MoE decode kernels against transformers' grouped_mm experts (same module, same routing):
-    relative error, and effective weight bandwidth over the experts touched, for each tile shape swept
-    (BN, BK, warps, stages[, split of the gate/up kernel's hidden size]), for one rank's experts of each
-    layout: all (1 GPU), whole experts of one EP rank ("ep2", "ep4"), or every expert's 1/2 or 1/4 of the
-    intermediate size ("tp2", "tp4"). `best[share][tokens]`: that case's fastest shape."""
+    """The fused MoE decode kernels against transformers' grouped_mm experts (same module, same routing),
+    for one rank's experts of each layout: all (1 GPU), whole experts of one EP rank ("ep2", "ep4"), or
+    every expert's 1/2 or 1/4 of the intermediate size ("tp2", "tp4"); at 1 and 16 tokens.
+    Each kernel is timed alone inside CUDA graphs: the gate/up kernel for every MOE_UP_BLOCKS shape, then
+    the down kernel for every MOE_DOWN_BLOCKS shape, then the sum; the fastest pair is timed whole (and
+    checked against transformers) next to the default. `best[share][tokens]`: {"block", "down_block"}."""
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
     from qwenhw_offload import fused
 
     torch.manual_seed(0)
-    out: dict = {"sweep": [], "best": {}}
+    out: dict = {"cases": [], "best": {}}
     for key in shares:
         ways, mode = MOE_SHARES[key]
         local = n_exp // ways if mode == "ep" else n_exp
@@ -124,54 +161,87 @@ def moe_kernel_check(hidden: int = 2048, inter: int = 768, n_exp: int = 128, top
         cfg = Qwen3MoeConfig(hidden_size=hidden, moe_intermediate_size=part, num_experts=n_exp,
                              num_experts_per_tok=top_k)
         cfg._experts_implementation = "grouped_mm"
-        with torch.device("meta"):
-            ex = Qwen3MoeExperts(cfg)
-        ex.gate_up_proj = torch.nn.Parameter((torch.randn(local, 2 * part, hidden, device="cuda") * 0.02).bfloat16(),
-                                             requires_grad=False)
-        ex.down_proj = torch.nn.Parameter((torch.randn(local, hidden, part, device="cuda") * 0.02).bfloat16(),
-                                          requires_grad=False)
-        ex.num_experts = local
-        ex._is_expert_parallel = local < n_exp  # ids >= local: transformers' sentinel slot, skipped
+        copies = []
+        for _ in range(MOE_COPIES):
+            with torch.device("meta"):
+                ex = Qwen3MoeExperts(cfg)
+            ex.gate_up_proj = torch.nn.Parameter(
+                (torch.randn(local, 2 * part, hidden, device="cuda") * 0.02).bfloat16(), requires_grad=False)
+            ex.down_proj = torch.nn.Parameter((torch.randn(local, hidden, part, device="cuda") * 0.02).bfloat16(),
+                                              requires_grad=False)
+            ex.num_experts = local
+            ex._is_expert_parallel = local < n_exp  # ids >= local: transformers' sentinel slot, skipped
+            copies.append(ex)
+        ex = copies[0]
         out["best"][key] = {}
         for t in (1, 16):
             x = torch.randn(t, hidden, device="cuda").bfloat16()
-            idx = torch.stack([torch.randperm(n_exp, device="cuda")[:top_k] for _ in range(t)])
+            routes = [torch.stack([torch.randperm(n_exp, device="cuda")[:top_k] for _ in range(t)])
+                      for _ in range(MOE_COPIES)]
+            idx = routes[0]
             w = torch.softmax(torch.randn(t, top_k, device="cuda"), -1).bfloat16()
-            mine = idx < local
-            with torch.inference_mode():
-                ref = ex(x, torch.where(mine, idx, torch.full_like(idx, local)), w * mine)
-                touched = int(idx[mine].unique().numel()) * 3 * hidden * part * 2
-                try:
-                    t_ref = graph_time(lambda: ex(x, torch.where(mine, idx, torch.full_like(idx, local)), w * mine))
-                except Exception:  # noqa: BLE001 - the reference kernel failing to capture is not our result
-                    t_ref = float("nan")
-                best = None
-                for block in MOE_BLOCKS:
-                    try:
-                        got = fused.moe_experts(x, ex, idx, w, block=block)
-                        err = float((got.float() - ref.float()).norm() / ref.float().norm())
-                        dt = graph_time(lambda: fused.moe_experts(x, ex, idx, w, block=block))
-                    except Exception as exc:  # a tile shape this GPU cannot compile
-                        out["sweep"].append({"share": key, "block": block,
-                                             "error": f"{type(exc).__name__}: {exc}"[:200]})
-                        continue
-                    out["sweep"].append({"share": key, "experts_local": local, "inter_local": part, "tokens": t,
-                                         "block": block, "us": dt * 1e6, "gb_s": touched / dt / 1e9,
-                                         "transformers_us": t_ref * 1e6, "rel_err": err})
-                    if err < 0.02 and (best is None or dt < best[1]):
-                        best = (list(block), dt)
-                out["best"][key][t] = best[0] if best else None
+            touched = sum(int(r[r < local].unique().numel()) for r in routes) / MOE_COPIES * 3 * hidden * part * 2
+            case = {"share": key, "experts_local": local, "inter_local": part, "tokens": t, "up": [], "down": []}
 
-    ok = [r for r in out["sweep"] if "us" in r]
-    out["max_rel_err"] = max((r["rel_err"] for r in ok), default=None)
+            def timed(make, step):
+                """Median seconds of `step` over calls rotating through the copies (calls made up front)."""
+                calls = [make(copies[i % MOE_COPIES], routes[i % MOE_COPIES]) for i in range(MOE_COPIES * 5)]
+                it = iter(range(10 ** 9))
+                return graph_time(lambda: step(calls[next(it) % len(calls)]), calls=len(calls))
+
+            with torch.inference_mode():
+                mine = idx < local
+                ref = ex(x, torch.where(mine, idx, torch.full_like(idx, local)), w * mine)
+                try:
+                    case["transformers_us"] = 1e6 * graph_time(
+                        lambda: ex(x, torch.where(mine, idx, torch.full_like(idx, local)), w * mine))
+                except Exception:  # noqa: BLE001 - the reference kernel failing to capture is not our result
+                    case["transformers_us"] = float("nan")
+                for block in MOE_UP_BLOCKS:
+                    try:
+                        dt = timed(lambda e, r: fused.MoeCall(x, e, r, w, block=block), fused.MoeCall.gate_up)
+                        case["up"].append({"block": block, "us": dt * 1e6})
+                    except Exception as exc:  # a tile shape this GPU cannot compile
+                        case["up"].append({"block": block, "error": f"{type(exc).__name__}: {exc}"[:200]})
+                up = min((r for r in case["up"] if "us" in r), key=lambda r: r["us"])["block"]
+                for block in MOE_DOWN_BLOCKS:
+                    try:
+                        def make(e, r, block=block):
+                            call = fused.MoeCall(x, e, r, w, block=up, down_block=block)
+                            call.gate_up()
+                            return call
+                        dt = timed(make, fused.MoeCall.down)
+                        case["down"].append({"block": block, "us": dt * 1e6})
+                    except Exception as exc:
+                        case["down"].append({"block": block, "error": f"{type(exc).__name__}: {exc}"[:200]})
+                down = min((r for r in case["down"] if "us" in r), key=lambda r: r["us"])["block"]
+
+                def make_sum(e, r):
+                    call = fused.MoeCall(x, e, r, w, block=up, down_block=down)
+                    call.gate_up()
+                    call.down()
+                    return call
+                case["sum_us"] = 1e6 * timed(make_sum, fused.MoeCall.sum)
+                for name, (b_up, b_down) in (("default", (fused.MOE_BLOCK, None)), ("best", (up, down))):
+                    got = fused.moe_experts(x, ex, idx, w, block=b_up, down_block=b_down)
+                    dt = timed(lambda e, r: (e, r), lambda c: fused.moe_experts(x, c[0], c[1], w, block=b_up,
+                                                                                down_block=b_down))
+                    case[name] = {"block": list(b_up), "down_block": list(b_down or b_up[:4]), "us": dt * 1e6,
+                                  "gb_s": touched / dt / 1e9,
+                                  "rel_err": float((got.float() - ref.float()).norm() / max(ref.float().norm(), 1e-6))}
+            ok = case["best"]["rel_err"] < 0.02
+            out["best"][key][t] = {"block": list(up), "down_block": list(down)} if ok else None
+            out["cases"].append(case)
+            log(json.dumps({k: v for k, v in case.items() if k not in ("up", "down")}))
+
+    out["max_rel_err"] = max(max(c["best"]["rel_err"], c["default"]["rel_err"]) for c in out["cases"])
     return out
 
 
-def moe_block_for(check: dict, share: str, tokens: int) -> tuple | None:
-    """The fastest tile shape the sweep found for this layout's experts at this batch (None: not swept)."""
+def moe_block_for(check: dict, share: str, tokens: int) -> dict | None:
+    """The fastest tile shapes the sweep found for this layout's experts at this batch (None: not swept)."""
     best = (check or {}).get("best") or {}
-    found = (best.get(share) or {}).get(tokens) or (best.get(share) or {}).get(str(tokens))
-    return tuple(found) if found else None
+    return (best.get(share) or {}).get(tokens) or (best.get(share) or {}).get(str(tokens))
 
 
 def attention_check(heads: int = 32, kv_heads: int = 4, head_dim: int = 128) -> list[dict]:
@@ -346,6 +416,7 @@ def main() -> None:
     ap.add_argument("--nccl", action="store_true", help="also the TP rows over NCCL all-reduces")
     ap.add_argument("--no-attention", action="store_true", help="skip the decode-attention kernel check")
     ap.add_argument("--moe-from", default=None, help="the MoE sweep's JSON from an --only-moe run (not swept again)")
+    ap.add_argument("--profile", action="store_true", help="kernel times of a batch-16 decode step (1 GPU, TP rows)")
     ap.add_argument("--fused-only", action="store_true",
                     help="1-GPU rows on the fused kernels only (not also transformers' experts and torch ops), "
                          "and no accelerate layer split")
@@ -395,10 +466,12 @@ def main() -> None:
     if not args.only_reduce and not (check["max_rel_err"] is not None and check["max_rel_err"] < 0.02):
         os.environ["QWENHW_FUSED_MOE"] = "0"  # the rows still run, on transformers' experts kernels
 
-    def use_block(share: str, batch: int) -> list | None:
-        """Each layout's rows run on the tile shape the sweep found fastest for its experts and batch."""
-        fused.MOE_BLOCK = moe_block_for(check, share, 1 if batch == 1 else 16) or default_block
-        return list(fused.MOE_BLOCK) if fused.moe_enabled() else None
+    def use_block(share: str, batch: int) -> dict | None:
+        """Each layout's rows run on the tile shapes the sweep found fastest for its experts and batch."""
+        found = moe_block_for(check, share, 1 if batch == 1 else 16) or {}
+        fused.MOE_BLOCK = tuple(found.get("block") or default_block)
+        fused.MOE_DOWN_BLOCK = tuple(found["down_block"]) if found.get("down_block") else None
+        return {"block": fused.MOE_BLOCK, "down_block": fused.MOE_DOWN_BLOCK} if fused.moe_enabled() else None
 
     if rank == 0 and not big and not args.only_reduce and not args.no_attention:
         try:
@@ -450,6 +523,9 @@ def main() -> None:
                              decode_experts="grouped_mm", batch=b)
                 with torch.inference_mode():
                     rate = decode_rate(rt, b, args.tokens, args.repeats)
+                    if args.profile and not label and b > 1:
+                        extra[f"profile_1gpu_b{b}"] = step_profile(rt, b)
+                        log(json.dumps({f"profile_1gpu_b{b}": extra[f"profile_1gpu_b{b}"]}))
                     if args.worst_prefill and not label:
                         worst_prefill(rt, b, args.context)
                     note = ""
@@ -544,6 +620,11 @@ def main() -> None:
                     trace.append(memory_point(f"experts {mode}, batch {b}, symm {symm}: runtime built", rank))
                     with torch.inference_mode():
                         rate = decode_rate(rt, b, args.tokens, args.repeats)
+                        if args.profile and b > 1 and not apart and symm == "1":
+                            prof = step_profile(rt, b)  # every rank replays (collectives); rank 0's kept
+                            if rank == 0:
+                                extra[f"profile_tp{world}_{mode}_b{b}"] = prof
+                                log(json.dumps({f"profile_tp{world}_{mode}_b{b}": prof}))
                         if args.worst_prefill and not apart and symm == "1":
                             worst_prefill(rt, b, args.context)
                         err = None

@@ -84,8 +84,9 @@ for name in ("float32", "bfloat16"):
         h = torch.randn(t, 48, generator=g).to(dt)
         into = torch.full((t, 48), float("nan"), dtype=dt)
         with_res = fused.moe_experts(x, ex, idx, w, residual=h, out=into)
-        # the gate/up kernel in 3 slices of the hidden size, the last slice to finish applying the activation
-        split = fused.moe_experts(x, ex, idx, w, block=(16, 16, 4, 1, 3))
+        # the gate/up kernel in 3 slices of the hidden size, the last slice to finish applying the activation;
+        # the down kernel on tiles of its own
+        split = fused.moe_experts(x, ex, idx, w, block=(16, 16, 4, 1, 3), down_block=(32, 16, 4, 1))
         split_ep = fused.moe_experts(x, upper, idx, w, ep_start=4, block=(16, 16, 4, 1, 3))
         counts = fused._COUNTS[x.device]
     out[name] = {"split": rel(split, ref), "split_ep": rel(split_ep, ref_part),

@@ -373,6 +373,7 @@ MOE_MAX_PAIRS = 512  # token-expert pairs per call (batch 64 at top-8); the sele
 # (BN, BK, warps, stages) on GPUs: decode reads each touched expert once, so many narrow column blocks keep
 # every SM streaming weights
 MOE_BLOCK = (64, 128, 4, 3)
+MOE_DOWN_BLOCK: tuple[int, int, int, int] | None = None  # the down kernel's (BN, BK, warps, stages); None: MOE_BLOCK's
 
 
 def moe_supported(experts: Any) -> bool:
@@ -396,51 +397,80 @@ def moe_enabled() -> bool:
 
 def moe_experts(x: torch.Tensor, experts: Any, idx: torch.Tensor, weights: torch.Tensor,
                 ep_start: int = 0, block: tuple[int, ...] | None = None,
-                residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                down_block: tuple[int, ...] | None = None) -> torch.Tensor:
     """The routed experts' output [tokens, hidden] for x [tokens, hidden], ids/weights [tokens, top_k].
 
     Experts are `experts.gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I] (transformers' layout); ids are
     global, this module holds experts [ep_start, ep_start + E) and pairs routed elsewhere contribute zero
     (expert parallel). Three kernels whatever the routing: gate/up + SiLU, down * weight, and the sum.
-    `block` = (BN, BK, warps, stages[, split]) overrides the tile shape and the gate/up kernel's split of the
-    hidden size (bench/multi_gpu.py sweeps a few).
+    `block` = (BN, BK, warps, stages[, split]) overrides the gate/up kernel's tile shape and its split of the
+    hidden size, `down_block` = (BN, BK, warps, stages) the down kernel's (bench/multi_gpu.py sweeps them).
     `residual` [tokens, hidden] is added in the last kernel (the decoder layer's skip connection); `out`, a
     contiguous [tokens, hidden] tensor to write into (a tensor-parallel reducer's buffer).
     """
-    gu, dn = experts.gate_up_proj, experts.down_proj
-    n_exp, two_i, hidden = gu.shape
-    inter = two_i // 2
-    tokens, top_k = idx.shape
-    pairs = tokens * top_k
-    x = x.contiguous()
-    ids = idx.reshape(-1).contiguous()
-    rw = weights.reshape(-1).contiguous()
-    h = torch.empty((pairs, inter), dtype=x.dtype, device=x.device)
-    y = torch.empty((pairs, hidden), dtype=x.dtype, device=x.device)
-    out = torch.empty((tokens, hidden), dtype=x.dtype, device=x.device) if out is None else out
-    bp = max(16, triton.next_power_of_2(pairs))
-    exact = not x.is_cuda or x.dtype == torch.float32  # fp32 models keep fp32 products (no TF32)
-    bn, bk, warps, stages, *rest = block or (MOE_BLOCK if x.is_cuda else (16, 32, 4, 1))
-    split = rest[0] if rest else 1
-    if hidden % (split * bk):
-        split = 1  # each slice a whole number of BK steps
-    bm = 16
-    chunks = triton.cdiv(tokens, bm)  # an expert gets at most one pair per token: its chunks of bm pairs
-    tiles = dict(BP=bp, BM=bm, BN=bn, BK=bk, EXACT=exact, num_warps=warps, num_stages=stages)
-    n_tiles = triton.cdiv(inter, bn)
-    part, cnt = h, ids  # unused unless split
-    if split > 1:
-        part = torch.empty((split, pairs, two_i), dtype=torch.float32, device=x.device)
-        cnt = _split_counts(x.device, n_exp * n_tiles * chunks)
-    _moe_gate_up[(n_exp, n_tiles, chunks * split)](x, gu, ids, h, part, cnt, pairs, ep_start, H=hidden, I=inter,
-                                                   TOP_K=top_k, SPLIT=split, **tiles)
-    _moe_down[(n_exp, triton.cdiv(hidden, bn), chunks)](h, dn, ids, rw, y, pairs, ep_start, H=hidden, I=inter,
-                                                         **tiles)
-    bh = min(1024, triton.next_power_of_2(hidden))
-    res = residual.contiguous() if residual is not None else out
-    _moe_sum[(tokens, triton.cdiv(hidden, bh))](y, ids, res, out, hidden, ep_start, n_exp, TOP_K=top_k, BH=bh,
-                                                RESIDUAL=residual is not None)
-    return out
+    call = MoeCall(x, experts, idx, weights, ep_start, block, down_block, residual, out)
+    call.gate_up()
+    call.down()
+    return call.sum()
+
+
+class MoeCall:
+    """One `moe_experts` call's buffers and launches, each kernel callable alone (the bench times them)."""
+
+    def __init__(self, x: torch.Tensor, experts: Any, idx: torch.Tensor, weights: torch.Tensor, ep_start: int = 0,
+                 block: tuple[int, ...] | None = None, down_block: tuple[int, ...] | None = None,
+                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None):
+        self.gu, self.dn = experts.gate_up_proj, experts.down_proj
+        self.n_exp, two_i, self.hidden = self.gu.shape
+        self.inter = two_i // 2
+        self.tokens, self.top_k = idx.shape
+        self.pairs = self.tokens * self.top_k
+        self.ep_start = ep_start
+        self.x = x.contiguous()
+        self.ids = idx.reshape(-1).contiguous()
+        self.rw = weights.reshape(-1).contiguous()
+        dev = x.device
+        self.h = torch.empty((self.pairs, self.inter), dtype=x.dtype, device=dev)
+        self.y = torch.empty((self.pairs, self.hidden), dtype=x.dtype, device=dev)
+        self.out = torch.empty((self.tokens, self.hidden), dtype=x.dtype, device=dev) if out is None else out
+        self.residual = residual.contiguous() if residual is not None else None
+        exact = not x.is_cuda or x.dtype == torch.float32  # fp32 models keep fp32 products (no TF32)
+        bn, bk, warps, stages, *rest = block or (MOE_BLOCK if x.is_cuda else (16, 32, 4, 1))
+        split = rest[0] if rest else 1
+        if self.hidden % (split * bk):
+            split = 1  # each slice a whole number of BK steps
+        self.split = split
+        self.chunks = triton.cdiv(self.tokens, 16)  # an expert gets at most one pair per token: chunks of 16
+        common = dict(BP=max(16, triton.next_power_of_2(self.pairs)), BM=16, EXACT=exact)
+        self.up_tiles = dict(BN=bn, BK=bk, num_warps=warps, num_stages=stages, **common)
+        if down_block is None:  # an explicit `block` sets both kernels' tiles unless down_block is given too
+            down_block = MOE_DOWN_BLOCK if block is None and x.is_cuda and MOE_DOWN_BLOCK else (bn, bk, warps, stages)
+        dbn, dbk, dwarps, dstages = down_block
+        self.down_tiles = dict(BN=dbn, BK=dbk, num_warps=dwarps, num_stages=dstages, **common)
+        self.n_tiles = triton.cdiv(self.inter, bn)
+        self.part, self.cnt = self.h, self.ids  # unused unless split
+        if split > 1:
+            self.part = torch.empty((split, self.pairs, two_i), dtype=torch.float32, device=dev)
+            self.cnt = _split_counts(dev, self.n_exp * self.n_tiles * self.chunks)
+
+    def gate_up(self) -> None:
+        _moe_gate_up[(self.n_exp, self.n_tiles, self.chunks * self.split)](
+            self.x, self.gu, self.ids, self.h, self.part, self.cnt, self.pairs, self.ep_start, H=self.hidden,
+            I=self.inter, TOP_K=self.top_k, SPLIT=self.split, **self.up_tiles)
+
+    def down(self) -> None:
+        _moe_down[(self.n_exp, triton.cdiv(self.hidden, self.down_tiles["BN"]), self.chunks)](
+            self.h, self.dn, self.ids, self.rw, self.y, self.pairs, self.ep_start, H=self.hidden, I=self.inter,
+            **self.down_tiles)
+
+    def sum(self) -> torch.Tensor:
+        bh = min(1024, triton.next_power_of_2(self.hidden))
+        res = self.residual if self.residual is not None else self.out
+        _moe_sum[(self.tokens, triton.cdiv(self.hidden, bh))](
+            self.y, self.ids, res, self.out, self.hidden, self.ep_start, self.n_exp, TOP_K=self.top_k, BH=bh,
+            RESIDUAL=self.residual is not None)
+        return self.out
 
 
 _COUNTS: dict[torch.device, torch.Tensor] = {}
