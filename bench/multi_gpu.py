@@ -134,8 +134,8 @@ MOE_SHARES = {"1": (1, "ep"), "ep2": (2, "ep"), "ep4": (4, "ep"), "tp2": (2, "tp
 # gate/up: (BN, BK, warps, stages[, split of the hidden size]); down: (BN, BK, warps, stages)
 MOE_UP_BLOCKS = [(64, 128, 4, 3), (128, 128, 8, 3), (128, 128, 4, 3), (64, 128, 4, 4), (32, 128, 4, 3),
                  (64, 128, 4, 3, 2), (64, 128, 4, 3, 4), (128, 128, 8, 3, 2)]
-MOE_DOWN_BLOCKS = [(64, 128, 4, 3), (128, 128, 4, 3), (64, 64, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4, 2),
-                   (64, 64, 4, 4, 4), (128, 64, 4, 4, 2), (64, 128, 4, 3, 2), (32, 128, 4, 3, 4)]
+MOE_DOWN_BLOCKS = [(64, 128, 4, 3), (128, 128, 8, 3), (128, 128, 4, 3), (64, 64, 4, 4), (256, 64, 8, 3),
+                   (32, 128, 4, 3), (128, 64, 4, 4)]
 MOE_COPIES = 4  # consecutive timed calls use different weights, as consecutive layers do (no L2 reuse)
 
 
@@ -145,9 +145,8 @@ def moe_kernel_check(hidden: int = 2048, inter: int = 768, n_exp: int = 128, top
     for one rank's experts of each layout: all (1 GPU), whole experts of one EP rank ("ep2", "ep4"), or
     every expert's 1/2 or 1/4 of the intermediate size ("tp2", "tp4"); at 1 and 16 tokens.
     Each kernel is timed alone inside CUDA graphs: the gate/up kernel for every MOE_UP_BLOCKS shape, then
-    the down kernel for every MOE_DOWN_BLOCKS shape (summing each token's rows itself where every expert
-    is local: "1", "tp2", "tp4"), then the sum kernel; the fastest pair is timed whole (and checked against
-    transformers) next to the three kernels on MOE_BLOCK. `best[share][tokens]`: {"block", "down_block"}."""
+    the down kernel for every MOE_DOWN_BLOCKS shape, then the sum; the fastest pair is timed whole (and
+    checked against transformers) next to the default. `best[share][tokens]`: {"block", "down_block"}."""
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
@@ -183,7 +182,6 @@ def moe_kernel_check(hidden: int = 2048, inter: int = 768, n_exp: int = 128, top
             w = torch.softmax(torch.randn(t, top_k, device="cuda"), -1).bfloat16()
             touched = sum(int(r[r < local].unique().numel()) for r in routes) / MOE_COPIES * 3 * hidden * part * 2
             case = {"share": key, "experts_local": local, "inter_local": part, "tokens": t, "up": [], "down": []}
-            everyone = local == n_exp  # every pair's expert here: the down kernel sums the rows
 
             def timed(make, step):
                 """Median seconds of `step` over calls rotating through the copies (calls made up front)."""
@@ -209,7 +207,7 @@ def moe_kernel_check(hidden: int = 2048, inter: int = 768, n_exp: int = 128, top
                 for block in MOE_DOWN_BLOCKS:
                     try:
                         def make(e, r, block=block):
-                            call = fused.MoeCall(x, e, r, w, block=up, down_block=block, all_local=everyone)
+                            call = fused.MoeCall(x, e, r, w, block=up, down_block=block)
                             call.gate_up()
                             return call
                         dt = timed(make, fused.MoeCall.down)
@@ -223,14 +221,12 @@ def moe_kernel_check(hidden: int = 2048, inter: int = 768, n_exp: int = 128, top
                     call.gate_up()
                     call.down()
                     return call
-                case["sum_us"] = 1e6 * timed(make_sum, fused.MoeCall.sum)  # the kernel the fold saves
-                for name, (b_up, b_down, fold) in (("default", (fused.MOE_BLOCK, None, False)),
-                                                   ("best", (up, down, everyone))):
-                    got = fused.moe_experts(x, ex, idx, w, block=b_up, down_block=b_down, all_local=fold)
+                case["sum_us"] = 1e6 * timed(make_sum, fused.MoeCall.sum)
+                for name, (b_up, b_down) in (("default", (fused.MOE_BLOCK, None)), ("best", (up, down))):
+                    got = fused.moe_experts(x, ex, idx, w, block=b_up, down_block=b_down)
                     dt = timed(lambda e, r: (e, r), lambda c: fused.moe_experts(x, c[0], c[1], w, block=b_up,
-                                                                                down_block=b_down, all_local=fold))
+                                                                                down_block=b_down))
                     case[name] = {"block": list(b_up), "down_block": list(b_down or b_up[:4]), "us": dt * 1e6,
-                                  "summed_in_down": fold,
                                   "gb_s": touched / dt / 1e9,
                                   "rel_err": float((got.float() - ref.float()).norm() / max(ref.float().norm(), 1e-6))}
             ok = case["best"]["rel_err"] < 0.02

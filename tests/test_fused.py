@@ -88,18 +88,9 @@ for name in ("float32", "bfloat16"):
         # the down kernel on tiles of its own
         split = fused.moe_experts(x, ex, idx, w, block=(16, 16, 4, 1, 3), down_block=(32, 16, 4, 1))
         split_ep = fused.moe_experts(x, upper, idx, w, ep_start=4, block=(16, 16, 4, 1, 3))
-        # every pair local: the down kernel sums the rows (the last of a token's programs), 2 column blocks
-        # per program (48 columns in blocks of 16: the second program's second block is past the end)
-        folded = fused.moe_experts(x, ex, idx, w, all_local=True, down_block=(16, 16, 4, 1, 2))
-        unfolded = fused.moe_experts(x, ex, idx, w, down_block=(16, 16, 4, 1, 2))
-        into2 = torch.full((t, 48), float("nan"), dtype=dt)
-        folded_res = fused.moe_experts(x, ex, idx, w, residual=h, out=into2, all_local=True)
-        counts = [fused._COUNTS[(x.device, kind)] for kind in ("split", "rows")]
+        counts = fused._COUNTS[x.device]
     out[name] = {"split": rel(split, ref), "split_ep": rel(split_ep, ref_part),
-                 "counts_back_to_zero": all(int(c.count_nonzero()) == 0 for c in counts),
-                 "folded_equals_sum_kernel": torch.equal(folded, unfolded) and torch.equal(folded_res, with_res),
-                 "grouped": rel(unfolded, ref),
-                 "folded_wrote_out": folded_res is into2 and not bool(into2.isnan().any()),
+                 "counts_back_to_zero": int(counts.count_nonzero()) == 0 and counts.numel() >= 8 * 3,
                  "full": rel(got, ref), "ep": rel(part, ref_part), "ep_sum": rel(part + rest, ref),
                  "top1": rel(top1, ref_top1), "supported": fused.moe_supported(ex),
                  "no_pair_row_zero": bool((rest[3] == 0).all()), "residual": rel(with_res, h + ref),
@@ -233,10 +224,8 @@ def test_fused_moe_kernels_follow_transformers_experts():
     assert bf16["full"] < 3e-2 and bf16["ep"] < 3e-2 and bf16["ep_sum"] < 3e-2
     assert fp32["residual"] < 1e-5 and bf16["residual"] < 3e-2
     assert fp32["split"] < 1e-5 and fp32["split_ep"] < 1e-5 and bf16["split"] < 3e-2
-    assert fp32["grouped"] < 1e-5 and bf16["grouped"] < 3e-2
     for r in (fp32, bf16):
         assert r["supported"] and r["no_pair_row_zero"] and r["wrote_into_out"] and r["counts_back_to_zero"]
-        assert r["folded_equals_sum_kernel"] and r["folded_wrote_out"]
 
 
 def test_decode_attention_reads_the_filled_cache_only():
@@ -283,9 +272,9 @@ def test_reduce_norm_compiles_for_hopper():
 
 
 def test_moe_kernels_compile_for_hopper():
-    """The MoE kernels for sm_90 ahead of time (see above), the split gate/up and the summing down kernel
-    included: weight loads pipelined (cp.async, given the 16-byte aligned pointers a launch specialises on),
-    their counts acquire-release atomics, the other programs' results read back from L2."""
+    """The MoE kernels for sm_90 ahead of time (see above), the split gate/up kernel included: weight loads
+    pipelined (cp.async, given the 16-byte aligned pointers a launch specialises on), the split's count an
+    acquire-release atomic and its partial sums read back from L2."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
 
@@ -298,9 +287,7 @@ def test_moe_kernels_compile_for_hopper():
                               "part_ptr": "*fp32", "cnt_ptr": "*i32", "P": "i32", "ep_start": "i32"},
          [{"H": 2048, "I": inter, "TOP_K": 8, "SPLIT": split, **tiles} for inter in (768, 192) for split in (1, 2)]),
         (fused._moe_down, {"h_ptr": "*bf16", "w_ptr": "*bf16", "ids_ptr": "*i64", "rw_ptr": "*bf16", "y_ptr": "*bf16",
-                           "cnt_ptr": "*i32", "res_ptr": "*bf16", "out_ptr": "*bf16", "P": "i32", "ep_start": "i32"},
-         [{"H": 2048, "I": inter, "TOP_K": 8, "GROUP": group, "FOLD": fold, "RESIDUAL": True, **tiles}
-          for inter, group, fold in ((192, 1, False), (384, 4, True), (768, 2, True))]),
+                           "P": "i32", "ep_start": "i32"}, [{"H": 2048, "I": 192, **tiles}]),
     ]
     for fn, sig, variants in kernels:
         aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, ty in sig.items() if ty.startswith("*")}
@@ -315,5 +302,5 @@ def test_moe_kernels_compile_for_hopper():
                     pytest.skip(str(exc)[:200])
                 raise
             assert "cp.async.cg.shared.global" in ptx, (fn.__name__, consts)
-            if consts.get("SPLIT", 1) > 1 or consts.get("FOLD"):
+            if consts.get("SPLIT", 1) > 1:
                 assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx

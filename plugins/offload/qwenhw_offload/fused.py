@@ -208,57 +208,27 @@ if triton is not None:
                 tl.store(h_ptr + pair[:, None] * I + n[None, :], (act * _round(acc_u, ty)).to(ty), mask=out)
 
     @triton.jit
-    def _moe_down(h_ptr, w_ptr, ids_ptr, rw_ptr, y_ptr, cnt_ptr, res_ptr, out_ptr, P, ep_start, H: tl.constexpr,
-                  I: tl.constexpr, TOP_K: tl.constexpr, BP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                  BK: tl.constexpr, GROUP: tl.constexpr, FOLD: tl.constexpr, RESIDUAL: tl.constexpr,
-                  EXACT: tl.constexpr):
+    def _moe_down(h_ptr, w_ptr, ids_ptr, rw_ptr, y_ptr, P, ep_start, H: tl.constexpr, I: tl.constexpr,
+                  BP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EXACT: tl.constexpr):
         """y[pair, n] = (h[pair] @ down[e, n]) * routing weight[pair], for BM of expert e's pairs (chunk c),
-        GROUP column blocks of BN in one loop (each program's start, finding its pairs, is latency the
-        weight stream waits for: GROUP blocks share it).
-
-        FOLD (every pair's expert is here: one GPU, or experts split by their intermediate size): the sum
-        kernel's work is done here. Each token row counts its pairs' programs in (an atomic per token and
-        column group); the program that brings a row's count to TOP_K adds the row's TOP_K pair rows in pair
-        order (as `_moe_sum`: the same bits whoever is last), the residual, and writes `out`."""
+        BN columns."""
         ty = y_ptr.dtype.element_ty
         e = tl.program_id(0)
-        tile = tl.program_id(1)
+        n = tl.program_id(1) * BN + tl.arange(0, BN)
         chunk = tl.program_id(2)
         count = _count(ids_ptr, P, e, ep_start, BP)
         if chunk * BM < count:
             pair, valid = _pairs_of(ids_ptr, P, e, ep_start, chunk * BM, BP, BM)
             w_e = w_ptr + e.to(tl.int64) * H * I
-            rw = tl.load(rw_ptr + pair, mask=valid, other=0.0).to(tl.float32)
-            KSTEPS: tl.constexpr = (I + BK - 1) // BK
             acc = tl.zeros([BM, BN], dtype=tl.float32)
-            for step in range(0, GROUP * KSTEPS):  # (column block, k step) flattened: one pipelined loop
-                n = (tile * GROUP + step // KSTEPS) * BN + tl.arange(0, BN)
-                k = (step % KSTEPS) * BK + tl.arange(0, BK)
+            for k0 in range(0, I, BK):
+                k = k0 + tl.arange(0, BK)
                 h = tl.load(h_ptr + pair[:, None] * I + k[None, :], mask=valid[:, None] & (k[None, :] < I), other=0.0)
                 w = tl.load(w_e + n[None, :] * I + k[:, None], mask=(n[None, :] < H) & (k[:, None] < I), other=0.0)
                 acc = _dot(h, w, acc, EXACT)
-                if step % KSTEPS == KSTEPS - 1:
-                    y = _round(acc, ty) * rw[:, None]
-                    tl.store(y_ptr + pair[:, None] * H + n[None, :], y.to(ty), mask=valid[:, None] & (n[None, :] < H))
-                    acc = tl.zeros([BM, BN], dtype=tl.float32)
-            if FOLD:
-                tok = pair // TOP_K
-                tl.debug_barrier()  # every thread's y rows written before the counts say so (release)
-                cnt = cnt_ptr + tok * tl.num_programs(1) + tile
-                done = valid & (tl.atomic_add(cnt, 1, mask=valid, sem="acq_rel") == TOP_K - 1)
-                if tl.max(done.to(tl.int32), 0) > 0:
-                    tl.store(cnt, 0, mask=done)  # for the next call (and the next replay of a CUDA graph)
-                    tl.debug_barrier()
-                    for g in tl.static_range(GROUP):
-                        n = (tile * GROUP + g) * BN + tl.arange(0, BN)
-                        m = done[:, None] & (n[None, :] < H)
-                        total = tl.zeros([BM, BN], dtype=tl.float32)
-                        if RESIDUAL:
-                            total += tl.load(res_ptr + tok[:, None] * H + n[None, :], mask=m, other=0.0).to(tl.float32)
-                        for j in tl.static_range(TOP_K):  # .cg: from L2, where the other programs wrote
-                            total += tl.load(y_ptr + (tok[:, None] * TOP_K + j) * H + n[None, :], mask=m, other=0.0,
-                                             cache_modifier=".cg").to(tl.float32)
-                        tl.store(out_ptr + tok[:, None] * H + n[None, :], total.to(ty), mask=m)
+            rw = tl.load(rw_ptr + pair, mask=valid, other=0.0).to(tl.float32)
+            y = _round(acc, ty) * rw[:, None]
+            tl.store(y_ptr + pair[:, None] * H + n[None, :], y.to(ty), mask=valid[:, None] & (n[None, :] < H))
 
     @triton.jit
     def _moe_sum(y_ptr, ids_ptr, res_ptr, out_ptr, H, ep_start, E, TOP_K: tl.constexpr, BH: tl.constexpr,
@@ -403,9 +373,7 @@ MOE_MAX_PAIRS = 512  # token-expert pairs per call (batch 64 at top-8); the sele
 # (BN, BK, warps, stages) on GPUs: decode reads each touched expert once, so many narrow column blocks keep
 # every SM streaming weights
 MOE_BLOCK = (64, 128, 4, 3)
-# the down kernel's (BN, BK, warps, stages[, column blocks per program]); None: MOE_BLOCK's shape
-MOE_DOWN_BLOCK: tuple[int, ...] | None = None
-MOE_FOLD_SUM = True  # the down kernel sums each token's rows when every pair is local (one kernel fewer)
+MOE_DOWN_BLOCK: tuple[int, int, int, int] | None = None  # the down kernel's (BN, BK, warps, stages); None: MOE_BLOCK's
 
 
 def moe_supported(experts: Any) -> bool:
@@ -430,21 +398,18 @@ def moe_enabled() -> bool:
 def moe_experts(x: torch.Tensor, experts: Any, idx: torch.Tensor, weights: torch.Tensor,
                 ep_start: int = 0, block: tuple[int, ...] | None = None,
                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                down_block: tuple[int, ...] | None = None, all_local: bool = False) -> torch.Tensor:
+                down_block: tuple[int, ...] | None = None) -> torch.Tensor:
     """The routed experts' output [tokens, hidden] for x [tokens, hidden], ids/weights [tokens, top_k].
 
     Experts are `experts.gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I] (transformers' layout); ids are
     global, this module holds experts [ep_start, ep_start + E) and pairs routed elsewhere contribute zero
-    (expert parallel). Three kernels whatever the routing: gate/up + SiLU, down * weight, and the sum; two
-    when the caller says every id is one of these experts (`all_local`: one GPU, or experts split by their
-    intermediate size), where the down kernel sums each token's rows itself.
+    (expert parallel). Three kernels whatever the routing: gate/up + SiLU, down * weight, and the sum.
     `block` = (BN, BK, warps, stages[, split]) overrides the gate/up kernel's tile shape and its split of the
-    hidden size, `down_block` = (BN, BK, warps, stages[, column blocks per program]) the down kernel's
-    (bench/multi_gpu.py sweeps them).
+    hidden size, `down_block` = (BN, BK, warps, stages) the down kernel's (bench/multi_gpu.py sweeps them).
     `residual` [tokens, hidden] is added in the last kernel (the decoder layer's skip connection); `out`, a
     contiguous [tokens, hidden] tensor to write into (a tensor-parallel reducer's buffer).
     """
-    call = MoeCall(x, experts, idx, weights, ep_start, block, down_block, residual, out, all_local)
+    call = MoeCall(x, experts, idx, weights, ep_start, block, down_block, residual, out)
     call.gate_up()
     call.down()
     return call.sum()
@@ -455,7 +420,7 @@ class MoeCall:
 
     def __init__(self, x: torch.Tensor, experts: Any, idx: torch.Tensor, weights: torch.Tensor, ep_start: int = 0,
                  block: tuple[int, ...] | None = None, down_block: tuple[int, ...] | None = None,
-                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None, all_local: bool = False):
+                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None):
         self.gu, self.dn = experts.gate_up_proj, experts.down_proj
         self.n_exp, two_i, self.hidden = self.gu.shape
         self.inter = two_i // 2
@@ -481,17 +446,13 @@ class MoeCall:
         self.up_tiles = dict(BN=bn, BK=bk, num_warps=warps, num_stages=stages, **common)
         if down_block is None:  # an explicit `block` sets both kernels' tiles unless down_block is given too
             down_block = MOE_DOWN_BLOCK if block is None and x.is_cuda and MOE_DOWN_BLOCK else (bn, bk, warps, stages)
-        dbn, dbk, dwarps, dstages, *drest = down_block
-        self.group = drest[0] if drest else 1
-        self.down_tiles = dict(BN=dbn, BK=dbk, GROUP=self.group, num_warps=dwarps, num_stages=dstages, **common)
-        self.down_programs = triton.cdiv(self.hidden, dbn * self.group)
+        dbn, dbk, dwarps, dstages = down_block
+        self.down_tiles = dict(BN=dbn, BK=dbk, num_warps=dwarps, num_stages=dstages, **common)
         self.n_tiles = triton.cdiv(self.inter, bn)
         self.part, self.cnt = self.h, self.ids  # unused unless split
         if split > 1:
             self.part = torch.empty((split, self.pairs, two_i), dtype=torch.float32, device=dev)
-            self.cnt = _zeroed_counts(dev, "split", self.n_exp * self.n_tiles * self.chunks)
-        self.fold = all_local and MOE_FOLD_SUM
-        self.rows_cnt = _zeroed_counts(dev, "rows", self.tokens * self.down_programs) if self.fold else self.ids
+            self.cnt = _split_counts(dev, self.n_exp * self.n_tiles * self.chunks)
 
     def gate_up(self) -> None:
         _moe_gate_up[(self.n_exp, self.n_tiles, self.chunks * self.split)](
@@ -499,15 +460,11 @@ class MoeCall:
             I=self.inter, TOP_K=self.top_k, SPLIT=self.split, **self.up_tiles)
 
     def down(self) -> None:
-        res = self.residual if self.residual is not None else self.out
-        _moe_down[(self.n_exp, self.down_programs, self.chunks)](
-            self.h, self.dn, self.ids, self.rw, self.y, self.rows_cnt, res, self.out, self.pairs, self.ep_start,
-            H=self.hidden, I=self.inter, TOP_K=self.top_k, FOLD=self.fold, RESIDUAL=self.residual is not None,
+        _moe_down[(self.n_exp, triton.cdiv(self.hidden, self.down_tiles["BN"]), self.chunks)](
+            self.h, self.dn, self.ids, self.rw, self.y, self.pairs, self.ep_start, H=self.hidden, I=self.inter,
             **self.down_tiles)
 
     def sum(self) -> torch.Tensor:
-        if self.fold:  # the down kernel wrote `out`
-            return self.out
         bh = min(1024, triton.next_power_of_2(self.hidden))
         res = self.residual if self.residual is not None else self.out
         _moe_sum[(self.tokens, triton.cdiv(self.hidden, bh))](
@@ -516,16 +473,16 @@ class MoeCall:
         return self.out
 
 
-_COUNTS: dict[tuple[torch.device, str], torch.Tensor] = {}
+_COUNTS: dict[torch.device, torch.Tensor] = {}
 
 
-def _zeroed_counts(device: torch.device, kind: str, n: int) -> torch.Tensor:
-    """Zeroed int32 counters for the kernels' last-to-finish steps, kept per device and use: each call
-    leaves them at zero, so a tensor made once (outside any CUDA graph capture: the runtime's warm-up calls
-    come first) serves every call and replay. Grown, never shrunk."""
-    have = _COUNTS.get((device, kind))
+def _split_counts(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters for the split gate/up kernel, kept per device: each call leaves them at zero,
+    so a tensor made once (outside any CUDA graph capture: the runtime's warm-up calls come first) serves
+    every call and replay. Grown, never shrunk."""
+    have = _COUNTS.get(device)
     if have is None or have.numel() < n:
-        _COUNTS[(device, kind)] = have = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTS[device] = have = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
     return have
 
 

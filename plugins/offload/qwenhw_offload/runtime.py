@@ -202,8 +202,7 @@ class Runtime:
             weights, idx = route(layer.mlp.gate, flat)
             out = self._partial(h)
             fused.moe_experts(flat, experts, idx, weights, getattr(experts, "ep_start", 0),
-                              residual=h.view_as(flat) if self.lead else None, out=out.view_as(flat),
-                              all_local=not getattr(experts, "_is_expert_parallel", False))
+                              residual=h.view_as(flat) if self.lead else None, out=out.view_as(flat))
             return self._reduce(out, self._next_norm(i))
         if self.group is not None and experts is not None:
             from .parallel import expert_parallel_moe
