@@ -389,6 +389,43 @@ def worst_prefill(rt, batch: int, context: int) -> None:
     rt.reset()
 
 
+def long_prefill_check(model, lengths: tuple[int, ...] = (4500, 2500), context: int = 8192) -> dict:
+    """Prompts longer than the runtime's prefill chunk go one sequence and one chunk at a time; against
+    one pass over the padded batch: last-token logits, greedy tokens, and the memory each prefill took
+    above the runtime's (activations: the planner reserves them for PREFILL_CHUNK tokens per sequence)."""
+    import qwenhw
+    from qwenhw_offload.planner import PREFILL_CHUNK, gpu_activation_bytes
+    from qwenhw_offload.runtime import Runtime, SampleParams
+
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 151936, (n,), generator=g).tolist() for n in lengths]
+    out: dict = {"lengths": list(lengths), "chunk": PREFILL_CHUNK}
+    runs = {}
+    for name, chunk in (("one pass", 10 ** 9), ("chunked", PREFILL_CHUNK)):
+        rt = Runtime(model, max_len=context, device="cuda:0", graphs=True, decode_experts="grouped_mm",
+                     batch=len(prompts))
+        rt.prefill_chunk = chunk
+        gc.collect()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated(0)
+        torch.cuda.reset_peak_memory_stats(0)
+        with torch.inference_mode():
+            logits = rt.prefill(prompts).float().cpu()
+            tokens = rt.generate_batch(prompts, 8, SampleParams(), set())
+        torch.cuda.synchronize()
+        runs[name] = (logits, tokens)
+        out[f"{name}: peak above the runtime GiB"] = (torch.cuda.max_memory_allocated(0) - base) / GiB
+        del rt
+        gc.collect()
+        torch.cuda.empty_cache()
+    (a, ta), (b, tb) = runs["one pass"], runs["chunked"]
+    out["logits_rel_err"] = float((a - b).norm() / a.norm())
+    out["greedy_equal"] = ta == tb
+    spec = qwenhw.models.get("Qwen3-30B-A3B").with_(num_layers=len(model.model.layers))
+    out["planner reserve GiB (concurrency 2)"] = gpu_activation_bytes(spec, context, len(prompts)) / GiB
+    return out
+
+
 def peak_gib(device: int, nontorch: float) -> float:
     return (torch.cuda.max_memory_reserved(device) + nontorch) / GiB
 
@@ -411,11 +448,16 @@ def main() -> None:
     ap.add_argument("--only-reduce", action="store_true",
                     help="only the all-reduce checks (a quick run before the rest, under a timeout)")
     ap.add_argument("--only-moe", action="store_true", help="only the MoE kernel sweep (rank 0)")
-    ap.add_argument("--experts", default="ep,tp",
-                    help="how the TP rows split the MoE layers: ep (whole experts per GPU), tp (every expert split)")
+    ap.add_argument("--experts", default="tp,ep",
+                    help="how the TP rows split the MoE layers: tp (every expert split), ep (whole experts per GPU); "
+                         "the first also runs the reduce-and-norm-apart rows and the DP x TP layout")
+    ap.add_argument("--long-prefill", action="store_true",
+                    help="1 GPU: prompts longer than the prefill chunk, chunked against one pass (logits, memory)")
     ap.add_argument("--nccl", action="store_true", help="also the TP rows over NCCL all-reduces")
     ap.add_argument("--no-attention", action="store_true", help="skip the decode-attention kernel check")
     ap.add_argument("--moe-from", default=None, help="the MoE sweep's JSON from an --only-moe run (not swept again)")
+    ap.add_argument("--default-tiles", action="store_true",
+                    help="rows on fused.py's own MoE tile shapes (what qwenhw runs), not the sweep's fastest")
     ap.add_argument("--profile", action="store_true", help="kernel times of a batch-16 decode step (1 GPU, TP rows)")
     ap.add_argument("--fused-only", action="store_true",
                     help="1-GPU rows on the fused kernels only (not also transformers' experts and torch ops), "
@@ -446,6 +488,8 @@ def main() -> None:
     # --- the fused MoE decode kernel: right, and its fastest tile shapes here (rank 0; all ranks use them) --
     if rank == 0 and args.moe_from:
         extra["moe_kernel"] = json.loads(Path(args.moe_from).read_text())
+    elif rank == 0 and args.default_tiles:  # the rows check the kernels (HF's greedy tokens, TP logits)
+        extra["moe_kernel"] = {"best": {}, "max_rel_err": 0.0, "note": "not swept (--default-tiles)"}
     elif rank == 0 and not args.only_reduce:
         try:
             shape = (4096, 1536) if big else (2048, 768)
@@ -468,7 +512,7 @@ def main() -> None:
 
     def use_block(share: str, batch: int) -> dict | None:
         """Each layout's rows run on the tile shapes the sweep found fastest for its experts and batch."""
-        found = moe_block_for(check, share, 1 if batch == 1 else 16) or {}
+        found = {} if args.default_tiles else moe_block_for(check, share, 1 if batch == 1 else 16) or {}
         fused.MOE_BLOCK = tuple(found.get("block") or default_block)
         fused.MOE_DOWN_BLOCK = tuple(found["down_block"]) if found.get("down_block") else None
         return {"block": fused.MOE_BLOCK, "down_block": fused.MOE_DOWN_BLOCK} if fused.moe_enabled() else None
@@ -549,6 +593,9 @@ def main() -> None:
             if r is not None and label != ", unfused (torch ops)":
                 extra[f"decode_logits_rel_err_vs_unfused{label}"] = float((a - r).norm() / r.norm())
         log(json.dumps({k: v for k, v in extra.items() if k.startswith("decode_logits")}))
+        if args.long_prefill:
+            extra["long_prefill"] = long_prefill_check(model)
+            log(json.dumps({"long_prefill": extra["long_prefill"]}))
         try:
             census = kernel_census(model, args.context)
             log(json.dumps({"kernel_census": census}))
@@ -676,7 +723,7 @@ def main() -> None:
 
     # --- qwenhw data parallel: world // tp replicas of tp GPUs, each decoding batch // replicas -------------
     tps = [1] + ([2] if world >= 4 else [])
-    dp_mode = modes[-1] if modes else "ep"  # DP x TP replicas split their experts as the last --experts mode
+    dp_mode = modes[0] if modes else "tp"  # DP x TP replicas split their experts as the first --experts mode
     for tp in tps if world > 1 and not big and not args.only_tp else []:
         replicas = world // tp
         group = replica_group(tp) if tp > 1 else None

@@ -203,6 +203,31 @@ def test_fast_path_decodes_a_list_of_prompts_together_like_one_at_a_time(tiny_mo
     assert [c.finish_reason for c in together] == [c.finish_reason for c in alone]
 
 
+@pytest.mark.parametrize("graphs", [False, "emulate"])
+def test_long_prompts_prefill_one_sequence_one_chunk_at_a_time(tiny_moe, graphs):
+    """Prompts longer than the runtime's prefill chunk (the planner reserves activations for that many
+    tokens per sequence) go one sequence and one chunk at a time, each chunk attending to the sequence's
+    earlier slots: the same last-token logits and greedy tokens as one pass over the padded batch (fp32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qwenhw_offload.runtime import Runtime, SampleParams
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32)
+    prompts = [list(range(100, 123)), list(range(300, 311))]  # 23 and 11 tokens: 5, 3 chunks of 5
+    whole, chunked = (Runtime(model, 64, "cpu", graphs=graphs, batch=2) for _ in range(2))
+    chunked.prefill_chunk = 5
+    a, b = whole.prefill(prompts), chunked.prefill(prompts)
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    # the same keys in every slot a sequence owns (row 1's first 12 slots are left padding)
+    assert torch.allclose(whole.k[:, 0, :, :23], chunked.k[:, 0, :, :23], atol=1e-5)
+    assert torch.allclose(whole.k[:, 1, :, 12:23], chunked.k[:, 1, :, 12:23], atol=1e-5)
+    tokens = [whole.generate_batch(prompts, 6, SampleParams(), set()),
+              chunked.generate_batch(prompts, 6, SampleParams(), set())]
+    assert tokens[0] == tokens[1] and all(len(t) == 6 for t in tokens[1])
+    assert chunked._row is None and int(chunked.start[1]) == 12  # the left-padded layout decode steps expect
+
+
 def test_fast_path_refuses_a_prompt_longer_than_the_planned_context(tiny_moe):
     """Alone or in a list, a prompt that fills the planned context stops with a message naming the fix."""
     plan = qwenhw.plan(str(tiny_moe), backend="offload", engine="transformers-fast", context=16, concurrency=2)

@@ -374,6 +374,10 @@ MOE_MAX_PAIRS = 512  # token-expert pairs per call (batch 64 at top-8); the sele
 # every SM streaming weights
 MOE_BLOCK = (64, 128, 4, 3)
 MOE_DOWN_BLOCK: tuple[int, int, int, int] | None = None  # the down kernel's (BN, BK, warps, stages); None: MOE_BLOCK's
+# up to MOE_SPLIT_TOKENS tokens, the gate/up kernel splits the hidden size MOE_SPLIT ways: one token touches
+# 8 experts, 8 x 12 programs leave most SMs idle (H200, 1 token: 14.0 vs 18.0 us on half or a quarter of the
+# experts, 20.4 vs 21.3 on all of them; at 16 tokens splitting loses: docs/benchmarks.md)
+MOE_SPLIT, MOE_SPLIT_TOKENS = 4, 4
 
 
 def moe_supported(experts: Any) -> bool:
@@ -437,7 +441,8 @@ class MoeCall:
         self.residual = residual.contiguous() if residual is not None else None
         exact = not x.is_cuda or x.dtype == torch.float32  # fp32 models keep fp32 products (no TF32)
         bn, bk, warps, stages, *rest = block or (MOE_BLOCK if x.is_cuda else (16, 32, 4, 1))
-        split = rest[0] if rest else 1
+        split = rest[0] if rest else (MOE_SPLIT if block is None and x.is_cuda and self.tokens <= MOE_SPLIT_TOKENS
+                                      else 1)
         if self.hidden % (split * bk):
             split = 1  # each slice a whole number of BK steps
         self.split = split

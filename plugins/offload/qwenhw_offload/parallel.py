@@ -31,7 +31,8 @@ from .planner import FUSE_MAX_REMOTE_ROWS, fuses_reduce, split_counts
 
 
 def check(config: Any, world: int) -> str | None:
-    """Why this model cannot be split `world` ways, or None (the planner's rule, on a transformers config)."""
+    """Why this model's attention and whole experts cannot be split `world` ways, or None (on a transformers
+    config; the planner's split_rule asks the same of a plan's layout)."""
     experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or 0
     return split_counts(config.num_attention_heads, config.num_key_value_heads, experts, world)
 

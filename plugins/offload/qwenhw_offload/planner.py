@@ -83,6 +83,17 @@ def activation_bytes(spec: ModelSpec, context: int, concurrency: int) -> float:
     return tokens * (4 * h + attn + mlp) * 2 + logits
 
 
+# On GPUs the caching allocator reserves more than the tensors a prefill holds at once (their sizes change
+# from layer to layer and freed blocks stay reserved). Measured on H200s, 16 prompts of 1023 tokens at TP=2:
+# 3.27 GiB reserved for the 1.70 GiB activation_bytes counts (docs/benchmarks.md, "worst prefill").
+CUDA_PREFILL_RESERVE = 1.92
+
+
+def gpu_activation_bytes(spec: ModelSpec, context: int, concurrency: int) -> float:
+    """What a GPU gives up for the activations of the largest prefill the plan allows."""
+    return activation_bytes(spec, context, concurrency) * CUDA_PREFILL_RESERVE
+
+
 def runtime_batches(concurrency: int | None) -> list[int]:
     """The lean runtimes a fast-path or rank engine builds: batch 1 (streams, single prompts), and one of the
     plan's concurrency for prompt lists. Each holds its own KV cache."""
@@ -236,7 +247,7 @@ def gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, con
         cap = min(cap, req.gpu_memory_gib * GiB)
     sequences = sum(runtime_batches(req.concurrency)) if fast and not hybrid else req.concurrency
     kv = kv_bytes(served, context, sequences, kv_dtype)
-    act = activation_bytes(served, context, req.concurrency)
+    act = gpu_activation_bytes(served, context, req.concurrency)
     ram = _ram_budget(node, req)
     dev = gpu.device_id
     room = cap - kv - act - CUDA_CONTEXT
@@ -321,9 +332,22 @@ def gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, con
     )
 
 
+def expert_split(spec: ModelSpec, tp: int) -> str:
+    """How a tensor-parallel replica of `tp` GPUs holds the routed experts: "tp", every expert split by its
+    intermediate size, when that divides; else "ep", whole experts per GPU (parallel.py).
+    Every GPU then reads the same share of each expert a batch touches; with whole experts a step waits
+    for the GPU whose experts the batch touched most. Measured on 2 H200s (docs/benchmarks.md): 303.9 vs
+    292.7 tok/s at batch 1, 2113.9 vs 2107.6 at batch 16 (2145.5 vs 2093.5 in an earlier run)."""
+    if spec.moe and spec.moe.moe_intermediate_size % tp == 0:
+        return "tp"
+    return "ep"
+
+
 def split_rule(spec: ModelSpec, n: int) -> str | None:
-    """Why tensor-parallel attention + expert-parallel MoE cannot use `n` GPUs (parallel.check asks the same)."""
-    return split_counts(spec.num_heads, spec.num_kv_heads, spec.moe.num_experts if spec.moe else 0, n)
+    """Why tensor-parallel attention + a split of the experts cannot use `n` GPUs (parallel.check and
+    parallel.check_split ask the same)."""
+    experts = spec.moe.num_experts if spec.moe and expert_split(spec, n) == "ep" else 0
+    return split_counts(spec.num_heads, spec.num_kv_heads, experts, n)
 
 
 def split_counts(heads: int, kv_heads: int, experts: int, n: int) -> str | None:
@@ -340,9 +364,9 @@ def parallel_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str
                   n: int, tp: int | None = None) -> Plan:
     """`n` GPUs of one node, one process per GPU, as `n // tp` data-parallel replicas of `tp` GPUs each.
 
-    Inside a replica of tp > 1, attention is tensor-parallel and the MoE expert-parallel: every rank holds
-    1/tp of attention and whole experts [r*E/tp, (r+1)*E/tp); embeddings, norms and router are replicated;
-    two all-reduces per layer cross the GPU links. Replicas share nothing: each decodes its share of the
+    Inside a replica of tp > 1, attention is tensor-parallel and the experts split (`expert_split`): every
+    rank holds 1/tp of attention and 1/tp of every expert (or whole experts [r*E/tp, (r+1)*E/tp));
+    embeddings, norms and router are replicated; two all-reduces per layer cross the GPU links. Replicas share nothing: each decodes its share of the
     sequences (one replica per GPU needs the whole model to fit one GPU).
     """
     from qwenhw.planning.layout import link_between
@@ -360,12 +384,13 @@ def parallel_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str
     per_replica = -(-batch // dp)  # sequences one replica decodes at a time
     kv_share = max(1, spec.num_kv_heads // tp) / spec.num_kv_heads
     kv = kv_bytes(served, context, sum(runtime_batches(per_replica)), kv_dtype) * kv_share
-    act = activation_bytes(served, context, per_replica)
+    act = gpu_activation_bytes(served, context, per_replica)
     weights = wb.embeddings + (wb.non_expert + wb.experts) / tp
     overhead = act + CUDA_CONTEXT + (NCCL_BUFFERS if tp > 1 else 0.0)
     why = split_rule(spec, tp) if tp > 1 else None
     fits = why is None and weights + kv + overhead <= cap
-    ep = tp if spec.is_moe else 1
+    experts = expert_split(spec, tp) if spec.is_moe and tp > 1 else None
+    ep = tp if experts == "ep" else 1
     reasons = [why] if why else []
     if not why and not fits:
         reasons.append(f"{(weights + kv + overhead) / GiB:.1f} GiB per GPU exceed the {cap / GiB:.1f} GiB budget")
@@ -379,7 +404,10 @@ def parallel_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str
             (f"{dp} replicas of {tp} GPUs, each decoding {per_replica} of the {batch} sequences; in a replica, "
              if dp > 1 else f"{n} GPUs, one process each: ")
             + f"attention split by heads ({spec.num_heads // tp} per GPU), "
-            + (f"experts by expert parallelism ({spec.moe.num_experts // tp} whole experts per GPU), " if spec.moe
+            + (f"every expert split by its intermediate size ({spec.moe.moe_intermediate_size // tp} of "
+               f"{spec.moe.moe_intermediate_size} per GPU: each GPU reads its share of every expert a batch "
+               "touches), " if experts == "tp" else
+               f"experts by expert parallelism ({spec.moe.num_experts // tp} whole experts per GPU), " if spec.moe
                else "MLPs split by columns/rows, ")
             + f"2 all-reduces per layer over {node.link(0, 1).kind if node.link(0, 1) else 'PCIe'} "
               f"({bw:.0f} GB/s{fused_note}); "
@@ -415,7 +443,7 @@ def parallel_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str
         reasons=tuple(reasons),
         config={"dtype": stored_dtype(served), "world": n, "tp": tp, "cuda_graphs": True,
                 "decode_experts": "grouped_mm", "threads": node.cpu.physical_cores,
-                "env": {"NCCL_NVLS_ENABLE": "0"}},
+                **({"experts": experts} if experts else {}), "env": {"NCCL_NVLS_ENABLE": "0"}},
     )
 
 

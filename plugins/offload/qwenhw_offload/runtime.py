@@ -19,8 +19,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from . import fused
+from .planner import PREFILL_CHUNK
 
 SUPPORTED = ("qwen3", "qwen3_moe", "qwen2", "qwen2_moe")
 
@@ -102,6 +104,10 @@ class Runtime:
         self._layer_graphs: list[Any] = []
         self._graph_out: Any = None
         self.length = 0
+        # prompts longer than this go one sequence and one chunk at a time (the planner reserves activations
+        # for this many tokens per sequence): (row, its first slot, the chunk's end) while they do
+        self.prefill_chunk = PREFILL_CHUNK
+        self._row: tuple[int, int, int] | None = None
 
     # --- the model's pieces -------------------------------------------------------------------------
     def _attention(self, i: int, h: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -119,6 +125,19 @@ class Runtime:
             q, k = rms_norm(a.q_norm, q), rms_norm(a.k_norm, k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = self.rope(q, k, cos, sin)
+        if self._row is not None:  # one chunk of one sequence's prompt (prefill_rows)
+            row, first, end = self._row
+            kc, vc = self.k[i][row:row + 1], self.v[i][row:row + 1]
+            kc.index_copy_(2, pos, k)
+            vc.index_copy_(2, pos, v)
+            # the chunk's queries see the sequence's earlier slots and, causally, their own: the causal mask
+            # aligned to the lower right, never materialised (flash / memory-efficient kernels)
+            span = end - first
+            bias = causal_lower_right(t, span) if span > t else None
+            out = F.scaled_dot_product_attention(q, kc[:, :, first:end], vc[:, :, first:end], attn_mask=bias,
+                                                 is_causal=bias is None, scale=a.scaling, enable_gqa=True)
+            out = a.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+            return h + self._reduce(out)
         self.k[i].index_copy_(2, pos, k)
         self.v[i].index_copy_(2, pos, v)
         if mask is None:  # a prompt from position 0: plain causal attention over its own keys (flash kernels)
@@ -308,11 +327,32 @@ class Runtime:
         self._use_experts(self.prefill_experts)
         self._decoding = False
         pads = [n - len(r) for r in rows]
-        t = torch.tensor([[r[0]] * p + r for r, p in zip(rows, pads)], dtype=torch.long, device=self.device)
         self.start.copy_(torch.tensor(pads))
-        pos = torch.arange(n, device=self.device)
         self.length = n
+        if n > self.prefill_chunk:
+            return self._prefill_rows(rows, pads)
+        t = torch.tensor([[r[0]] * p + r for r, p in zip(rows, pads)], dtype=torch.long, device=self.device)
+        pos = torch.arange(n, device=self.device)
         return self._forward(t, pos, from_zero=True, padded=any(pads))
+
+    def _prefill_rows(self, rows: list[list[int]], pads: list[int]) -> torch.Tensor:
+        """Long prompts: each sequence on its own, `prefill_chunk` tokens per forward pass, into its row of
+        the cache at the slots the left-padded layout gives it (so decode steps find it where they look).
+        A whole batch of 32k-token prompts in one pass would hold activations for all of them at once."""
+        last = []
+        try:
+            for row, (ids, pad) in enumerate(zip(rows, pads)):
+                for lo in range(0, len(ids), self.prefill_chunk):
+                    chunk = ids[lo:lo + self.prefill_chunk]
+                    first, end = pad, pad + lo + len(chunk)
+                    self._row = (row, first, end)
+                    t = torch.tensor([chunk], dtype=torch.long, device=self.device)
+                    logits = self._forward(t, torch.arange(end - len(chunk), end, device=self.device),
+                                           from_zero=True)
+                last.append(logits)
+        finally:
+            self._row = None
+        return torch.cat(last)
 
     @torch.inference_mode()
     def decode(self, token: int | torch.Tensor) -> torch.Tensor:
