@@ -703,8 +703,9 @@ def main() -> None:
         del model  # before the next layout builds its own
         gc.collect()
         torch.cuda.empty_cache()
-    if ("ep", "") in tp_step and ("ep", "apart") in tp_step:
-        a, r = tp_step[("ep", "")], tp_step[("ep", "apart")]
+    first = modes[0] if modes else None
+    if (first, "") in tp_step and (first, "apart") in tp_step:
+        a, r = tp_step[(first, "")], tp_step[(first, "apart")]
         extra["tp_decode_logits_rel_err_fused_reduce_vs_apart"] = float((a - r).norm() / r.norm())
     if ("ep", "") in tp_step and ("tp", "") in tp_step:
         a, r = tp_step[("tp", "")], tp_step[("ep", "")]

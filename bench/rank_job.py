@@ -6,7 +6,7 @@ bench/multi_gpu.py times the runtime inside a torchrun job it starts itself, wit
 memory. This script goes the way a user does:
   1. writes a Qwen3-30B-A3B-shaped checkpoint (random bf16 weights, `--layers` layers; save_pretrained
      stores the experts one by one, as the Hub checkpoints do) next to the Qwen3 tokenizer files;
-  2. plans each layout for this machine (1 GPU fast path, TP+EP over all GPUs, DP replicas) with qwenhw's
+  2. plans each layout for this machine (1 GPU fast path, TP over all GPUs, DP replicas) with qwenhw's
      planner, and loads it with `qwenhw.load`: the TP ranks read only their slices (parallel.load_shard),
      all ranks run as a torchrun job that qwenhw starts and drives;
   3. times the load, one streamed prompt, and a list of 16 prompts of different lengths (decoded
@@ -166,7 +166,9 @@ def main() -> None:
                           concurrency=16)
     layouts = [("1 GPU, fast path", one)]
     if n > 1:
-        layouts.append((f"TP={n} + EP={n}", planner.parallel_plan(spec, hw, req, "auto", args.context, "bf16", n, n)))
+        tp = planner.parallel_plan(spec, hw, req, "auto", args.context, "bf16", n, n)
+        split = "experts split" if tp.config.get("experts") == "tp" else f"EP={n}"
+        layouts.append((f"TP={n} + {split}", tp))
         layouts.append((f"DP={n}", planner.parallel_plan(spec, hw, req, "auto", args.context, "bf16", n, 1)))
     rows, reference = [], None
     for label, plan in layouts:

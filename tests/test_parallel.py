@@ -32,6 +32,7 @@ def _rank(rank: int, world: int, port: int, path: str, prompt: list[int], out, f
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # fp32: sums agree to ~1e-6
     shard(model, rank, world, experts)
     rt = Runtime(model, 64, "cpu", graphs=False if fused else "emulate", group=dist.group.WORLD, batch=2)
+    rt.prefill_chunk = 4  # the 6-token prompts prefill one sequence and one chunk at a time on the ranks
     assert rt.fused == fused
     logits = rt.prefill([prompt, prompt[::-1]])
     tokens = [logits.argmax(-1)]
@@ -46,7 +47,8 @@ def _rank(rank: int, world: int, port: int, path: str, prompt: list[int], out, f
 def test_two_ranks_match_one(tiny_moe, fused, experts):
     """Each rank's experts through transformers' kernels (expert-parallel sentinel) or the fused Triton
     MoE kernels (expert ids outside the rank's range skipped), with whole experts per rank or every expert
-    split by its intermediate size: the same tokens as one process."""
+    split by its intermediate size, the prompts prefilled in chunks of 4 tokens: the same tokens as one
+    process prefilling them in one pass."""
     if fused:
         pytest.importorskip("triton")
     import torch

@@ -128,29 +128,6 @@ if triton is not None:
         return tl.sum(((tl.load(ids_ptr + p, mask=p < P, other=-1) - ep_start) == e).to(tl.int32), 0)
 
     @triton.jit
-    def _gate_up_sums(x_ptr, w_e, tok, valid, n, k_lo, H: tl.constexpr, I: tl.constexpr, KS: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EXACT: tl.constexpr):
-        """fp32 (x @ gate, x @ up) over hidden [k_lo, k_lo + KS) for BM (token) rows and BN columns."""
-        acc_g = tl.zeros([BM, BN], dtype=tl.float32)
-        acc_u = tl.zeros([BM, BN], dtype=tl.float32)
-        for k0 in range(0, KS, BK):
-            k = k_lo + k0 + tl.arange(0, BK)
-            x = tl.load(x_ptr + tok[:, None] * H + k[None, :], mask=valid[:, None] & (k[None, :] < H), other=0.0)
-            wmask = (n[None, :] < I) & (k[:, None] < H)
-            wg = tl.load(w_e + n[None, :] * H + k[:, None], mask=wmask, other=0.0)
-            wu = tl.load(w_e + (I + n[None, :]) * H + k[:, None], mask=wmask, other=0.0)
-            acc_g = _dot(x, wg, acc_g, EXACT)
-            acc_u = _dot(x, wu, acc_u, EXACT)
-        return acc_g, acc_u
-
-    @triton.jit
-    def _act_store(h_ptr, acc_g, acc_u, pair, out, n, I: tl.constexpr):
-        ty = h_ptr.dtype.element_ty
-        g = _round(acc_g, ty)  # transformers: linear -> chunk (rounded), silu (rounded), * up (rounded)
-        act = _round(g / (1.0 + tl.exp(-g)), ty)
-        tl.store(h_ptr + pair[:, None] * I + n[None, :], (act * _round(acc_u, ty)).to(ty), mask=out)
-
-    @triton.jit
     def _moe_gate_up(x_ptr, w_ptr, ids_ptr, h_ptr, part_ptr, cnt_ptr, P, ep_start, H: tl.constexpr, I: tl.constexpr,
                      TOP_K: tl.constexpr, BP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      SPLIT: tl.constexpr, EXACT: tl.constexpr):
@@ -375,8 +352,9 @@ MOE_MAX_PAIRS = 512  # token-expert pairs per call (batch 64 at top-8); the sele
 MOE_BLOCK = (64, 128, 4, 3)
 MOE_DOWN_BLOCK: tuple[int, int, int, int] | None = None  # the down kernel's (BN, BK, warps, stages); None: MOE_BLOCK's
 # up to MOE_SPLIT_TOKENS tokens, the gate/up kernel splits the hidden size MOE_SPLIT ways: one token touches
-# 8 experts, 8 x 12 programs leave most SMs idle (H200, 1 token: 14.0 vs 18.0 us on half or a quarter of the
-# experts, 20.4 vs 21.3 on all of them; at 16 tokens splitting loses: docs/benchmarks.md)
+# 8 experts, 8 x 12 programs leave most SMs idle (H200, 1 token: 14.0 vs 16.3 us with every expert split 2
+# ways across GPUs, 11.0 vs 15.0 split 4 ways, 20.4 vs 21.3 whole; at 16 tokens splitting loses:
+# docs/benchmarks.md)
 MOE_SPLIT, MOE_SPLIT_TOKENS = 4, 4
 
 

@@ -150,7 +150,6 @@ class Reducer:
 
 
 Cut = tuple[str, int, int]  # ("rows" | "cols" | "experts" | "gate_up" | "inner", start, stop)
-EXPERT_MODES = ("ep", "tp")
 
 
 def cuts(model: Any, rank: int, world: int, experts: str = "ep") -> dict[str, Cut]:
