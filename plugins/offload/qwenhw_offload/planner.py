@@ -336,8 +336,8 @@ def expert_split(spec: ModelSpec, tp: int) -> str:
     """How a tensor-parallel replica of `tp` GPUs holds the routed experts: "tp", every expert split by its
     intermediate size, when that divides; else "ep", whole experts per GPU (parallel.py).
     Every GPU then reads the same share of each expert a batch touches; with whole experts a step waits
-    for the GPU whose experts the batch touched most. Measured on 2 H200s (docs/benchmarks.md): 303.9 vs
-    292.7 tok/s at batch 1, 2113.9 vs 2107.6 at batch 16 (2145.5 vs 2093.5 in an earlier run)."""
+    for the GPU whose experts the batch touched most. Measured on 2 H200s in four runs (docs/benchmarks.md):
+    2.7-3.8% faster at batch 1 (300.3 vs 292.5 tok/s in the last), 0-2.5% at batch 16 (2116.7 vs 2117.2)."""
     if spec.moe and spec.moe.moe_intermediate_size % tp == 0:
         return "tp"
     return "ep"
@@ -366,8 +366,9 @@ def parallel_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str
 
     Inside a replica of tp > 1, attention is tensor-parallel and the experts split (`expert_split`): every
     rank holds 1/tp of attention and 1/tp of every expert (or whole experts [r*E/tp, (r+1)*E/tp));
-    embeddings, norms and router are replicated; two all-reduces per layer cross the GPU links. Replicas share nothing: each decodes its share of the
-    sequences (one replica per GPU needs the whole model to fit one GPU).
+    embeddings, norms and router are replicated; two all-reduces per layer cross the GPU links. Replicas
+    share nothing: each decodes its share of the sequences (one replica per GPU needs the whole model to
+    fit one GPU).
     """
     from qwenhw.planning.layout import link_between
 
