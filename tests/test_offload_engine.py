@@ -269,6 +269,37 @@ def test_text_stream_is_incremental_and_never_leaks_a_stop_string():
         assert stopped == bool(stop) and whole.endswith("the answer is " if stop else "after it")
 
 
+def test_whole_and_streamed_texts_leave_special_tokens_out_alike(tiny_moe):
+    """A special token in the middle of a completion (here <|im_start|>) is left out of the text the same
+    way whether the row is streamed or returned whole, by both engines' paths (RowTexts, HFEngine's own
+    decode), as vLLM's and OpenAI's servers do; <think> is not special and stays."""
+    import qwenhw
+    from transformers import AutoTokenizer
+
+    from qwenhw.engine.base import Sampling
+    from qwenhw.engine.text import RowTexts
+
+    tok = AutoTokenizer.from_pretrained(tiny_moe)
+    ids = tok("<think>ok</think>Hello world", add_special_tokens=False).input_ids
+    special = tok.convert_tokens_to_ids("<|im_start|>")
+    ids = ids[:3] + [special] + ids[3:]
+    texts = []
+    for stream in (True, False):
+        rows = RowTexts(tok, [Sampling(max_tokens=len(ids))], set(), 0, stream)
+        pieces = [rows.add(0, t) for t in ids]
+        texts.append("".join(p.text for p in pieces if p is not None))
+        assert pieces[-1] is not None and pieces[-1].finish == "length"
+    assert texts[0] == texts[1] == tok.decode(ids, skip_special_tokens=True)
+    assert "<|im_start|>" not in texts[0] and texts[0].startswith("<think>")
+    # the plain transformers engine decodes whole completions itself: the same rule
+    plan = qwenhw.plan(str(tiny_moe), backend="offload", engine="transformers", context=64)
+    with qwenhw.load(plan) as eng:
+        asked, real = [], eng.tokenizer.decode
+        eng.tokenizer.decode = lambda t, **k: asked.append(k.get("skip_special_tokens")) or real(t, **k)
+        eng.generate("Hi", max_tokens=2, temperature=0)
+    assert asked and all(asked)
+
+
 def test_generate_engine_decodes_a_servers_batch_in_one_call(tiny_moe, texts):
     """The plain transformers engine (CPU and accelerate-offload plans) planned for 3 concurrent sequences
     decodes a server's batch in generate() calls of 3 rows: each row keeps its own max_tokens and stop

@@ -82,7 +82,7 @@ class HFEngine(Engine):
             while new and new[-1] in eos:  # drop padding and the end-of-turn token
                 new.pop()
                 finish = "stop"
-            text = self.tokenizer.decode(new, skip_special_tokens=False)
+            text = self.tokenizer.decode(new, skip_special_tokens=True)  # as streams and vLLM
             text, stopped = cut_at_stop(text, sampling.stop)
             results.append(Completion(text=text, token_ids=tuple(new), prompt_tokens=int(mask.sum()),
                                       finish_reason="stop" if stopped else finish))
@@ -161,7 +161,7 @@ class HFEngine(Engine):
 
         n = len(prompts)
         # streams leave special tokens out (as _stream's streamer does), whole texts keep them (as _complete)
-        rows = RowTexts(self.tokenizer, samplings, set(self._eos_ids()), first, stream, skip_special=stream)
+        rows = RowTexts(self.tokenizer, samplings, set(self._eos_ids()), first, stream)
         steps: queue.Queue = queue.Queue()
         errors: list[BaseException] = []
         cancel = threading.Event()

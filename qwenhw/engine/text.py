@@ -21,11 +21,10 @@ class TextStream:
     new text could complete one, so a long stream costs O(1) per token, not O(length). The last
     (longest stop - 1) characters are held back while a stop string could still be completing, so its
     beginning never goes out. `lazy` (nobody reads the deltas, no stop strings to look for): decode once,
-    in rest(). `skip_special`: special tokens stay out of the text (streams leave them out)."""
+    in rest(). Special tokens stay out of the text, streamed or whole (as vLLM's and OpenAI's servers do)."""
 
-    def __init__(self, tokenizer: Any, stop: tuple[str, ...], lazy: bool = False, skip_special: bool = True):
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...], lazy: bool = False):
         self.tokenizer = tokenizer
-        self.skip_special = skip_special
         self.stop = tuple(s for s in stop if s)
         self.lazy = lazy and not self.stop
         self.tokens: list[int] = []
@@ -36,7 +35,7 @@ class TextStream:
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _add(self, new: str) -> None:
         """Append decoded text; cut it at a stop string that ends in it."""
@@ -87,9 +86,8 @@ class RowTexts:
     ("stop"; neither text nor counted), so do its stop strings ("stop") and its max_tokens or the engine's
     `last` ("length"). Rows are numbered from `first` in the pieces."""
 
-    def __init__(self, tokenizer: Any, samplings: list[Sampling], eos: set[int], first: int, stream: bool,
-                 skip_special: bool = True):
-        self.texts = [TextStream(tokenizer, s.stop, lazy=not stream, skip_special=skip_special) for s in samplings]
+    def __init__(self, tokenizer: Any, samplings: list[Sampling], eos: set[int], first: int, stream: bool):
+        self.texts = [TextStream(tokenizer, s.stop, lazy=not stream) for s in samplings]
         self.limits = [s.max_tokens for s in samplings]
         self.counts = [0] * len(samplings)
         self.ended = [False] * len(samplings)

@@ -50,7 +50,7 @@ class RuntimeEngine(HFEngine):
             if tokens and tokens[-1] in eos:
                 tokens.pop()
                 finish = "stop"
-            text, stopped = cut_at_stop(self.tokenizer.decode(tokens), sampling.stop)
+            text, stopped = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), sampling.stop)
             out.append(Completion(text, tuple(tokens), len(prompt_ids), "stop" if stopped else finish))
         return out
 
