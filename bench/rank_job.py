@@ -24,6 +24,7 @@ import os
 import shutil
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -117,9 +118,15 @@ def serve_rates(engine, max_tokens: int = 64) -> dict:
         t = time.perf_counter()
         alone = sum(post(p) for p in PROMPTS) / (time.perf_counter() - t)
         server.scheduler.batch_sizes.clear()
+        gate = threading.Barrier(len(PROMPTS))  # the pool starts its threads one by one: send all at once
+
+        def post_together(prompt: str) -> int:
+            gate.wait()
+            return post(prompt)
+
         t = time.perf_counter()
         with ThreadPoolExecutor(len(PROMPTS)) as pool:
-            together = sum(pool.map(post, PROMPTS)) / (time.perf_counter() - t)
+            together = sum(pool.map(post_together, PROMPTS)) / (time.perf_counter() - t)
         sizes = dict(server.scheduler.batch_sizes)
     finally:
         server.shutdown()
@@ -134,6 +141,9 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path, help="use this checkpoint instead of writing one")
     ap.add_argument("--hardware", default=None, help="a profile name (default: this machine)")
     ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--experts", default=None,
+                    help="TP layouts for these expert splits, e.g. ep,tp (default: the planner's choice)")
+    ap.add_argument("--only-tp", action="store_true", help="only the TP layout(s): no 1-GPU or DP rows")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -164,12 +174,14 @@ def main() -> None:
     else:  # the smoke test: ranks fall back to the CPU, and so does this reference
         one = qwenhw.plan(str(ckpt), backend="offload", engine="transformers-fast", context=args.context,
                           concurrency=16)
-    layouts = [("1 GPU, fast path", one)]
+    layouts = [] if args.only_tp else [("1 GPU, fast path", one)]
     if n > 1:
         tp = planner.parallel_plan(spec, hw, req, "auto", args.context, "bf16", n, n)
-        split = "experts split" if tp.config.get("experts") == "tp" else f"EP={n}"
-        layouts.append((f"TP={n} + {split}", tp))
-        layouts.append((f"DP={n}", planner.parallel_plan(spec, hw, req, "auto", args.context, "bf16", n, 1)))
+        for mode in args.experts.split(",") if args.experts else [tp.config.get("experts", "ep")]:
+            split = "experts split" if mode == "tp" else f"EP={n}"
+            layouts.append((f"TP={n} + {split}", tp.replace(config={**tp.config, "experts": mode})))
+        if not args.only_tp:
+            layouts.append((f"DP={n}", planner.parallel_plan(spec, hw, req, "auto", args.context, "bf16", n, 1)))
     rows, reference = [], None
     for label, plan in layouts:
         plan = plan.replace(spec=spec.to_dict(), model_path=str(ckpt))  # what qwenhw.plan attaches to its plans

@@ -30,6 +30,8 @@ MAX_BODY = 16 * 2**20
 
 class OpenAIServer(ThreadingHTTPServer):
     daemon_threads = True  # a stuck client must not keep the process alive at exit
+    # the listen backlog: socketserver's default of 5 reset connections when 16 clients connected at once
+    request_queue_size = socket.SOMAXCONN
 
     def __init__(self, engine: Engine | None, host: str, port: int, api_key: str | None = None,
                  served_model_name: str | list[str] | None = None, max_context: int | None = None,

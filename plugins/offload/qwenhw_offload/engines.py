@@ -66,8 +66,9 @@ def _load_rank(plan: Any, path: str) -> HFEngine:
     group = replica_group(tp) if replicas > 1 and tp > 1 else dist.group.WORLD
     dtype = getattr(torch, TORCH_DTYPES[plan.config["dtype"]])
     start = time.perf_counter()
+    stats: dict[str, Any] = {}
     if tp > 1:  # only this rank's slices are read: the whole model need not fit one GPU, nor host RAM
-        model = load_shard(path, rank % tp, tp, device, dtype, plan.config.get("experts", "ep"))
+        model = load_shard(path, rank % tp, tp, device, dtype, plan.config.get("experts", "ep"), stats)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device}).eval()
     weights_s = time.perf_counter() - start
@@ -80,7 +81,9 @@ def _load_rank(plan: Any, path: str) -> HFEngine:
         engine = Replicas(engine, rank // tp, replicas, lead=rank % tp == 0, group=gather)
     # reported by rank 0 with its load reply (engine.info on the caller's side)
     engine.load_info = {"weights_s": round(weights_s, 2), "setup_s": round(time.perf_counter() - start - weights_s, 2),
-                        "reduce": inner.runtime.reducer.path if inner.runtime.reducer else None}
+                        "reduce": inner.runtime.reducer.path if inner.runtime.reducer else None,
+                        **{k: round(v, 2) for k, v in stats.items() if k.endswith("_s")},
+                        **({"experts": plan.config["experts"]} if tp > 1 and "experts" in plan.config else {})}
     return engine
 
 

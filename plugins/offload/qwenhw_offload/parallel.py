@@ -237,13 +237,15 @@ def shard(model: Any, rank: int, world: int, experts: str = "ep") -> dict[str, C
     return plan
 
 
-def load_shard(path: str, rank: int, world: int, device: str, dtype: torch.dtype, experts: str = "ep") -> Any:
+def load_shard(path: str, rank: int, world: int, device: str, dtype: torch.dtype, experts: str = "ep",
+               stats: dict | None = None) -> Any:
     """This rank's shard of a checkpoint, read slice by slice from its safetensors files: no process holds
     the whole model (Qwen3-235B-A22B is 470 GB in bf16), and the GPU never holds the unsharded tensors.
     Checkpoints store the experts one by one (experts.{e}.gate_proj/up_proj/down_proj); transformers' model
     holds them fused as [experts, 2 x inter, hidden] and [experts, hidden, inter]: built here for this
-    rank's experts only."""
+    rank's experts only. `stats` gets the seconds spent reading slices and copying them to the device."""
     import json
+    import time
     from pathlib import Path
 
     from safetensors import safe_open
@@ -267,17 +269,26 @@ def load_shard(path: str, rank: int, world: int, device: str, dtype: torch.dtype
         return ValueError(f"the checkpoint at {path} has no tensor {key}: tensor-parallel ranks read "
                           "Qwen2/Qwen3(-MoE) checkpoints in the Hub's layout")
 
+    spent = {"read_s": 0.0, "copy_s": 0.0, "slices": 0} if stats is None else stats
+    spent.update(read_s=0.0, copy_s=0.0, slices=0)
+
     def read(key: str, cut: Cut | None = None) -> torch.Tensor:
         if key not in where:
             raise missing(key)
+        start = time.perf_counter()
         part = where[key].get_slice(key)
-        return part[:] if cut is None else _cut(part, cut)
+        out = part[:] if cut is None else _cut(part, cut)
+        spent["read_s"] += time.perf_counter() - start
+        spent["slices"] += 1
+        return out
 
     def put(name: str, param: torch.Tensor, value: torch.Tensor) -> None:
         if value.shape != param.shape:
             raise ValueError(f"{name}: the checkpoint gives {tuple(value.shape)}, the shard holds "
                              f"{tuple(param.shape)}")
+        start = time.perf_counter()
         param.copy_(value)
+        spent["copy_s"] += time.perf_counter() - start
 
     with torch.no_grad():
         for name, param in model.named_parameters():

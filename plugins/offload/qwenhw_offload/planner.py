@@ -333,12 +333,14 @@ def gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, con
 
 
 def expert_split(spec: ModelSpec, tp: int) -> str:
-    """How a tensor-parallel replica of `tp` GPUs holds the routed experts: "tp", every expert split by its
-    intermediate size, when that divides; else "ep", whole experts per GPU (parallel.py).
-    Every GPU then reads the same share of each expert a batch touches; with whole experts a step waits
-    for the GPU whose experts the batch touched most. Measured on 2 H200s in four runs (docs/benchmarks.md):
-    2.7-3.8% faster at batch 1 (300.3 vs 292.5 tok/s in the last), 0-2.5% at batch 16 (2116.7 vs 2117.2)."""
-    if spec.moe and spec.moe.moe_intermediate_size % tp == 0:
+    """How a tensor-parallel replica of `tp` GPUs holds the routed experts (parallel.py): "ep", whole
+    experts per GPU, when their count divides; else "tp", every expert split by its intermediate size.
+    Split experts decode a little faster (each GPU reads the same share of every expert a batch touches;
+    with whole experts a step waits for the GPU whose experts the batch touched most): measured on H200s
+    +2.7-3.8% at batch 1 on 2 GPUs, +3.0% on 4, no gain at batch 16 (docs/benchmarks.md). But load_shard
+    reads them 6.5x slower (58 vs 8.9 s for 12 layers on 4 GPUs: every rank reads a slice of every expert),
+    so whole experts stay the default until that loader is faster."""
+    if spec.moe and spec.moe.num_experts % tp and spec.moe.moe_intermediate_size % tp == 0:
         return "tp"
     return "ep"
 
