@@ -237,9 +237,6 @@ def shard(model: Any, rank: int, world: int, experts: str = "ep") -> dict[str, C
     return plan
 
 
-STAGE_BYTES = 64 << 20  # slices up to this size reach the GPU through one pinned buffer (load_shard)
-
-
 def load_shard(path: str, rank: int, world: int, device: str, dtype: torch.dtype, experts: str = "ep",
                stats: dict | None = None) -> Any:
     """This rank's shard of a checkpoint, read slice by slice from its safetensors files: no process holds
@@ -285,23 +282,12 @@ def load_shard(path: str, rank: int, world: int, device: str, dtype: torch.dtype
         spent["slices"] += 1
         return out
 
-    stage: list[torch.Tensor] = []  # one pinned host buffer, reused for every slice up to STAGE_BYTES
-
     def put(name: str, param: torch.Tensor, value: torch.Tensor) -> None:
         if value.shape != param.shape:
             raise ValueError(f"{name}: the checkpoint gives {tuple(value.shape)}, the shard holds "
                              f"{tuple(param.shape)}")
         start = time.perf_counter()
-        if param.is_cuda and value.numel() * value.element_size() <= STAGE_BYTES:
-            # pageable slices went to the GPU at ~230 MB/s (3.4 ms per expert slice of 786 KB on an H200
-            # host: 15.7 of 17.9 s for 12 layers); through a pinned buffer they go at the link's speed
-            if not stage or stage[0].dtype != value.dtype:
-                stage[:] = [torch.empty(STAGE_BYTES // value.element_size(), dtype=value.dtype, pin_memory=True)]
-            buf = stage[0][:value.numel()].view(value.shape)
-            buf.copy_(value)
-            param.copy_(buf)
-        else:
-            param.copy_(value)
+        param.copy_(value)
         spent["copy_s"] += time.perf_counter() - start
 
     with torch.no_grad():
