@@ -10,12 +10,15 @@ all-reduce of one decode step's hidden states is timed inside CUDA graphs, NCCL 
 
 Side by side, batch 1 and batch 16 greedy decode:
   1. one GPU: qwenhw's fast path (the single-GPU best);
-  2. accelerate's layer split over all GPUs (HF generate; the naive baseline);
-  3. qwenhw's multi-GPU layouts: tensor-parallel attention + expert-parallel MoE, one process per GPU,
-     NCCL all-reduces, CUDA graphs per decode step; data-parallel replicas (a whole model per GPU, or
-     TP=2 pairs on 4 GPUs), each decoding its share of the batch;
-with per-GPU peak memory next to the planner's prediction and logits against the single-GPU run.
-Throughput is tokens per second over all sequences; latency is per sequence (batch 1).
+  2. accelerate's layer split over all GPUs (HF generate; the naive baseline; not with --fused-only);
+  3. qwenhw's multi-GPU layouts: tensor-parallel attention with whole experts per GPU and/or every expert
+     split (--experts), one process per GPU, the all-reduces over symmetric memory, CUDA graphs per decode
+     step; data-parallel replicas (a whole model per GPU, or TP=2 pairs on 4 GPUs), each decoding its share
+     of the batch;
+with per-GPU peak memory next to the planner's prediction (--worst-prefill: after the largest prefill the
+plan reserves for) and logits against the single-GPU run. Throughput is tokens per second over all
+sequences; latency is per sequence (batch 1). --only-moe times each MoE kernel alone per layout's experts;
+--default-tiles runs what qwenhw runs (no sweep).
 """
 
 from __future__ import annotations
@@ -448,9 +451,10 @@ def main() -> None:
     ap.add_argument("--only-reduce", action="store_true",
                     help="only the all-reduce checks (a quick run before the rest, under a timeout)")
     ap.add_argument("--only-moe", action="store_true", help="only the MoE kernel sweep (rank 0)")
-    ap.add_argument("--experts", default="tp,ep",
-                    help="how the TP rows split the MoE layers: tp (every expert split), ep (whole experts per GPU); "
-                         "the first also runs the reduce-and-norm-apart rows and the DP x TP layout")
+    ap.add_argument("--experts", default="ep,tp",
+                    help="how the TP rows split the MoE layers: ep (whole experts per GPU, the planner's default), "
+                         "tp (every expert split); the first also runs the reduce-and-norm-apart rows and the DP x TP "
+                         "layout")
     ap.add_argument("--long-prefill", action="store_true",
                     help="1 GPU: prompts longer than the prefill chunk, chunked against one pass (logits, memory)")
     ap.add_argument("--nccl", action="store_true", help="also the TP rows over NCCL all-reduces")
@@ -724,7 +728,7 @@ def main() -> None:
 
     # --- qwenhw data parallel: world // tp replicas of tp GPUs, each decoding batch // replicas -------------
     tps = [1] + ([2] if world >= 4 else [])
-    dp_mode = modes[0] if modes else "tp"  # DP x TP replicas split their experts as the first --experts mode
+    dp_mode = modes[0] if modes else "ep"  # DP x TP replicas split their experts as the first --experts mode
     for tp in tps if world > 1 and not big and not args.only_tp else []:
         replicas = world // tp
         group = replica_group(tp) if tp > 1 else None
