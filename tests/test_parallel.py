@@ -111,6 +111,24 @@ def test_load_starts_a_rank_job_and_matches_one_process(tiny_moe, texts):
     assert together == alone
 
 
+def test_a_rank_job_with_split_experts_matches_one_process(tiny_moe):
+    """The other expert split through the product path: each rank loads a slice of every expert from the
+    per-expert checkpoint tensors (load_shard), and reports its load's read and copy seconds (fp32, CPU)."""
+    import qwenhw
+
+    plan = qwenhw.plan(str(tiny_moe), hardware="2xH100-80G", backend="offload", engine="transformers-tp",
+                       context=128)
+    split = plan.replace(config={**plan.config, "experts": "tp", "dtype": "fp32", "threads": 1})
+    with qwenhw.load(split) as engine:
+        ranks = engine.generate("The capital of France is", max_tokens=6, temperature=0)[0]
+        info = engine.info
+    single = qwenhw.plan(str(tiny_moe), backend="offload", engine="transformers-fast", context=128)
+    with qwenhw.load(single.replace(config={**single.config, "dtype": "fp32"})) as engine:
+        one = engine.generate("The capital of France is", max_tokens=6, temperature=0)[0]
+    assert ranks.token_ids == one.token_ids
+    assert info["experts"] == "tp" and info["copy_s"] >= 0 and info["read_s"] >= 0
+
+
 def test_data_parallel_replicas_split_a_batch_and_match_one_process(tiny_moe, texts):
     """A transformers-dp plan: 2 replicas (one per GPU of the profile; here 2 CPU ranks over gloo) each
     decode their share of a batch of prompts; rank 0 answers with all of them, in order."""
