@@ -160,7 +160,6 @@ class HFEngine(Engine):
         from transformers.generation.streamers import BaseStreamer
 
         n = len(prompts)
-        # streams leave special tokens out (as _stream's streamer does), whole texts keep them (as _complete)
         rows = RowTexts(self.tokenizer, samplings, set(self._eos_ids()), first, stream)
         steps: queue.Queue = queue.Queue()
         errors: list[BaseException] = []
