@@ -45,11 +45,16 @@ def log(*a):
     print(*a, flush=True)
 
 
+def random_prompts(batch: int, length: int) -> list[list[int]]:
+    """The same token ids for every timed row and profile (seed 1)."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 151936, (batch, length), generator=g).tolist()
+
+
 def decode_rate(rt, batch: int, tokens: int, repeats: int, prompt_len: int = 32, barrier=None) -> float:
     """Median tokens/s over all sequences of greedy decoding, after one untimed run (graph capture).
     `barrier`: start every timed run together with the other replicas (data parallel)."""
-    g = torch.Generator().manual_seed(1)
-    prompts = torch.randint(0, 151936, (batch, prompt_len), generator=g).tolist()
+    prompts = random_prompts(batch, prompt_len)
     rates = []
     for r in range(repeats + 1):
         rt.reset()
@@ -93,8 +98,7 @@ def step_profile(rt, batch: int, steps: int = 4, prompt_len: int = 32) -> dict:
 
     from torch.profiler import ProfilerActivity, profile
 
-    g = torch.Generator().manual_seed(1)
-    prompts = torch.randint(0, 151936, (batch, prompt_len), generator=g).tolist()
+    prompts = random_prompts(batch, prompt_len)
     rt.reset()
     tok = rt.decode(rt.prefill(prompts).argmax(-1)).argmax(-1)  # graphs captured before the profile
     torch.cuda.synchronize()

@@ -10,7 +10,7 @@ import threading
 from typing import Any, Callable, Iterator
 
 from .base import Completion, Engine, Piece, Sampling
-from .text import RowTexts, cut_at_stop
+from .text import RowTexts, cut_at_stop, decode
 
 
 class HFEngine(Engine):
@@ -82,8 +82,7 @@ class HFEngine(Engine):
             while new and new[-1] in eos:  # drop padding and the end-of-turn token
                 new.pop()
                 finish = "stop"
-            text = self.tokenizer.decode(new, skip_special_tokens=True)  # as streams and vLLM
-            text, stopped = cut_at_stop(text, sampling.stop)
+            text, stopped = cut_at_stop(decode(self.tokenizer, new), sampling.stop)
             results.append(Completion(text=text, token_ids=tuple(new), prompt_tokens=int(mask.sum()),
                                       finish_reason="stop" if stopped else finish))
         return results

@@ -7,6 +7,11 @@ from typing import Any
 from .base import Piece, Sampling
 
 
+def decode(tokenizer: Any, ids: list[int]) -> str:
+    """Completion tokens as text: special tokens stay out, streamed or whole (as vLLM's and OpenAI's servers)."""
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     """The text before the first stop string, and whether there was one."""
     cut = min((text.find(s) for s in stops if s and s in text), default=-1)
@@ -21,7 +26,7 @@ class TextStream:
     new text could complete one, so a long stream costs O(1) per token, not O(length). The last
     (longest stop - 1) characters are held back while a stop string could still be completing, so its
     beginning never goes out. `lazy` (nobody reads the deltas, no stop strings to look for): decode once,
-    in rest(). Special tokens stay out of the text, streamed or whole (as vLLM's and OpenAI's servers do)."""
+    in rest(). Text as `decode` gives it."""
 
     def __init__(self, tokenizer: Any, stop: tuple[str, ...], lazy: bool = False):
         self.tokenizer = tokenizer
@@ -35,7 +40,7 @@ class TextStream:
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return decode(self.tokenizer, ids)
 
     def _add(self, new: str) -> None:
         """Append decoded text; cut it at a stop string that ends in it."""

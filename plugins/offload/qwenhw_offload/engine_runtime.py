@@ -9,7 +9,7 @@ import torch
 
 from qwenhw.engine.base import Completion, Piece, Sampling
 from qwenhw.engine.hf import HFEngine
-from qwenhw.engine.text import RowTexts, cut_at_stop
+from qwenhw.engine.text import RowTexts, cut_at_stop, decode
 
 from .planner import runtime_batches
 from .runtime import Runtime, SampleParams, supported
@@ -50,7 +50,7 @@ class RuntimeEngine(HFEngine):
             if tokens and tokens[-1] in eos:
                 tokens.pop()
                 finish = "stop"
-            text, stopped = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), sampling.stop)
+            text, stopped = cut_at_stop(decode(self.tokenizer, tokens), sampling.stop)
             out.append(Completion(text, tuple(tokens), len(prompt_ids), "stop" if stopped else finish))
         return out
 

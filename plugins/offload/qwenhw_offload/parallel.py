@@ -269,7 +269,7 @@ def load_shard(path: str, rank: int, world: int, device: str, dtype: torch.dtype
         return ValueError(f"the checkpoint at {path} has no tensor {key}: tensor-parallel ranks read "
                           "Qwen2/Qwen3(-MoE) checkpoints in the Hub's layout")
 
-    spent = {"read_s": 0.0, "copy_s": 0.0, "slices": 0} if stats is None else stats
+    spent = {} if stats is None else stats
     spent.update(read_s=0.0, copy_s=0.0, slices=0)
 
     def read(key: str, cut: Cut | None = None) -> torch.Tensor:

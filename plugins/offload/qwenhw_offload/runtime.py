@@ -125,27 +125,24 @@ class Runtime:
             q, k = rms_norm(a.q_norm, q), rms_norm(a.k_norm, k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = self.rope(q, k, cos, sin)
-        if self._row is not None:  # one chunk of one sequence's prompt (prefill_rows)
-            row, first, end = self._row
-            kc, vc = self.k[i][row:row + 1], self.v[i][row:row + 1]
-            kc.index_copy_(2, pos, k)
-            vc.index_copy_(2, pos, v)
+        # the cache rows this forward writes: every sequence's, or one chunk of one sequence's prompt
+        seqs = slice(self._row[0], self._row[0] + 1) if self._row is not None else slice(None)
+        kc, vc = self.k[i][seqs], self.v[i][seqs]
+        kc.index_copy_(2, pos, k)
+        vc.index_copy_(2, pos, v)
+        if self._row is not None:  # prefill_rows
             # the chunk's queries see the sequence's earlier slots and, causally, their own: the causal mask
             # aligned to the lower right, never materialised (flash / memory-efficient kernels)
+            _, first, end = self._row
             span = end - first
             bias = causal_lower_right(t, span) if span > t else None
             out = F.scaled_dot_product_attention(q, kc[:, :, first:end], vc[:, :, first:end], attn_mask=bias,
                                                  is_causal=bias is None, scale=a.scaling, enable_gqa=True)
-            out = a.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-            return h + self._reduce(out)
-        self.k[i].index_copy_(2, pos, k)
-        self.v[i].index_copy_(2, pos, v)
-        if mask is None:  # a prompt from position 0: plain causal attention over its own keys (flash kernels)
-            out = F.scaled_dot_product_attention(q, self.k[i][:, :, :t], self.v[i][:, :, :t], is_causal=True,
-                                                 scale=a.scaling, enable_gqa=True)
-        else:
-            out = F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=mask, scale=a.scaling,
+        elif mask is None:  # a prompt from position 0: plain causal attention over its own keys (flash kernels)
+            out = F.scaled_dot_product_attention(q, kc[:, :, :t], vc[:, :, :t], is_causal=True, scale=a.scaling,
                                                  enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=a.scaling, enable_gqa=True)
         out = a.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         return h + self._reduce(out)
 
