@@ -259,7 +259,7 @@ def test_reduce_norm_compiles_for_hopper():
            "w_ptr": "*bf16", "N": "i32", "H": "i32", "eps": "fp32"}
     for world, rows in ((2, 1), (4, 2), (3, 4)):
         consts = {"RANK": 1, "WORLD": world, "BW": triton.next_power_of_2(world), "LINE": fused.PAD_LINE,
-                  "R": rows, "BH": 2048}
+                  "R": rows, "BH": 2048, "PDL": world != 3}
         src = triton.compiler.ASTSource(fn=fused._reduce_norm, signature={**sig, **dict.fromkeys(consts, "constexpr")},
                                         constexprs=consts)
         try:
@@ -269,6 +269,7 @@ def test_reduce_norm_compiles_for_hopper():
                 pytest.skip(str(exc)[:200])
             raise
         assert "atom.global.release.sys.cas.b32" in ptx and "atom.global.acquire.sys.cas.b32" in ptx
+        assert ("griddepcontrol.wait" in ptx) == consts["PDL"]
 
 
 def test_moe_kernels_compile_for_hopper():
@@ -285,9 +286,12 @@ def test_moe_kernels_compile_for_hopper():
     kernels = [
         (fused._moe_gate_up, {"x_ptr": "*bf16", "w_ptr": "*bf16", "ids_ptr": "*i64", "h_ptr": "*bf16",
                               "part_ptr": "*fp32", "cnt_ptr": "*i32", "P": "i32", "ep_start": "i32"},
-         [{"H": 2048, "I": inter, "TOP_K": 8, "SPLIT": split, **tiles} for inter in (768, 192) for split in (1, 2)]),
+         [{"H": 2048, "I": inter, "TOP_K": 8, "SPLIT": split, "PDL": split == 2, **tiles}
+          for inter in (768, 192) for split in (1, 2)]),
         (fused._moe_down, {"h_ptr": "*bf16", "w_ptr": "*bf16", "ids_ptr": "*i64", "rw_ptr": "*bf16", "y_ptr": "*bf16",
-                           "P": "i32", "ep_start": "i32"}, [{"H": 2048, "I": 192, **tiles}]),
+                           "P": "i32", "ep_start": "i32"},
+         [{"H": 2048, "I": inter, "PDL": pdl, "LINE": 64, "LINES": lines, **tiles}
+          for inter, lines in ((192, 4), (768, 16)) for pdl in (False, True)]),
     ]
     for fn, sig, variants in kernels:
         aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, ty in sig.items() if ty.startswith("*")}
@@ -304,3 +308,9 @@ def test_moe_kernels_compile_for_hopper():
             assert "cp.async.cg.shared.global" in ptx, (fn.__name__, consts)
             if consts.get("SPLIT", 1) > 1:
                 assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx
+            # PDL: wait for the kernel before, let the next one launch; the down kernel prefetches its weights
+            assert ("griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx) == consts["PDL"]
+            if fn is fused._moe_down:
+                assert ("prefetch.global.L2" in ptx) == consts["PDL"]
+                if consts["PDL"]:  # the prefetches come before the wait
+                    assert ptx.index("prefetch.global.L2") < ptx.index("griddepcontrol.wait")

@@ -15,6 +15,7 @@ CPU). The CPU tests run these kernels through Triton's interpreter (TRITON_INTER
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -33,6 +34,27 @@ def available(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch (CUDA, compute capability 9.0 and later): a decode kernel's programs may
+    start while the kernel before it is finishing, and wait (griddepcontrol.wait) before they read anything
+    it wrote; before that they touch weights only. It hides the gap between two kernels of a step, which
+    at decode sizes is a large part of each (docs/benchmarks.md). Kept in CUDA graphs as programmatic
+    edges. QWENHW_PDL=0 turns it off."""
+    if device.type != "cuda" or os.environ.get("QWENHW_PDL", "1") == "0":
+        return False
+    return _major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def _launch(device: torch.device) -> dict[str, Any]:
+    """The kernels' PDL switch and Triton's launch option, which go together (see `pdl`)."""
+    return {"PDL": True, "launch_pdl": True} if pdl(device) else {"PDL": False}
+
+
 PAD_LINE = 32  # int32 flags per barrier slot in a signal pad: one 128-byte line (up to 32 ranks)
 
 if triton is not None:
@@ -42,10 +64,26 @@ if triton is not None:
         return x.to(ty).to(tl.float32)
 
     @triton.jit
+    def _after_previous(PDL: tl.constexpr):
+        """With PDL (see `pdl`): wait until the kernel before has finished and flushed its writes (and so,
+        through its own wait, every earlier one), then let the next kernel's programs start launching."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
+    def _prefetch_l2(ptrs):
+        """Ask L2 for the 128-byte lines at `ptrs` (no registers, no wait): weights a program will read once
+        the kernel before it has finished."""
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [ptrs], dtype=tl.int32, is_pure=False,
+                                  pack=1)
+
+    @triton.jit
     def _qk_rope_cache(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr, qo_ptr, kc_ptr, vc_ptr,
                        T, HQ, HK, MAX_LEN, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sc_b, sc_t,
-                       eps, HALF: tl.constexpr, NORM: tl.constexpr):
+                       eps, HALF: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr):
         """One (token, head) per program: heads < HQ are query heads, the rest key heads (+ their values)."""
+        _after_previous(PDL)
         ty = qo_ptr.dtype.element_ty
         bt = tl.program_id(0)
         h = tl.program_id(1)
@@ -82,8 +120,9 @@ if triton is not None:
 
     @triton.jit
     def _route(logits_ptr, w_ptr, idx_ptr, E, K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-               NORM: tl.constexpr):
+               NORM: tl.constexpr, PDL: tl.constexpr):
         """softmax (fp32) -> top-k -> renormalise -> cast, one token per program (Qwen3MoeTopKRouter)."""
+        _after_previous(PDL)
         ty = w_ptr.dtype.element_ty
         n = tl.program_id(0)
         o = tl.arange(0, BLOCK_E)
@@ -124,13 +163,14 @@ if triton is not None:
 
     @triton.jit
     def _count(ids_ptr, P, e, ep_start, BP: tl.constexpr):
-        p = tl.arange(0, BP)
-        return tl.sum(((tl.load(ids_ptr + p, mask=p < P, other=-1) - ep_start) == e).to(tl.int32), 0)
+        p = tl.arange(0, BP)  # .cg: from L2; the down kernel reads the ids before its wait (never stale L1)
+        ids = tl.load(ids_ptr + p, mask=p < P, other=-1, cache_modifier=".cg")
+        return tl.sum(((ids - ep_start) == e).to(tl.int32), 0)
 
     @triton.jit
     def _moe_gate_up(x_ptr, w_ptr, ids_ptr, h_ptr, part_ptr, cnt_ptr, P, ep_start, H: tl.constexpr, I: tl.constexpr,
                      TOP_K: tl.constexpr, BP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                     SPLIT: tl.constexpr, EXACT: tl.constexpr):
+                     SPLIT: tl.constexpr, EXACT: tl.constexpr, PDL: tl.constexpr):
         """h[pair, n] = act(x[token] @ gate[e, n]) * (x[token] @ up[e, n]) for BM of expert e's pairs (chunk
         c of its pairs; programs past its count return at once, without reading a weight), BN columns.
 
@@ -139,6 +179,7 @@ if triton is not None:
         sums in `part` [SPLIT, pairs, 2, I]; the last of the SPLIT to finish (an atomic count per (e, tile,
         c), put back to zero after) adds them up and applies the activation. More, shorter programs: at
         decode sizes few experts are touched, and one program per (expert, column block) leaves SMs idle."""
+        _after_previous(PDL)  # the routing comes from the kernel before
         e = tl.program_id(0)
         tile = tl.program_id(1)
         chunk = tl.program_id(2) // SPLIT
@@ -186,17 +227,27 @@ if triton is not None:
 
     @triton.jit
     def _moe_down(h_ptr, w_ptr, ids_ptr, rw_ptr, y_ptr, P, ep_start, H: tl.constexpr, I: tl.constexpr,
-                  BP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EXACT: tl.constexpr):
+                  BP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EXACT: tl.constexpr,
+                  PDL: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr):
         """y[pair, n] = (h[pair] @ down[e, n]) * routing weight[pair], for BM of expert e's pairs (chunk c),
-        BN columns."""
+        BN columns.
+
+        With PDL the program starts while the gate/up kernel finishes: the routing is final by then (that
+        kernel waited for the router before letting this one launch), so a program with pairs asks L2 for
+        its weight tile first (LINES lines of LINE elements per row) and waits for the gate/up output after."""
         ty = y_ptr.dtype.element_ty
         e = tl.program_id(0)
         n = tl.program_id(1) * BN + tl.arange(0, BN)
         chunk = tl.program_id(2)
+        w_e = w_ptr + e.to(tl.int64) * H * I
         count = _count(ids_ptr, P, e, ep_start, BP)
+        if PDL:
+            if chunk * BM < count:
+                lines = tl.minimum(tl.arange(0, LINES) * LINE, I - 1)
+                _prefetch_l2(w_e + tl.minimum(n, H - 1)[:, None] * I + lines[None, :])
+        _after_previous(PDL)
         if chunk * BM < count:
             pair, valid = _pairs_of(ids_ptr, P, e, ep_start, chunk * BM, BP, BM)
-            w_e = w_ptr + e.to(tl.int64) * H * I
             acc = tl.zeros([BM, BN], dtype=tl.float32)
             for k0 in range(0, I, BK):
                 k = k0 + tl.arange(0, BK)
@@ -209,8 +260,9 @@ if triton is not None:
 
     @triton.jit
     def _moe_sum(y_ptr, ids_ptr, res_ptr, out_ptr, H, ep_start, E, TOP_K: tl.constexpr, BH: tl.constexpr,
-                 RESIDUAL: tl.constexpr):
+                 RESIDUAL: tl.constexpr, PDL: tl.constexpr):
         """out[token] = (residual +) the sum of its pairs' rows whose expert is local (others: other ranks)."""
+        _after_previous(PDL)
         ty = out_ptr.dtype.element_ty
         t = tl.program_id(0)
         o = tl.program_id(1) * BH + tl.arange(0, BH)
@@ -245,10 +297,11 @@ if triton is not None:
     @triton.jit
     def _attn_split(q_ptr, k_ptr, v_ptr, pos_ptr, start_ptr, acc_ptr, ml_ptr, HQ, HK, L, S, scale,
                     G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr,
-                    EXACT: tl.constexpr, RUNTIME_BOUNDS: tl.constexpr):
+                    EXACT: tl.constexpr, RUNTIME_BOUNDS: tl.constexpr, PDL: tl.constexpr):
         """One KV head's G query heads over cache positions [s*CHUNK, (s+1)*CHUNK), from the sequence's
         first slot up to the current one: flash-attention partials (unnormalised sum, running max,
         denominator)."""
+        _after_previous(PDL)
         bk = tl.program_id(0)
         sp = tl.program_id(1)
         bi = bk // HK
@@ -277,8 +330,9 @@ if triton is not None:
         tl.store(ml_ptr + part * 2 + 1, den, mask=g < G)
 
     @triton.jit
-    def _attn_combine(acc_ptr, ml_ptr, out_ptr, S, D: tl.constexpr, BS: tl.constexpr):
+    def _attn_combine(acc_ptr, ml_ptr, out_ptr, S, D: tl.constexpr, BS: tl.constexpr, PDL: tl.constexpr):
         """One query head: the splits' partials into its attention output."""
+        _after_previous(PDL)
         r = tl.program_id(0)
         sp = tl.arange(0, BS)
         d = tl.arange(0, D)
@@ -320,9 +374,10 @@ if triton is not None:
     @triton.jit
     def _reduce_norm(bufs_ptr, pads_ptr, offset, h_ptr, x_ptr, w_ptr, N, H, eps, RANK: tl.constexpr,
                      WORLD: tl.constexpr, BW: tl.constexpr, LINE: tl.constexpr, R: tl.constexpr,
-                     BH: tl.constexpr):
+                     BH: tl.constexpr, PDL: tl.constexpr):
         """R token rows per program: h = the sum of every rank's partial rows (read over NVLink from the
         symmetric buffers, in rank order, so every rank gets the same bits), x = RMSNorm(h) * weight."""
+        _after_previous(PDL)  # before the barrier: a peer's flag must mean its partial rows are written
         ty = h_ptr.dtype.element_ty
         p = tl.program_id(0)
         _peer_barrier(pads_ptr, p, RANK, WORLD, BW, LINE)
@@ -406,6 +461,7 @@ class MoeCall:
         self.gu, self.dn = experts.gate_up_proj, experts.down_proj
         self.n_exp, two_i, self.hidden = self.gu.shape
         self.inter = two_i // 2
+        self.line = 128 // self.dn.element_size()  # elements per 128-byte cache line
         self.tokens, self.top_k = idx.shape
         self.pairs = self.tokens * self.top_k
         self.ep_start = ep_start
@@ -440,19 +496,20 @@ class MoeCall:
     def gate_up(self) -> None:
         _moe_gate_up[(self.n_exp, self.n_tiles, self.chunks * self.split)](
             self.x, self.gu, self.ids, self.h, self.part, self.cnt, self.pairs, self.ep_start, H=self.hidden,
-            I=self.inter, TOP_K=self.top_k, SPLIT=self.split, **self.up_tiles)
+            I=self.inter, TOP_K=self.top_k, SPLIT=self.split, **self.up_tiles, **_launch(self.x.device))
 
     def down(self) -> None:
         _moe_down[(self.n_exp, triton.cdiv(self.hidden, self.down_tiles["BN"]), self.chunks)](
             self.h, self.dn, self.ids, self.rw, self.y, self.pairs, self.ep_start, H=self.hidden, I=self.inter,
-            **self.down_tiles)
+            LINE=self.line, LINES=triton.next_power_of_2(triton.cdiv(self.inter, self.line)), **self.down_tiles,
+            **_launch(self.x.device))
 
     def sum(self) -> torch.Tensor:
         bh = min(1024, triton.next_power_of_2(self.hidden))
         res = self.residual if self.residual is not None else self.out
         _moe_sum[(self.tokens, triton.cdiv(self.hidden, bh))](
             self.y, self.ids, res, self.out, self.hidden, self.ep_start, self.n_exp, TOP_K=self.top_k, BH=bh,
-            RESIDUAL=self.residual is not None)
+            RESIDUAL=self.residual is not None, **_launch(self.x.device))
         return self.out
 
 
@@ -495,8 +552,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _attn_split[(b * hk, splits)](q, k_cache, v_cache, pos, start, acc, ml, hq, hk, max_len, splits,
                                   float(scale), G=g, BG=max(16, triton.next_power_of_2(g)), D=d, BN=bn,
                                   CHUNK=ATTN_CHUNK, EXACT=exact, RUNTIME_BOUNDS=q.is_cuda, num_warps=warps,
-                                  num_stages=stages)
-    _attn_combine[(b * hq,)](acc, ml, out, splits, D=d, BS=max(2, triton.next_power_of_2(splits)))
+                                  num_stages=stages, **_launch(q.device))
+    _attn_combine[(b * hq,)](acc, ml, out, splits, D=d, BS=max(2, triton.next_power_of_2(splits)), **_launch(q.device))
     return out
 
 
@@ -518,7 +575,7 @@ def qk_rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm: Any
     _qk_rope_cache[(b * t, hq + hk)](
         q, k, v, qw, kw, cos, sin, pos, q_out, k_cache, v_cache, t, hq, hk, k_cache.shape[2],
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), cos_b, cos.stride(1), eps, HALF=d // 2, NORM=norm)
+        v.stride(0), v.stride(1), v.stride(2), cos_b, cos.stride(1), eps, HALF=d // 2, NORM=norm, **_launch(q.device))
     return q_out
 
 
@@ -529,7 +586,7 @@ def route(logits: torch.Tensor, top_k: int, normalise: bool) -> tuple[torch.Tens
     weights = torch.empty((n, top_k), dtype=logits.dtype, device=logits.device)
     idx = torch.empty((n, top_k), dtype=torch.int64, device=logits.device)
     _route[(n,)](logits, weights, idx, experts, K=top_k, BLOCK_E=triton.next_power_of_2(experts),
-                 BLOCK_K=triton.next_power_of_2(top_k), NORM=normalise)
+                 BLOCK_K=triton.next_power_of_2(top_k), NORM=normalise, **_launch(logits.device))
     return weights, idx
 
 
@@ -567,4 +624,4 @@ def reduce_norm(handle: Any, offset: int, rows: int, hidden: int, weight: torch.
     _reduce_norm[(triton.cdiv(rows, r),)](
         handle.buffer_ptrs_dev, handle.signal_pad_ptrs_dev, offset, h, x, weight, rows, hidden, eps,
         RANK=handle.rank, WORLD=handle.world_size, BW=triton.next_power_of_2(handle.world_size), LINE=PAD_LINE,
-        R=r, BH=bh, num_warps=max(1, min(8, r * bh // 512)))
+        R=r, BH=bh, num_warps=max(1, min(8, r * bh // 512)), **_launch(h.device))
