@@ -470,6 +470,8 @@ def main() -> None:
     ap.add_argument("--fused-only", action="store_true",
                     help="1-GPU rows on the fused kernels only (not also transformers' experts and torch ops), "
                          "and no accelerate layer split")
+    ap.add_argument("--down-prefetch", type=int, default=None,
+                    help="fused.MOE_DOWN_PREFETCH: weight lines per row the down kernel prefetches under PDL (0: none)")
     args = ap.parse_args()
     big = args.model == "235b"
     args.layers = args.layers or (94 if big else 48)
@@ -480,16 +482,19 @@ def main() -> None:
     from qwenhw_offload.parallel import replica_group, shard
     from qwenhw_offload.runtime import Runtime, SampleParams, set_experts
 
+    if args.down_prefetch is not None:
+        fused.MOE_DOWN_PREFETCH = args.down_prefetch
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     fuse_reduce = os.environ.get("QWENHW_FUSED_REDUCE", "1") != "0"  # 0: every row reduces and norms apart
     torch.cuda.set_device(rank)
+    extra_pdl = {"pdl": fused.pdl(torch.device("cuda", rank)), "down_prefetch": fused.MOE_DOWN_PREFETCH}
     dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
     torch.zeros(1, device="cuda")
     free, total = torch.cuda.mem_get_info()
     nontorch = (total - free) - torch.cuda.memory_reserved()
     rows: list[dict] = []
     extra: dict = {"device": torch.cuda.get_device_name(0), "model": args.model, "layers": args.layers,
-                   "worst_prefill": args.worst_prefill}
+                   "worst_prefill": args.worst_prefill, **extra_pdl}
     g = torch.Generator().manual_seed(1)
     probe = torch.randint(0, 151936, (1, 32), generator=g)
 

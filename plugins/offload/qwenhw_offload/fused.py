@@ -234,14 +234,15 @@ if triton is not None:
 
         With PDL the program starts while the gate/up kernel finishes: the routing is final by then (that
         kernel waited for the router before letting this one launch), so a program with pairs asks L2 for
-        its weight tile first (LINES lines of LINE elements per row) and waits for the gate/up output after."""
+        the first LINES lines (of LINE elements) of each of its weight rows first, and waits for the gate/up
+        output after."""
         ty = y_ptr.dtype.element_ty
         e = tl.program_id(0)
         n = tl.program_id(1) * BN + tl.arange(0, BN)
         chunk = tl.program_id(2)
         w_e = w_ptr + e.to(tl.int64) * H * I
         count = _count(ids_ptr, P, e, ep_start, BP)
-        if PDL:
+        if PDL and LINES > 0:
             if chunk * BM < count:
                 lines = tl.minimum(tl.arange(0, LINES) * LINE, I - 1)
                 _prefetch_l2(w_e + tl.minimum(n, H - 1)[:, None] * I + lines[None, :])
@@ -411,6 +412,9 @@ MOE_DOWN_BLOCK: tuple[int, int, int, int] | None = None  # the down kernel's (BN
 # ways across GPUs, 11.0 vs 15.0 split 4 ways, 20.4 vs 21.3 whole; at 16 tokens splitting loses:
 # docs/benchmarks.md)
 MOE_SPLIT, MOE_SPLIT_TOKENS = 4, 4
+# with PDL, the down kernel's programs ask L2 for the first MOE_DOWN_PREFETCH 128-byte lines (a power of two) of
+# each of their weight rows while the gate/up kernel finishes
+MOE_DOWN_PREFETCH = 16
 
 
 def moe_supported(experts: Any) -> bool:
@@ -501,7 +505,8 @@ class MoeCall:
     def down(self) -> None:
         _moe_down[(self.n_exp, triton.cdiv(self.hidden, self.down_tiles["BN"]), self.chunks)](
             self.h, self.dn, self.ids, self.rw, self.y, self.pairs, self.ep_start, H=self.hidden, I=self.inter,
-            LINE=self.line, LINES=triton.next_power_of_2(triton.cdiv(self.inter, self.line)), **self.down_tiles,
+            LINE=self.line, LINES=min(MOE_DOWN_PREFETCH, triton.next_power_of_2(triton.cdiv(self.inter, self.line))),
+            **self.down_tiles,
             **_launch(self.x.device))
 
     def sum(self) -> torch.Tensor:
