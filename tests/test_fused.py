@@ -42,6 +42,16 @@ for name in ("float32", "bfloat16"):
         router.weight.copy_(torch.randn(60, 32, generator=g))
         logits, w_ref, i_ref = router(torch.randn(7, 32, generator=g).to(dt))
         w, i = fused.route(logits, 6, True)
+        cfg = Qwen3MoeConfig(hidden_size=128, num_experts=60, num_experts_per_tok=6, norm_topk_prob=True)
+        big = Qwen3MoeTopKRouter(cfg).to(dt)  # decode-sized calls: the router GEMM in the kernel too
+        big.weight.copy_(torch.randn(60, 128, generator=g))
+        x2 = torch.randn(5, 128, generator=g).to(dt)
+        _, w2_ref, i2_ref = big(x2)
+        w2, i2 = fused.gate_route(big, x2)
+        w3, i3 = fused.gate_route(big, x2)  # the counter was left at zero: the same again
+    out[name + " router"] = {"ids": torch.equal(i2.sort(-1).values, i2_ref.sort(-1).values), "w": rel(w2, w2_ref),
+                             "again": torch.equal(i3, i2) and torch.equal(w3, w2),
+                             "counter": int(fused._COUNTS[(x2.device, "router")].abs().sum())}
     out[name] = {"q": rel(qo, qr), "k": rel(kc[:, :, p:p + 1], kr), "v_exact": torch.equal(vc[:, :, p], v[:, 0]),
                  "untouched_nan": bool(kc[:, :, :p].isnan().all()), "route_ids": torch.equal(i.sort(-1).values, i_ref.sort(-1).values),  # ties may swap order
                  "route_w": rel(w, w_ref)}
@@ -88,7 +98,7 @@ for name in ("float32", "bfloat16"):
         # the down kernel on tiles of its own
         split = fused.moe_experts(x, ex, idx, w, block=(16, 16, 4, 1, 3), down_block=(32, 16, 4, 1))
         split_ep = fused.moe_experts(x, upper, idx, w, ep_start=4, block=(16, 16, 4, 1, 3))
-        counts = fused._COUNTS[x.device]
+        counts = fused._COUNTS[(x.device, "moe")]
     out[name] = {"split": rel(split, ref), "split_ep": rel(split_ep, ref_part),
                  "counts_back_to_zero": int(counts.count_nonzero()) == 0 and counts.numel() >= 8 * 3,
                  "full": rel(got, ref), "ep": rel(part, ref_part), "ep_sum": rel(part + rest, ref),
@@ -208,6 +218,11 @@ def test_fused_kernels_follow_transformers():
     assert bf16["q"] < 3e-2 and bf16["k"] < 3e-2 and bf16["route_w"] < 1e-2
     for r in (fp32, bf16):
         assert r["v_exact"] and r["untouched_nan"] and r["route_ids"]
+    # the router GEMM + routing kernel: the last of its programs routes, and leaves its counter at zero
+    fp32, bf16 = out["float32 router"], out["bfloat16 router"]
+    assert fp32["w"] < 1e-5 and bf16["w"] < 1e-2
+    for r in (fp32, bf16):
+        assert r["ids"] and r["again"] and r["counter"] == 0
 
 
 def test_runtime_decodes_through_the_fused_kernels(tiny_moe):
@@ -275,7 +290,7 @@ def test_reduce_norm_compiles_for_hopper():
 def test_moe_kernels_compile_for_hopper():
     """The MoE kernels for sm_90 ahead of time (see above), the split gate/up kernel included: weight loads
     pipelined (cp.async, given the 16-byte aligned pointers a launch specialises on), the split's count an
-    acquire-release atomic and its partial sums read back from L2."""
+    acquire-release atomic and its partial sums read back from L2; the router GEMM + routing kernel alike."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
 
@@ -292,6 +307,10 @@ def test_moe_kernels_compile_for_hopper():
                            "P": "i32", "ep_start": "i32"},
          [{"H": 2048, "I": inter, "PDL": pdl, "LINE": 64, "LINES": lines, **tiles}
           for inter, lines in ((192, 4), (768, 16)) for pdl in (False, True)]),
+        (fused._router, {"x_ptr": "*bf16", "g_ptr": "*bf16", "part_ptr": "*fp32", "cnt_ptr": "*i32", "w_ptr": "*bf16",
+                         "idx_ptr": "*i64", "N": "i32", "E": "i32"},
+         [{"H": 2048, "K": 8, "BT": 16, "BE": 16, "BK": 128, "SPLIT": 4, "BLOCK_E": 128, "BLOCK_K": 8, "NORM": True,
+           "EXACT": False, "PDL": pdl, "LINE": 64, "LINES": 8} for pdl in (False, True)]),
     ]
     for fn, sig, variants in kernels:
         aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, ty in sig.items() if ty.startswith("*")}
@@ -306,11 +325,11 @@ def test_moe_kernels_compile_for_hopper():
                     pytest.skip(str(exc)[:200])
                 raise
             assert "cp.async.cg.shared.global" in ptx, (fn.__name__, consts)
-            if consts.get("SPLIT", 1) > 1:
+            if consts.get("SPLIT", 1) > 1:  # the split gate/up kernel, the router
                 assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx
             # PDL: wait for the kernel before, let the next one launch; the down kernel prefetches its weights
             assert ("griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx) == consts["PDL"]
-            if fn is fused._moe_down:
+            if fn is not fused._moe_gate_up:
                 assert ("prefetch.global.L2" in ptx) == consts["PDL"]
                 if consts["PDL"]:  # the prefetches come before the wait
                     assert ptx.index("prefetch.global.L2") < ptx.index("griddepcontrol.wait")

@@ -144,6 +144,58 @@ if triton is not None:
         tl.store(idx_ptr + n * K + ks, idxs, mask=ks < K)
 
     @triton.jit
+    def _router(x_ptr, g_ptr, part_ptr, cnt_ptr, w_ptr, idx_ptr, N, E, H: tl.constexpr, K: tl.constexpr,
+                BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, BLOCK_E: tl.constexpr,
+                BLOCK_K: tl.constexpr, NORM: tl.constexpr, EXACT: tl.constexpr, PDL: tl.constexpr,
+                LINE: tl.constexpr, LINES: tl.constexpr):
+        """The router GEMM and `_route` in one kernel, for up to BT tokens: program (b, s) sums hidden slice s
+        of SPLIT for experts b*BE.. (fp32, into `part` [SPLIT, BT, BLOCK_E]); the last program to finish (an
+        atomic count, put back to zero) adds the slices in order, rounds the logits to the model dtype as
+        F.linear does, and routes every token. With PDL the gate's rows are asked of L2 before the wait."""
+        ty = w_ptr.dtype.element_ty
+        b = tl.program_id(0)
+        s = tl.program_id(1)
+        ex = b * BE + tl.arange(0, BE)
+        KS: tl.constexpr = H // SPLIT  # the wrapper checks that BK divides it
+        if PDL:
+            lines = tl.minimum(s * KS + tl.arange(0, LINES) * LINE, H - 1)
+            _prefetch_l2(g_ptr + tl.minimum(ex, E - 1)[:, None] * H + lines[None, :])
+        _after_previous(PDL)
+        t = tl.arange(0, BT)
+        acc = tl.zeros([BT, BE], dtype=tl.float32)
+        for k0 in range(0, KS, BK):
+            k = s * KS + k0 + tl.arange(0, BK)
+            x = tl.load(x_ptr + t[:, None] * H + k[None, :], mask=t[:, None] < N, other=0.0)
+            g = tl.load(g_ptr + ex[None, :] * H + k[:, None], mask=ex[None, :] < E, other=0.0)
+            acc = _dot(x, g, acc, EXACT)
+        tl.store(part_ptr + (s * BT + t[:, None]) * BLOCK_E + ex[None, :], acc)
+        tl.debug_barrier()  # every thread's sums written before the count says so (release)
+        last = tl.atomic_add(cnt_ptr, 1, sem="acq_rel") == tl.num_programs(0) * SPLIT - 1
+        if last:
+            tl.store(cnt_ptr, 0)  # for the next call (and the next replay of a CUDA graph)
+            e = tl.arange(0, BLOCK_E)
+            logits = tl.zeros([BT, BLOCK_E], dtype=tl.float32)
+            for j in tl.static_range(SPLIT):  # .cg: from L2, where the other programs wrote
+                logits += tl.load(part_ptr + (j * BT + t[:, None]) * BLOCK_E + e[None, :], cache_modifier=".cg")
+            x = tl.where(e[None, :] < E, _round(logits, ty), float("-inf"))
+            p = tl.exp(x - tl.max(x, 1)[:, None])
+            p = p / tl.sum(p, 1)[:, None]
+            ks = tl.arange(0, BLOCK_K)
+            vals = tl.zeros([BT, BLOCK_K], dtype=tl.float32)
+            idxs = tl.zeros([BT, BLOCK_K], dtype=tl.int64)
+            for j in tl.static_range(K):  # as `_route`, every token at once
+                best = tl.max(p, 1)
+                at = tl.argmax(p, 1)
+                vals = tl.where(ks[None, :] == j, best[:, None], vals)
+                idxs = tl.where(ks[None, :] == j, at[:, None].to(tl.int64), idxs)
+                p = tl.where(e[None, :] == at[:, None], -1.0, p)
+            if NORM:
+                vals = vals / tl.sum(vals, 1)[:, None]
+            out = (t[:, None] < N) & (ks[None, :] < K)
+            tl.store(w_ptr + t[:, None] * K + ks[None, :], vals.to(ty), mask=out)
+            tl.store(idx_ptr + t[:, None] * K + ks[None, :], idxs, mask=out)
+
+    @triton.jit
     def _dot(a, b, acc, EXACT: tl.constexpr):
         """acc + a @ b with fp32 accumulation. EXACT (the CPU interpreter, whose bf16 dot is wrong): in fp32."""
         if EXACT:
@@ -413,8 +465,9 @@ MOE_DOWN_BLOCK: tuple[int, int, int, int] | None = None  # the down kernel's (BN
 # docs/benchmarks.md)
 MOE_SPLIT, MOE_SPLIT_TOKENS = 4, 4
 # with PDL, the down kernel's programs ask L2 for the first MOE_DOWN_PREFETCH 128-byte lines (a power of two) of
-# each of their weight rows while the gate/up kernel finishes
-MOE_DOWN_PREFETCH = 16
+# each of their weight rows while the gate/up kernel finishes. 2 H200s, batch 16: whole rows (16 lines) made
+# one GPU 6% slower than no prefetch (L2 overrun), 2 lines +0.3%, TP=2 +0.4% (docs/benchmarks.md)
+MOE_DOWN_PREFETCH = 2
 
 
 def moe_supported(experts: Any) -> bool:
@@ -495,7 +548,7 @@ class MoeCall:
         self.part, self.cnt = self.h, self.ids  # unused unless split
         if split > 1:
             self.part = torch.empty((split, self.pairs, two_i), dtype=torch.float32, device=dev)
-            self.cnt = _split_counts(dev, self.n_exp * self.n_tiles * self.chunks)
+            self.cnt = _counts(dev, self.n_exp * self.n_tiles * self.chunks, "moe")
 
     def gate_up(self) -> None:
         _moe_gate_up[(self.n_exp, self.n_tiles, self.chunks * self.split)](
@@ -518,16 +571,17 @@ class MoeCall:
         return self.out
 
 
-_COUNTS: dict[torch.device, torch.Tensor] = {}
+_COUNTS: dict[tuple[torch.device, str], torch.Tensor] = {}
 
 
-def _split_counts(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters for the split gate/up kernel, kept per device: each call leaves them at zero,
-    so a tensor made once (outside any CUDA graph capture: the runtime's warm-up calls come first) serves
-    every call and replay. Grown, never shrunk."""
-    have = _COUNTS.get(device)
+def _counts(device: torch.device, n: int, kernel: str) -> torch.Tensor:
+    """Zeroed int32 counters for a kernel whose last program finishes the work (the split gate/up kernel,
+    the router), kept per device: each call leaves them at zero, so a tensor made once (outside any CUDA
+    graph capture: the runtime's warm-up calls come first) serves every call and replay. Grown, never
+    shrunk."""
+    have = _COUNTS.get((device, kernel))
     if have is None or have.numel() < n:
-        _COUNTS[device] = have = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTS[(device, kernel)] = have = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
     return have
 
 
@@ -595,10 +649,38 @@ def route(logits: torch.Tensor, top_k: int, normalise: bool) -> tuple[torch.Tens
     return weights, idx
 
 
+ROUTER_MAX_TOKENS = 64  # decode-sized calls: the router GEMM and the routing in one kernel (`router`)
+ROUTER_TILES = (16, 128, 4)  # (experts per program, BK, hidden slices): 32 programs for 128 experts
+
+
+def router(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int,
+           normalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """route(x @ gate_weight.T, ...) in one kernel for up to ROUTER_MAX_TOKENS rows of x [n, hidden]."""
+    n, hidden = x.shape
+    experts = gate_weight.shape[0]
+    be, bk, split = ROUTER_TILES if x.is_cuda else (16, 32, 2)
+    bt, block_e = max(16, triton.next_power_of_2(n)), max(be, triton.next_power_of_2(experts))
+    part = torch.empty((split, bt, block_e), dtype=torch.float32, device=x.device)
+    weights = torch.empty((n, top_k), dtype=x.dtype, device=x.device)
+    idx = torch.empty((n, top_k), dtype=torch.int64, device=x.device)
+    line = 128 // gate_weight.element_size()
+    _router[(triton.cdiv(experts, be), split)](
+        x, gate_weight, part, _counts(x.device, 1, "router"), weights, idx, n, experts, H=hidden, K=top_k, BT=bt,
+        BE=be, BK=bk, SPLIT=split, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k), NORM=normalise,
+        EXACT=not x.is_cuda or x.dtype == torch.float32, LINE=line,
+        LINES=triton.next_power_of_2(triton.cdiv(hidden // split, line)), **_launch(x.device))
+    return weights, idx
+
+
 def gate_route(gate: Any, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights, ids) of a transformers MoE router: one fused kernel for Qwen3-style top-k routers."""
+    """(weights, ids) of a transformers MoE router: fused kernels for Qwen3-style top-k routers (the GEMM
+    too for decode-sized calls)."""
     if hasattr(gate, "top_k") and hasattr(gate, "norm_topk_prob") and gate.weight.shape[0] == getattr(
             gate, "num_experts", -1):
+        _, bk, split = ROUTER_TILES if flat.is_cuda else (16, 32, 2)
+        if flat.shape[0] <= ROUTER_MAX_TOKENS and flat.is_contiguous() and flat.shape[1] % (bk * split) == 0 \
+                and gate.weight.is_contiguous() and gate.weight.dtype == flat.dtype:
+            return router(flat, gate.weight, gate.top_k, bool(gate.norm_topk_prob))
         return route(torch.nn.functional.linear(flat, gate.weight), gate.top_k, bool(gate.norm_topk_prob))
     _, weights, idx = gate(flat)
     return weights, idx
