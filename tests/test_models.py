@@ -165,7 +165,9 @@ def test_linear_state_bytes():
 
 
 def test_doctests():
-    for mod in (spec, memory, catalog):
+    from qwenhw.planning import layout
+
+    for mod in (spec, memory, catalog, layout):
         failures, _ = doctest.testmod(mod)
         assert failures == 0, mod.__name__
 

@@ -8,6 +8,7 @@ import pytest
 
 import qwenhw
 from qwenhw.hardware import bundled_names
+from qwenhw.hardware.profile import HardwareProfile
 from qwenhw.planning.plan import Plan
 
 MODELS = ["Qwen3-0.6B", "Qwen3-8B", "Qwen3-32B", "Qwen3-30B-A3B", "Qwen3-30B-A3B-FP8", "Qwen3-235B-A22B",
@@ -105,9 +106,10 @@ def test_235b_bf16_on_4xh20_needs_offload_and_says_what_would_fit():
 def test_offload_multi_gpu_layouts_follow_batch_and_memory(monkeypatch):
     """Data-parallel replicas need the whole model on each GPU and cannot split one sequence. At batch 1 a
     split pays two all-reduces per layer for a share of the weight traffic; fused with the next RMSNorm they
-    cost ~5 us each (measured on H200s: TP=2 1.09x, TP=4 1.16x one GPU), so TP wins, never a replica
-    layout. Unfused (more remote rows than the kernel takes) they are priced at 10 us. At batch 16 a
-    multi-GPU layout is chosen, and every layout that fits is priced."""
+    cost no more than the norm (measured on H200s: TP=2 1.21x, TP=4 1.30x one GPU), so TP wins, never a
+    replica layout. Unfused (more remote rows than the kernel takes) they are priced at 8.4 us. At batch 16
+    a multi-GPU layout is chosen, every layout that fits is priced, and on 4 H200s the choice is the one
+    measured fastest there (DP=2 x TP=2: 2857 tok/s, TP=4 2735, DP=4 2632; docs/benchmarks.md)."""
     from qwenhw.api import make_request
     from qwenhw.hardware import load_bundled
     from qwenhw.models import get
@@ -120,7 +122,7 @@ def test_offload_multi_gpu_layouts_follow_batch_and_memory(monkeypatch):
     assert one.estimate.decode_tok_s >= alone.estimate.decode_tok_s
     pair = qwenhw.plan("Qwen3-30B-A3B", hardware="2xH100-80G", backend="offload", concurrency=1, context=1024)
     assert pair.engine == "transformers-tp" and pair.parallel.world == 2
-    assert 1.05 < pair.estimate.decode_tok_s / alone.estimate.decode_tok_s < 1.2
+    assert 1.05 < pair.estimate.decode_tok_s / alone.estimate.decode_tok_s < 1.3
 
     def step(c: int) -> float:  # seconds per decode step of TP=4 at c sequences
         p = planner.parallel_plan(spec, hw, make_request(context=1024, concurrency=c), "auto", 1024, "bf16", 4, 4)
@@ -140,6 +142,14 @@ def test_offload_multi_gpu_layouts_follow_batch_and_memory(monkeypatch):
     assert layouts[(1, 4)].devices[0].weights_gib > 3.5 * layouts[(4, 1)].devices[0].weights_gib
     assert layouts[(2, 2)].config["tp"] == 2 and layouts[(2, 2)].config["experts"] == "ep"
     assert layouts[(2, 2)].parallel.ep == 2 and "64 whole experts per GPU" in " ".join(layouts[(2, 2)].reasons)
+    monkeypatch.undo()  # the fused all-reduce priced as the planner prices it again
+    four = json.loads(load_bundled("8xH200-141G").to_json())  # the 4x H200 host of the benchmark
+    node = four["nodes"][0]
+    node["accelerators"] = node["accelerators"][:4]
+    node["links"] = [link for link in node["links"] if link["a"] < 4 and link["b"] < 4]
+    h200 = qwenhw.plan("Qwen3-30B-A3B", hardware=HardwareProfile.from_dict(four), backend="offload", concurrency=16,
+                       context=1024)
+    assert (h200.parallel.tp, h200.parallel.dp) == (2, 2)
     # 235B in bf16 (~438 GiB) fits no single GPU: no replica layout fits, TP+EP over 4 H200s does
     big = get("Qwen3-235B-A22B")
     plans = planner.plans(big, load_bundled("8xH200-141G"), make_request(context=4096, concurrency=8))

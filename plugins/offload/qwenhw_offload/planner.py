@@ -12,7 +12,7 @@ from __future__ import annotations
 from qwenhw.hardware.profile import GiB, HardwareProfile, Node
 from qwenhw.models import memory as mm
 from qwenhw.models.spec import ModelSpec
-from qwenhw.planning.layout import CPU_TORCH_GEMV_EFFICIENCY, experts_touched
+from qwenhw.planning.layout import CPU_TORCH_GEMV_EFFICIENCY, busiest_rank_experts, experts_touched
 from qwenhw.planning.plan import DeviceUse, Estimate, Offload, Parallel, Plan, Request
 from qwenhw.planning.precision import stored_dtype, with_weight_dtype
 
@@ -31,24 +31,25 @@ GPU_UTILISATION = 0.92
 CPU_EFFICIENCY = CPU_TORCH_GEMV_EFFICIENCY  # transformers on the CPU: torch GEMVs
 # Per-layer fixed costs of a decode step, measured on an H100 host (docs/benchmarks.md)
 EAGER_LAYER_OVERHEAD = 1.2e-3  # transformers generate(): Python + ~30 launches per layer
-# A CUDA-graph decode step on the fused kernels (fused.py: ~14 kernels per layer) streams the weights it
-# touches at ~88% of the GPU's memory bandwidth (the MoE kernel measured 3.9-4.4 TB/s on an H200) and pays
-# ~55 us per layer of kernel latency besides: fitted to the 1-GPU batch-1 and batch-16 rows on 4x H200
-# (248 and 1360 tok/s, 48 layers), docs/benchmarks.md 2026-11-28
-GRAPH_BANDWIDTH_EFFICIENCY = 0.88
-GRAPH_LAYER_OVERHEAD = 55e-6
+# A CUDA-graph decode step on the fused kernels (fused.py: ~12 kernels per layer, launched dependent on each
+# other) streams the weights it touches at ~92% of the GPU's memory bandwidth and pays ~49 us per layer of
+# kernel latency besides. Least-squares fit (relative) of this model, the all-reduce costs below and the
+# busiest expert-parallel rank's experts to nine rows on 4x H200 (1 GPU, TP=2, DP=2, TP=4, DP=4, DP=2 x TP=2
+# at batch 1 and 16): every row within 4% (docs/benchmarks.md, "Dependent launches", 2026-11-28)
+GRAPH_BANDWIDTH_EFFICIENCY = 0.92
+GRAPH_LAYER_OVERHEAD = 49e-6
 # the hybrid's CPU experts run the fused kernel (cpu_moe.c): one layer's 8 experts (75 MB) stream at 92 GB/s
 # on the 16-core H100 host whose profile estimates 128 GB/s; a token also pays ~310 us per MoE layer for the
 # layer's attention graph, the router sync and the hidden-state copies (docs/benchmarks.md, 2026-11-28)
 HYBRID_LAYER_OVERHEAD = 310e-6
 HYBRID_CPU_EFFICIENCY = 0.72
 # all-reducing one decode step's hidden states inside our CUDA graphs over NVLink (parallel.Reducer: a
-# symmetric-memory one-shot kernel; NCCL took 7-13 us): 8-12 us measured on 2 and 4 H200s
-GRAPH_ALLREDUCE_S = 10e-6
+# symmetric-memory one-shot kernel; NCCL took 7-13 us), beyond the per-layer overhead: 8.4 us in the fit
+GRAPH_ALLREDUCE_S = 8.4e-6
 # ...and with the next RMSNorm in the same kernel (fused.reduce_norm), which parallel.Reducer uses up to
-# FUSE_MAX_REMOTE_ROWS rows read over the links (sequences x (GPUs - 1)): the end-to-end steps of TP=2 and
-# TP=4 got 4.0-5.1 us shorter per all-reduce on 4x H200 (docs/benchmarks.md, 2026-11-28)
-GRAPH_FUSED_ALLREDUCE_S = 5e-6
+# FUSE_MAX_REMOTE_ROWS rows read over the links (sequences x (GPUs - 1)): it replaces the RMSNorm kernel the
+# per-layer overhead counts, and the fit gives it nothing more (-0.7 us)
+GRAPH_FUSED_ALLREDUCE_S = 0.0
 FUSE_MAX_REMOTE_ROWS = 16
 
 
@@ -402,7 +403,7 @@ def parallel_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str
     if bw >= 100:  # NVLink-class: our in-graph kernels, as measured (the generic link figure is NCCL's)
         latency = GRAPH_FUSED_ALLREDUCE_S if fused else GRAPH_ALLREDUCE_S
     if fits and tp > 1:
-        fused_note = f", each fused with the next RMSNorm: ~{GRAPH_FUSED_ALLREDUCE_S * 1e6:.0f} us" if fused else ""
+        fused_note = ", each fused with the next RMSNorm" if fused else ""
         reasons.append(
             (f"{dp} replicas of {tp} GPUs, each decoding {per_replica} of the {batch} sequences; in a replica, "
              if dp > 1 else f"{n} GPUs, one process each: ")
@@ -424,10 +425,13 @@ def parallel_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str
                             "transformers-fast", 0.0, wb.experts)
         t = per_replica / one.throughput_tok_s
     else:
-        # per step: each GPU streams its share; graph replay and the all-reduces do not shrink with tp
+        # per step: each GPU streams its share; graph replay and the all-reduces do not shrink with tp. With
+        # whole experts per GPU a step waits for the GPU whose experts the batch touched most
         stream = _stream_bytes(served, per_replica)
         head = wb.embeddings if spec.tie_embeddings else wb.embeddings / 2
-        per_gpu = (stream - head) / tp + head
+        routed = experts_touched(served, per_replica) * mm.expert_bytes(served) * served.num_moe_layers
+        busiest = busiest_rank_experts(served, per_replica, ep) * mm.expert_bytes(served) * served.num_moe_layers
+        per_gpu = (stream - head - routed) / tp + head + (busiest if ep > 1 else routed / tp)
         kv_read = per_replica * context / 2 * mm.kv_bytes_per_token(served, kv_dtype) * kv_share
         gpu_bw = gpu.bandwidth_gbs * 1e9 * GRAPH_BANDWIDTH_EFFICIENCY
         t = (per_gpu + kv_read) / gpu_bw + spec.num_layers * GRAPH_LAYER_OVERHEAD
