@@ -474,8 +474,6 @@ def main() -> None:
                     help="fused.MOE_DOWN_PREFETCH: weight lines per row the down kernel prefetches under PDL (0: none)")
     ap.add_argument("--no-router-kernel", action="store_true",
                     help="the router GEMM on cuBLAS and the routing kernel apart (fused.ROUTER_MAX_TOKENS = 0)")
-    ap.add_argument("--next-fetchers", type=int, default=None,
-                    help="fused.NEXT_WEIGHT_FETCHERS: programs that prefetch the next GEMM's weights (0: none)")
     args = ap.parse_args()
     big = args.model == "235b"
     args.layers = args.layers or (94 if big else 48)
@@ -490,13 +488,11 @@ def main() -> None:
         fused.MOE_DOWN_PREFETCH = args.down_prefetch
     if args.no_router_kernel:
         fused.ROUTER_MAX_TOKENS = 0
-    if args.next_fetchers is not None:
-        fused.NEXT_WEIGHT_FETCHERS = args.next_fetchers
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     fuse_reduce = os.environ.get("QWENHW_FUSED_REDUCE", "1") != "0"  # 0: every row reduces and norms apart
     torch.cuda.set_device(rank)
     extra_pdl = {"pdl": fused.pdl(torch.device("cuda", rank)), "down_prefetch": fused.MOE_DOWN_PREFETCH,
-                 "router_kernel_up_to": fused.ROUTER_MAX_TOKENS, "next_weight_fetchers": fused.NEXT_WEIGHT_FETCHERS}
+                 "router_kernel_up_to": fused.ROUTER_MAX_TOKENS}
     dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
     torch.zeros(1, device="cuda")
     free, total = torch.cuda.mem_get_info()

@@ -333,36 +333,3 @@ def test_moe_kernels_compile_for_hopper():
                 assert ("prefetch.global.L2" in ptx) == consts["PDL"]
                 if consts["PDL"]:  # the prefetches come before the wait
                     assert ptx.index("prefetch.global.L2") < ptx.index("griddepcontrol.wait")
-
-
-def test_next_weight_fetchers_compile_for_hopper():
-    """With PDL, the attention combine and the MoE sum kernels add programs that ask L2 for the weights of
-    the cuBLAS GEMM after them (o_proj, the next layer's q/k/v) before waiting for the kernel before them
-    (the prefetch loop's block is laid out after the wait in the PTX text, so no order is checked here);
-    without fetchers or without PDL there is no prefetch and (without PDL) no wait."""
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-
-    sys.path.insert(0, str(ROOT / "plugins" / "offload"))
-    from qwenhw_offload import fused
-
-    kernels = [
-        (fused._moe_sum, {"y_ptr": "*bf16", "ids_ptr": "*i64", "res_ptr": "*bf16", "out_ptr": "*bf16", "H": "i32",
-                          "ep_start": "i32", "E": "i32", "next_ptr": "*bf16", "next_lines": "i32"},
-         {"TOP_K": 8, "BH": 1024, "RESIDUAL": True}),
-        (fused._attn_combine, {"acc_ptr": "*fp32", "ml_ptr": "*fp32", "out_ptr": "*bf16", "S": "i32", "R": "i32",
-                               "next_ptr": "*bf16", "next_lines": "i32"}, {"D": 128, "BS": 4}),
-    ]
-    for fn, sig, base in kernels:
-        for pdl, fetchers in ((True, 2), (True, 0), (False, 0)):
-            consts = {**base, "PDL": pdl, "FETCHERS": fetchers, "LINE": 64}
-            src = triton.compiler.ASTSource(fn=fn, signature={**sig, **dict.fromkeys(consts, "constexpr")},
-                                            constexprs=consts)
-            try:
-                ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
-            except RuntimeError as exc:  # no ptxas in this Triton build
-                if "ptxas" in str(exc):
-                    pytest.skip(str(exc)[:200])
-                raise
-            assert ("griddepcontrol.wait" in ptx) == pdl, (fn.__name__, consts)
-            assert ("prefetch.global.L2" in ptx) == (fetchers > 0), (fn.__name__, consts)

@@ -79,15 +79,6 @@ if triton is not None:
                                   pack=1)
 
     @triton.jit
-    def _prefetch_share(ptr, lines, part, parts, LINE: tl.constexpr, BLOCK: tl.constexpr):
-        """Share `part` of `parts` of the `lines` 128-byte lines (LINE elements each) from `ptr`, asked of L2:
-        the weights of the GEMM that follows the kernel, read by the programs a grid adds for this."""
-        per = tl.cdiv(lines, parts)
-        for j in range(part * per, tl.minimum(lines, (part + 1) * per), BLOCK):
-            at = j + tl.arange(0, BLOCK)
-            _prefetch_l2(ptr + tl.minimum(at, lines - 1).to(tl.int64) * LINE)
-
-    @triton.jit
     def _qk_rope_cache(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr, qo_ptr, kc_ptr, vc_ptr,
                        T, HQ, HK, MAX_LEN, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sc_b, sc_t,
                        eps, HALF: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr):
@@ -321,21 +312,12 @@ if triton is not None:
             tl.store(y_ptr + pair[:, None] * H + n[None, :], y.to(ty), mask=valid[:, None] & (n[None, :] < H))
 
     @triton.jit
-    def _moe_sum(y_ptr, ids_ptr, res_ptr, out_ptr, H, ep_start, E, next_ptr, next_lines, TOP_K: tl.constexpr,
-                 BH: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr, FETCHERS: tl.constexpr,
-                 LINE: tl.constexpr):
-        """out[token] = (residual +) the sum of its pairs' rows whose expert is local (others: other ranks).
-        Programs past the tokens (FETCHERS of them, with PDL) ask L2 for the next GEMM's weights instead."""
-        t = tl.program_id(0)
-        if FETCHERS > 0:
-            if t >= tl.num_programs(0) - FETCHERS:
-                part = (t - (tl.num_programs(0) - FETCHERS)) * tl.num_programs(1) + tl.program_id(1)
-                _prefetch_share(next_ptr, next_lines, part, FETCHERS * tl.num_programs(1), LINE, 1024)
+    def _moe_sum(y_ptr, ids_ptr, res_ptr, out_ptr, H, ep_start, E, TOP_K: tl.constexpr, BH: tl.constexpr,
+                 RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+        """out[token] = (residual +) the sum of its pairs' rows whose expert is local (others: other ranks)."""
         _after_previous(PDL)
-        if FETCHERS > 0:
-            if t >= tl.num_programs(0) - FETCHERS:
-                return
         ty = out_ptr.dtype.element_ty
+        t = tl.program_id(0)
         o = tl.program_id(1) * BH + tl.arange(0, BH)
         acc = tl.zeros([BH], dtype=tl.float32)
         if RESIDUAL:
@@ -401,18 +383,10 @@ if triton is not None:
         tl.store(ml_ptr + part * 2 + 1, den, mask=g < G)
 
     @triton.jit
-    def _attn_combine(acc_ptr, ml_ptr, out_ptr, S, R, next_ptr, next_lines, D: tl.constexpr, BS: tl.constexpr,
-                      PDL: tl.constexpr, FETCHERS: tl.constexpr, LINE: tl.constexpr):
-        """One query head (of R): the splits' partials into its attention output. Programs past the R heads
-        (FETCHERS of them, with PDL) ask L2 for the next GEMM's weights instead."""
-        r = tl.program_id(0)
-        if FETCHERS > 0:
-            if r >= R:
-                _prefetch_share(next_ptr, next_lines, r - R, FETCHERS, LINE, 1024)
+    def _attn_combine(acc_ptr, ml_ptr, out_ptr, S, D: tl.constexpr, BS: tl.constexpr, PDL: tl.constexpr):
+        """One query head: the splits' partials into its attention output."""
         _after_previous(PDL)
-        if FETCHERS > 0:
-            if r >= R:
-                return
+        r = tl.program_id(0)
         sp = tl.arange(0, BS)
         d = tl.arange(0, D)
         m = tl.load(ml_ptr + (r * S + sp) * 2, mask=sp < S, other=float("-inf"))
@@ -518,7 +492,7 @@ def moe_enabled() -> bool:
 def moe_experts(x: torch.Tensor, experts: Any, idx: torch.Tensor, weights: torch.Tensor,
                 ep_start: int = 0, block: tuple[int, ...] | None = None,
                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                down_block: tuple[int, ...] | None = None, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                down_block: tuple[int, ...] | None = None) -> torch.Tensor:
     """The routed experts' output [tokens, hidden] for x [tokens, hidden], ids/weights [tokens, top_k].
 
     Experts are `experts.gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I] (transformers' layout); ids are
@@ -527,10 +501,9 @@ def moe_experts(x: torch.Tensor, experts: Any, idx: torch.Tensor, weights: torch
     `block` = (BN, BK, warps, stages[, split]) overrides the gate/up kernel's tile shape and its split of the
     hidden size, `down_block` = (BN, BK, warps, stages) the down kernel's (bench/multi_gpu.py sweeps them).
     `residual` [tokens, hidden] is added in the last kernel (the decoder layer's skip connection); `out`, a
-    contiguous [tokens, hidden] tensor to write into (a tensor-parallel reducer's buffer); `prefetch`, the
-    weight of the next GEMM (the next layer's q/k/v projection) to have in L2 by then.
+    contiguous [tokens, hidden] tensor to write into (a tensor-parallel reducer's buffer).
     """
-    call = MoeCall(x, experts, idx, weights, ep_start, block, down_block, residual, out, prefetch)
+    call = MoeCall(x, experts, idx, weights, ep_start, block, down_block, residual, out)
     call.gate_up()
     call.down()
     return call.sum()
@@ -541,10 +514,8 @@ class MoeCall:
 
     def __init__(self, x: torch.Tensor, experts: Any, idx: torch.Tensor, weights: torch.Tensor, ep_start: int = 0,
                  block: tuple[int, ...] | None = None, down_block: tuple[int, ...] | None = None,
-                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                 prefetch: torch.Tensor | None = None):
+                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None):
         self.gu, self.dn = experts.gate_up_proj, experts.down_proj
-        self.prefetch = prefetch
         self.n_exp, two_i, self.hidden = self.gu.shape
         self.inter = two_i // 2
         self.line = 128 // self.dn.element_size()  # elements per 128-byte cache line
@@ -594,11 +565,9 @@ class MoeCall:
     def sum(self) -> torch.Tensor:
         bh = min(1024, triton.next_power_of_2(self.hidden))
         res = self.residual if self.residual is not None else self.out
-        nxt, lines, fetchers, line = _fetch(self.prefetch, self.out)
-        fetchers = triton.cdiv(fetchers, triton.cdiv(self.hidden, bh))  # rows of programs: FETCHERS in all
-        _moe_sum[(self.tokens + fetchers, triton.cdiv(self.hidden, bh))](
-            self.y, self.ids, res, self.out, self.hidden, self.ep_start, self.n_exp, nxt, lines, TOP_K=self.top_k,
-            BH=bh, RESIDUAL=self.residual is not None, FETCHERS=fetchers, LINE=line, **_launch(self.x.device))
+        _moe_sum[(self.tokens, triton.cdiv(self.hidden, bh))](
+            self.y, self.ids, res, self.out, self.hidden, self.ep_start, self.n_exp, TOP_K=self.top_k, BH=bh,
+            RESIDUAL=self.residual is not None, **_launch(self.x.device))
         return self.out
 
 
@@ -618,14 +587,13 @@ def _counts(device: torch.device, n: int, kernel: str) -> torch.Tensor:
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                      scale: float, start: torch.Tensor | None = None,
-                     block: tuple[int, int, int] | None = None, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                     block: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Attention of one new token per sequence over the static cache, reading slots start[j]..pos only.
 
     q [b, hq, 1, d] contiguous; caches [b, hk, max_len, d]; pos a 1-element tensor and start [b] (each
     sequence's first slot; zeros if None), read on the device, so a captured graph serves every step.
     Returns [b, 1, hq * d], the layout o_proj takes. `block` = (BN, warps, stages) overrides the tiles
-    (bench/multi_gpu.py sweeps a few); `prefetch`, the weight of the GEMM that reads the output (o_proj),
-    to have in L2 by then (see `_fetch`). Split-KV
+    (bench/multi_gpu.py sweeps a few). Split-KV
     (flash-decoding): programs over 256-position chunks, then one kernel combines them. SDPA over the
     static cache with a mask reads all max_len positions every step.
     """
@@ -644,24 +612,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                   float(scale), G=g, BG=max(16, triton.next_power_of_2(g)), D=d, BN=bn,
                                   CHUNK=ATTN_CHUNK, EXACT=exact, RUNTIME_BOUNDS=q.is_cuda, num_warps=warps,
                                   num_stages=stages, **_launch(q.device))
-    nxt, lines, fetchers, line = _fetch(prefetch, out)
-    _attn_combine[(b * hq + fetchers,)](acc, ml, out, splits, b * hq, nxt, lines, D=d,
-                                        BS=max(2, triton.next_power_of_2(splits)), FETCHERS=fetchers, LINE=line,
-                                        **_launch(q.device))
+    _attn_combine[(b * hq,)](acc, ml, out, splits, D=d, BS=max(2, triton.next_power_of_2(splits)), **_launch(q.device))
     return out
-
-
-NEXT_WEIGHT_FETCHERS = 32  # programs a kernel adds to prefetch the next GEMM's weights (0: none)
-
-
-def _fetch(weight: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
-    """(tensor, 128-byte lines, programs, elements per line) for a kernel's added programs that ask L2 for
-    the weights of the cuBLAS GEMM after it, while the kernel before finishes (PDL only: otherwise none,
-    and `like` stands in for the pointer). That GEMM then reads them from L2."""
-    if weight is None or not pdl(like.device) or not NEXT_WEIGHT_FETCHERS or not weight.is_contiguous():
-        return like, 0, 0, 1
-    line = 128 // weight.element_size()
-    return weight, triton.cdiv(weight.numel(), line), NEXT_WEIGHT_FETCHERS, line
 
 
 def qk_rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm: Any, k_norm: Any,

@@ -158,7 +158,7 @@ class Runtime:
         q, k, v = F.linear(x, w, bias).view(b, t, -1, self.head_dim).split(heads, dim=2)
         q = fused.qk_rope_cache(q, k, v, getattr(a, "q_norm", None), getattr(a, "k_norm", None), cos, sin, pos,
                                 self.k[i], self.v[i])
-        out = fused.decode_attention(q, self.k[i], self.v[i], pos, a.scaling, self.start, prefetch=a.o_proj.weight)
+        out = fused.decode_attention(q, self.k[i], self.v[i], pos, a.scaling, self.start)
         return self._row_parallel(out.view(b * t, -1), a.o_proj, h, layer.post_attention_layernorm)
 
     def _row_parallel(self, x: torch.Tensor, linear: Any, h: torch.Tensor, norm: Any = None) -> torch.Tensor:
@@ -217,9 +217,8 @@ class Runtime:
             flat = x.reshape(-1, x.shape[-1])
             weights, idx = route(layer.mlp.gate, flat)
             out = self._partial(h)
-            nxt = self._qkv[i + 1][0] if i + 1 < len(self.layers) and self._qkv else None  # read next
             fused.moe_experts(flat, experts, idx, weights, getattr(experts, "ep_start", 0),
-                              residual=h.view_as(flat) if self.lead else None, out=out.view_as(flat), prefetch=nxt)
+                              residual=h.view_as(flat) if self.lead else None, out=out.view_as(flat))
             return self._reduce(out, self._next_norm(i))
         if self.group is not None and experts is not None:
             from .parallel import expert_parallel_moe
