@@ -277,7 +277,9 @@ def load_shard(path: str, rank: int, world: int, device: str, dtype: torch.dtype
             raise missing(key)
         start = time.perf_counter()
         part = where[key].get_slice(key)
-        out = part[:] if cut is None else _cut(part, cut)
+        # a column cut is a strided view of the file's pages: made contiguous here, its copy to the GPU
+        # takes half as long (bench/shard_copy.py, H200: 0.56 against 1.05 ms per expert matrix half)
+        out = part[:] if cut is None else _cut(part, cut).contiguous()
         spent["read_s"] += time.perf_counter() - start
         spent["slices"] += 1
         return out
