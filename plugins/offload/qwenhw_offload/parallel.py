@@ -273,22 +273,25 @@ def load_shard(path: str, rank: int, world: int, device: str, dtype: torch.dtype
     spent.update(read_s=0.0, copy_s=0.0, slices=0)
 
     def read(key: str, cut: Cut | None = None) -> torch.Tensor:
+        """The tensor, or its cut; column cuts come whole (`put` cuts them on the device): a column slice
+        of the file is a strided walk over every page of the matrix, which in a rank process took 9 ms
+        per expert matrix against under 1 ms to read it whole (docs/benchmarks.md)."""
         if key not in where:
             raise missing(key)
         start = time.perf_counter()
         part = where[key].get_slice(key)
-        # a column cut is a strided view of the file's pages: made contiguous here, its copy to the GPU
-        # takes half as long (bench/shard_copy.py, H200: 0.56 against 1.05 ms per expert matrix half)
-        out = part[:] if cut is None else _cut(part, cut).contiguous()
+        out = part[:] if cut is None or cut[0] == "cols" else _cut(part, cut)
         spent["read_s"] += time.perf_counter() - start
         spent["slices"] += 1
         return out
 
-    def put(name: str, param: torch.Tensor, value: torch.Tensor) -> None:
+    def put(name: str, param: torch.Tensor, value: torch.Tensor, cut: Cut | None = None) -> None:
+        start = time.perf_counter()
+        if cut is not None and cut[0] == "cols" and value.shape[0] == param.shape[0]:
+            value = _cut(value.to(param.device), cut)
         if value.shape != param.shape:
             raise ValueError(f"{name}: the checkpoint gives {tuple(value.shape)}, the shard holds "
                              f"{tuple(param.shape)}")
-        start = time.perf_counter()
         param.copy_(value)
         spent["copy_s"] += time.perf_counter() - start
 
@@ -296,7 +299,7 @@ def load_shard(path: str, rank: int, world: int, device: str, dtype: torch.dtype
         for name, param in model.named_parameters():
             cut = plan.get(name)
             if name in where:
-                put(name, param, read(name, cut))
+                put(name, param, read(name, cut), cut)
             elif name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
                 stem, kind = name.rsplit(".", 1)
                 lo = cut[1] if cut and cut[0] == "experts" else 0
@@ -310,7 +313,7 @@ def load_shard(path: str, rank: int, world: int, device: str, dtype: torch.dtype
                         put(f"{e}.gate_proj.weight", param[j, :half], read(f"{e}.gate_proj.weight", rows))
                         put(f"{e}.up_proj.weight", param[j, half:], read(f"{e}.up_proj.weight", rows))
                     else:
-                        put(f"{e}.down_proj.weight", param[j], read(f"{e}.down_proj.weight", cols))
+                        put(f"{e}.down_proj.weight", param[j], read(f"{e}.down_proj.weight", cols), cols)
             else:
                 raise missing(name)
     return model.eval()
