@@ -158,7 +158,7 @@ def test_offload_multi_gpu_layouts_follow_batch_and_memory(monkeypatch):
 
 
 def test_tensor_parallel_plans_split_experts_only_where_whole_ones_do_not_divide():
-    """TP replicas keep whole experts per GPU (their loader is 6.5x faster); where the expert count does not
+    """TP replicas keep whole experts per GPU (they measure as fast as split ones); where the expert count does not
     divide by the GPUs but the intermediate size does, every expert is split across them instead."""
     import dataclasses
 

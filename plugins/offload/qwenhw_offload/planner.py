@@ -336,11 +336,11 @@ def gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, con
 def expert_split(spec: ModelSpec, tp: int) -> str:
     """How a tensor-parallel replica of `tp` GPUs holds the routed experts (parallel.py): "ep", whole
     experts per GPU, when their count divides; else "tp", every expert split by its intermediate size.
-    Split experts decode a little faster (each GPU reads the same share of every expert a batch touches;
-    with whole experts a step waits for the GPU whose experts the batch touched most): measured on H200s
-    +2.7-3.8% at batch 1 on 2 GPUs, +3.0% on 4, no gain at batch 16 (docs/benchmarks.md). But load_shard
-    reads them 6.5x slower (58 vs 8.9 s for 12 layers on 4 GPUs: every rank reads a slice of every expert),
-    so whole experts stay the default until that loader is faster."""
+    Each GPU then reads the same share of every expert a batch touches, where with whole experts a step
+    waits for the GPU whose experts the batch touched most; but each GPU's MoE kernels work on smaller
+    matrices. Measured on H200s with the dependent launches and the router kernel: -0.3% / +0.3% (batch
+    1 / 16) against whole experts on 2 GPUs, +1.7% / -1.3% on 4 (docs/benchmarks.md), and both load as
+    fast since load_shard cuts columns on the GPU. Whole experts stay the default where they divide."""
     if spec.moe and spec.moe.num_experts % tp and spec.moe.moe_intermediate_size % tp == 0:
         return "tp"
     return "ep"
