@@ -3,11 +3,14 @@
 A decode step replays ~57 small kernels per layer, and every GPU of a multi-GPU layout replays all of them
 (docs/benchmarks.md, kernel census). Three groups are mostly launch overhead at decode sizes:
 - q/k RMSNorm + rotary embedding + the KV-cache write: 14 kernels per layer, here one;
-- the MoE router's softmax, top-k, renormalisation and cast: 6 kernels per layer, here one;
+- the MoE router's softmax, top-k, renormalisation and cast: 6 kernels per layer, here one, which for
+  decode-sized calls also does the router's GEMM (`router`);
 - the routed experts (transformers' grouped/batched kernels sort, gather, pad and scatter around the two
   GEMMs: ~15 kernels, plus 4 for the expert-parallel masking): here three, `moe_experts`.
 Tensor-parallel decode steps also sum each row-parallel output over the GPUs and apply the RMSNorm that
 reads it in one kernel (`reduce_norm`, over torch's symmetric memory).
+On Hopper and later each kernel is launched dependent on the one before it (`pdl`), which hides most of
+the gap between two kernels of a step.
 All follow transformers' Qwen3 arithmetic, rounding to the model dtype where it rounds. The runtime uses
 them for decode steps on CUDA when Triton is importable, and keeps its torch code everywhere else (prefill,
 CPU). The CPU tests run these kernels through Triton's interpreter (TRITON_INTERPRET=1).
@@ -653,12 +656,16 @@ ROUTER_MAX_TOKENS = 64  # decode-sized calls: the router GEMM and the routing in
 ROUTER_TILES = (16, 128, 4)  # (experts per program, BK, hidden slices): 32 programs for 128 experts
 
 
+def _router_tiles(x: torch.Tensor) -> tuple[int, int, int]:
+    return ROUTER_TILES if x.is_cuda else (16, 32, 2)  # the interpreter: the tiny test models
+
+
 def router(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int,
            normalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """route(x @ gate_weight.T, ...) in one kernel for up to ROUTER_MAX_TOKENS rows of x [n, hidden]."""
     n, hidden = x.shape
     experts = gate_weight.shape[0]
-    be, bk, split = ROUTER_TILES if x.is_cuda else (16, 32, 2)
+    be, bk, split = _router_tiles(x)
     bt, block_e = max(16, triton.next_power_of_2(n)), max(be, triton.next_power_of_2(experts))
     part = torch.empty((split, bt, block_e), dtype=torch.float32, device=x.device)
     weights = torch.empty((n, top_k), dtype=x.dtype, device=x.device)
@@ -677,7 +684,7 @@ def gate_route(gate: Any, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     too for decode-sized calls)."""
     if hasattr(gate, "top_k") and hasattr(gate, "norm_topk_prob") and gate.weight.shape[0] == getattr(
             gate, "num_experts", -1):
-        _, bk, split = ROUTER_TILES if flat.is_cuda else (16, 32, 2)
+        _, bk, split = _router_tiles(flat)
         if flat.shape[0] <= ROUTER_MAX_TOKENS and flat.is_contiguous() and flat.shape[1] % (bk * split) == 0 \
                 and gate.weight.is_contiguous() and gate.weight.dtype == flat.dtype:
             return router(flat, gate.weight, gate.top_k, bool(gate.norm_topk_prob))
