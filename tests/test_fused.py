@@ -333,3 +333,22 @@ def test_moe_kernels_compile_for_hopper():
                 assert ("prefetch.global.L2" in ptx) == consts["PDL"]
                 if consts["PDL"]:  # the prefetches come before the wait
                     assert ptx.index("prefetch.global.L2") < ptx.index("griddepcontrol.wait")
+
+
+def test_dependent_launch_only_on_cuda_and_switchable(monkeypatch):
+    """PDL needs a Hopper-or-later CUDA device: never on the CPU (the interpreter gets PDL=False and no
+    Triton launch option it would not know), and QWENHW_PDL=0 turns it off."""
+    pytest.importorskip("triton")
+    import torch
+
+    sys.path.insert(0, str(ROOT / "plugins" / "offload"))
+    from qwenhw_offload import fused
+
+    assert not fused.pdl(torch.device("cpu")) and fused._launch(torch.device("cpu")) == {"PDL": False}
+    monkeypatch.setattr(fused, "_major", lambda index: 9)  # as if an H100 were there
+    assert fused.pdl(torch.device("cuda", 0)) and fused._launch(torch.device("cuda", 0))["launch_pdl"]
+    monkeypatch.setenv("QWENHW_PDL", "0")
+    assert not fused.pdl(torch.device("cuda", 0))
+    monkeypatch.setattr(fused, "_major", lambda index: 8)  # an A100
+    monkeypatch.delenv("QWENHW_PDL")
+    assert not fused.pdl(torch.device("cuda", 0))
