@@ -114,3 +114,24 @@ def test_stream_splitter_handles_tags_split_across_chunks():
 def test_modes_for_non_hybrid_models():
     assert resolve_mode(True, [], "none") == (False, None)
     assert resolve_mode(False, [], "thinking") == (True, None)
+
+
+def test_whole_completion_drops_end_tokens_and_cuts_at_stop():
+    """Both engines' whole completions: trailing end tokens (EOS, end of turn, a batch's padding) are not
+    part of the answer and make it "stop"; a stop string cuts the text and makes it "stop"; otherwise the
+    length limit ended it."""
+    from transformers import AutoTokenizer
+
+    from qwenhw.engine.text import completion
+    from qwenhw.tiny import tokenizer_dir
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir())
+    words = tok.encode("Paris is the capital. Berlin too")
+    end, pad = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    ends = {end, pad}
+    c = completion(tok, words + [end, pad, pad], 5, ends, ())
+    assert (c.text, c.token_ids, c.prompt_tokens, c.finish_reason) == (tok.decode(words), tuple(words), 5, "stop")
+    c = completion(tok, words, 5, ends, ())
+    assert c.finish_reason == "length" and c.text == "Paris is the capital. Berlin too"
+    c = completion(tok, words, 5, ends, (".",))
+    assert (c.text, c.finish_reason) == ("Paris is the capital", "stop") and c.token_ids == tuple(words)

@@ -10,7 +10,7 @@ import threading
 from typing import Any, Callable, Iterator
 
 from .base import Completion, Engine, Piece, Sampling
-from .text import RowTexts, cut_at_stop, decode
+from .text import RowTexts, completion, cut_at_stop
 
 
 class HFEngine(Engine):
@@ -74,18 +74,9 @@ class HFEngine(Engine):
         with torch.inference_mode():
             out = self.model.generate(**enc, **self._generate_kwargs(sampling))
         width = enc["input_ids"].shape[1]
-        eos = set(self._eos_ids()) | {self.tokenizer.pad_token_id}
-        results = []
-        for row, mask in zip(out, enc["attention_mask"]):
-            new = row[width:].tolist()
-            finish = "length"
-            while new and new[-1] in eos:  # drop padding and the end-of-turn token
-                new.pop()
-                finish = "stop"
-            text, stopped = cut_at_stop(decode(self.tokenizer, new), sampling.stop)
-            results.append(Completion(text=text, token_ids=tuple(new), prompt_tokens=int(mask.sum()),
-                                      finish_reason="stop" if stopped else finish))
-        return results
+        ends = set(self._eos_ids()) | {self.tokenizer.pad_token_id}  # a batch's shorter rows end in padding
+        return [completion(self.tokenizer, row[width:].tolist(), int(mask.sum()), ends, sampling.stop)
+                for row, mask in zip(out, enc["attention_mask"])]
 
     def _stream(self, prompt: str, sampling: Sampling) -> Iterator[str]:
         import torch

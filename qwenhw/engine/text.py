@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Piece, Sampling
+from .base import Completion, Piece, Sampling
 
 
 def decode(tokenizer: Any, ids: list[int]) -> str:
@@ -16,6 +16,19 @@ def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     """The text before the first stop string, and whether there was one."""
     cut = min((text.find(s) for s in stops if s and s in text), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def completion(tokenizer: Any, tokens: list[int], prompt_tokens: int, ends: set[int],
+               stop: tuple[str, ...]) -> Completion:
+    """A whole completion from its generated tokens: trailing end tokens (EOS, end of turn, padding) dropped,
+    the text cut before the first stop string; "stop" if either ended it, else "length"."""
+    tokens = list(tokens)
+    finish = "length"
+    while tokens and tokens[-1] in ends:
+        tokens.pop()
+        finish = "stop"
+    text, stopped = cut_at_stop(decode(tokenizer, tokens), stop)
+    return Completion(text, tuple(tokens), prompt_tokens, "stop" if stopped else finish)
 
 
 class TextStream:

@@ -9,7 +9,7 @@ import torch
 
 from qwenhw.engine.base import Completion, Piece, Sampling
 from qwenhw.engine.hf import HFEngine
-from qwenhw.engine.text import RowTexts, cut_at_stop, decode
+from qwenhw.engine.text import RowTexts, completion
 
 from .planner import runtime_batches
 from .runtime import Runtime, SampleParams, supported
@@ -44,15 +44,8 @@ class RuntimeEngine(HFEngine):
         for k in range(0, len(ids), rt.batch):
             rt.reset()
             generated += rt.generate_batch(ids[k:k + rt.batch], sampling.max_tokens, params, eos)
-        out = []
-        for tokens, prompt_ids in zip(generated, ids):
-            finish = "length"
-            if tokens and tokens[-1] in eos:
-                tokens.pop()
-                finish = "stop"
-            text, stopped = cut_at_stop(decode(self.tokenizer, tokens), sampling.stop)
-            out.append(Completion(text, tuple(tokens), len(prompt_ids), "stop" if stopped else finish))
-        return out
+        return [completion(self.tokenizer, tokens, len(prompt_ids), eos, sampling.stop)
+                for tokens, prompt_ids in zip(generated, ids)]
 
     def _stream(self, prompt: str, sampling: Sampling) -> Iterator[str]:
         for piece in self._decode_rows(self.runtime, [prompt], [sampling], lambda row: True, 0, True):
