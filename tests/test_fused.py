@@ -336,8 +336,8 @@ def test_moe_kernels_compile_for_hopper():
 
 
 def test_dependent_launch_only_on_cuda_and_switchable(monkeypatch):
-    """PDL needs a Hopper-or-later CUDA device: never on the CPU (the interpreter gets PDL=False and no
-    Triton launch option it would not know), and QWENHW_PDL=0 turns it off."""
+    """PDL needs a Hopper-or-later CUDA device and a Triton that launches with it: never on the CPU (the
+    interpreter gets PDL=False and no launch option it would not know), and QWENHW_PDL=0 turns it off."""
     pytest.importorskip("triton")
     import torch
 
@@ -345,10 +345,14 @@ def test_dependent_launch_only_on_cuda_and_switchable(monkeypatch):
     from qwenhw_offload import fused
 
     assert not fused.pdl(torch.device("cpu")) and fused._launch(torch.device("cpu")) == {"PDL": False}
+    assert fused._triton_pdl()  # the pinned Triton has it
     monkeypatch.setattr(fused, "_major", lambda index: 9)  # as if an H100 were there
     assert fused.pdl(torch.device("cuda", 0)) and fused._launch(torch.device("cuda", 0))["launch_pdl"]
     monkeypatch.setenv("QWENHW_PDL", "0")
     assert not fused.pdl(torch.device("cuda", 0))
     monkeypatch.setattr(fused, "_major", lambda index: 8)  # an A100
     monkeypatch.delenv("QWENHW_PDL")
+    assert not fused.pdl(torch.device("cuda", 0))
+    monkeypatch.setattr(fused, "_major", lambda index: 9)
+    monkeypatch.setattr(fused, "_triton_pdl", lambda: False)  # a Triton older than 3.3
     assert not fused.pdl(torch.device("cuda", 0))

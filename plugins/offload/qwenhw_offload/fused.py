@@ -43,7 +43,7 @@ def pdl(device: torch.device) -> bool:
     it wrote; before that they touch weights only. It hides the gap between two kernels of a step, which
     at decode sizes is a large part of each (docs/benchmarks.md). Kept in CUDA graphs as programmatic
     edges. QWENHW_PDL=0 turns it off."""
-    if device.type != "cuda" or os.environ.get("QWENHW_PDL", "1") == "0":
+    if device.type != "cuda" or os.environ.get("QWENHW_PDL", "1") == "0" or not _triton_pdl():
         return False
     return _major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
 
@@ -51,6 +51,17 @@ def pdl(device: torch.device) -> bool:
 @functools.lru_cache(maxsize=None)
 def _major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_pdl() -> bool:
+    """Whether this Triton launches with PDL (3.3 and later): older ones run the kernels without it."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.language.extra import cuda
+    except ImportError:
+        return False
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {}) and hasattr(cuda, "gdc_wait")
 
 
 def _launch(device: torch.device) -> dict[str, Any]:
