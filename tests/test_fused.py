@@ -309,8 +309,8 @@ def test_moe_kernels_compile_for_hopper():
           for inter, lines in ((192, 4), (768, 16)) for pdl in (False, True)]),
         (fused._router, {"x_ptr": "*bf16", "g_ptr": "*bf16", "part_ptr": "*fp32", "cnt_ptr": "*i32", "w_ptr": "*bf16",
                          "idx_ptr": "*i64", "N": "i32", "E": "i32"},
-         [{"H": 2048, "K": 8, "BT": 16, "BE": 16, "BK": 128, "SPLIT": 4, "BLOCK_E": 128, "BLOCK_K": 8, "NORM": True,
-           "EXACT": False, "PDL": pdl, "LINE": 64, "LINES": 8} for pdl in (False, True)]),
+         [{"H": 2048, "K": 8, "BT": bt, "BE": 16, "BK": 128, "SPLIT": 4, "BLOCK_E": 128, "BLOCK_K": 8, "NORM": True,
+           "EXACT": False, "PDL": pdl, "LINE": 64, "LINES": 8} for bt, pdl in ((16, False), (16, True), (64, True))]),
     ]
     for fn, sig, variants in kernels:
         aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, ty in sig.items() if ty.startswith("*")}
