@@ -106,9 +106,8 @@ def streamed_bytes(spec: ModelSpec, layout: Parallel, batch: int) -> float:
     head = wb.embeddings if spec.tie_embeddings else wb.embeddings / 2
     total = wb.non_expert / layout.tp / layout.pp + head / layout.tp
     if spec.moe is not None:
-        per_rank = busiest_rank_experts(spec, batch, layout.ep) if layout.ep > 1 else \
-            experts_touched(spec, batch) / layout.tp
-        total += per_rank * mm.expert_bytes(spec) * spec.num_moe_layers / layout.pp
+        total += rank_experts(spec, batch, layout.tp, layout.ep) * mm.expert_bytes(spec) * spec.num_moe_layers \
+            / layout.pp
     return total
 
 
@@ -149,6 +148,12 @@ def busiest_rank_experts(spec: ModelSpec, tokens: int, ranks: int) -> float:
         cdf += math.comb(n, x) * p ** x * (1.0 - p) ** (n - x)
         expected += 1.0 - min(cdf, 1.0) ** ranks
     return expected
+
+
+def rank_experts(spec: ModelSpec, tokens: int, tp: int, ep: int) -> float:
+    """Experts' worth of weights one rank reads in a layer for `tokens` tokens: the busiest rank's whole
+    experts under expert parallelism (ep > 1), else its 1/tp share of every expert touched."""
+    return busiest_rank_experts(spec, tokens, ep) if ep > 1 else experts_touched(spec, tokens) / tp
 
 
 def link_between(node: Node, tp: int) -> tuple[float, float]:

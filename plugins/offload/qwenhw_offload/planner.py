@@ -12,7 +12,7 @@ from __future__ import annotations
 from qwenhw.hardware.profile import GiB, HardwareProfile, Node
 from qwenhw.models import memory as mm
 from qwenhw.models.spec import ModelSpec
-from qwenhw.planning.layout import CPU_TORCH_GEMV_EFFICIENCY, busiest_rank_experts, experts_touched
+from qwenhw.planning.layout import CPU_TORCH_GEMV_EFFICIENCY, experts_touched, rank_experts
 from qwenhw.planning.plan import DeviceUse, Estimate, Offload, Parallel, Plan, Request
 from qwenhw.planning.precision import stored_dtype, with_weight_dtype
 
@@ -427,11 +427,10 @@ def parallel_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str
     else:
         # per step: each GPU streams its share; graph replay and the all-reduces do not shrink with tp. With
         # whole experts per GPU a step waits for the GPU whose experts the batch touched most
-        stream = _stream_bytes(served, per_replica)
-        head = wb.embeddings if spec.tie_embeddings else wb.embeddings / 2
-        routed = experts_touched(served, per_replica) * mm.expert_bytes(served) * served.num_moe_layers
-        busiest = busiest_rank_experts(served, per_replica, ep) * mm.expert_bytes(served) * served.num_moe_layers
-        per_gpu = (stream - head - routed) / tp + head + (busiest if ep > 1 else routed / tp)
+        head = wb.embeddings if spec.tie_embeddings else wb.embeddings / 2  # the LM head, whole on every GPU
+        routed = rank_experts(served, per_replica, tp, ep) * mm.expert_bytes(served) * served.num_moe_layers \
+            if served.moe else 0.0
+        per_gpu = wb.non_expert / tp + head + routed
         kv_read = per_replica * context / 2 * mm.kv_bytes_per_token(served, kv_dtype) * kv_share
         gpu_bw = gpu.bandwidth_gbs * 1e9 * GRAPH_BANDWIDTH_EFFICIENCY
         t = (per_gpu + kv_read) / gpu_bw + spec.num_layers * GRAPH_LAYER_OVERHEAD
