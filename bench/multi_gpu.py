@@ -335,16 +335,27 @@ def allreduce_check(group, world: int, hidden: int) -> list[dict]:
                 dist.barrier()
                 row["reduce_then_norm_us"] = graph_time(
                     lambda: rms_norm(norm, red(red.buffer_like(part).copy_(part))), calls=50) * 1e6
-                row["fused_reduce_norm_us"] = {}
-                for per in sorted({1, 2, 4, 8, b} & set(range(1, b + 1))):  # token rows per program (barrier)
-                    fused.REDUCE_ROWS = per
-                    red.restart()
-                    dist.barrier()
-                    row["fused_reduce_norm_us"][per] = graph_time(
-                        lambda: red.reduce_norm(red.buffer_like(part).copy_(part), norm), calls=50) * 1e6
+                os.environ["QWENHW_PUSH_REDUCE"] = "0"  # the one-shot kernel (barrier, then reads), side by side
+                pull = Reducer(group, b * hidden, torch.bfloat16, x.device)
+                os.environ.pop("QWENHW_PUSH_REDUCE")
+                h3, x3 = pull.reduce_norm(pull.buffer_like(part).copy_(part), norm)
+                torch.cuda.synchronize()
+                row["pull_reducer"] = pull.path
+                row["pulled_h_equal"] = bool(torch.equal(h3, h2)) and bool(torch.equal(x3, x1))
+                for key, r in (("fused_reduce_norm_us", red), ("pulled_reduce_norm_us", pull)):
+                    row[key] = {}
+                    for per in sorted({1, 2, 4, 8, b} & set(range(1, b + 1))):  # token rows per program
+                        fused.REDUCE_ROWS = per
+                        r.restart()
+                        dist.barrier()
+                        row[key][per] = graph_time(
+                            lambda: r.reduce_norm(r.buffer_like(part).copy_(part), norm), calls=50) * 1e6
                 fused.REDUCE_ROWS = rows_default
         rows.append(row)
     return rows
+
+
+EXPERT_MODES = {"ep": "EP={n} experts", "tp": "experts split {n} ways", "replicated": "all experts on each GPU, dealt"}
 
 
 def build_sharded(cfg, rank: int, world: int, device: str, experts: str = "ep"):
@@ -456,9 +467,9 @@ def main() -> None:
                     help="only the all-reduce checks (a quick run before the rest, under a timeout)")
     ap.add_argument("--only-moe", action="store_true", help="only the MoE kernel sweep (rank 0)")
     ap.add_argument("--experts", default="ep,tp",
-                    help="how the TP rows split the MoE layers: ep (whole experts per GPU, the planner's default), "
-                         "tp (every expert split); the first also runs the reduce-and-norm-apart rows and the DP x TP "
-                         "layout")
+                    help="how the TP rows hold the MoE layers: ep (whole experts per GPU), tp (every expert split), "
+                         "replicated (every expert on every GPU, dealt out per step); the first also runs the "
+                         "reduce-and-norm-apart rows and the DP x TP layout")
     ap.add_argument("--long-prefill", action="store_true",
                     help="1 GPU: prompts longer than the prefill chunk, chunked against one pass (logits, memory)")
     ap.add_argument("--nccl", action="store_true", help="also the TP rows over NCCL all-reduces")
@@ -472,6 +483,8 @@ def main() -> None:
                          "and no accelerate layer split")
     ap.add_argument("--down-prefetch", type=int, default=None,
                     help="fused.MOE_DOWN_PREFETCH: weight lines per row the down kernel prefetches under PDL (0: none)")
+    ap.add_argument("--pull-too", action="store_true",
+                    help="TP rows also with the one-shot reduce + norm kernel (QWENHW_PUSH_REDUCE=0), side by side")
     ap.add_argument("--no-router-kernel", action="store_true",
                     help="the router GEMM on cuBLAS and the routing kernel apart (fused.ROUTER_MAX_TOKENS = 0)")
     args = ap.parse_args()
@@ -490,6 +503,7 @@ def main() -> None:
         fused.ROUTER_MAX_TOKENS = 0
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     fuse_reduce = os.environ.get("QWENHW_FUSED_REDUCE", "1") != "0"  # 0: every row reduces and norms apart
+    push_reduce = os.environ.get("QWENHW_PUSH_REDUCE", "1")
     torch.cuda.set_device(rank)
     extra_pdl = {"pdl": fused.pdl(torch.device("cuda", rank)), "down_prefetch": fused.MOE_DOWN_PREFETCH,
                  "router_kernel_up_to": fused.ROUTER_MAX_TOKENS}
@@ -653,7 +667,7 @@ def main() -> None:
 
     # --- qwenhw: tensor-parallel attention + MoE (whole experts per GPU, or every expert split), one rank per GPU
     modes = [m for m in args.experts.split(",") if m]
-    tp_step = {}
+    tp_step, tp_batch = {}, {}
     traces_all = {}
     for mode in modes if world > 1 else []:
         if big:
@@ -669,11 +683,13 @@ def main() -> None:
         runs = [(b, "1", "") for b in batches]
         if not big and mode == modes[0]:
             runs += [(b, "1", "apart") for b in batches] + ([(b, "0", "") for b in batches] if args.nccl else [])
-        layout = (f"qwenhw TP={world} attention + EP={world} experts" if mode == "ep"
-                  else f"qwenhw TP={world} attention + experts split {world} ways")
+        if args.pull_too:  # the one-shot reduce + norm kernel (barrier, then reads across the links)
+            runs += [(b, "1", "pull") for b in batches]
+        layout = f"qwenhw TP={world} attention + {EXPERT_MODES[mode].format(n=world)}"
         for b, symm, apart in runs:
             os.environ["QWENHW_SYMM_MEM"] = symm
-            os.environ["QWENHW_FUSED_REDUCE"] = "0" if apart or not fuse_reduce else "1"
+            os.environ["QWENHW_FUSED_REDUCE"] = "0" if apart == "apart" or not fuse_reduce else "1"
+            os.environ["QWENHW_PUSH_REDUCE"] = "0" if apart == "pull" else push_reduce
             block = use_block(f"{mode}{world}", b)
             torch.cuda.reset_peak_memory_stats(rank)
             path = None
@@ -693,6 +709,10 @@ def main() -> None:
                         if args.worst_prefill and not apart and symm == "1":
                             worst_prefill(rt, b, args.context)
                         err = None
+                        if b > 1 and not big and not args.only_tp and symm == "1":  # the probe in every row
+                            rt.reset()
+                            logits = rt.prefill([probe[0].tolist()] * b)
+                            tp_batch[(mode, apart)] = rt.decode(logits.argmax(-1)).float().cpu()
                         if b == 1 and not big and not args.only_tp and symm == "1":  # every rank runs it
                             rt.reset()
                             logits = rt.prefill(probe[0].tolist())[0]
@@ -709,7 +729,8 @@ def main() -> None:
             dist.all_gather(mems, mem)
             if rank == 0:
                 rows.append({"config": layout + ("" if graphs else " (no CUDA graphs)")
-                             + ("" if symm == "1" else ", NCCL") + (", reduce and norm apart" if apart else ""),
+                             + ("" if symm == "1" else ", NCCL") + {"": "", "apart": ", reduce and norm apart",
+                                                                     "pull": ", reduce pulling"}[apart],
                              "batch": b, "tok_s": rate, "gpu_gib": [float(m) for m in mems], "logit_rel_err": err,
                              "reduce": path, "experts": mode, "moe_block": block})
                 log(json.dumps(rows[-1]))
@@ -717,17 +738,26 @@ def main() -> None:
             gc.collect()
             torch.cuda.empty_cache()
         os.environ["QWENHW_SYMM_MEM"], os.environ["QWENHW_FUSED_REDUCE"] = "1", "1" if fuse_reduce else "0"
+        os.environ["QWENHW_PUSH_REDUCE"] = push_reduce
         traces_all[mode] = trace
         del model  # before the next layout builds its own
         gc.collect()
         torch.cuda.empty_cache()
     first = modes[0] if modes else None
-    if (first, "") in tp_step and (first, "apart") in tp_step:
-        a, r = tp_step[(first, "")], tp_step[(first, "apart")]
-        extra["tp_decode_logits_rel_err_fused_reduce_vs_apart"] = float((a - r).norm() / r.norm())
-    if ("ep", "") in tp_step and ("tp", "") in tp_step:
-        a, r = tp_step[("tp", "")], tp_step[("ep", "")]
-        extra["tp_decode_logits_rel_err_split_vs_whole_experts"] = float((a - r).norm() / r.norm())
+    if (first, "") in tp_step:  # each TP row's first decode step against the first mode's default row
+        r = tp_step[(first, "")]
+        for (mode, variant), a in tp_step.items():
+            if (mode, variant) != (first, ""):
+                key = f"tp_decode_logits_rel_err_{mode}{'_' + variant if variant else ''}_vs_{first}"
+                extra[key] = float((a - r).norm() / r.norm())
+    for (mode, variant), a in tp_batch.items():  # a batch of one prompt: every row as the batch-1 step
+        name = f"{mode}{'_' + variant if variant else ''}"
+        if (mode, variant) in tp_step:
+            one = tp_step[(mode, variant)]
+            extra[f"tp_batch_rows_rel_err_vs_batch1_{name}"] = max(float((row - one).norm() / one.norm()) for row in a)
+        if (first, "") in tp_batch and (mode, variant) != (first, ""):
+            r = tp_batch[(first, "")]
+            extra[f"tp_batch_logits_rel_err_{name}_vs_{first}"] = float((a - r).norm() / r.norm())
     log(json.dumps({k: v for k, v in extra.items() if k.startswith("tp_decode")}))
     if traces_all:
         traces = [None] * world
@@ -764,7 +794,7 @@ def main() -> None:
             every = [torch.zeros_like(stats) for _ in range(world)]
             dist.all_gather(every, stats)
             if rank == 0:
-                split = f"EP={tp} experts" if dp_mode == "ep" else f"experts split {tp} ways"
+                split = EXPERT_MODES[dp_mode].format(n=tp)
                 label = (f"qwenhw DP={replicas} (whole model per GPU)" if tp == 1
                          else f"qwenhw DP={replicas} x (TP={tp} attention + {split})")
                 rows.append({"config": label, "batch": b, "tok_s": float(sum(e[0] for e in every)),
@@ -799,7 +829,8 @@ def main() -> None:
                 if r["config"].startswith("1 GPU"):
                     plan = planner.gpu_plan(spec, hw, req, "auto", args.context, "bf16", hybrid=False)
                 elif r["config"].startswith("qwenhw"):
-                    plan = planner.parallel_plan(spec, hw, req, "auto", args.context, "bf16", world, r.get("tp", world))
+                    plan = planner.parallel_plan(spec, hw, req, "auto", args.context, "bf16", world, r.get("tp", world),
+                                                 r.get("experts"))
                 else:
                     plan = None
                 if plan is not None:

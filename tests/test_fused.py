@@ -80,6 +80,14 @@ for name in ("float32", "bfloat16"):
     idx[3] = torch.tensor([5, 6, 7])  # no pair on the rank holding experts 0..3
     x = torch.randn(t, 48, generator=g).to(dt)
     w = torch.rand(t, 3, generator=g).to(dt)
+    cfg_many = Qwen3MoeConfig(hidden_size=48, moe_intermediate_size=16, num_experts=130, num_experts_per_tok=3)
+    cfg_many._experts_implementation = "eager"
+    many = Qwen3MoeExperts(cfg_many)
+    with torch.no_grad():
+        many.gate_up_proj.copy_(torch.randn(many.gate_up_proj.shape, generator=g) * 0.2)
+        many.down_proj.copy_(torch.randn(many.down_proj.shape, generator=g) * 0.2)
+    many = many.to(dt)
+    many_idx = torch.stack([torch.randperm(130, generator=g)[:3] for _ in range(t)])
     with torch.no_grad():
         ref = ex(x, idx, w)
         got = fused.moe_experts(x, ex, idx, w)
@@ -99,7 +107,18 @@ for name in ("float32", "bfloat16"):
         split = fused.moe_experts(x, ex, idx, w, block=(16, 16, 4, 1, 3), down_block=(32, 16, 4, 1))
         split_ep = fused.moe_experts(x, upper, idx, w, ep_start=4, block=(16, 16, 4, 1, 3))
         counts = fused._COUNTS[(x.device, "moe")]
-    out[name] = {"split": rel(split, ref), "split_ep": rel(split_ep, ref_part),
+        # every rank holds every expert and the touched ones are dealt out in id order: 3 ranks here, and 130
+        # experts over 2 ranks (the touched set spans three 64-bit words)
+        dealt = {}
+        for experts, ids, ranks in ((ex, idx, 3), (many, many_idx, 2)):
+            order = {e: i for i, e in enumerate(sorted(set(ids.flatten().tolist())))}
+            owner = torch.tensor([[order[e] % ranks for e in row] for row in ids.tolist()])
+            n = experts.gate_up_proj.shape[0]
+            parts = [fused.moe_experts(x, experts, ids, w, share=(r, ranks)) for r in range(ranks)]
+            refs = [experts(x, torch.where(owner == r, ids, torch.full_like(ids, n)), w * (owner == r).to(dt))
+                    for r in range(ranks)]
+            dealt[n] = [max(rel(a, b) for a, b in zip(parts, refs)), rel(sum(parts), experts(x, ids, w))]
+    out[name] = {"split": rel(split, ref), "split_ep": rel(split_ep, ref_part), "dealt": dealt,
                  "counts_back_to_zero": int(counts.count_nonzero()) == 0 and counts.numel() >= 8 * 3,
                  "full": rel(got, ref), "ep": rel(part, ref_part), "ep_sum": rel(part + rest, ref),
                  "top1": rel(top1, ref_top1), "supported": fused.moe_supported(ex),
@@ -202,6 +221,43 @@ out.update({"h2": float((h - ref).abs().max()), "x2": float((x - rms_norm(norm, 
 print(json.dumps(out))
 '''
 
+REDUCE_PUSH = r'''
+import json, torch
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
+from qwenhw_offload import fused
+from qwenhw_offload.runtime import rms_norm
+out = {}
+for name in ("float16", "bfloat16"):
+    dt = getattr(torch, name)
+    g = torch.Generator().manual_seed(0)
+    rows, hidden, world, capacity, half = 3, 96, 2, 4, 1
+    parts = [torch.randn(rows, hidden, generator=g).to(dt) for _ in range(world)]
+    boxes = [torch.zeros(fused.push_words(capacity, hidden, world), dtype=torch.int64) for _ in range(world)]
+    ptrs = torch.tensor([b.data_ptr() for b in boxes], dtype=torch.int64)
+    norm = Qwen3MoeRMSNorm(hidden, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.2 * torch.randn(hidden, generator=g))
+    norm = norm.to(dt)
+    stride = capacity * hidden // 2
+    wire = lambda t: (t.view(torch.int32).to(torch.int64) & 0xFFFFFFFF) | (1 << 32)  # two values + a flag
+    slot = lambda rank, src: slice(half * world * stride + src * stride, half * world * stride + src * stride + rows * hidden // 2)
+    boxes[0][slot(0, 1)] = wire(parts[1]).view(-1)  # rank 1 has pushed already
+    h0, x0, h1, x1 = (torch.empty(rows, hidden, dtype=dt) for _ in range(4))
+    fused.reduce_norm_push(ptrs.data_ptr(), 0, world, half, capacity, parts[0], norm.weight, 1e-6, h0, x0)
+    sent = bool(torch.equal(boxes[1][slot(1, 0)], wire(parts[0]).view(-1)))
+    rest = int(boxes[0].count_nonzero()) + int(boxes[1].count_nonzero()) - rows * hidden // 2
+    fused.reduce_norm_push(ptrs.data_ptr(), 1, world, half, capacity, parts[1], norm.weight, 1e-6, h1, x1,
+                           per_program=2)  # reads what rank 0 pushed, two rows per program
+    ref = (parts[0].float() + parts[1].float()).to(dt)
+    out[name] = {"h_exact": bool(torch.equal(h0, ref)), "h": float((h0.float() - ref.float()).norm() / ref.float().norm()),
+                 "ranks_agree": bool(torch.equal(h0, h1) and torch.equal(x0, x1)),
+                 "x": float((x0.float() - rms_norm(norm, ref).float()).norm() / rms_norm(norm, ref).float().norm()),
+                 "sent": sent, "rest_after_first": rest, "read_cleared": int(boxes[1].count_nonzero()),
+                 "pushed_back": bool(torch.equal(boxes[0][slot(0, 1)], wire(parts[1]).view(-1)))
+                 and int(boxes[0].count_nonzero()) == rows * hidden // 2}
+print(json.dumps(out))
+'''
+
 
 def _interpret(code: str, *args: str) -> dict:
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
@@ -239,6 +295,8 @@ def test_fused_moe_kernels_follow_transformers_experts():
     assert bf16["full"] < 3e-2 and bf16["ep"] < 3e-2 and bf16["ep_sum"] < 3e-2
     assert fp32["residual"] < 1e-5 and bf16["residual"] < 3e-2
     assert fp32["split"] < 1e-5 and fp32["split_ep"] < 1e-5 and bf16["split"] < 3e-2
+    for n in ("8", "130"):  # dealt experts: each rank's share, and the shares' sum against all experts
+        assert max(fp32["dealt"][n]) < 1e-5 and max(bf16["dealt"][n]) < 3e-2
     for r in (fp32, bf16):
         assert r["supported"] and r["no_pair_row_zero"] and r["wrote_into_out"] and r["counts_back_to_zero"]
 
@@ -259,6 +317,18 @@ def test_reduce_norm_sums_the_ranks_and_normalises():
     assert out["h"] < 1e-6 and out["x"] < 1e-5
     assert out["own_pad_cleared"] == 0 and out["sent_to_peer"] == [1, 1, 1] and out["peer_pad_rest"] == 0
     assert out["h2"] < 1e-6 and out["x2"] < 1e-5 and out["pads2"] == [0, 2]
+
+
+def test_reduce_norm_push_sums_what_the_peers_pushed():
+    """The pushing all-reduce + RMSNorm as two ranks in one process, one after the other: rank 0 finds rank
+    1's words in its memory (the wire format written here), pushes its own into rank 1's, and clears what it
+    read; rank 1 then sums what rank 0 pushed. Both get the same bits: the sum rounded once."""
+    out = _interpret(REDUCE_PUSH)
+    assert out["float16"]["h_exact"] and out["bfloat16"]["h"] < 4e-3  # the interpreter's bf16 rounds its own way
+    for r in out.values():
+        assert r["ranks_agree"] and r["sent"] and r["x"] < 1e-2
+        assert r["rest_after_first"] == 0 and r["read_cleared"] == 0  # each cleared what it read
+        assert r["pushed_back"]  # rank 1's words wait in rank 0's memory for its next call
 
 
 def test_reduce_norm_compiles_for_hopper():
@@ -285,6 +355,16 @@ def test_reduce_norm_compiles_for_hopper():
             raise
         assert "atom.global.release.sys.cas.b32" in ptx and "atom.global.acquire.sys.cas.b32" in ptx
         assert ("griddepcontrol.wait" in ptx) == consts["PDL"]
+    # the pushing kernel: its spin reads its own memory past L1 (volatile), and no atomics or barrier
+    sig = {"part_ptr": "*bf16", "ll_ptr": "i64", "offset": "i32", "stride": "i32", "h_ptr": "*bf16", "x_ptr": "*bf16",
+           "w_ptr": "*bf16", "N": "i32", "eps": "fp32"}
+    for world, rows in ((2, 1), (4, 2)):
+        consts = {"RANK": 1, "WORLD": world, "R": rows, "HW": 1024, "BW": 1024, "PDL": world == 2}
+        src = triton.compiler.ASTSource(fn=fused._reduce_norm_push,
+                                        signature={**sig, **dict.fromkeys(consts, "constexpr")}, constexprs=consts)
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+        assert "ld.volatile.global" in ptx and "atom." not in ptx
+        assert ("griddepcontrol.wait" in ptx) == consts["PDL"]
 
 
 def test_moe_kernels_compile_for_hopper():
@@ -300,12 +380,12 @@ def test_moe_kernels_compile_for_hopper():
     tiles = {"BP": 128, "BM": 16, "BN": 64, "BK": 128, "EXACT": False}
     kernels = [
         (fused._moe_gate_up, {"x_ptr": "*bf16", "w_ptr": "*bf16", "ids_ptr": "*i64", "h_ptr": "*bf16",
-                              "part_ptr": "*fp32", "cnt_ptr": "*i32", "P": "i32", "ep_start": "i32"},
-         [{"H": 2048, "I": inter, "TOP_K": 8, "SPLIT": split, "PDL": split == 2, **tiles}
-          for inter in (768, 192) for split in (1, 2)]),
+                              "part_ptr": "*fp32", "cnt_ptr": "*i32", "P": "i32", "ep_start": "i32", "rank": "i32"},
+         [{"H": 2048, "I": inter, "TOP_K": 8, "SPLIT": split, "PDL": split == 2, "SHARES": 1 + (inter == 768),
+           "NW": 2, **tiles} for inter in (768, 192) for split in (1, 2)]),
         (fused._moe_down, {"h_ptr": "*bf16", "w_ptr": "*bf16", "ids_ptr": "*i64", "rw_ptr": "*bf16", "y_ptr": "*bf16",
-                           "P": "i32", "ep_start": "i32"},
-         [{"H": 2048, "I": inter, "PDL": pdl, "LINE": 64, "LINES": lines, **tiles}
+                           "P": "i32", "ep_start": "i32", "rank": "i32"},
+         [{"H": 2048, "I": inter, "PDL": pdl, "LINE": 64, "LINES": lines, "SHARES": 1 + pdl, "NW": 2, **tiles}
           for inter, lines in ((192, 4), (768, 16)) for pdl in (False, True)]),
         (fused._router, {"x_ptr": "*bf16", "g_ptr": "*bf16", "part_ptr": "*fp32", "cnt_ptr": "*i32", "w_ptr": "*bf16",
                          "idx_ptr": "*i64", "N": "i32", "E": "i32"},
@@ -333,6 +413,14 @@ def test_moe_kernels_compile_for_hopper():
                 assert ("prefetch.global.L2" in ptx) == consts["PDL"]
                 if consts["PDL"]:  # the prefetches come before the wait
                     assert ptx.index("prefetch.global.L2") < ptx.index("griddepcontrol.wait")
+    # the sum kernel, dealing the touched experts out (each program finds which of its token's are its rank's)
+    sig = {"y_ptr": "*bf16", "ids_ptr": "*i64", "res_ptr": "*bf16", "out_ptr": "*bf16", "H": "i32", "ep_start": "i32",
+           "E": "i32", "P": "i32", "rank": "i32"}
+    consts = {"TOP_K": 8, "BH": 1024, "RESIDUAL": True, "SHARES": 2, "BP": 128, "NW": 2, "PDL": True}
+    src = triton.compiler.ASTSource(fn=fused._moe_sum, signature={**sig, **dict.fromkeys(consts, "constexpr")},
+                                    constexprs=consts)
+    assert "griddepcontrol.wait" in triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                                   options={"num_warps": 4}).asm["ptx"]
 
 
 def test_dependent_launch_only_on_cuda_and_switchable(monkeypatch):

@@ -42,13 +42,13 @@ def _rank(rank: int, world: int, port: int, path: str, prompt: list[int], out, f
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("experts", ["ep", "tp"], ids=["whole-experts", "split-experts"])
+@pytest.mark.parametrize("experts", ["ep", "tp", "replicated"], ids=["whole-experts", "split-experts", "dealt"])
 @pytest.mark.parametrize("fused", [False, True], ids=["torch", "fused-kernels"])
 def test_two_ranks_match_one(tiny_moe, fused, experts):
     """Each rank's experts through transformers' kernels (expert-parallel sentinel) or the fused Triton
-    MoE kernels (expert ids outside the rank's range skipped), with whole experts per rank or every expert
-    split by its intermediate size, the prompts prefilled in chunks of 4 tokens: the same tokens as one
-    process prefilling them in one pass."""
+    MoE kernels (expert ids outside the rank's range skipped), with whole experts per rank, every expert
+    split by its intermediate size, or every expert on both ranks (decode steps deal the touched ones out),
+    the prompts prefilled in chunks of 4 tokens: the same tokens as one process prefilling them in one pass."""
     if fused:
         pytest.importorskip("triton")
     import torch
@@ -159,7 +159,7 @@ def test_data_parallel_replicas_split_a_batch_and_match_one_process(tiny_moe, te
     assert rows.index(2) < len(rows) - 1 - rows[::-1].index(0)
 
 
-@pytest.mark.parametrize("experts", ["ep", "tp"])
+@pytest.mark.parametrize("experts", ["ep", "tp", "replicated"])
 @pytest.mark.parametrize("world", [2, 4])
 def test_shard_loader_reads_each_ranks_slices_from_the_checkpoint(tiny_moe, world, experts):
     """load_shard builds a rank's shard from the safetensors slices alone (the experts fused from the
@@ -184,6 +184,9 @@ def test_shard_loader_reads_each_ranks_slices_from_the_checkpoint(tiny_moe, worl
         got = part.model.layers[0].mlp.experts
         if experts == "ep":
             assert got.ep_start == rank * 8 // world and got.gate_up_proj.shape[0] == 8 // world
+            continue
+        if experts == "replicated":
+            assert torch.equal(got.gate_up_proj, gate_up) and got.share == (rank, world) and got.ep_start == 0
             continue
         n = inter // world  # every expert, rows [rank*n, (rank+1)*n) of its gate and of its up projection
         assert got.gate_up_proj.shape == (8, 2 * n, gate_up.shape[2]) and got.down_proj.shape[-1] == n

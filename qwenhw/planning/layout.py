@@ -150,9 +150,32 @@ def busiest_rank_experts(spec: ModelSpec, tokens: int, ranks: int) -> float:
     return expected
 
 
-def rank_experts(spec: ModelSpec, tokens: int, tp: int, ep: int) -> float:
-    """Experts' worth of weights one rank reads in a layer for `tokens` tokens: the busiest rank's whole
-    experts under expert parallelism (ep > 1), else its 1/tp share of every expert touched."""
+def dealt_rank_experts(spec: ModelSpec, tokens: int, ranks: int) -> float:
+    """Expected experts the busiest of `ranks` ranks reads in a layer when every rank holds every expert and
+    the touched ones are dealt out in turn: ceil(touched / ranks), the touched count binomial (one token
+    touches exactly top_k).
+
+    >>> from qwenhw.models.spec import ModelSpec, MoE
+    >>> s = ModelSpec("x", "x", "qwen3_moe", 2048, 48, 32, 4, 128, 6144, 151936, 40960, moe=MoE(128, 8, 768))
+    >>> round(dealt_rank_experts(s, 16, 4), 1), round(dealt_rank_experts(s, 1, 2), 1)
+    (21.0, 4.0)
+    """
+    m = spec.moe
+    if m is None:
+        return 0.0
+    if tokens <= 1:
+        return float(-(-m.top_k // ranks))
+    p = experts_touched(spec, tokens) / m.num_experts
+    return sum(math.comb(m.num_experts, n) * p ** n * (1.0 - p) ** (m.num_experts - n) * -(-n // ranks)
+               for n in range(m.num_experts + 1))
+
+
+def rank_experts(spec: ModelSpec, tokens: int, tp: int, ep: int, dealt: bool = False) -> float:
+    """Experts' worth of weights one rank reads in a layer for `tokens` tokens: with every expert on every
+    rank (`dealt`), its turn of the touched ones; the busiest rank's whole experts under expert parallelism
+    (ep > 1); else its 1/tp share of every expert touched."""
+    if dealt:
+        return dealt_rank_experts(spec, tokens, tp)
     return busiest_rank_experts(spec, tokens, ep) if ep > 1 else experts_touched(spec, tokens) / tp
 
 

@@ -228,15 +228,59 @@ if triton is not None:
         return pair, tl.sum(sel.to(tl.int32), 1) > 0
 
     @triton.jit
+    def _or(a, b):
+        return a | b
+
+    @triton.jit
+    def _popcount(x):
+        """Set bits of each uint64 (SWAR: no intrinsic the interpreter lacks)."""
+        x = x - ((x >> 1) & 0x5555555555555555)
+        x = (x & 0x3333333333333333) + ((x >> 2) & 0x3333333333333333)
+        x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0F
+        x = x + (x >> 8)
+        x = x + (x >> 16)
+        x = x + (x >> 32)
+        return x & 0x7F
+
+    @triton.jit
+    def _touched(ids_ptr, P, BP: tl.constexpr, NW: tl.constexpr):
+        """Which experts the batch's pairs touch: a bit per expert in NW uint64 words."""
+        p = tl.arange(0, BP)
+        ids = tl.load(ids_ptr + p, mask=p < P, other=-1, cache_modifier=".cg")
+        w = tl.arange(0, NW)
+        one = tl.full([BP, NW], 1, tl.uint64)
+        hit = (ids >= 0)[:, None] & ((ids // 64)[:, None] == w[None, :])
+        bits = tl.where(hit, one << (tl.maximum(ids, 0) % 64).to(tl.uint64)[:, None], tl.zeros([BP, NW], tl.uint64))
+        return tl.reduce(bits, 0, _or)
+
+    @triton.jit
+    def _dealt(words, e, rank, SHARES: tl.constexpr, NW: tl.constexpr):
+        """Whether expert e falls to `rank` when every rank holds every expert: the touched experts, in id
+        order, are dealt to the SHARES ranks in turn, so none reads more than ceil(touched / SHARES)."""
+        w = tl.arange(0, NW)
+        low = (tl.full([NW], 1, tl.uint64) << (e % 64).to(tl.uint64)) - 1
+        below = tl.where(w < e // 64, words, tl.where(w == e // 64, words & low, tl.zeros([NW], tl.uint64)))
+        return (tl.sum(_popcount(below), 0) % SHARES) == rank
+
+    @triton.jit
+    def _dealt_count(count, ids_ptr, P, e, rank, SHARES: tl.constexpr, BP: tl.constexpr, NW: tl.constexpr):
+        """Expert e's pair count, or 0 where experts are dealt (SHARES > 1) and e falls to another rank."""
+        if SHARES > 1:
+            if count > 0:
+                count = tl.where(_dealt(_touched(ids_ptr, P, BP, NW), e, rank, SHARES, NW), count, 0)
+        return count
+
+    @triton.jit
     def _count(ids_ptr, P, e, ep_start, BP: tl.constexpr):
         p = tl.arange(0, BP)  # .cg: from L2; the down kernel reads the ids before its wait (never stale L1)
         ids = tl.load(ids_ptr + p, mask=p < P, other=-1, cache_modifier=".cg")
         return tl.sum(((ids - ep_start) == e).to(tl.int32), 0)
 
     @triton.jit
-    def _moe_gate_up(x_ptr, w_ptr, ids_ptr, h_ptr, part_ptr, cnt_ptr, P, ep_start, H: tl.constexpr, I: tl.constexpr,
-                     TOP_K: tl.constexpr, BP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                     SPLIT: tl.constexpr, EXACT: tl.constexpr, PDL: tl.constexpr):
+    def _moe_gate_up(x_ptr, w_ptr, ids_ptr, h_ptr, part_ptr, cnt_ptr, P, ep_start, rank, H: tl.constexpr,
+                     I: tl.constexpr, TOP_K: tl.constexpr, BP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                     BK: tl.constexpr, SPLIT: tl.constexpr, EXACT: tl.constexpr, SHARES: tl.constexpr,
+                     NW: tl.constexpr, PDL: tl.constexpr):
         """h[pair, n] = act(x[token] @ gate[e, n]) * (x[token] @ up[e, n]) for BM of expert e's pairs (chunk
         c of its pairs; programs past its count return at once, without reading a weight), BN columns.
 
@@ -251,7 +295,7 @@ if triton is not None:
         chunk = tl.program_id(2) // SPLIT
         s = tl.program_id(2) % SPLIT
         n = tile * BN + tl.arange(0, BN)
-        count = _count(ids_ptr, P, e, ep_start, BP)
+        count = _dealt_count(_count(ids_ptr, P, e, ep_start, BP), ids_ptr, P, e, rank, SHARES, BP, NW)
         if chunk * BM < count:
             pair, valid = _pairs_of(ids_ptr, P, e, ep_start, chunk * BM, BP, BM)
             tok = pair // TOP_K
@@ -292,9 +336,10 @@ if triton is not None:
                 tl.store(h_ptr + pair[:, None] * I + n[None, :], (act * _round(acc_u, ty)).to(ty), mask=out)
 
     @triton.jit
-    def _moe_down(h_ptr, w_ptr, ids_ptr, rw_ptr, y_ptr, P, ep_start, H: tl.constexpr, I: tl.constexpr,
+    def _moe_down(h_ptr, w_ptr, ids_ptr, rw_ptr, y_ptr, P, ep_start, rank, H: tl.constexpr, I: tl.constexpr,
                   BP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EXACT: tl.constexpr,
-                  PDL: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr):
+                  SHARES: tl.constexpr, NW: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr,
+                  LINES: tl.constexpr):
         """y[pair, n] = (h[pair] @ down[e, n]) * routing weight[pair], for BM of expert e's pairs (chunk c),
         BN columns.
 
@@ -307,7 +352,7 @@ if triton is not None:
         n = tl.program_id(1) * BN + tl.arange(0, BN)
         chunk = tl.program_id(2)
         w_e = w_ptr + e.to(tl.int64) * H * I
-        count = _count(ids_ptr, P, e, ep_start, BP)
+        count = _dealt_count(_count(ids_ptr, P, e, ep_start, BP), ids_ptr, P, e, rank, SHARES, BP, NW)
         if PDL and LINES > 0:
             if chunk * BM < count:
                 lines = tl.minimum(tl.arange(0, LINES) * LINE, I - 1)
@@ -326,9 +371,11 @@ if triton is not None:
             tl.store(y_ptr + pair[:, None] * H + n[None, :], y.to(ty), mask=valid[:, None] & (n[None, :] < H))
 
     @triton.jit
-    def _moe_sum(y_ptr, ids_ptr, res_ptr, out_ptr, H, ep_start, E, TOP_K: tl.constexpr, BH: tl.constexpr,
-                 RESIDUAL: tl.constexpr, PDL: tl.constexpr):
-        """out[token] = (residual +) the sum of its pairs' rows whose expert is local (others: other ranks)."""
+    def _moe_sum(y_ptr, ids_ptr, res_ptr, out_ptr, H, ep_start, E, P, rank, TOP_K: tl.constexpr, BH: tl.constexpr,
+                 RESIDUAL: tl.constexpr, SHARES: tl.constexpr, BP: tl.constexpr, NW: tl.constexpr,
+                 PDL: tl.constexpr):
+        """out[token] = (residual +) the sum of its pairs' rows whose expert this rank computed (local, and
+        dealt to it where experts are dealt); the other ranks add the rest."""
         _after_previous(PDL)
         ty = out_ptr.dtype.element_ty
         t = tl.program_id(0)
@@ -336,9 +383,13 @@ if triton is not None:
         acc = tl.zeros([BH], dtype=tl.float32)
         if RESIDUAL:
             acc += tl.load(res_ptr + t * H + o, mask=o < H, other=0.0).to(tl.float32)
+        if SHARES > 1:
+            words = _touched(ids_ptr, P, BP, NW)
         for j in tl.static_range(TOP_K):
             e = tl.load(ids_ptr + t * TOP_K + j) - ep_start
             ok = (e >= 0) & (e < E)
+            if SHARES > 1:
+                ok = ok & _dealt(words, e, rank, SHARES, NW)
             acc += tl.load(y_ptr + (t * TOP_K + j) * H + o, mask=(o < H) & ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + t * H + o, acc.to(ty), mask=o < H)
 
@@ -465,6 +516,70 @@ if triton is not None:
         tl.store(x_ptr + at, (hf * rstd[:, None] * w[None, :]).to(ty), mask=m)
 
 
+    @triton.jit
+    def _unpack(w, ty: tl.constexpr):
+        """The two 16-bit values (low half first) of int32 words, in fp32."""
+        lo = (w & 0xFFFF).to(tl.int16).to(ty, bitcast=True).to(tl.float32)
+        hi = (w >> 16).to(tl.int16).to(ty, bitcast=True).to(tl.float32)
+        return lo, hi
+
+    @triton.jit
+    def _pack(lo, hi, ty: tl.constexpr):
+        """Two fp32 tensors rounded to 16-bit `ty`, as the int32 words that hold them (low half first)."""
+        a = lo.to(ty).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        return a | (hi.to(ty).to(tl.int16, bitcast=True).to(tl.int32) << 16)
+
+    @triton.jit
+    def _reduce_norm_push(part_ptr, ll_ptr, offset, stride, h_ptr, x_ptr, w_ptr, N, eps, RANK: tl.constexpr,
+                          WORLD: tl.constexpr, R: tl.constexpr, HW: tl.constexpr, BW: tl.constexpr,
+                          PDL: tl.constexpr):
+        """R token rows per program: each rank pushes its partial rows into its peers' memory, and sums what
+        its peers pushed into its own; no barrier, no read across the links. Every 8-byte word sent
+        carries two 16-bit values of the partial and a flag (NCCL's LL protocol: an aligned 8-byte store
+        arrives whole), so the receiver spins on its own memory until each word it reads is flagged, then
+        clears it. Rank r's words land in slot r of the half at `offset` (words); consecutive calls take
+        the other half (a rank pushes into a half again only after every peer has pushed to it since, so
+        has read and cleared that half). h = the sum in rank order (the same bits on every rank),
+        x = RMSNorm(h) * weight; h, x and the partial are read and written as words of two values."""
+        _after_previous(PDL)  # the partial rows come from the kernel before
+        ty = h_ptr.dtype.element_ty
+        p = tl.program_id(0)
+        rows = p * R + tl.arange(0, R)
+        o = tl.arange(0, BW)
+        m = (rows[:, None] < N) & (o[None, :] < HW)
+        at = rows[:, None] * HW + o[None, :]
+        mine = tl.load(part_ptr.to(tl.pointer_type(tl.int32)) + at, mask=m, other=0)
+        flag = tl.full([R, BW], 1 << 32, tl.uint64)
+        word = mine.to(tl.uint32, bitcast=True).to(tl.uint64) | flag
+        ptrs = ll_ptr.to(tl.pointer_type(tl.uint64))
+        for r in tl.static_range(WORLD):
+            if r != RANK:
+                peer = tl.load(ptrs + r).to(tl.pointer_type(tl.uint64)) + offset + RANK * stride
+                tl.store(peer + at, word, mask=m)
+        own = tl.load(ptrs + RANK).to(tl.pointer_type(tl.uint64)) + offset
+        lo = tl.zeros([R, BW], dtype=tl.float32)
+        hi = tl.zeros([R, BW], dtype=tl.float32)
+        for r in tl.static_range(WORLD):
+            if r == RANK:
+                w = mine
+            else:
+                box = own + r * stride + at
+                got = tl.load(box, mask=m, other=flag, volatile=True)
+                while tl.min(((got >> 32) == 1).to(tl.int32)) == 0:
+                    got = tl.load(box, mask=m, other=flag, volatile=True)
+                tl.store(box, tl.zeros([R, BW], tl.uint64), mask=m)
+                w = (got & 0xFFFFFFFF).to(tl.uint32).to(tl.int32, bitcast=True)
+            a, b = _unpack(w, ty)
+            lo += a
+            hi += b
+        lo, hi = _round(lo, ty), _round(hi, ty)
+        rstd = 1.0 / tl.sqrt((tl.sum(lo * lo, 1) + tl.sum(hi * hi, 1)) / (2 * HW) + eps)
+        wl, wh = _unpack(tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + o, mask=o < HW, other=0), ty)
+        tl.store(h_ptr.to(tl.pointer_type(tl.int32)) + at, _pack(lo, hi, ty), mask=m)
+        x = _pack(lo * rstd[:, None] * wl[None, :], hi * rstd[:, None] * wh[None, :], ty)
+        tl.store(x_ptr.to(tl.pointer_type(tl.int32)) + at, x, mask=m)
+
+
 ATTN_CHUNK = 256  # cache positions per program: a 32k cache is 128 splits, a short prompt one or two
 ATTN_BLOCK = (64, 4, 2)  # (BN, warps, stages) on GPUs: the least total of 6 over 3 cases (docs/benchmarks.md)
 
@@ -506,7 +621,7 @@ def moe_enabled() -> bool:
 def moe_experts(x: torch.Tensor, experts: Any, idx: torch.Tensor, weights: torch.Tensor,
                 ep_start: int = 0, block: tuple[int, ...] | None = None,
                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                down_block: tuple[int, ...] | None = None) -> torch.Tensor:
+                down_block: tuple[int, ...] | None = None, share: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """The routed experts' output [tokens, hidden] for x [tokens, hidden], ids/weights [tokens, top_k].
 
     Experts are `experts.gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I] (transformers' layout); ids are
@@ -515,9 +630,10 @@ def moe_experts(x: torch.Tensor, experts: Any, idx: torch.Tensor, weights: torch
     `block` = (BN, BK, warps, stages[, split]) overrides the gate/up kernel's tile shape and its split of the
     hidden size, `down_block` = (BN, BK, warps, stages) the down kernel's (bench/multi_gpu.py sweeps them).
     `residual` [tokens, hidden] is added in the last kernel (the decoder layer's skip connection); `out`, a
-    contiguous [tokens, hidden] tensor to write into (a tensor-parallel reducer's buffer).
+    contiguous [tokens, hidden] tensor to write into (a tensor-parallel reducer's buffer). `share` = (rank,
+    ranks): every rank holds every expert and computes the touched ones dealt to it (`_dealt`).
     """
-    call = MoeCall(x, experts, idx, weights, ep_start, block, down_block, residual, out)
+    call = MoeCall(x, experts, idx, weights, ep_start, block, down_block, residual, out, share)
     call.gate_up()
     call.down()
     return call.sum()
@@ -528,7 +644,8 @@ class MoeCall:
 
     def __init__(self, x: torch.Tensor, experts: Any, idx: torch.Tensor, weights: torch.Tensor, ep_start: int = 0,
                  block: tuple[int, ...] | None = None, down_block: tuple[int, ...] | None = None,
-                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None):
+                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                 share: tuple[int, int] = (0, 1)):
         self.gu, self.dn = experts.gate_up_proj, experts.down_proj
         self.n_exp, two_i, self.hidden = self.gu.shape
         self.inter = two_i // 2
@@ -552,7 +669,10 @@ class MoeCall:
             split = 1  # each slice a whole number of BK steps
         self.split = split
         self.chunks = triton.cdiv(self.tokens, 16)  # an expert gets at most one pair per token: chunks of 16
-        common = dict(BP=max(16, triton.next_power_of_2(self.pairs)), BM=16, EXACT=exact)
+        self.rank, shares = share
+        self.dealt = dict(SHARES=shares, NW=triton.next_power_of_2(triton.cdiv(self.n_exp, 64)),
+                          BP=max(16, triton.next_power_of_2(self.pairs)))
+        common = dict(BM=16, EXACT=exact, **self.dealt)
         self.up_tiles = dict(BN=bn, BK=bk, num_warps=warps, num_stages=stages, **common)
         if down_block is None:  # an explicit `block` sets both kernels' tiles unless down_block is given too
             down_block = MOE_DOWN_BLOCK if block is None and x.is_cuda and MOE_DOWN_BLOCK else (bn, bk, warps, stages)
@@ -566,22 +686,22 @@ class MoeCall:
 
     def gate_up(self) -> None:
         _moe_gate_up[(self.n_exp, self.n_tiles, self.chunks * self.split)](
-            self.x, self.gu, self.ids, self.h, self.part, self.cnt, self.pairs, self.ep_start, H=self.hidden,
-            I=self.inter, TOP_K=self.top_k, SPLIT=self.split, **self.up_tiles, **_launch(self.x.device))
+            self.x, self.gu, self.ids, self.h, self.part, self.cnt, self.pairs, self.ep_start, self.rank,
+            H=self.hidden, I=self.inter, TOP_K=self.top_k, SPLIT=self.split, **self.up_tiles, **_launch(self.x.device))
 
     def down(self) -> None:
         _moe_down[(self.n_exp, triton.cdiv(self.hidden, self.down_tiles["BN"]), self.chunks)](
-            self.h, self.dn, self.ids, self.rw, self.y, self.pairs, self.ep_start, H=self.hidden, I=self.inter,
-            LINE=self.line, LINES=min(MOE_DOWN_PREFETCH, triton.next_power_of_2(triton.cdiv(self.inter, self.line))),
-            **self.down_tiles,
-            **_launch(self.x.device))
+            self.h, self.dn, self.ids, self.rw, self.y, self.pairs, self.ep_start, self.rank, H=self.hidden,
+            I=self.inter, LINE=self.line,
+            LINES=min(MOE_DOWN_PREFETCH, triton.next_power_of_2(triton.cdiv(self.inter, self.line))),
+            **self.down_tiles, **_launch(self.x.device))
 
     def sum(self) -> torch.Tensor:
         bh = min(1024, triton.next_power_of_2(self.hidden))
         res = self.residual if self.residual is not None else self.out
         _moe_sum[(self.tokens, triton.cdiv(self.hidden, bh))](
-            self.y, self.ids, res, self.out, self.hidden, self.ep_start, self.n_exp, TOP_K=self.top_k, BH=bh,
-            RESIDUAL=self.residual is not None, **_launch(self.x.device))
+            self.y, self.ids, res, self.out, self.hidden, self.ep_start, self.n_exp, self.pairs, self.rank,
+            TOP_K=self.top_k, BH=bh, RESIDUAL=self.residual is not None, **self.dealt, **_launch(self.x.device))
         return self.out
 
 
@@ -714,6 +834,28 @@ def reduce_rows(rows: int, per_program: int | None = None) -> int:
 def reduce_pad_bytes(rows: int) -> int:
     """Signal-pad bytes reduce_norm's barriers use for `rows` token rows."""
     return triton.cdiv(rows, reduce_rows(rows)) * PAD_LINE * 4
+
+
+def push_words(rows: int, hidden: int, world: int) -> int:
+    """uint64 words of the symmetric buffer `reduce_norm_push` needs: two halves of `world` slots of rows."""
+    return 2 * world * rows * hidden // 2
+
+
+def reduce_norm_push(ll_ptrs: int, rank: int, world: int, half: int, capacity: int, part: torch.Tensor,
+                     weight: torch.Tensor, eps: float, h: torch.Tensor, x: torch.Tensor,
+                     per_program: int | None = None) -> None:
+    """All-reduce + RMSNorm in one kernel, pushing (`_reduce_norm_push`): `part` [rows, hidden] is this
+    rank's partial sum, in 16-bit floats; `ll_ptrs` the device address of the ranks' buffer addresses (a
+    symmetric-memory handle's buffer_ptrs_dev over `push_words(capacity, hidden, world)` zeroed words);
+    `half` alternates between consecutive calls. Writes the sum into `h` and RMSNorm(sum) * weight into
+    `x`."""
+    rows, hidden = part.shape
+    r = reduce_rows(rows, per_program)
+    hw = hidden // 2
+    stride = capacity * hw
+    _reduce_norm_push[(triton.cdiv(rows, r),)](
+        part, ll_ptrs, half * world * stride, stride, h, x, weight, rows, eps, RANK=rank, WORLD=world, R=r,
+        HW=hw, BW=triton.next_power_of_2(hw), num_warps=max(1, min(8, r * hw // 256)), **_launch(h.device))
 
 
 def reduce_norm(handle: Any, offset: int, rows: int, hidden: int, weight: torch.Tensor, eps: float,

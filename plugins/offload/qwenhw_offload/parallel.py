@@ -7,6 +7,9 @@ Each rank keeps its slice of every layer, in place:
     their shape; a step waits for the rank whose experts the batch touched most;
   - "tp": every expert split by its intermediate size (gate/up by rows, down by columns), as vLLM does
     without --enable-expert-parallel: each rank reads the same share of every touched expert;
+  - "replicated": every rank holds every expert (where memory allows); a decode step deals the experts the
+    batch touches out to the ranks in turn (fused._dealt), so none reads more than its share rounded up,
+    where whole experts per rank wait for the rank the batch touched most. Prompts split them as "ep" does;
 - dense MLPs: gate/up by rows, down by columns;
 - embeddings, norms and the LM head are replicated (small next to the experts).
 Row-parallel outputs (o_proj, down projections, expert sums) are all-reduced by the runtime (`Reducer`).
@@ -64,6 +67,10 @@ class Reducer:
     only after every peer has reached the reduction in between, so has finished reading it. `restart()`
     puts the turn back at the start of each forward pass (every pass reduces an even number of times: two
     per layer), so a captured CUDA graph and its replays agree on the halves.
+    In 16-bit models each rank instead pushes its partial rows into its peers' memory, flagged word by word,
+    and sums what they pushed into its own (fused.reduce_norm_push): no barrier and no read across the
+    links, where the one-shot kernel waits for a barrier and then reads its peers' rows. The same halves
+    keep it safe. QWENHW_PUSH_REDUCE=0 keeps the one-shot kernel.
     Creating one is collective: every rank of the group must create it at the same point.
     """
 
@@ -71,6 +78,7 @@ class Reducer:
         self.group = group
         self.buf: torch.Tensor | None = None
         self.handle: Any = None
+        self.push: Any = None  # the words reduce_norm pushes into (fused.reduce_norm_push), or None: it pulls
         self.numel = numel
         self.turn = 0
         # QWENHW_FUSED_REDUCE=0 keeps the reduction and the norm apart (torch's one-shot kernel)
@@ -91,6 +99,12 @@ class Reducer:
             if self.fuse:
                 rows = FUSE_MAX_REMOTE_ROWS // max(1, self.handle.world_size - 1)
                 self.path += f", fused with the next RMSNorm in decode steps of up to {rows} sequences"
+                if dtype in (torch.bfloat16, torch.float16) and os.environ.get("QWENHW_PUSH_REDUCE", "1") != "0":
+                    words = symm_mem.empty(self.handle.world_size * numel, dtype=torch.int64, device=device)
+                    words.zero_()
+                    self.push = symm_mem.rendezvous(words, group.group_name)
+                    self.push.barrier()  # every rank's words zeroed before any rank pushes
+                    self.path += " (each rank pushing its partial sum to its peers)"
         except Exception as exc:  # older torch, no peer access: NCCL it is
             self.path = f"all_reduce (symmetric memory unavailable: {type(exc).__name__}: {exc})"
 
@@ -143,8 +157,13 @@ class Reducer:
 
         h, normed = torch.empty_like(x), torch.empty_like(x)
         hidden = x.shape[-1]
-        fused.reduce_norm(self.handle, self.turn * self.numel, x.numel() // hidden, hidden, norm.weight,
-                          float(norm.variance_epsilon), h, normed)
+        if self.push is not None and hidden % 2 == 0:
+            fused.reduce_norm_push(self.push.buffer_ptrs_dev, self.push.rank, self.push.world_size, self.turn,
+                                   self.numel // hidden, x.view(-1, hidden), norm.weight, float(norm.variance_epsilon),
+                                   h, normed)
+        else:
+            fused.reduce_norm(self.handle, self.turn * self.numel, x.numel() // hidden, hidden, norm.weight,
+                              float(norm.variance_epsilon), h, normed)
         self.turn ^= 1
         return h, normed
 
@@ -155,7 +174,10 @@ Cut = tuple[str, int, int]  # ("rows" | "cols" | "experts" | "gate_up" | "inner"
 def cuts(model: Any, rank: int, world: int, experts: str = "ep") -> dict[str, Cut]:
     """How this rank's shard cuts each parameter of an unsharded model (see the module docstring); the
     parameters not listed are replicated whole. Shapes only: the model may live on the meta device."""
-    why = check(model.config, world) if experts == "ep" else check_split(model.config, world)
+    if experts not in ("ep", "tp", "replicated"):
+        raise ValueError(f"experts={experts!r}: expected 'ep' (whole experts per GPU), 'tp' (every expert "
+                         "split) or 'replicated' (every GPU holds every expert)")
+    why = {"ep": check, "tp": check_split, "replicated": check_replicated}[experts](model.config, world)
     if why:
         raise ValueError(why)
     out: dict[str, Cut] = {}
@@ -183,6 +205,8 @@ def cuts(model: Any, rank: int, world: int, experts: str = "ep") -> dict[str, Cu
             n = routed.down_proj.shape[-1] // world
             out[f"{pre}mlp.experts.gate_up_proj"] = ("gate_up", rank * n, (rank + 1) * n)
             out[f"{pre}mlp.experts.down_proj"] = ("inner", rank * n, (rank + 1) * n)
+        elif routed is not None and experts == "replicated":
+            pass  # every expert on every rank (shard marks them dealt)
         elif routed is not None:  # whole experts per rank; a shared expert stays replicated
             n = routed.gate_up_proj.shape[0] // world
             for name in ("gate_up_proj", "down_proj"):
@@ -193,6 +217,11 @@ def cuts(model: Any, rank: int, world: int, experts: str = "ep") -> dict[str, Cu
             out[f"{pre}mlp.gate_proj.weight"] = out[f"{pre}mlp.up_proj.weight"] = rows
             out[f"{pre}mlp.down_proj.weight"] = ("cols", rows[1], rows[2])
     return out
+
+
+def check_replicated(config: Any, world: int) -> str | None:
+    """Why this model's attention cannot be split `world` ways (the experts are not split), or None."""
+    return split_counts(config.num_attention_heads, config.num_key_value_heads, 0, world)
 
 
 def check_split(config: Any, world: int) -> str | None:
@@ -220,7 +249,8 @@ def _cut(t: Any, cut: Cut) -> Any:
 
 def shard(model: Any, rank: int, world: int, experts: str = "ep") -> dict[str, Cut]:
     """Keep this rank's slice of every layer, in place (on the meta device: the shapes only); returns the
-    cuts it made. `experts`: "ep" whole experts per rank, "tp" every expert split (module docstring)."""
+    cuts it made. `experts`: "ep" whole experts per rank, "tp" every expert split, "replicated" all on every
+    rank (module docstring)."""
     plan = cuts(model, rank, world, experts)
     params = dict(model.named_parameters())
     for name, cut in plan.items():
@@ -228,10 +258,15 @@ def shard(model: Any, rank: int, world: int, experts: str = "ep") -> dict[str, C
         setattr(model.get_submodule(owner), attr,
                 nn.Parameter(_cut(params[name].data, cut).clone(), requires_grad=False))
         if attr == "gate_up_proj" and cut[0] == "experts":  # transformers' expert-parallel fields, our first expert
-            experts = model.get_submodule(owner)
-            experts.num_experts = cut[2] - cut[1]
-            experts._is_expert_parallel = True
-            experts.ep_start = cut[1]
+            module = model.get_submodule(owner)
+            module.num_experts = cut[2] - cut[1]
+            module._is_expert_parallel = True
+            module.ep_start = cut[1]
+    if experts == "replicated":
+        for layer in model.model.layers:
+            routed = getattr(layer.mlp, "experts", None)
+            if routed is not None:  # all experts here; each rank computes its share (`share`), the sentinel skips
+                routed._is_expert_parallel, routed.ep_start, routed.share = True, 0, (rank, world)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return plan
@@ -351,6 +386,9 @@ def expert_parallel_moe(mlp: Any, x: torch.Tensor, route: Any = None) -> torch.T
     experts = mlp.experts
     local = idx - getattr(experts, "ep_start", 0)  # 0 with experts split by their intermediate size (all local)
     mine = (local >= 0) & (local < experts.num_experts)
+    rank, ranks = getattr(experts, "share", (0, 1))
+    if ranks > 1:  # every rank holds every expert: prompts split them as expert parallelism does
+        mine &= idx * ranks // experts.num_experts == rank
     local = torch.where(mine, local, torch.full_like(local, experts.num_experts))  # the sentinel slot
     weights = weights * mine.to(weights.dtype)
     return experts(flat, local, weights).view(shape)

@@ -218,7 +218,8 @@ class Runtime:
             weights, idx = route(layer.mlp.gate, flat)
             out = self._partial(h)
             fused.moe_experts(flat, experts, idx, weights, getattr(experts, "ep_start", 0),
-                              residual=h.view_as(flat) if self.lead else None, out=out.view_as(flat))
+                              residual=h.view_as(flat) if self.lead else None, out=out.view_as(flat),
+                              share=getattr(experts, "share", (0, 1)))
             return self._reduce(out, self._next_norm(i))
         if self.group is not None and experts is not None:
             from .parallel import expert_parallel_moe
