@@ -240,7 +240,8 @@ for name in ("float16", "bfloat16"):
     norm = norm.to(dt)
     stride = capacity * hidden // 2
     wire = lambda t: (t.view(torch.int32).to(torch.int64) & 0xFFFFFFFF) | (1 << 32)  # two values + a flag
-    slot = lambda rank, src: slice(half * world * stride + src * stride, half * world * stride + src * stride + rows * hidden // 2)
+    at = lambda src: half * world * stride + src * stride
+    slot = lambda rank, src: slice(at(src), at(src) + rows * hidden // 2)
     boxes[0][slot(0, 1)] = wire(parts[1]).view(-1)  # rank 1 has pushed already
     h0, x0, h1, x1 = (torch.empty(rows, hidden, dtype=dt) for _ in range(4))
     fused.reduce_norm_push(ptrs.data_ptr(), 0, world, half, capacity, parts[0], norm.weight, 1e-6, h0, x0)
@@ -249,7 +250,8 @@ for name in ("float16", "bfloat16"):
     fused.reduce_norm_push(ptrs.data_ptr(), 1, world, half, capacity, parts[1], norm.weight, 1e-6, h1, x1,
                            per_program=2)  # reads what rank 0 pushed, two rows per program
     ref = (parts[0].float() + parts[1].float()).to(dt)
-    out[name] = {"h_exact": bool(torch.equal(h0, ref)), "h": float((h0.float() - ref.float()).norm() / ref.float().norm()),
+    out[name] = {"h_exact": bool(torch.equal(h0, ref)),
+                 "h": float((h0.float() - ref.float()).norm() / ref.float().norm()),
                  "ranks_agree": bool(torch.equal(h0, h1) and torch.equal(x0, x1)),
                  "x": float((x0.float() - rms_norm(norm, ref).float()).norm() / rms_norm(norm, ref).float().norm()),
                  "sent": sent, "rest_after_first": rest, "read_cleared": int(boxes[1].count_nonzero()),
@@ -380,11 +382,12 @@ def test_moe_kernels_compile_for_hopper():
     tiles = {"BP": 128, "BM": 16, "BN": 64, "BK": 128, "EXACT": False}
     kernels = [
         (fused._moe_gate_up, {"x_ptr": "*bf16", "w_ptr": "*bf16", "ids_ptr": "*i64", "h_ptr": "*bf16",
-                              "part_ptr": "*fp32", "cnt_ptr": "*i32", "P": "i32", "ep_start": "i32", "rank": "i32"},
+                              "part_ptr": "*fp32", "cnt_ptr": "*i32", "P": "i32", "ep_start": "i32", "E": "i32",
+                              "rank": "i32"},
          [{"H": 2048, "I": inter, "TOP_K": 8, "SPLIT": split, "PDL": split == 2, "SHARES": 1 + (inter == 768),
            "NW": 2, **tiles} for inter in (768, 192) for split in (1, 2)]),
         (fused._moe_down, {"h_ptr": "*bf16", "w_ptr": "*bf16", "ids_ptr": "*i64", "rw_ptr": "*bf16", "y_ptr": "*bf16",
-                           "P": "i32", "ep_start": "i32", "rank": "i32"},
+                           "P": "i32", "ep_start": "i32", "E": "i32", "rank": "i32"},
          [{"H": 2048, "I": inter, "PDL": pdl, "LINE": 64, "LINES": lines, "SHARES": 1 + pdl, "NW": 2, **tiles}
           for inter, lines in ((192, 4), (768, 16)) for pdl in (False, True)]),
         (fused._router, {"x_ptr": "*bf16", "g_ptr": "*bf16", "part_ptr": "*fp32", "cnt_ptr": "*i32", "w_ptr": "*bf16",

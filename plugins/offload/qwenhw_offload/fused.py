@@ -243,15 +243,26 @@ if triton is not None:
         return x & 0x7F
 
     @triton.jit
-    def _touched(ids_ptr, P, BP: tl.constexpr, NW: tl.constexpr):
-        """Which experts the batch's pairs touch: a bit per expert in NW uint64 words."""
-        p = tl.arange(0, BP)
-        ids = tl.load(ids_ptr + p, mask=p < P, other=-1, cache_modifier=".cg")
+    def _touched(ids_ptr, P, ep_start, E, BP: tl.constexpr, NW: tl.constexpr):
+        """Which of experts [ep_start, ep_start + E) the batch's pairs touch: bit e - ep_start of NW uint64 words."""
+        p = tl.arange(0, BP)  # .cg: from L2; the down kernel reads the ids before its wait (never stale L1)
+        loc = tl.load(ids_ptr + p, mask=p < P, other=-1, cache_modifier=".cg") - ep_start
         w = tl.arange(0, NW)
         one = tl.full([BP, NW], 1, tl.uint64)
-        hit = (ids >= 0)[:, None] & ((ids // 64)[:, None] == w[None, :])
-        bits = tl.where(hit, one << (tl.maximum(ids, 0) % 64).to(tl.uint64)[:, None], tl.zeros([BP, NW], tl.uint64))
+        hit = ((loc >= 0) & (loc < E))[:, None] & ((loc // 64)[:, None] == w[None, :])
+        bits = tl.where(hit, one << (tl.maximum(loc, 0) % 64).to(tl.uint64)[:, None], tl.zeros([BP, NW], tl.uint64))
         return tl.reduce(bits, 0, _or)
+
+    @triton.jit
+    def _nth_touched(words, k, NW: tl.constexpr):
+        """The k-th (from 0) touched expert in id order, or -1 where fewer are touched."""
+        e = tl.arange(0, NW * 64)
+        w = tl.arange(0, NW)
+        word = tl.reduce(tl.where((e // 64)[:, None] == w[None, :], words[None, :], tl.zeros([NW * 64, NW], tl.uint64)),
+                         1, _or)
+        hit = ((word >> (e % 64).to(tl.uint64)) & 1).to(tl.int32)
+        found = (hit > 0) & (tl.cumsum(hit, 0) - 1 == k)
+        return tl.where(tl.sum(found.to(tl.int32), 0) > 0, tl.sum(tl.where(found, e, 0), 0), -1)
 
     @triton.jit
     def _dealt(words, e, rank, SHARES: tl.constexpr, NW: tl.constexpr):
@@ -263,12 +274,12 @@ if triton is not None:
         return (tl.sum(_popcount(below), 0) % SHARES) == rank
 
     @triton.jit
-    def _dealt_count(count, ids_ptr, P, e, rank, SHARES: tl.constexpr, BP: tl.constexpr, NW: tl.constexpr):
-        """Expert e's pair count, or 0 where experts are dealt (SHARES > 1) and e falls to another rank."""
-        if SHARES > 1:
-            if count > 0:
-                count = tl.where(_dealt(_touched(ids_ptr, P, BP, NW), e, rank, SHARES, NW), count, 0)
-        return count
+    def _slot_expert(ids_ptr, P, ep_start, E, rank, SHARES: tl.constexpr, BP: tl.constexpr, NW: tl.constexpr):
+        """The local expert program slot `program_id(0)` computes, or -1: the MoE kernels' grids have a slot
+        per expert the batch can touch (min(E, pairs), dealt: / SHARES), not one per expert, so a decode
+        step launches few programs that find nothing to do. Slot j takes the (j * SHARES + rank)-th touched
+        expert: with SHARES > 1, this rank's turn of the dealt ones (`_dealt`)."""
+        return _nth_touched(_touched(ids_ptr, P, ep_start, E, BP, NW), tl.program_id(0) * SHARES + rank, NW)
 
     @triton.jit
     def _count(ids_ptr, P, e, ep_start, BP: tl.constexpr):
@@ -277,25 +288,26 @@ if triton is not None:
         return tl.sum(((ids - ep_start) == e).to(tl.int32), 0)
 
     @triton.jit
-    def _moe_gate_up(x_ptr, w_ptr, ids_ptr, h_ptr, part_ptr, cnt_ptr, P, ep_start, rank, H: tl.constexpr,
+    def _moe_gate_up(x_ptr, w_ptr, ids_ptr, h_ptr, part_ptr, cnt_ptr, P, ep_start, E, rank, H: tl.constexpr,
                      I: tl.constexpr, TOP_K: tl.constexpr, BP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                      BK: tl.constexpr, SPLIT: tl.constexpr, EXACT: tl.constexpr, SHARES: tl.constexpr,
                      NW: tl.constexpr, PDL: tl.constexpr):
         """h[pair, n] = act(x[token] @ gate[e, n]) * (x[token] @ up[e, n]) for BM of expert e's pairs (chunk
-        c of its pairs; programs past its count return at once, without reading a weight), BN columns.
+        c of its pairs; programs past its count return at once, without reading a weight), BN columns; e is
+        the expert of the program's slot (`_slot_expert`).
 
         Chunks are programs (grid axis 2), not a loop around the pipelined one over the hidden size.
-        SPLIT > 1: program (e, tile, c * SPLIT + s) sums hidden slice s of SPLIT only and leaves its fp32
+        SPLIT > 1: program (slot, tile, c * SPLIT + s) sums hidden slice s of SPLIT only and leaves its fp32
         sums in `part` [SPLIT, pairs, 2, I]; the last of the SPLIT to finish (an atomic count per (e, tile,
         c), put back to zero after) adds them up and applies the activation. More, shorter programs: at
         decode sizes few experts are touched, and one program per (expert, column block) leaves SMs idle."""
         _after_previous(PDL)  # the routing comes from the kernel before
-        e = tl.program_id(0)
         tile = tl.program_id(1)
         chunk = tl.program_id(2) // SPLIT
         s = tl.program_id(2) % SPLIT
         n = tile * BN + tl.arange(0, BN)
-        count = _dealt_count(_count(ids_ptr, P, e, ep_start, BP), ids_ptr, P, e, rank, SHARES, BP, NW)
+        e = _slot_expert(ids_ptr, P, ep_start, E, rank, SHARES, BP, NW)
+        count = tl.where(e >= 0, _count(ids_ptr, P, e, ep_start, BP), 0)
         if chunk * BM < count:
             pair, valid = _pairs_of(ids_ptr, P, e, ep_start, chunk * BM, BP, BM)
             tok = pair // TOP_K
@@ -336,7 +348,7 @@ if triton is not None:
                 tl.store(h_ptr + pair[:, None] * I + n[None, :], (act * _round(acc_u, ty)).to(ty), mask=out)
 
     @triton.jit
-    def _moe_down(h_ptr, w_ptr, ids_ptr, rw_ptr, y_ptr, P, ep_start, rank, H: tl.constexpr, I: tl.constexpr,
+    def _moe_down(h_ptr, w_ptr, ids_ptr, rw_ptr, y_ptr, P, ep_start, E, rank, H: tl.constexpr, I: tl.constexpr,
                   BP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EXACT: tl.constexpr,
                   SHARES: tl.constexpr, NW: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr,
                   LINES: tl.constexpr):
@@ -348,11 +360,11 @@ if triton is not None:
         the first LINES lines (of LINE elements) of each of its weight rows first, and waits for the gate/up
         output after."""
         ty = y_ptr.dtype.element_ty
-        e = tl.program_id(0)
         n = tl.program_id(1) * BN + tl.arange(0, BN)
         chunk = tl.program_id(2)
+        e = _slot_expert(ids_ptr, P, ep_start, E, rank, SHARES, BP, NW)
+        count = tl.where(e >= 0, _count(ids_ptr, P, e, ep_start, BP), 0)
         w_e = w_ptr + e.to(tl.int64) * H * I
-        count = _dealt_count(_count(ids_ptr, P, e, ep_start, BP), ids_ptr, P, e, rank, SHARES, BP, NW)
         if PDL and LINES > 0:
             if chunk * BM < count:
                 lines = tl.minimum(tl.arange(0, LINES) * LINE, I - 1)
@@ -384,7 +396,7 @@ if triton is not None:
         if RESIDUAL:
             acc += tl.load(res_ptr + t * H + o, mask=o < H, other=0.0).to(tl.float32)
         if SHARES > 1:
-            words = _touched(ids_ptr, P, BP, NW)
+            words = _touched(ids_ptr, P, ep_start, E, BP, NW)
         for j in tl.static_range(TOP_K):
             e = tl.load(ids_ptr + t * TOP_K + j) - ep_start
             ok = (e >= 0) & (e < E)
@@ -670,6 +682,9 @@ class MoeCall:
         self.split = split
         self.chunks = triton.cdiv(self.tokens, 16)  # an expert gets at most one pair per token: chunks of 16
         self.rank, shares = share
+        self.slots = triton.cdiv(min(self.n_exp, self.pairs), shares)  # experts one rank may compute
+        if os.environ.get("QWENHW_MOE_SLOTS", "1") == "0":  # a program per local expert (the bench's A/B)
+            self.slots = self.n_exp
         self.dealt = dict(SHARES=shares, NW=triton.next_power_of_2(triton.cdiv(self.n_exp, 64)),
                           BP=max(16, triton.next_power_of_2(self.pairs)))
         common = dict(BM=16, EXACT=exact, **self.dealt)
@@ -685,13 +700,13 @@ class MoeCall:
             self.cnt = _counts(dev, self.n_exp * self.n_tiles * self.chunks, "moe")
 
     def gate_up(self) -> None:
-        _moe_gate_up[(self.n_exp, self.n_tiles, self.chunks * self.split)](
-            self.x, self.gu, self.ids, self.h, self.part, self.cnt, self.pairs, self.ep_start, self.rank,
+        _moe_gate_up[(self.slots, self.n_tiles, self.chunks * self.split)](
+            self.x, self.gu, self.ids, self.h, self.part, self.cnt, self.pairs, self.ep_start, self.n_exp, self.rank,
             H=self.hidden, I=self.inter, TOP_K=self.top_k, SPLIT=self.split, **self.up_tiles, **_launch(self.x.device))
 
     def down(self) -> None:
-        _moe_down[(self.n_exp, triton.cdiv(self.hidden, self.down_tiles["BN"]), self.chunks)](
-            self.h, self.dn, self.ids, self.rw, self.y, self.pairs, self.ep_start, self.rank, H=self.hidden,
+        _moe_down[(self.slots, triton.cdiv(self.hidden, self.down_tiles["BN"]), self.chunks)](
+            self.h, self.dn, self.ids, self.rw, self.y, self.pairs, self.ep_start, self.n_exp, self.rank, H=self.hidden,
             I=self.inter, LINE=self.line,
             LINES=min(MOE_DOWN_PREFETCH, triton.next_power_of_2(triton.cdiv(self.inter, self.line))),
             **self.down_tiles, **_launch(self.x.device))

@@ -27,10 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-# reduce_norm reads rows x (world - 1) rows over NVLink. Measured on H200s (docs/benchmarks.md), against
-# torch's one-shot kernel and the norm apart: 6.7 vs 11.1 us for 1 row on 4 GPUs, 8.0 vs 11.1 for 16 rows on
-# 2; but 14.5 vs 13.1 for 16 rows on 4. It is used up to FUSE_MAX_REMOTE_ROWS remote rows (the planner's too).
-from .planner import FUSE_MAX_REMOTE_ROWS, fuses_reduce, split_counts
+# The fused reduce + norm kernels send or read rows x (world - 1) rows over NVLink; each is used up to the
+# number of such rows the planner's measurements allow (planner.fuses_reduce).
+from .planner import FUSE_MAX_REMOTE_ROWS, PUSH_MAX_REMOTE_ROWS, fuses_reduce, split_counts
 
 
 def check(config: Any, world: int) -> str | None:
@@ -97,13 +96,15 @@ class Reducer:
             self.handle = symm_mem.rendezvous(buf, group.group_name)
             self.buf, self.name, self.path = buf, group.group_name, "symmetric-memory one-shot"
             if self.fuse:
-                rows = FUSE_MAX_REMOTE_ROWS // max(1, self.handle.world_size - 1)
-                self.path += f", fused with the next RMSNorm in decode steps of up to {rows} sequences"
                 if dtype in (torch.bfloat16, torch.float16) and os.environ.get("QWENHW_PUSH_REDUCE", "1") != "0":
                     words = symm_mem.empty(self.handle.world_size * numel, dtype=torch.int64, device=device)
                     words.zero_()
                     self.push = symm_mem.rendezvous(words, group.group_name)
                     self.push.barrier()  # every rank's words zeroed before any rank pushes
+                most = PUSH_MAX_REMOTE_ROWS if self.push else FUSE_MAX_REMOTE_ROWS
+                rows = most // max(1, self.handle.world_size - 1)
+                self.path += f", fused with the next RMSNorm in decode steps of up to {rows} sequences"
+                if self.push:
                     self.path += " (each rank pushing its partial sum to its peers)"
         except Exception as exc:  # older torch, no peer access: NCCL it is
             self.path = f"all_reduce (symmetric memory unavailable: {type(exc).__name__}: {exc})"
@@ -143,8 +144,8 @@ class Reducer:
         rows = x.numel() // x.shape[-1]
         return (self.handle is not None and self.fuse and self._fits(x) and x.data_ptr() == self._half().data_ptr()
                 and getattr(norm, "variance_epsilon", None) is not None and fused.available(x.device)
-                and fused.reduce_pad_bytes(rows) <= self.handle.signal_pad_size
-                and fuses_reduce(rows, self.handle.world_size))
+                and (self.push is not None or fused.reduce_pad_bytes(rows) <= self.handle.signal_pad_size)
+                and fuses_reduce(rows, self.handle.world_size, self.push is not None))
 
     def unfuse(self, exc: Exception) -> None:
         """reduce_norm failed to build: reduce and normalise apart from now on, and say why in `path`."""

@@ -46,16 +46,20 @@ HYBRID_CPU_EFFICIENCY = 0.72
 # all-reducing one decode step's hidden states inside our CUDA graphs over NVLink (parallel.Reducer: a
 # symmetric-memory one-shot kernel; NCCL took 7-13 us), beyond the per-layer overhead: 8.4 us in the fit
 GRAPH_ALLREDUCE_S = 8.4e-6
-# ...and with the next RMSNorm in the same kernel (fused.reduce_norm), which parallel.Reducer uses up to
-# FUSE_MAX_REMOTE_ROWS rows read over the links (sequences x (GPUs - 1)): it replaces the RMSNorm kernel the
-# per-layer overhead counts, and the fit gives it nothing more (-0.7 us)
+# ...and with the next RMSNorm in the same kernel, which replaces the RMSNorm kernel the per-layer overhead
+# counts. parallel.Reducer pushes (fused.reduce_norm_push, 16-bit models) up to PUSH_MAX_REMOTE_ROWS rows
+# sent over the links (sequences x (GPUs - 1)): 16 rows took 5.1 us on 2 H200s and 7.3 on 4, against 11.4
+# and 12.6 for the one-shot kernel and the norm apart. The pulling kernel (fused.reduce_norm) is used up to
+# FUSE_MAX_REMOTE_ROWS rows read over the links (16 rows on 4 GPUs: 14.8 us).
 GRAPH_FUSED_ALLREDUCE_S = 0.0
 FUSE_MAX_REMOTE_ROWS = 16
+PUSH_MAX_REMOTE_ROWS = 48
 
 
-def fuses_reduce(rows: int, world: int) -> bool:
-    """Whether a decode step's all-reduce of `rows` sequences over `world` GPUs takes the fused kernel."""
-    return rows * (world - 1) <= FUSE_MAX_REMOTE_ROWS
+def fuses_reduce(rows: int, world: int, push: bool = True) -> bool:
+    """Whether a decode step's all-reduce of `rows` sequences over `world` GPUs takes the fused kernel
+    (pushing, or `push=False` pulling)."""
+    return rows * (world - 1) <= (PUSH_MAX_REMOTE_ROWS if push else FUSE_MAX_REMOTE_ROWS)
 ACCELERATE_COPY_EFFICIENCY = 0.12  # of the pinned host-to-device rate, for accelerate's pageable copies
 DEFAULT_CONTEXT = 8192
 FAST_ARCHITECTURES = ("qwen3", "qwen3_moe", "qwen2")
