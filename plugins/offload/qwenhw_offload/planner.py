@@ -32,26 +32,30 @@ CPU_EFFICIENCY = CPU_TORCH_GEMV_EFFICIENCY  # transformers on the CPU: torch GEM
 # Per-layer fixed costs of a decode step, measured on an H100 host (docs/benchmarks.md)
 EAGER_LAYER_OVERHEAD = 1.2e-3  # transformers generate(): Python + ~30 launches per layer
 # A CUDA-graph decode step on the fused kernels (fused.py: ~12 kernels per layer, launched dependent on each
-# other) streams the weights it touches at ~92% of the GPU's memory bandwidth and pays ~49 us per layer of
+# other) streams the weights it touches at ~92% of the GPU's memory bandwidth and pays ~46 us per layer of
 # kernel latency besides. Least-squares fit (relative) of this model, the all-reduce costs below and the
-# busiest expert-parallel rank's experts to nine rows on 4x H200 (1 GPU, TP=2, DP=2, TP=4, DP=4, DP=2 x TP=2
-# at batch 1 and 16): every row within 4% (docs/benchmarks.md, "Dependent launches", 2026-11-28)
+# experts each GPU reads to thirteen rows on 4x H200 (1 GPU, TP=2 with whole or replicated experts, DP=2,
+# TP=4 both ways, DP=4, DP=2 x TP=2 at batch 1 and 16): every row within 4% (docs/benchmarks.md, "Experts
+# on every GPU", 2026-11-28)
 GRAPH_BANDWIDTH_EFFICIENCY = 0.92
-GRAPH_LAYER_OVERHEAD = 49e-6
+GRAPH_LAYER_OVERHEAD = 46e-6
 # the hybrid's CPU experts run the fused kernel (cpu_moe.c): one layer's 8 experts (75 MB) stream at 92 GB/s
 # on the 16-core H100 host whose profile estimates 128 GB/s; a token also pays ~310 us per MoE layer for the
 # layer's attention graph, the router sync and the hidden-state copies (docs/benchmarks.md, 2026-11-28)
 HYBRID_LAYER_OVERHEAD = 310e-6
 HYBRID_CPU_EFFICIENCY = 0.72
 # all-reducing one decode step's hidden states inside our CUDA graphs over NVLink (parallel.Reducer: a
-# symmetric-memory one-shot kernel; NCCL took 7-13 us), beyond the per-layer overhead: 8.4 us in the fit
+# symmetric-memory one-shot kernel; NCCL took 7-13 us), beyond the per-layer overhead: 8.4 us (the previous
+# fit, "Dependent launches"; no row of the new one reduces unfused)
 GRAPH_ALLREDUCE_S = 8.4e-6
 # ...and with the next RMSNorm in the same kernel, which replaces the RMSNorm kernel the per-layer overhead
 # counts. parallel.Reducer pushes (fused.reduce_norm_push, 16-bit models) up to PUSH_MAX_REMOTE_ROWS rows
 # sent over the links (sequences x (GPUs - 1)): 16 rows took 5.1 us on 2 H200s and 7.3 on 4, against 11.4
-# and 12.6 for the one-shot kernel and the norm apart. The pulling kernel (fused.reduce_norm) is used up to
-# FUSE_MAX_REMOTE_ROWS rows read over the links (16 rows on 4 GPUs: 14.8 us).
+# and 12.6 for the one-shot kernel and the norm apart. The fit prices it at 0.1 us per row sent, nothing
+# more. The pulling kernel (fused.reduce_norm) is used up to FUSE_MAX_REMOTE_ROWS rows read over the links
+# (16 rows on 4 GPUs: 14.8 us).
 GRAPH_FUSED_ALLREDUCE_S = 0.0
+GRAPH_PUSH_ROW_S = 0.1e-6
 FUSE_MAX_REMOTE_ROWS = 16
 PUSH_MAX_REMOTE_ROWS = 48
 
@@ -421,7 +425,7 @@ def parallel_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str
     bw, latency = link_between(node, tp)
     fused = bw >= 100 and fuses_reduce(per_replica, tp)
     if bw >= 100:  # NVLink-class: our in-graph kernels, as measured (the generic link figure is NCCL's)
-        latency = GRAPH_FUSED_ALLREDUCE_S if fused else GRAPH_ALLREDUCE_S
+        latency = GRAPH_FUSED_ALLREDUCE_S + GRAPH_PUSH_ROW_S * per_replica * (tp - 1) if fused else GRAPH_ALLREDUCE_S
     if fits and tp > 1:
         fused_note = ", each fused with the next RMSNorm" if fused else ""
         reasons.append(
