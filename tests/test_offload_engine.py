@@ -130,6 +130,8 @@ def test_artifacts_load_in_deepspeed_and_accelerate(tiny_moe, tmp_path):
 def test_lean_runtime_engines_match_transformers(tiny_moe, hf_reference, engine, extra):
     """The fast path and the MoE hybrid (CPU experts, GPU-cache path, streamed prefill) run the
     same arithmetic as transformers: identical greedy tokens on the tiny checkpoint."""
+    import torch
+
     plan = qwenhw.plan(str(tiny_moe), backend="offload", engine=engine, context=256)
     assert plan.engine == engine and plan.fits
     config = dict(plan.config)
@@ -144,6 +146,10 @@ def test_lean_runtime_engines_match_transformers(tiny_moe, hf_reference, engine,
             stats = eng.hybrid.stats
             assert stats["cpu_experts"] > 0
             assert eng.hybrid.cpu_kernel.startswith(extra.get("cpu_kernel", "fused"))
+            if eng.hybrid.fused:  # the CPU experts run at the thread count that timed fastest of those tried
+                tried = eng.hybrid.threads["ms"]
+                assert torch.get_num_threads() == eng.hybrid.threads["threads"] == min(tried, key=tried.get)
+                assert max(tried) == min(int(config["threads"]), os.cpu_count()) and min(tried.values()) > 0
             if extra.get("expert_cache_bytes"):
                 assert stats["gpu_experts"] > 0  # the cache path ran too
             if extra.get("prefill_threshold"):

@@ -81,6 +81,7 @@ class HybridMoE:
         self.resize_cache(cache_bytes)
         self.steps = 0
         self.stats = {"cpu_experts": 0, "gpu_experts": 0, "streamed_layers": 0}
+        self.threads: dict = {}  # build_hybrid's thread count calibration (cpu_moe.fastest_threads)
 
     @staticmethod
     def _experts_module(template: nn.Module, gate_up: torch.Tensor, down: torch.Tensor,
@@ -319,6 +320,9 @@ def build_hybrid(model: Any, tokenizer: Any, plan: Any):
                        prefill_threshold=int(plan.config.get("prefill_threshold", 32)),
                        policy=plan.config.get("cache_policy", "static"),
                        cpu_kernel=plan.config.get("cpu_kernel", "fused"))
+    if hybrid.fused:  # the plan's thread count is an upper bound: take the count that runs fastest here
+        hybrid.threads = cpu_moe.fastest_threads(*next(iter(hybrid.cpu.values())), torch.get_num_threads())
+        torch.set_num_threads(hybrid.threads["threads"])
     model.to(device)
     runtime = Runtime(model, max_len=int(plan.context or 4096), device=device,
                       graphs=plan.config.get("cuda_graphs", True), moe_hook=hybrid,
