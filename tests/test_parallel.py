@@ -89,7 +89,7 @@ def test_load_starts_a_rank_job_and_matches_one_process(tiny_moe, texts):
     plan = qwenhw.plan(str(tiny_moe), hardware="2xH100-80G", backend="offload", engine="transformers-tp",
                        context=128, concurrency=2)
     assert plan.engine == "transformers-tp" and plan.parallel.tp == 2
-    assert plan.config["experts"] == "ep" and plan.parallel.ep == 2  # 4 whole experts per rank
+    assert plan.config["experts"] == "replicated" and plan.parallel.ep == 2  # all 8 experts on each rank
     fp32 = plan.replace(config={**plan.config, "dtype": "fp32", "threads": 1})
     prompts = ["The capital of France is", "Hello"]
     greedy = [Sampling(max_tokens=6, temperature=0), Sampling(max_tokens=3, temperature=0)]

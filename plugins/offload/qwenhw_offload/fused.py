@@ -8,7 +8,9 @@ A decode step replays ~57 small kernels per layer, and every GPU of a multi-GPU 
 - the routed experts (transformers' grouped/batched kernels sort, gather, pad and scatter around the two
   GEMMs: ~15 kernels, plus 4 for the expert-parallel masking): here three, `moe_experts`.
 Tensor-parallel decode steps also sum each row-parallel output over the GPUs and apply the RMSNorm that
-reads it in one kernel (`reduce_norm`, over torch's symmetric memory).
+reads it in one kernel (`reduce_norm_push`: each GPU pushes its partial sum into its peers' memory; or
+`reduce_norm`, which reads theirs), over torch's symmetric memory. Where every GPU holds every expert, the
+MoE kernels deal the experts a step touches out to the GPUs (`_dealt`).
 On Hopper and later each kernel is launched dependent on the one before it (`pdl`), which hides most of
 the gap between two kernels of a step.
 All follow transformers' Qwen3 arithmetic, rounding to the model dtype where it rounds. The runtime uses
@@ -526,7 +528,6 @@ if triton is not None:
         rstd = 1.0 / tl.sqrt(tl.sum(hf * hf, 1) / H + eps)
         w = tl.load(w_ptr + o, mask=o < H, other=0.0).to(tl.float32)
         tl.store(x_ptr + at, (hf * rstd[:, None] * w[None, :]).to(ty), mask=m)
-
 
     @triton.jit
     def _unpack(w, ty: tl.constexpr):

@@ -354,7 +354,8 @@ def expert_split(spec: ModelSpec, tp: int) -> str:
     waits for the GPU whose experts the batch touched most; but each GPU's MoE kernels work on smaller
     matrices. Measured on H200s with the dependent launches and the router kernel: -0.3% / +0.3% (batch
     1 / 16) against whole experts on 2 GPUs, +1.7% / -1.3% on 4 (docs/benchmarks.md), and both load as
-    fast since load_shard cuts columns on the GPU. Whole experts stay the default where they divide."""
+    fast since load_shard cuts columns on the GPU. Whole experts stay the default where they divide (and
+    every expert does not fit every GPU: parallel_plan replicates them then)."""
     if spec.moe and spec.moe.num_experts % tp and spec.moe.moe_intermediate_size % tp == 0:
         return "tp"
     return "ep"
@@ -384,11 +385,12 @@ def parallel_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str
                   n: int, tp: int | None = None, experts: str | None = None) -> Plan:
     """`n` GPUs of one node, one process per GPU, as `n // tp` data-parallel replicas of `tp` GPUs each.
 
-    Inside a replica of tp > 1, attention is tensor-parallel and the experts split (`expert_split`): every
-    rank holds 1/tp of attention and 1/tp of every expert (or whole experts [r*E/tp, (r+1)*E/tp));
-    embeddings, norms and router are replicated; two all-reduces per layer cross the GPU links. Replicas
-    share nothing: each decodes its share of the sequences (one replica per GPU needs the whole model to
-    fit one GPU).
+    Inside a replica of tp > 1, attention is tensor-parallel. Every rank holds every expert where they fit
+    with the rest of the plan (`REPLICATE_EXPERTS`; decode steps deal the touched ones out), else the
+    experts split (`expert_split`): whole experts [r*E/tp, (r+1)*E/tp) or 1/tp of every expert. `experts`
+    ("ep", "tp", "replicated") asks for one of them. Embeddings, norms and router are replicated; two
+    all-reduces per layer cross the GPU links. Replicas share nothing: each decodes its share of the
+    sequences (one replica per GPU needs the whole model to fit one GPU).
     """
     from qwenhw.planning.layout import link_between
 
