@@ -10,7 +10,7 @@ A decode step replays ~57 small kernels per layer, and every GPU of a multi-GPU 
 Tensor-parallel decode steps also sum each row-parallel output over the GPUs and apply the RMSNorm that
 reads it in one kernel (`reduce_norm_push`: each GPU pushes its partial sum into its peers' memory; or
 `reduce_norm`, which reads theirs), over torch's symmetric memory. Where every GPU holds every expert, the
-MoE kernels deal the experts a step touches out to the GPUs (`_slot_expert`).
+MoE kernels deal the experts a step touches out to the GPUs (`_dealt`).
 On Hopper and later each kernel is launched dependent on the one before it (`pdl`), which hides most of
 the gap between two kernels of a step.
 All follow transformers' Qwen3 arithmetic, rounding to the model dtype where it rounds. The runtime uses
@@ -234,6 +234,17 @@ if triton is not None:
         return a | b
 
     @triton.jit
+    def _popcount(x):
+        """Set bits of each uint64 (SWAR: no intrinsic the interpreter lacks)."""
+        x = x - ((x >> 1) & 0x5555555555555555)
+        x = (x & 0x3333333333333333) + ((x >> 2) & 0x3333333333333333)
+        x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0F
+        x = x + (x >> 8)
+        x = x + (x >> 16)
+        x = x + (x >> 32)
+        return x & 0x7F
+
+    @triton.jit
     def _touched(ids_ptr, P, ep_start, E, BP: tl.constexpr, NW: tl.constexpr):
         """Which of experts [ep_start, ep_start + E) the batch's pairs touch: bit e - ep_start of NW uint64 words."""
         p = tl.arange(0, BP)  # .cg: from L2; the down kernel reads the ids before its wait (never stale L1)
@@ -256,12 +267,20 @@ if triton is not None:
         return tl.where(tl.sum(found.to(tl.int32), 0) > 0, tl.sum(tl.where(found, e, 0), 0), -1)
 
     @triton.jit
+    def _dealt(words, e, rank, SHARES: tl.constexpr, NW: tl.constexpr):
+        """Whether expert e falls to `rank` when every rank holds every expert: the touched experts, in id
+        order, are dealt to the SHARES ranks in turn, so none reads more than ceil(touched / SHARES)."""
+        w = tl.arange(0, NW)
+        low = (tl.full([NW], 1, tl.uint64) << (e % 64).to(tl.uint64)) - 1
+        below = tl.where(w < e // 64, words, tl.where(w == e // 64, words & low, tl.zeros([NW], tl.uint64)))
+        return (tl.sum(_popcount(below), 0) % SHARES) == rank
+
+    @triton.jit
     def _slot_expert(ids_ptr, P, ep_start, E, rank, SHARES: tl.constexpr, BP: tl.constexpr, NW: tl.constexpr):
         """The local expert program slot `program_id(0)` computes, or -1: the MoE kernels' grids have a slot
         per expert the batch can touch (min(E, pairs), dealt: / SHARES), not one per expert, so a decode
         step launches few programs that find nothing to do. Slot j takes the (j * SHARES + rank)-th touched
-        expert: with SHARES > 1 (every rank holds every expert) the touched experts, in id order, are dealt
-        to the ranks in turn, so none computes more than ceil(touched / SHARES)."""
+        expert: with SHARES > 1, this rank's turn of the dealt ones (`_dealt`)."""
         return _nth_touched(_touched(ids_ptr, P, ep_start, E, BP, NW), tl.program_id(0) * SHARES + rank, NW)
 
     @triton.jit
@@ -271,8 +290,7 @@ if triton is not None:
         return tl.sum(((ids - ep_start) == e).to(tl.int32), 0)
 
     @triton.jit
-    def _moe_gate_up(x_ptr, w_ptr, ids_ptr, h_ptr, part_ptr, cnt_ptr, mine_ptr, P, ep_start, E, rank,
-                     H: tl.constexpr,
+    def _moe_gate_up(x_ptr, w_ptr, ids_ptr, h_ptr, part_ptr, cnt_ptr, P, ep_start, E, rank, H: tl.constexpr,
                      I: tl.constexpr, TOP_K: tl.constexpr, BP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                      BK: tl.constexpr, SPLIT: tl.constexpr, EXACT: tl.constexpr, SHARES: tl.constexpr,
                      NW: tl.constexpr, PDL: tl.constexpr):
@@ -294,9 +312,6 @@ if triton is not None:
         count = tl.where(e >= 0, _count(ids_ptr, P, e, ep_start, BP), 0)
         if chunk * BM < count:
             pair, valid = _pairs_of(ids_ptr, P, e, ep_start, chunk * BM, BP, BM)
-            if SHARES > 1:  # which pairs this rank computes, for the sum kernel (which puts them back to 0)
-                if tile == 0 and s == 0:
-                    tl.store(mine_ptr + pair, tl.full([BM], 1, tl.int32), mask=valid)
             tok = pair // TOP_K
             w_e = w_ptr + e.to(tl.int64) * 2 * I * H
             KS: tl.constexpr = H // SPLIT  # the wrapper checks that BK divides it
@@ -370,11 +385,11 @@ if triton is not None:
             tl.store(y_ptr + pair[:, None] * H + n[None, :], y.to(ty), mask=valid[:, None] & (n[None, :] < H))
 
     @triton.jit
-    def _moe_sum(y_ptr, ids_ptr, res_ptr, out_ptr, mine_ptr, H, ep_start, E, TOP_K: tl.constexpr,
-                 BH: tl.constexpr, RESIDUAL: tl.constexpr, SHARES: tl.constexpr, PDL: tl.constexpr):
-        """out[token] = (residual +) the sum of its pairs' rows whose expert this rank computed (local; where
-        experts are dealt, marked in `mine` by the gate/up kernel, and unmarked here for the next call, by
-        the token's one program); the other ranks add the rest."""
+    def _moe_sum(y_ptr, ids_ptr, res_ptr, out_ptr, H, ep_start, E, P, rank, TOP_K: tl.constexpr, BH: tl.constexpr,
+                 RESIDUAL: tl.constexpr, SHARES: tl.constexpr, BP: tl.constexpr, NW: tl.constexpr,
+                 PDL: tl.constexpr):
+        """out[token] = (residual +) the sum of its pairs' rows whose expert this rank computed (local, and
+        dealt to it where experts are dealt); the other ranks add the rest."""
         _after_previous(PDL)
         ty = out_ptr.dtype.element_ty
         t = tl.program_id(0)
@@ -382,12 +397,13 @@ if triton is not None:
         acc = tl.zeros([BH], dtype=tl.float32)
         if RESIDUAL:
             acc += tl.load(res_ptr + t * H + o, mask=o < H, other=0.0).to(tl.float32)
+        if SHARES > 1:
+            words = _touched(ids_ptr, P, ep_start, E, BP, NW)
         for j in tl.static_range(TOP_K):
             e = tl.load(ids_ptr + t * TOP_K + j) - ep_start
             ok = (e >= 0) & (e < E)
             if SHARES > 1:
-                ok = ok & (tl.load(mine_ptr + t * TOP_K + j) != 0)
-                tl.store(mine_ptr + t * TOP_K + j, 0)
+                ok = ok & _dealt(words, e, rank, SHARES, NW)
             acc += tl.load(y_ptr + (t * TOP_K + j) * H + o, mask=(o < H) & ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + t * H + o, acc.to(ty), mask=o < H)
 
@@ -628,7 +644,7 @@ def moe_experts(x: torch.Tensor, experts: Any, idx: torch.Tensor, weights: torch
     hidden size, `down_block` = (BN, BK, warps, stages) the down kernel's (bench/multi_gpu.py sweeps them).
     `residual` [tokens, hidden] is added in the last kernel (the decoder layer's skip connection); `out`, a
     contiguous [tokens, hidden] tensor to write into (a tensor-parallel reducer's buffer). `share` = (rank,
-    ranks): every rank holds every expert and computes the touched ones dealt to it (`_slot_expert`).
+    ranks): every rank holds every expert and computes the touched ones dealt to it (`_dealt`).
     """
     call = MoeCall(x, experts, idx, weights, ep_start, block, down_block, residual, out, share)
     call.gate_up()
@@ -666,14 +682,13 @@ class MoeCall:
             split = 1  # each slice a whole number of BK steps
         self.split = split
         self.chunks = triton.cdiv(self.tokens, 16)  # an expert gets at most one pair per token: chunks of 16
-        self.rank, self.shares = share
-        self.slots = triton.cdiv(min(self.n_exp, self.pairs), self.shares)  # experts one rank may compute
+        self.rank, shares = share
+        self.slots = triton.cdiv(min(self.n_exp, self.pairs), shares)  # experts one rank may compute
         if os.environ.get("QWENHW_MOE_SLOTS", "1") == "0":  # a program per local expert (the bench's A/B)
             self.slots = self.n_exp
-        # the pairs this rank computes (dealt experts), marked by gate/up and cleared by the sum kernel
-        self.mine = _counts(dev, self.pairs, "moe_mine") if self.shares > 1 else self.ids
-        common = dict(BM=16, EXACT=exact, SHARES=self.shares, NW=triton.next_power_of_2(triton.cdiv(self.n_exp, 64)),
-                      BP=max(16, triton.next_power_of_2(self.pairs)))
+        self.dealt = dict(SHARES=shares, NW=triton.next_power_of_2(triton.cdiv(self.n_exp, 64)),
+                          BP=max(16, triton.next_power_of_2(self.pairs)))
+        common = dict(BM=16, EXACT=exact, **self.dealt)
         self.up_tiles = dict(BN=bn, BK=bk, num_warps=warps, num_stages=stages, **common)
         if down_block is None:  # an explicit `block` sets both kernels' tiles unless down_block is given too
             down_block = MOE_DOWN_BLOCK if block is None and x.is_cuda and MOE_DOWN_BLOCK else (bn, bk, warps, stages)
@@ -687,8 +702,7 @@ class MoeCall:
 
     def gate_up(self) -> None:
         _moe_gate_up[(self.slots, self.n_tiles, self.chunks * self.split)](
-            self.x, self.gu, self.ids, self.h, self.part, self.cnt, self.mine, self.pairs, self.ep_start, self.n_exp,
-            self.rank,
+            self.x, self.gu, self.ids, self.h, self.part, self.cnt, self.pairs, self.ep_start, self.n_exp, self.rank,
             H=self.hidden, I=self.inter, TOP_K=self.top_k, SPLIT=self.split, **self.up_tiles, **_launch(self.x.device))
 
     def down(self) -> None:
@@ -699,13 +713,11 @@ class MoeCall:
             **self.down_tiles, **_launch(self.x.device))
 
     def sum(self) -> torch.Tensor:
-        bh = triton.next_power_of_2(self.hidden)
-        if self.shares == 1:
-            bh = min(1024, bh)  # else one program per token: it clears the token's marks in `mine`
+        bh = min(1024, triton.next_power_of_2(self.hidden))
         res = self.residual if self.residual is not None else self.out
         _moe_sum[(self.tokens, triton.cdiv(self.hidden, bh))](
-            self.y, self.ids, res, self.out, self.mine, self.hidden, self.ep_start, self.n_exp, TOP_K=self.top_k,
-            BH=bh, RESIDUAL=self.residual is not None, SHARES=self.shares, **_launch(self.x.device))
+            self.y, self.ids, res, self.out, self.hidden, self.ep_start, self.n_exp, self.pairs, self.rank,
+            TOP_K=self.top_k, BH=bh, RESIDUAL=self.residual is not None, **self.dealt, **_launch(self.x.device))
         return self.out
 
 
