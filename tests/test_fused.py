@@ -64,29 +64,29 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeConfig, Qwe
 from qwenhw_offload import fused
 out = {}
 rel = lambda a, r: float((a.float() - r.float()).norm() / r.float().norm())
-for name in ("float32", "bfloat16"):
-    dt = getattr(torch, name)
-    g = torch.Generator().manual_seed(0)
-    cfg = Qwen3MoeConfig(hidden_size=48, moe_intermediate_size=40, num_experts=8, num_experts_per_tok=3)
+
+
+def random_experts(n, inter, g, dt):
+    cfg = Qwen3MoeConfig(hidden_size=48, moe_intermediate_size=inter, num_experts=n, num_experts_per_tok=3)
     cfg._experts_implementation = "eager"
     ex = Qwen3MoeExperts(cfg)
     with torch.no_grad():
         ex.gate_up_proj.copy_(torch.randn(ex.gate_up_proj.shape, generator=g) * 0.2)
         ex.down_proj.copy_(torch.randn(ex.down_proj.shape, generator=g) * 0.2)
-    ex = ex.to(dt)
+    return cfg, ex.to(dt)
+
+
+for name in ("float32", "bfloat16"):
+    dt = getattr(torch, name)
+    g = torch.Generator().manual_seed(0)
+    cfg, ex = random_experts(8, 40, g, dt)
     t = 20  # 60 pairs; every token picks expert 0, so it gets more than one 16-row block
     idx = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(7, generator=g)[:2]])
                        for _ in range(t)])
     idx[3] = torch.tensor([5, 6, 7])  # no pair on the rank holding experts 0..3
     x = torch.randn(t, 48, generator=g).to(dt)
     w = torch.rand(t, 3, generator=g).to(dt)
-    cfg_many = Qwen3MoeConfig(hidden_size=48, moe_intermediate_size=16, num_experts=130, num_experts_per_tok=3)
-    cfg_many._experts_implementation = "eager"
-    many = Qwen3MoeExperts(cfg_many)
-    with torch.no_grad():
-        many.gate_up_proj.copy_(torch.randn(many.gate_up_proj.shape, generator=g) * 0.2)
-        many.down_proj.copy_(torch.randn(many.down_proj.shape, generator=g) * 0.2)
-    many = many.to(dt)
+    _, many = random_experts(130, 16, g, dt)
     many_idx = torch.stack([torch.randperm(130, generator=g)[:3] for _ in range(t)])
     with torch.no_grad():
         ref = ex(x, idx, w)
