@@ -146,7 +146,6 @@ def main() -> None:
     from accelerate.hooks import remove_hook_from_module
     import transformers
 
-    from qwenhw_offload import cpu_moe
     from qwenhw_offload.hybrid import HybridMoE
     from qwenhw_offload.runtime import Runtime, SampleParams, set_experts
 
@@ -242,10 +241,7 @@ def main() -> None:
     rt = Runtime(model, max_len=args.context, device=dev, graphs=True, moe_hook=hybrid)
     calib = torch.randint(0, 151936, (512,), generator=g).tolist()
     cache = plan_h.config.get("expert_cache_bytes", 0)  # a model that fits the cap: no hybrid plan, no cache
-    if hybrid.fused:  # the thread count build_hybrid would take (cpu_moe.fastest_threads)
-        hybrid.threads = cpu_moe.fastest_threads(*next(iter(hybrid.cpu.values())), torch.get_num_threads())
-        torch.set_num_threads(hybrid.threads["threads"])
-        info["cpu_threads_tried_ms"] = hybrid.threads
+    info["cpu_threads_tried_ms"] = hybrid.fit_threads()  # as build_hybrid does
     info["cpu_kernel"] = cpu_kernel_speed(hybrid)
     print(json.dumps({"cpu_kernel": info["cpu_kernel"]}), flush=True)
     for label, cache_bytes, policy, kernel in (("no cache, torch GEMVs", 0, "static", "torch"),

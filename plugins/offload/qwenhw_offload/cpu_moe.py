@@ -147,9 +147,9 @@ def moe_experts(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, idx:
 
 def fastest_threads(gate_up: torch.Tensor, down: torch.Tensor, threads: int, repeats: int = 6) -> dict:
     """The thread count among `threads`, /2 and /4 at which one token's top-8 experts (of these matrices)
-    run fastest, with each one's median milliseconds. Core counts can mislead: on a 64-vCPU virtual
-    machine whose vCPUs pair up on physical cores, the kernel took 6.4 ms at 64 threads and 0.62 ms at 32
-    (docs/benchmarks.md); a container's CPU quota does the same. A few calls settle it."""
+    run fastest, with each one's median milliseconds. Core counts can mislead: on a 64-vCPU host (4x H200)
+    the kernel took 6.4 ms per layer at 64 threads and 0.62 ms at 32 (docs/benchmarks.md); vCPUs sharing
+    cores or a container's CPU quota do that. A few calls settle it."""
     import statistics
     import time
 

@@ -81,7 +81,7 @@ class HybridMoE:
         self.resize_cache(cache_bytes)
         self.steps = 0
         self.stats = {"cpu_experts": 0, "gpu_experts": 0, "streamed_layers": 0}
-        self.threads: dict = {}  # build_hybrid's thread count calibration (cpu_moe.fastest_threads)
+        self.threads: dict = {}  # the thread count calibration (fit_threads)
 
     @staticmethod
     def _experts_module(template: nn.Module, gate_up: torch.Tensor, down: torch.Tensor,
@@ -117,6 +117,14 @@ class HybridMoE:
         why = cpu_moe.usable(*next(iter(self.cpu.values()))) if name == "fused" else "asked for torch GEMVs"
         self.fused = not why
         self.cpu_kernel = "fused" if self.fused else f"torch ({why})"
+
+    def fit_threads(self) -> dict:
+        """Run the CPU experts (and torch's CPU ops) at the thread count, up to torch's current one, that
+        times fastest here (cpu_moe.fastest_threads); returns its timings ({} without the kernel)."""
+        if self.fused:
+            self.threads = cpu_moe.fastest_threads(*next(iter(self.cpu.values())), torch.get_num_threads())
+            torch.set_num_threads(self.threads["threads"])
+        return self.threads
 
     def close(self) -> None:
         for ptr in self.registered:
@@ -320,9 +328,7 @@ def build_hybrid(model: Any, tokenizer: Any, plan: Any):
                        prefill_threshold=int(plan.config.get("prefill_threshold", 32)),
                        policy=plan.config.get("cache_policy", "static"),
                        cpu_kernel=plan.config.get("cpu_kernel", "fused"))
-    if hybrid.fused:  # the plan's thread count is an upper bound: take the count that runs fastest here
-        hybrid.threads = cpu_moe.fastest_threads(*next(iter(hybrid.cpu.values())), torch.get_num_threads())
-        torch.set_num_threads(hybrid.threads["threads"])
+    hybrid.fit_threads()  # the plan's thread count is an upper bound
     model.to(device)
     runtime = Runtime(model, max_len=int(plan.context or 4096), device=device,
                       graphs=plan.config.get("cuda_graphs", True), moe_hook=hybrid,
