@@ -32,11 +32,16 @@ from torch import nn
 from .planner import FUSE_MAX_REMOTE_ROWS, PUSH_MAX_REMOTE_ROWS, fuses_reduce, split_counts
 
 
-def check(config: Any, world: int) -> str | None:
-    """Why this model's attention and whole experts cannot be split `world` ways, or None (on a transformers
-    config; the planner's split_rule asks the same of a plan's layout)."""
-    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or 0
-    return split_counts(config.num_attention_heads, config.num_key_value_heads, experts, world)
+def check(config: Any, world: int, experts: str = "ep") -> str | None:
+    """Why this model's attention, and its experts held as `experts` (module docstring), cannot be split
+    `world` ways, or None (on a transformers config; the planner's split_rule asks the same of a spec)."""
+    if experts not in ("ep", "tp", "replicated"):
+        raise ValueError(f"experts={experts!r}: expected 'ep' (whole experts per GPU), 'tp' (every expert "
+                         "split) or 'replicated' (every GPU holds every expert)")
+    count = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or 0
+    inter = getattr(config, "moe_intermediate_size", None) or 0
+    return split_counts(config.num_attention_heads, config.num_key_value_heads, count if experts == "ep" else 0,
+                        world, inter if experts == "tp" else 0)
 
 
 def replica_group(tp: int) -> Any:
@@ -175,10 +180,7 @@ Cut = tuple[str, int, int]  # ("rows" | "cols" | "experts" | "gate_up" | "inner"
 def cuts(model: Any, rank: int, world: int, experts: str = "ep") -> dict[str, Cut]:
     """How this rank's shard cuts each parameter of an unsharded model (see the module docstring); the
     parameters not listed are replicated whole. Shapes only: the model may live on the meta device."""
-    if experts not in ("ep", "tp", "replicated"):
-        raise ValueError(f"experts={experts!r}: expected 'ep' (whole experts per GPU), 'tp' (every expert "
-                         "split) or 'replicated' (every GPU holds every expert)")
-    why = {"ep": check, "tp": check_split, "replicated": check_replicated}[experts](model.config, world)
+    why = check(model.config, world, experts)
     if why:
         raise ValueError(why)
     out: dict[str, Cut] = {}
@@ -218,20 +220,6 @@ def cuts(model: Any, rank: int, world: int, experts: str = "ep") -> dict[str, Cu
             out[f"{pre}mlp.gate_proj.weight"] = out[f"{pre}mlp.up_proj.weight"] = rows
             out[f"{pre}mlp.down_proj.weight"] = ("cols", rows[1], rows[2])
     return out
-
-
-def check_replicated(config: Any, world: int) -> str | None:
-    """Why this model's attention cannot be split `world` ways (the experts are not split), or None."""
-    return split_counts(config.num_attention_heads, config.num_key_value_heads, 0, world)
-
-
-def check_split(config: Any, world: int) -> str | None:
-    """Why this model's attention and experts' intermediate size cannot be split `world` ways, or None."""
-    why = split_counts(config.num_attention_heads, config.num_key_value_heads, 0, world)
-    inter = getattr(config, "moe_intermediate_size", None)
-    if why is None and inter and inter % world:
-        why = f"the experts' intermediate size {inter} is not divisible by {world} GPUs"
-    return why
 
 
 def _cut(t: Any, cut: Cut) -> Any:

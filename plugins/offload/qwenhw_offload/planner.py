@@ -363,21 +363,23 @@ def expert_split(spec: ModelSpec, tp: int) -> str:
 
 def split_rule(spec: ModelSpec, n: int, experts: str | None = None) -> str | None:
     """Why tensor-parallel attention + the experts held as `experts` ("ep", "tp", "replicated"; default
-    `expert_split`'s) cannot use `n` GPUs (parallel.check, check_split and check_replicated ask the same)."""
+    `expert_split`'s) cannot use `n` GPUs (parallel.check asks the same of a transformers config)."""
     experts = experts or (expert_split(spec, n) if spec.moe else None)
-    why = split_counts(spec.num_heads, spec.num_kv_heads, spec.moe.num_experts if experts == "ep" else 0, n)
-    if why is None and experts == "tp" and spec.moe.moe_intermediate_size % n:
-        why = f"the experts' intermediate size {spec.moe.moe_intermediate_size} is not divisible by {n} GPUs"
-    return why
+    return split_counts(spec.num_heads, spec.num_kv_heads, spec.moe.num_experts if experts == "ep" else 0, n,
+                        spec.moe.moe_intermediate_size if experts == "tp" else 0)
 
 
-def split_counts(heads: int, kv_heads: int, experts: int, n: int) -> str | None:
+def split_counts(heads: int, kv_heads: int, experts: int, n: int, inter: int = 0) -> str | None:
+    """Why `n` GPUs cannot share these heads, whole experts (`experts`, 0: not split) or every expert's
+    intermediate size (`inter`, 0: not split) evenly, or None."""
     if heads % n:
         return f"{heads} attention heads are not divisible by {n} GPUs"
     if kv_heads % n and n % kv_heads:
         return f"{kv_heads} KV heads cannot be shared evenly by {n} GPUs"
     if experts and experts % n:
         return f"{experts} experts are not divisible by {n} GPUs"
+    if inter and inter % n:
+        return f"the experts' intermediate size {inter} is not divisible by {n} GPUs"
     return None
 
 
