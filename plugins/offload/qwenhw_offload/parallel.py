@@ -147,10 +147,15 @@ class Reducer:
         from . import fused
 
         rows = x.numel() // x.shape[-1]
+        push = self._pushes(x)
         return (self.handle is not None and self.fuse and self._fits(x) and x.data_ptr() == self._half().data_ptr()
                 and getattr(norm, "variance_epsilon", None) is not None and fused.available(x.device)
-                and (self.push is not None or fused.reduce_pad_bytes(rows) <= self.handle.signal_pad_size)
-                and fuses_reduce(rows, self.handle.world_size, self.push is not None))
+                and (push or fused.reduce_pad_bytes(rows) <= self.handle.signal_pad_size)
+                and fuses_reduce(rows, self.handle.world_size, push))
+
+    def _pushes(self, x: torch.Tensor) -> bool:
+        """Whether `reduce_norm` pushes x (words of two values: an even hidden size) or pulls it."""
+        return self.push is not None and x.shape[-1] % 2 == 0
 
     def unfuse(self, exc: Exception) -> None:
         """reduce_norm failed to build: reduce and normalise apart from now on, and say why in `path`."""
@@ -163,7 +168,7 @@ class Reducer:
 
         h, normed = torch.empty_like(x), torch.empty_like(x)
         hidden = x.shape[-1]
-        if self.push is not None and hidden % 2 == 0:
+        if self._pushes(x):
             fused.reduce_norm_push(self.push.buffer_ptrs_dev, self.push.rank, self.push.world_size, self.turn,
                                    self.numel // hidden, x.view(-1, hidden), norm.weight, float(norm.variance_epsilon),
                                    h, normed)
