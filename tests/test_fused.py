@@ -232,7 +232,7 @@ for name in ("float16", "bfloat16"):
     g = torch.Generator().manual_seed(0)
     rows, hidden, world, capacity, half = 3, 96, 2, 4, 1
     parts = [torch.randn(rows, hidden, generator=g).to(dt) for _ in range(world)]
-    boxes = [torch.zeros(fused.push_words(capacity, hidden, world), dtype=torch.int64) for _ in range(world)]
+    boxes = [torch.zeros(fused.push_words(capacity * hidden, world), dtype=torch.int64) for _ in range(world)]
     ptrs = torch.tensor([b.data_ptr() for b in boxes], dtype=torch.int64)
     norm = Qwen3MoeRMSNorm(hidden, eps=1e-6)
     with torch.no_grad():

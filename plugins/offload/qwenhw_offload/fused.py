@@ -852,9 +852,10 @@ def reduce_pad_bytes(rows: int) -> int:
     return triton.cdiv(rows, reduce_rows(rows)) * PAD_LINE * 4
 
 
-def push_words(rows: int, hidden: int, world: int) -> int:
-    """uint64 words of the symmetric buffer `reduce_norm_push` needs: two halves of `world` slots of rows."""
-    return 2 * world * rows * hidden // 2
+def push_words(numel: int, world: int) -> int:
+    """uint64 words of the symmetric buffer `reduce_norm_push` needs for partial sums of up to `numel`
+    values: two halves of `world` slots, each value half a word."""
+    return 2 * world * numel // 2
 
 
 def reduce_norm_push(ll_ptrs: int, rank: int, world: int, half: int, capacity: int, part: torch.Tensor,
@@ -862,7 +863,7 @@ def reduce_norm_push(ll_ptrs: int, rank: int, world: int, half: int, capacity: i
                      per_program: int | None = None) -> None:
     """All-reduce + RMSNorm in one kernel, pushing (`_reduce_norm_push`): `part` [rows, hidden] is this
     rank's partial sum, in 16-bit floats; `ll_ptrs` the device address of the ranks' buffer addresses (a
-    symmetric-memory handle's buffer_ptrs_dev over `push_words(capacity, hidden, world)` zeroed words);
+    symmetric-memory handle's buffer_ptrs_dev over `push_words(capacity * hidden, world)` zeroed words);
     `half` alternates between consecutive calls. Writes the sum into `h` and RMSNorm(sum) * weight into
     `x`."""
     rows, hidden = part.shape

@@ -102,7 +102,10 @@ class Reducer:
             self.buf, self.name, self.path = buf, group.group_name, "symmetric-memory one-shot"
             if self.fuse:
                 if dtype in (torch.bfloat16, torch.float16) and os.environ.get("QWENHW_PUSH_REDUCE", "1") != "0":
-                    words = symm_mem.empty(self.handle.world_size * numel, dtype=torch.int64, device=device)
+                    from .fused import push_words
+
+                    words = symm_mem.empty(push_words(numel, self.handle.world_size), dtype=torch.int64,
+                                           device=device)
                     words.zero_()
                     self.push = symm_mem.rendezvous(words, group.group_name)
                     self.push.barrier()  # every rank's words zeroed before any rank pushes
