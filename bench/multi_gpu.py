@@ -485,6 +485,10 @@ def main() -> None:
                     help="fused.MOE_DOWN_PREFETCH: weight lines per row the down kernel prefetches under PDL (0: none)")
     ap.add_argument("--pull-too", action="store_true",
                     help="TP rows also with the one-shot reduce + norm kernel (QWENHW_PUSH_REDUCE=0), side by side")
+    ap.add_argument("--linear-too", action="store_true",
+                    help="1-GPU and TP rows also with the decode projections on cuBLAS (QWENHW_FUSED_LINEAR=0), "
+                         "side by side with qwenhw's Triton decode GEMMs; 1-GPU rows also with torch's RMSNorms "
+                         "(QWENHW_FUSED_NORM=0) instead of the router and MoE-sum kernels applying them")
     ap.add_argument("--no-router-kernel", action="store_true",
                     help="the router GEMM on cuBLAS and the routing kernel apart (fused.ROUTER_MAX_TOKENS = 0)")
     args = ap.parse_args()
@@ -587,13 +591,19 @@ def main() -> None:
         step_logits = {}
         moe_on = fused.moe_enabled()
         # all fused decode kernels (fused.py); the same without the MoE one; torch ops only
-        variants = [("", "1", "1")] if moe_on else []
+        # (label, QWENHW_FUSED, _MOE, _LINEAR, _NORM)
+        variants = [("", "1", "1", "1", "1")] if moe_on else []
+        if args.linear_too and moe_on:  # the Triton projections and the norms in the router / sum kernels, A/B
+            variants += [(", cuBLAS projections", "1", "1", "0", "1"), (", torch norms", "1", "1", "1", "0"),
+                         (", cuBLAS projections, torch norms", "1", "1", "0", "0")]
         if not args.fused_only or not moe_on:
-            variants += [(", transformers experts" if moe_on else "", "1", "0"), (", unfused (torch ops)", "0", "0")]
+            variants += [(", transformers experts" if moe_on else "", "1", "0", "1", "1"),
+                         (", unfused (torch ops)", "0", "0", "1", "1")]
         for b in batches:
             block = use_block("1", b)
-            for label, fused_on, moe in variants:
+            for label, fused_on, moe, linear, norm in variants:
                 os.environ["QWENHW_FUSED"], os.environ["QWENHW_FUSED_MOE"] = fused_on, moe
+                os.environ["QWENHW_FUSED_LINEAR"], os.environ["QWENHW_FUSED_NORM"] = linear, norm
                 torch.cuda.reset_peak_memory_stats(0)
                 rt = Runtime(model, max_len=args.context, device="cuda:0", graphs=True,
                              decode_experts="grouped_mm", batch=b)
@@ -620,6 +630,13 @@ def main() -> None:
                 gc.collect()
                 torch.cuda.empty_cache()
         os.environ["QWENHW_FUSED"], os.environ["QWENHW_FUSED_MOE"] = "1", "1" if moe_on else "0"
+        os.environ["QWENHW_FUSED_LINEAR"] = os.environ["QWENHW_FUSED_NORM"] = "1"
+        for label in (", cuBLAS projections", ", torch norms", ", cuBLAS projections, torch norms"):
+            if label not in step_logits:
+                continue  # each A/B row's first decode step against the default row's
+            a, r = step_logits[""], step_logits[label]
+            extra[f"decode_logits_rel_err_new_vs{label.replace(',', '').replace(' ', '_')}"] = float(
+                (a - r).norm() / r.norm())
         r = step_logits.get(", unfused (torch ops)")
         for label, a in step_logits.items():
             if r is not None and label != ", unfused (torch ops)":
@@ -685,11 +702,14 @@ def main() -> None:
             runs += [(b, "1", "apart") for b in batches] + ([(b, "0", "") for b in batches] if args.nccl else [])
         if args.pull_too:  # the one-shot reduce + norm kernel (barrier, then reads across the links)
             runs += [(b, "1", "pull") for b in batches]
+        if args.linear_too:  # the projections on cuBLAS, as before the Triton decode GEMMs
+            runs += [(b, "1", "cublas") for b in batches]
         layout = f"qwenhw TP={world} attention + {EXPERT_MODES[mode].format(n=world)}"
         for b, symm, apart in runs:
             os.environ["QWENHW_SYMM_MEM"] = symm
             os.environ["QWENHW_FUSED_REDUCE"] = "0" if apart == "apart" or not fuse_reduce else "1"
             os.environ["QWENHW_PUSH_REDUCE"] = "0" if apart == "pull" else push_reduce
+            os.environ["QWENHW_FUSED_LINEAR"] = "0" if apart == "cublas" else "1"
             block = use_block(f"{mode}{world}", b)
             torch.cuda.reset_peak_memory_stats(rank)
             path = None
@@ -730,7 +750,8 @@ def main() -> None:
             if rank == 0:
                 rows.append({"config": layout + ("" if graphs else " (no CUDA graphs)")
                              + ("" if symm == "1" else ", NCCL") + {"": "", "apart": ", reduce and norm apart",
-                                                                     "pull": ", reduce pulling"}[apart],
+                                                                     "pull": ", reduce pulling",
+                                                                     "cublas": ", cuBLAS projections"}[apart],
                              "batch": b, "tok_s": rate, "gpu_gib": [float(m) for m in mems], "logit_rel_err": err,
                              "reduce": path, "experts": mode, "moe_block": block})
                 log(json.dumps(rows[-1]))
@@ -738,7 +759,7 @@ def main() -> None:
             gc.collect()
             torch.cuda.empty_cache()
         os.environ["QWENHW_SYMM_MEM"], os.environ["QWENHW_FUSED_REDUCE"] = "1", "1" if fuse_reduce else "0"
-        os.environ["QWENHW_PUSH_REDUCE"] = push_reduce
+        os.environ["QWENHW_PUSH_REDUCE"], os.environ["QWENHW_FUSED_LINEAR"] = push_reduce, "1"
         traces_all[mode] = trace
         del model  # before the next layout builds its own
         gc.collect()

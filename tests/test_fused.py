@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 KERNELS = r'''
 import json, sys, torch
+import torch.nn.functional as F
 from transformers.models.qwen3_moe.modeling_qwen3_moe import (Qwen3MoeConfig, Qwen3MoeRMSNorm,
                                                               Qwen3MoeTopKRouter, apply_rotary_pos_emb)
 from qwenhw_offload import fused
@@ -49,9 +50,20 @@ for name in ("float32", "bfloat16"):
         _, w2_ref, i2_ref = big(x2)
         w2, i2 = fused.gate_route(big, x2)
         w3, i3 = fused.gate_route(big, x2)  # the counter was left at zero: the same again
+        # one GPU: the router kernel applies the post-attention RMSNorm itself and writes the normalised rows
+        pn = Qwen3MoeRMSNorm(128).to(dt)
+        pn.weight.copy_(1 + 0.2 * torch.randn(128, generator=g))
+        hn = 3 * torch.randn(5, 128, generator=g).to(dt)
+        xn_ref = F.rms_norm(hn.float(), (128,), pn.weight.float(), pn.variance_epsilon)
+        xn = torch.full_like(hn, float("nan"))
+        w4, i4 = fused.router(hn, big.weight, 6, True, norm=(pn.weight, pn.variance_epsilon), xn=xn)
+        _, w4_ref, i4_ref = big(xn_ref.to(dt))
     out[name + " router"] = {"ids": torch.equal(i2.sort(-1).values, i2_ref.sort(-1).values), "w": rel(w2, w2_ref),
                              "again": torch.equal(i3, i2) and torch.equal(w3, w2),
-                             "counter": int(fused._COUNTS[(x2.device, "router")].abs().sum())}
+                             "counter": int(fused._COUNTS[(x2.device, "router")].abs().sum()),
+                             "normed_x": rel(xn, xn_ref), "normed_ids": torch.equal(i4.sort(-1).values,
+                                                                                   i4_ref.sort(-1).values),
+                             "normed_w": rel(w4, w4_ref)}
     out[name] = {"q": rel(qo, qr), "k": rel(kc[:, :, p:p + 1], kr), "v_exact": torch.equal(vc[:, :, p], v[:, 0]),
                  "untouched_nan": bool(kc[:, :, :p].isnan().all()), "route_ids": torch.equal(i.sort(-1).values, i_ref.sort(-1).values),  # ties may swap order
                  "route_w": rel(w, w_ref)}
@@ -60,6 +72,7 @@ print(json.dumps(out))
 
 MOE = r'''
 import json, torch
+import torch.nn.functional as F
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeConfig, Qwen3MoeExperts
 from qwenhw_offload import fused
 out = {}
@@ -102,6 +115,10 @@ for name in ("float32", "bfloat16"):
         h = torch.randn(t, 48, generator=g).to(dt)
         into = torch.full((t, 48), float("nan"), dtype=dt)
         with_res = fused.moe_experts(x, ex, idx, w, residual=h, out=into)
+        nw = (1 + 0.2 * torch.randn(48, generator=g)).to(dt)
+        xn = torch.full((t, 48), float("nan"), dtype=dt)
+        normed_sum = fused.moe_experts(x, ex, idx, w, residual=h, norm=(nw, 1e-6, xn))  # one GPU: + next RMSNorm
+        xn_ref = F.rms_norm(normed_sum.float(), (48,), nw.float(), 1e-6)
         # the gate/up kernel in 3 slices of the hidden size, the last slice to finish applying the activation;
         # the down kernel on tiles of its own
         split = fused.moe_experts(x, ex, idx, w, block=(16, 16, 4, 1, 3), down_block=(32, 16, 4, 1))
@@ -123,6 +140,7 @@ for name in ("float32", "bfloat16"):
                  "full": rel(got, ref), "ep": rel(part, ref_part), "ep_sum": rel(part + rest, ref),
                  "top1": rel(top1, ref_top1), "supported": fused.moe_supported(ex),
                  "no_pair_row_zero": bool((rest[3] == 0).all()), "residual": rel(with_res, h + ref),
+                 "normed_sum": rel(normed_sum, with_res), "next_norm": rel(xn, xn_ref),
                  "wrote_into_out": with_res is into and not bool(into.isnan().any())}
 print(json.dumps(out))
 '''
@@ -169,8 +187,11 @@ from qwenhw_offload import fused
 from qwenhw_offload.runtime import Runtime, SampleParams
 calls = []
 moe_experts, decode_attention = fused.moe_experts, fused.decode_attention
+qkv_rope, linear_residual = fused.qkv_rope, fused.linear_residual
 fused.moe_experts = lambda *a, **k: calls.append("moe") or moe_experts(*a, **k)
 fused.decode_attention = lambda *a, **k: calls.append("attention") or decode_attention(*a, **k)
+fused.qkv_rope = lambda *a, **k: calls.append("qkv") or qkv_rope(*a, **k)
+fused.linear_residual = lambda *a, **k: calls.append("o_proj") or linear_residual(*a, **k)
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
 prompt = [785, 6722, 315, 9625, 374, 264]
 rt = Runtime(model, 64, "cpu", graphs=False)
@@ -178,7 +199,7 @@ assert rt.fused
 tokens = list(rt.generate(prompt, 8, SampleParams(), set()))
 with torch.no_grad():
     ref = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
-counts = {"moe_calls": calls.count("moe"), "attention_calls": calls.count("attention")}
+counts = {name + "_calls": calls.count(name) for name in ("moe", "attention", "qkv", "o_proj")}
 short = list(rt.generate(prompt[2:], 8, SampleParams(), set()))
 pair = Runtime(model, 64, "cpu", graphs=False, batch=2).generate_batch([prompt, prompt[2:]], 8, SampleParams(), set())
 print(json.dumps({"fused": tokens, "hf": ref, **counts, "batch": pair, "alone": [tokens, short]}))
@@ -261,6 +282,56 @@ print(json.dumps(out))
 '''
 
 
+LINEAR = r"""
+import doctest, json, torch
+import torch.nn.functional as F
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
+from qwenhw_offload import fused
+out = {"doctests": doctest.testmod(fused).failed}
+rel = lambda a, r: float((a.float() - r.float()).norm() / r.float().norm())
+for name in ("float32", "bfloat16"):
+    dt = getattr(torch, name)
+    g = torch.Generator().manual_seed(0)
+    b, hidden, hq, hk, d, L, p = 3, 128, 4, 2, 64, 16, 5
+    res = {}
+    for norm, with_bias in ((True, False), (False, True)):  # Qwen3 (q/k norms), Qwen2 (a q/k/v bias)
+        qn, kn = Qwen3MoeRMSNorm(d).to(dt), Qwen3MoeRMSNorm(d).to(dt)
+        with torch.no_grad():
+            qn.weight.copy_(1 + 0.2 * torch.randn(d, generator=g)); kn.weight.copy_(1 + 0.2 * torch.randn(d, generator=g))
+        w = (torch.randn((hq + 2 * hk) * d, hidden, generator=g) * 0.1).to(dt)
+        bias = torch.randn((hq + 2 * hk) * d, generator=g).to(dt) if with_bias else None
+        x = torch.randn(b, hidden, generator=g).to(dt)
+        ang = torch.randn(1, 1, d // 2, generator=g)
+        cos, sin = (torch.cat([f(ang), f(ang)], -1).to(dt) for f in (torch.cos, torch.sin))
+        norms = (qn, kn) if norm else (None, None)
+        kr, vr = (torch.full((b, hk, L, d), float("nan"), dtype=dt) for _ in range(2))
+        q, k, v = F.linear(x, w, bias).view(b, 1, -1, d).split([hq, hk, hk], dim=2)
+        qr = fused.qk_rope_cache(q, k, v, *norms, cos, sin, torch.tensor([p]), kr, vr)  # the cuBLAS path's kernel
+        for split in (1, 4):  # one program per head, or four hidden slices each (the last adds them up)
+            kc, vc = (torch.full((b, hk, L, d), float("nan"), dtype=dt) for _ in range(2))
+            qo = fused.qkv_rope(x, w, bias, [hq, hk, hk], *norms, cos, sin, torch.tensor([p]), kc, vc, split=split)
+            res[f"{'qwen3' if norm else 'qwen2'} split {split}"] = {
+                "q": rel(qo, qr), "k": rel(kc[:, :, p], kr[:, :, p]), "v": rel(vc[:, :, p], vr[:, :, p]),
+                "shape": list(qo.shape) == [b, hq, 1, d],
+                "untouched_nan": bool(kc[:, :, :p].isnan().all() and vc[:, :, p + 1:].isnan().all())}
+    # o_proj: into the hidden state in place (one GPU), into another buffer (a TP rank), or without residual
+    x = torch.randn(b, 256, generator=g).to(dt)
+    w = (torch.randn(100, 256, generator=g) * 0.1).to(dt)  # 100 columns: the last tile only partly stored
+    h = torch.randn(b, 100, generator=g).to(dt)
+    ref = torch.addmm(h, x, w.t())
+    for split in (1, 2, 8):
+        hh = h.clone()
+        inplace = fused.linear_residual(x, w, residual=hh, out=hh, split=split)
+        into = torch.full((b, 100), float("nan"), dtype=dt)
+        plain = fused.linear_residual(x, w, out=into, split=split)
+        res[f"o_proj split {split}"] = {"inplace": rel(inplace, ref), "same_tensor": inplace is hh,
+                                        "plain": rel(plain, x @ w.t()), "wrote_into": plain is into}
+    res["counters_zero"] = all(int(fused._COUNTS[(x.device, k)].count_nonzero()) == 0 for k in ("qkv", "linear"))
+    out[name] = res
+print(json.dumps(out))
+"""
+
+
 def _interpret(code: str, *args: str) -> dict:
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
         [str(ROOT), str(ROOT / "plugins" / "offload"), os.environ.get("PYTHONPATH", "")])}
@@ -281,14 +352,32 @@ def test_fused_kernels_follow_transformers():
     assert fp32["w"] < 1e-5 and bf16["w"] < 1e-2
     for r in (fp32, bf16):
         assert r["ids"] and r["again"] and r["counter"] == 0
+    # with the RMSNorm in the router kernel: its normalised rows, and the routing of them
+    assert fp32["normed_x"] < 1e-6 and bf16["normed_x"] < 1e-2 and fp32["normed_w"] < 1e-5
+    assert fp32["normed_ids"]
 
 
 def test_runtime_decodes_through_the_fused_kernels(tiny_moe):
     out = _interpret(RUNTIME, str(tiny_moe))
     assert out["fused"] == out["hf"]
-    assert out["moe_calls"] == out["attention_calls"] == 2 * 7  # both layers, every decode step (not the prompt)
+    # both layers, every decode step (not the prompt), the projections on the decode GEMM kernels too
+    assert out["moe_calls"] == out["attention_calls"] == out["qkv_calls"] == out["o_proj_calls"] == 2 * 7
     assert out["batch"] == out["alone"]  # two prompts of different lengths decoded together (left padding)
 
+
+def test_decode_gemm_kernels_follow_cublas_and_the_rope_kernel():
+    """The decode projections in Triton: q/k/v + q/k norms + RoPE + the cache write in one kernel against
+    F.linear then qk_rope_cache (Qwen3 with norms, Qwen2 with a bias; one program per head or split-K with
+    the last program adding up), and o_proj + residual against addmm, in place and into another buffer."""
+    out = _interpret(LINEAR)
+    assert out["doctests"] == 0
+    for name, tol in (("float32", 1e-5), ("bfloat16", 1e-2)):
+        res = out[name]
+        assert res.pop("counters_zero")  # each call leaves its split-K counters at zero for the next
+        for case, r in res.items():
+            errs = {k: v for k, v in r.items() if isinstance(v, float)}
+            assert max(errs.values()) < tol, (name, case, errs)
+            assert all(v for v in r.values() if isinstance(v, bool)), (name, case, r)
 
 def test_fused_moe_kernels_follow_transformers_experts():
     out = _interpret(MOE)
@@ -296,6 +385,8 @@ def test_fused_moe_kernels_follow_transformers_experts():
     assert fp32["full"] < 1e-5 and fp32["ep"] < 1e-5 and fp32["ep_sum"] < 1e-5 and fp32["top1"] < 1e-5
     assert bf16["full"] < 3e-2 and bf16["ep"] < 3e-2 and bf16["ep_sum"] < 3e-2
     assert fp32["residual"] < 1e-5 and bf16["residual"] < 3e-2
+    assert fp32["normed_sum"] == 0 and bf16["normed_sum"] == 0  # the same sum, with the next RMSNorm after it
+    assert fp32["next_norm"] < 1e-6 and bf16["next_norm"] < 1e-2
     assert fp32["split"] < 1e-5 and fp32["split_ep"] < 1e-5 and bf16["split"] < 3e-2
     for n in ("8", "130"):  # dealt experts: each rank's share, and the shares' sum against all experts
         assert max(fp32["dealt"][n]) < 1e-5 and max(bf16["dealt"][n]) < 3e-2
@@ -391,9 +482,10 @@ def test_moe_kernels_compile_for_hopper():
          [{"H": 2048, "I": inter, "PDL": pdl, "LINE": 64, "LINES": lines, "SHARES": 1 + pdl, "NW": 2, **tiles}
           for inter, lines in ((192, 4), (768, 16)) for pdl in (False, True)]),
         (fused._router, {"x_ptr": "*bf16", "g_ptr": "*bf16", "part_ptr": "*fp32", "cnt_ptr": "*i32", "w_ptr": "*bf16",
-                         "idx_ptr": "*i64", "N": "i32", "E": "i32"},
+                         "idx_ptr": "*i64", "nw_ptr": "*bf16", "xn_ptr": "*bf16", "N": "i32", "E": "i32", "eps": "fp32"},
          [{"H": 2048, "K": 8, "BT": bt, "BE": 16, "BK": 128, "SPLIT": 4, "BLOCK_E": 128, "BLOCK_K": 8, "NORM": True,
-           "EXACT": False, "PDL": pdl, "LINE": 64, "LINES": 8} for bt, pdl in ((16, False), (16, True), (64, True))]),
+           "PRENORM": prenorm, "EXACT": False, "PDL": pdl, "LINE": 64, "LINES": 8}
+          for bt, pdl, prenorm in ((16, False, False), (16, True, True), (64, True, False))]),
     ]
     for fn, sig, variants in kernels:
         aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, ty in sig.items() if ty.startswith("*")}
@@ -417,14 +509,57 @@ def test_moe_kernels_compile_for_hopper():
                 if consts["PDL"]:  # the prefetches come before the wait
                     assert ptx.index("prefetch.global.L2") < ptx.index("griddepcontrol.wait")
     # the sum kernel, dealing the touched experts out (each program finds which of its token's are its rank's)
-    sig = {"y_ptr": "*bf16", "ids_ptr": "*i64", "res_ptr": "*bf16", "out_ptr": "*bf16", "H": "i32", "ep_start": "i32",
-           "E": "i32", "P": "i32", "rank": "i32"}
-    consts = {"TOP_K": 8, "BH": 1024, "RESIDUAL": True, "SHARES": 2, "BP": 128, "NW": 2, "PDL": True}
-    src = triton.compiler.ASTSource(fn=fused._moe_sum, signature={**sig, **dict.fromkeys(consts, "constexpr")},
-                                    constexprs=consts)
-    assert "griddepcontrol.wait" in triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                                   options={"num_warps": 4}).asm["ptx"]
+    sig = {"y_ptr": "*bf16", "ids_ptr": "*i64", "res_ptr": "*bf16", "out_ptr": "*bf16", "nw_ptr": "*bf16",
+           "xn_ptr": "*bf16", "H": "i32", "ep_start": "i32", "E": "i32", "P": "i32", "rank": "i32", "eps": "fp32"}
+    for consts in ({"TOP_K": 8, "BH": 1024, "RESIDUAL": True, "NORM": False, "SHARES": 2, "BP": 128, "NW": 2, "PDL": True},
+                   {"TOP_K": 8, "BH": 2048, "RESIDUAL": True, "NORM": True, "SHARES": 1, "BP": 128, "NW": 2, "PDL": True}):
+        src = triton.compiler.ASTSource(fn=fused._moe_sum, signature={**sig, **dict.fromkeys(consts, "constexpr")},
+                                        constexprs=consts)
+        assert "griddepcontrol.wait" in triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                                       options={"num_warps": 8}).asm["ptx"]
 
+
+def test_decode_gemm_kernels_compile_for_hopper():
+    """The decode GEMM kernels for sm_90 ahead of time: weight loads pipelined, the split-K count an
+    acquire-release atomic with the partial sums read back from L2, and under PDL the weight prefetches
+    before the wait."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+
+    sys.path.insert(0, str(ROOT / "plugins" / "offload"))
+    from qwenhw_offload import fused
+
+    kernels = [
+        (fused._qkv_rope, {"x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "qw_ptr": "*bf16", "kw_ptr": "*bf16",
+                           "cos_ptr": "*bf16", "sin_ptr": "*bf16", "pos_ptr": "*i64", "part_ptr": "*fp32",
+                           "cnt_ptr": "*i32", "qo_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16", "N": "i32",
+                           "HQ": "i32", "HK": "i32", "MAX_LEN": "i32", "sc_b": "i32", "eps": "fp32"},
+         [{"H": 2048, "HALF": 64, "BT": 16, "BK": 128, "SPLIT": split, "NORM": True, "BIAS": False, "EXACT": False,
+           "PDL": pdl, "LINE": 64, "LINES": 8} for split, pdl in ((1, False), (4, True))]),
+        (fused._linear_residual, {"x_ptr": "*bf16", "w_ptr": "*bf16", "res_ptr": "*bf16", "out_ptr": "*bf16",
+                                  "part_ptr": "*fp32", "cnt_ptr": "*i32", "N": "i32", "NOUT": "i32"},
+         [{"K": 4096, "BT": bt, "BN": 64, "BK": 128, "SPLIT": split, "RESIDUAL": True, "EXACT": False, "PDL": pdl,
+           "LINE": 64, "LINES": 8} for bt, split, pdl in ((16, 1, False), (16, 8, True), (64, 4, True))]),
+    ]
+    for fn, sig, variants in kernels:
+        aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, ty in sig.items() if ty.startswith("*")}
+        for consts in variants:
+            src = triton.compiler.ASTSource(fn=fn, signature={**sig, **dict.fromkeys(consts, "constexpr")},
+                                            constexprs=consts, attrs=aligned)
+            try:
+                ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                     options={"num_warps": 4, "num_stages": 3}).asm["ptx"]
+            except RuntimeError as exc:  # no ptxas in this Triton build
+                if "ptxas" in str(exc):
+                    pytest.skip(str(exc)[:200])
+                raise
+            assert "cp.async.cg.shared.global" in ptx, (fn.__name__, consts)
+            if consts["SPLIT"] > 1 or fn is fused._qkv_rope:  # the head's halves always go through the sums
+                assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx, (fn.__name__, consts)
+            assert ("griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx) == consts["PDL"]
+            assert ("prefetch.global.L2" in ptx) == consts["PDL"]
+            if consts["PDL"]:
+                assert ptx.index("prefetch.global.L2") < ptx.index("griddepcontrol.wait")
 
 def test_dependent_launch_only_on_cuda_and_switchable(monkeypatch):
     """PDL needs a Hopper-or-later CUDA device and a Triton that launches with it: never on the CPU (the

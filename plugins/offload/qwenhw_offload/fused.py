@@ -95,6 +95,20 @@ if triton is not None:
                                   pack=1)
 
     @triton.jit
+    def _norm_rope(x1, x2, w_ptr, c1, c2, s1, s2, eps, HALF: tl.constexpr, NORM: tl.constexpr, ty: tl.constexpr):
+        """Rows [R, HALF] of a head's two halves (fp32, holding model-dtype values): Qwen3's q/k RMSNorm if NORM
+        (normalise in fp32, round, then scale by the weight in the model dtype), then apply_rotary_pos_emb:
+        x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1)."""
+        if NORM:
+            o = tl.arange(0, HALF)[None, :]
+            r = (1.0 / tl.sqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps))[:, None]
+            x1 = _round(_round(x1 * r, ty) * tl.load(w_ptr + o).to(tl.float32), ty)
+            x2 = _round(_round(x2 * r, ty) * tl.load(w_ptr + HALF + o).to(tl.float32), ty)
+        y1 = _round(_round(x1 * c1, ty) + _round(-x2 * s1, ty), ty)
+        y2 = _round(_round(x2 * c2, ty) + _round(x1 * s2, ty), ty)
+        return y1, y2
+
+    @triton.jit
     def _qk_rope_cache(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr, qo_ptr, kc_ptr, vc_ptr,
                        T, HQ, HK, MAX_LEN, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sc_b, sc_t,
                        eps, HALF: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr):
@@ -105,7 +119,7 @@ if triton is not None:
         h = tl.program_id(1)
         b = bt // T
         t = bt % T
-        o = tl.arange(0, HALF)
+        o = tl.arange(0, HALF)[None, :]  # one row: the head's two halves as [1, HALF]
         c1 = tl.load(cos_ptr + b * sc_b + t * sc_t + o).to(tl.float32)
         c2 = tl.load(cos_ptr + b * sc_b + t * sc_t + HALF + o).to(tl.float32)
         s1 = tl.load(sin_ptr + b * sc_b + t * sc_t + o).to(tl.float32)
@@ -116,16 +130,8 @@ if triton is not None:
         src = tl.where(is_q, q_ptr + b * sq_b + t * sq_t + h * sq_h, k_ptr + b * sk_b + t * sk_t + hk * sk_h)
         dst = tl.where(is_q, qo_ptr + ((b * HQ + h) * T + t) * 2 * HALF,
                        kc_ptr + ((b * HK + hk) * MAX_LEN + pos) * 2 * HALF)
-        x1 = tl.load(src + o).to(tl.float32)
-        x2 = tl.load(src + HALF + o).to(tl.float32)
-        if NORM:  # Qwen3RMSNorm: normalise in fp32, round, then scale by the weight in the model dtype
-            w_ptr = tl.where(is_q, qw_ptr, kw_ptr)
-            r = 1.0 / tl.sqrt((tl.sum(x1 * x1, 0) + tl.sum(x2 * x2, 0)) / (2 * HALF) + eps)
-            x1 = _round(_round(x1 * r, ty) * tl.load(w_ptr + o).to(tl.float32), ty)
-            x2 = _round(_round(x2 * r, ty) * tl.load(w_ptr + HALF + o).to(tl.float32), ty)
-        # apply_rotary_pos_emb: x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1)
-        y1 = _round(_round(x1 * c1, ty) + _round(-x2 * s1, ty), ty)
-        y2 = _round(_round(x2 * c2, ty) + _round(x1 * s2, ty), ty)
+        y1, y2 = _norm_rope(tl.load(src + o).to(tl.float32), tl.load(src + HALF + o).to(tl.float32),
+                            tl.where(is_q, qw_ptr, kw_ptr), c1, c2, s1, s2, eps, HALF, NORM, ty)
         tl.store(dst + o, y1.to(ty))
         tl.store(dst + HALF + o, y2.to(ty))
         if not is_q:  # the value head goes to its cache slot unchanged
@@ -133,6 +139,120 @@ if triton is not None:
             vdst = vc_ptr + ((b * HK + hk) * MAX_LEN + pos) * 2 * HALF
             tl.store(vdst + o, tl.load(vsrc + o))
             tl.store(vdst + HALF + o, tl.load(vsrc + HALF + o))
+
+    @triton.jit
+    def _split_k_last(part_ptr, cnt_ptr, acc, slot, slots, rows, cols, BT: tl.constexpr, BN: tl.constexpr,
+                      SPLIT: tl.constexpr):
+        """Split-K bookkeeping of the decode GEMMs: program (slot, s) leaves its fp32 sums [BT, BN] in
+        part [SPLIT, slots, BT, BN] and counts itself in (an atomic per slot, put back to zero by the last,
+        for the next call and the next graph replay). Returns whether this program is the last of its
+        slot's SPLIT, which then reads the sums back in order (the same bits whichever finished last)."""
+        s = tl.program_id(1)
+        tl.store(part_ptr + ((s * slots + slot) * BT + rows[:, None]) * BN + cols[None, :], acc)
+        tl.debug_barrier()  # every thread's sums written before the count says so (release)
+        last = tl.atomic_add(cnt_ptr + slot, 1, sem="acq_rel") == SPLIT - 1
+        if last:
+            tl.store(cnt_ptr + slot, 0)
+        return last
+
+    @triton.jit
+    def _split_k_sum(part_ptr, slot, slots, rows, cols, BT: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr):
+        """The SPLIT partial sums of `_split_k_last`, added in slice order (.cg: from L2, where they were
+        written); `cols` may be any subset of the BN columns."""
+        acc = tl.zeros([BT, cols.shape[0]], dtype=tl.float32)
+        for j in tl.static_range(SPLIT):
+            acc += tl.load(part_ptr + ((j * slots + slot) * BT + rows[:, None]) * BN + cols[None, :],
+                           cache_modifier=".cg")
+        return acc
+
+    @triton.jit
+    def _qkv_rope(x_ptr, w_ptr, bias_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr, part_ptr, cnt_ptr, qo_ptr,
+                  kc_ptr, vc_ptr, N, HQ, HK, MAX_LEN, sc_b, eps, H: tl.constexpr, HALF: tl.constexpr,
+                  BT: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, NORM: tl.constexpr, BIAS: tl.constexpr,
+                  EXACT: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr):
+        """A decode step's q/k/v projection and `_qk_rope_cache` in one kernel (one new token per sequence,
+        N <= BT sequences): program (c, s) multiplies hidden slice s of SPLIT by the 2*HALF weight rows of
+        output head c (q heads, then k, then v, as in the merged weight); the last of a head's programs adds
+        the slices up, rounds as F.linear does, and normalises, rotates and writes the head where
+        `_qk_rope_cache` would. With PDL the weight slice is asked of L2 before the wait, while the kernel
+        before (a norm, an all-reduce) finishes."""
+        D: tl.constexpr = 2 * HALF
+        KS: tl.constexpr = H // SPLIT  # the wrapper checks that BK divides it
+        ty = qo_ptr.dtype.element_ty
+        c = tl.program_id(0)
+        s = tl.program_id(1)
+        heads = tl.num_programs(0)
+        d = tl.arange(0, D)
+        w_c = w_ptr + (c * D).to(tl.int64) * H
+        if PDL and LINES > 0:
+            lines = tl.minimum(s * KS + tl.arange(0, LINES) * LINE, H - 1)
+            _prefetch_l2(w_c + d[:, None] * H + lines[None, :])
+        _after_previous(PDL)
+        t = tl.arange(0, BT)
+        acc = tl.zeros([BT, D], dtype=tl.float32)
+        for k0 in range(0, KS, BK):
+            k = s * KS + k0 + tl.arange(0, BK)
+            x = tl.load(x_ptr + t[:, None] * H + k[None, :], mask=t[:, None] < N, other=0.0)
+            acc = _dot(x, tl.load(w_c + d[None, :] * H + k[:, None]), acc, EXACT)
+        # the halves of each head go through the partial sums (a register tile cannot be cut in two)
+        last = _split_k_last(part_ptr, cnt_ptr, acc, c, heads, t, d, BT, D, SPLIT)
+        if last:
+            o = tl.arange(0, HALF)
+            y1 = _split_k_sum(part_ptr, c, heads, t, o, BT, D, SPLIT)
+            y2 = _split_k_sum(part_ptr, c, heads, t, HALF + o, BT, D, SPLIT)
+            if BIAS:  # Qwen2: F.linear adds the bias before it rounds
+                y1 += tl.load(bias_ptr + c * D + o)[None, :].to(tl.float32)
+                y2 += tl.load(bias_ptr + c * D + HALF + o)[None, :].to(tl.float32)
+            y1, y2 = _round(y1, ty), _round(y2, ty)
+            pos = tl.load(pos_ptr)
+            seq = t[:, None]
+            if c < HQ + HK:  # a query or key head: normalised and rotated
+                co = seq * sc_b + o[None, :]
+                is_q = c < HQ
+                y1, y2 = _norm_rope(y1, y2, tl.where(is_q, qw_ptr, kw_ptr), tl.load(cos_ptr + co).to(tl.float32),
+                                    tl.load(cos_ptr + HALF + co).to(tl.float32), tl.load(sin_ptr + co).to(tl.float32),
+                                    tl.load(sin_ptr + HALF + co).to(tl.float32), eps, HALF, NORM, ty)
+                dst = tl.where(is_q, qo_ptr + (seq * HQ + c) * D, kc_ptr + ((seq * HK + c - HQ) * MAX_LEN + pos) * D)
+            else:  # a value head: into its cache slot as it is
+                dst = vc_ptr + ((seq * HK + c - HQ - HK) * MAX_LEN + pos) * D
+            tl.store(dst + o[None, :], y1.to(ty), mask=seq < N)
+            tl.store(dst + HALF + o[None, :], y2.to(ty), mask=seq < N)
+
+    @triton.jit
+    def _linear_residual(x_ptr, w_ptr, res_ptr, out_ptr, part_ptr, cnt_ptr, N, NOUT, K: tl.constexpr,
+                         BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
+                         RESIDUAL: tl.constexpr, EXACT: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr,
+                         LINES: tl.constexpr):
+        """out = (residual +) x @ w.T for decode-sized x [N <= BT, K], rounded once (as addmm): program
+        (tile, s) sums K slice s of SPLIT for BN output columns; the last of a tile's programs adds the
+        slices and the residual. The residual may be `out` itself (each element is read and written by one
+        program). With PDL the weight slice is asked of L2 before the wait."""
+        KS: tl.constexpr = K // SPLIT
+        tile = tl.program_id(0)
+        s = tl.program_id(1)
+        j = tile * BN + tl.arange(0, BN)
+        jc = tl.minimum(j, NOUT - 1)  # columns past NOUT read the last row (never stored)
+        if PDL and LINES > 0:
+            lines = tl.minimum(s * KS + tl.arange(0, LINES) * LINE, K - 1)
+            _prefetch_l2(w_ptr + jc.to(tl.int64)[:, None] * K + lines[None, :])
+        _after_previous(PDL)
+        t = tl.arange(0, BT)
+        acc = tl.zeros([BT, BN], dtype=tl.float32)
+        for k0 in range(0, KS, BK):
+            k = s * KS + k0 + tl.arange(0, BK)
+            x = tl.load(x_ptr + t[:, None] * K + k[None, :], mask=t[:, None] < N, other=0.0)
+            acc = _dot(x, tl.load(w_ptr + jc.to(tl.int64)[None, :] * K + k[:, None]), acc, EXACT)
+        last = True
+        if SPLIT > 1:
+            last = _split_k_last(part_ptr, cnt_ptr, acc, tile, tl.num_programs(0), t, tl.arange(0, BN), BT, BN, SPLIT)
+            if last:
+                acc = _split_k_sum(part_ptr, tile, tl.num_programs(0), t, tl.arange(0, BN), BT, BN, SPLIT)
+        if last:
+            at = t[:, None] * NOUT + j[None, :]
+            m = (t[:, None] < N) & (j[None, :] < NOUT)
+            if RESIDUAL:
+                acc += tl.load(res_ptr + at, mask=m, other=0.0).to(tl.float32)
+            tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _route(logits_ptr, w_ptr, idx_ptr, E, K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -160,14 +280,17 @@ if triton is not None:
         tl.store(idx_ptr + n * K + ks, idxs, mask=ks < K)
 
     @triton.jit
-    def _router(x_ptr, g_ptr, part_ptr, cnt_ptr, w_ptr, idx_ptr, N, E, H: tl.constexpr, K: tl.constexpr,
-                BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, BLOCK_E: tl.constexpr,
-                BLOCK_K: tl.constexpr, NORM: tl.constexpr, EXACT: tl.constexpr, PDL: tl.constexpr,
-                LINE: tl.constexpr, LINES: tl.constexpr):
+    def _router(x_ptr, g_ptr, part_ptr, cnt_ptr, w_ptr, idx_ptr, nw_ptr, xn_ptr, N, E, eps, H: tl.constexpr,
+                K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
+                BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr, PRENORM: tl.constexpr,
+                EXACT: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr):
         """The router GEMM and `_route` in one kernel, for up to BT tokens: program (b, s) sums hidden slice s
         of SPLIT for experts b*BE.. (fp32, into `part` [SPLIT, BT, BLOCK_E]); the last program to finish (an
         atomic count, put back to zero) adds the slices in order, rounds the logits to the model dtype as
-        F.linear does, and routes every token. With PDL the gate's rows are asked of L2 before the wait."""
+        F.linear does, and routes every token. With PDL the gate's rows are asked of L2 before the wait.
+        PRENORM (one GPU, where no all-reduce normalises): x is the un-normalised hidden state; every program
+        takes its rows' RMSNorm (a pass over the rows, from L2) and normalises its slice, rounded once, and
+        the programs of expert block 0 write the slices into xn for the experts' kernels."""
         ty = w_ptr.dtype.element_ty
         b = tl.program_id(0)
         s = tl.program_id(1)
@@ -178,10 +301,21 @@ if triton is not None:
             _prefetch_l2(g_ptr + tl.minimum(ex, E - 1)[:, None] * H + lines[None, :])
         _after_previous(PDL)
         t = tl.arange(0, BT)
+        rows = t[:, None] < N
+        if PRENORM:
+            ss = tl.zeros([BT], dtype=tl.float32)
+            for k0 in range(0, H, BK):
+                hx = tl.load(x_ptr + t[:, None] * H + k0 + tl.arange(0, BK)[None, :], mask=rows, other=0.0)
+                ss += tl.sum(hx.to(tl.float32) * hx.to(tl.float32), 1)
+            rstd = (1.0 / tl.sqrt(ss / H + eps))[:, None]
         acc = tl.zeros([BT, BE], dtype=tl.float32)
         for k0 in range(0, KS, BK):
             k = s * KS + k0 + tl.arange(0, BK)
-            x = tl.load(x_ptr + t[:, None] * H + k[None, :], mask=t[:, None] < N, other=0.0)
+            x = tl.load(x_ptr + t[:, None] * H + k[None, :], mask=rows, other=0.0)
+            if PRENORM:
+                x = (x.to(tl.float32) * rstd * tl.load(nw_ptr + k)[None, :].to(tl.float32)).to(x.dtype)
+                if b == 0:
+                    tl.store(xn_ptr + t[:, None] * H + k[None, :], x, mask=rows)
             g = tl.load(g_ptr + ex[None, :] * H + k[:, None], mask=ex[None, :] < E, other=0.0)
             acc = _dot(x, g, acc, EXACT)
         tl.store(part_ptr + (s * BT + t[:, None]) * BLOCK_E + ex[None, :], acc)
@@ -385,11 +519,13 @@ if triton is not None:
             tl.store(y_ptr + pair[:, None] * H + n[None, :], y.to(ty), mask=valid[:, None] & (n[None, :] < H))
 
     @triton.jit
-    def _moe_sum(y_ptr, ids_ptr, res_ptr, out_ptr, H, ep_start, E, P, rank, TOP_K: tl.constexpr, BH: tl.constexpr,
-                 RESIDUAL: tl.constexpr, SHARES: tl.constexpr, BP: tl.constexpr, NW: tl.constexpr,
-                 PDL: tl.constexpr):
+    def _moe_sum(y_ptr, ids_ptr, res_ptr, out_ptr, nw_ptr, xn_ptr, H, ep_start, E, P, rank, eps,
+                 TOP_K: tl.constexpr, BH: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr,
+                 SHARES: tl.constexpr, BP: tl.constexpr, NW: tl.constexpr, PDL: tl.constexpr):
         """out[token] = (residual +) the sum of its pairs' rows whose expert this rank computed (local, and
-        dealt to it where experts are dealt); the other ranks add the rest."""
+        dealt to it where experts are dealt); the other ranks add the rest. NORM (one GPU: the whole row
+        in one program, BH >= H): also xn = RMSNorm(out) * weight, the next layer's input (as the
+        tensor-parallel reduce_norm does), rounded once."""
         _after_previous(PDL)
         ty = out_ptr.dtype.element_ty
         t = tl.program_id(0)
@@ -406,6 +542,11 @@ if triton is not None:
                 ok = ok & _dealt(words, e, rank, SHARES, NW)
             acc += tl.load(y_ptr + (t * TOP_K + j) * H + o, mask=(o < H) & ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + t * H + o, acc.to(ty), mask=o < H)
+        if NORM:
+            h = _round(acc, ty)
+            rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / H + eps)
+            w = tl.load(nw_ptr + o, mask=o < H, other=0.0).to(tl.float32)
+            tl.store(xn_ptr + t * H + o, (h * rstd * w).to(ty), mask=o < H)
 
     @triton.jit
     def _attn_block(q, k_ptr, v_ptr, base, n0, lo, end, m, den, acc, scale, D: tl.constexpr, BN: tl.constexpr,
@@ -634,7 +775,8 @@ def moe_enabled() -> bool:
 def moe_experts(x: torch.Tensor, experts: Any, idx: torch.Tensor, weights: torch.Tensor,
                 ep_start: int = 0, block: tuple[int, ...] | None = None,
                 residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                down_block: tuple[int, ...] | None = None, share: tuple[int, int] = (0, 1)) -> torch.Tensor:
+                down_block: tuple[int, ...] | None = None, share: tuple[int, int] = (0, 1),
+                norm: tuple[torch.Tensor, float, torch.Tensor] | None = None) -> torch.Tensor:
     """The routed experts' output [tokens, hidden] for x [tokens, hidden], ids/weights [tokens, top_k].
 
     Experts are `experts.gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I] (transformers' layout); ids are
@@ -644,12 +786,13 @@ def moe_experts(x: torch.Tensor, experts: Any, idx: torch.Tensor, weights: torch
     hidden size, `down_block` = (BN, BK, warps, stages) the down kernel's (bench/multi_gpu.py sweeps them).
     `residual` [tokens, hidden] is added in the last kernel (the decoder layer's skip connection); `out`, a
     contiguous [tokens, hidden] tensor to write into (a tensor-parallel reducer's buffer). `share` = (rank,
-    ranks): every rank holds every expert and computes the touched ones dealt to it (`_dealt`).
+    ranks): every rank holds every expert and computes the touched ones dealt to it (`_dealt`). `norm` =
+    (weight, eps, xn) (a whole sum on one GPU): the last kernel also writes RMSNorm(out) * weight into xn.
     """
     call = MoeCall(x, experts, idx, weights, ep_start, block, down_block, residual, out, share)
     call.gate_up()
     call.down()
-    return call.sum()
+    return call.sum(norm)
 
 
 class MoeCall:
@@ -712,12 +855,15 @@ class MoeCall:
             LINES=min(MOE_DOWN_PREFETCH, triton.next_power_of_2(triton.cdiv(self.inter, self.line))),
             **self.down_tiles, **_launch(self.x.device))
 
-    def sum(self) -> torch.Tensor:
-        bh = min(1024, triton.next_power_of_2(self.hidden))
+    def sum(self, norm: tuple[torch.Tensor, float, torch.Tensor] | None = None) -> torch.Tensor:
+        """The routed experts' sum into `out`; `norm` = (weight, eps, xn): also RMSNorm(out) * weight into xn."""
+        bh = triton.next_power_of_2(self.hidden) if norm else min(1024, triton.next_power_of_2(self.hidden))
         res = self.residual if self.residual is not None else self.out
+        weight, eps, xn = norm or (self.out, 0.0, self.out)
         _moe_sum[(self.tokens, triton.cdiv(self.hidden, bh))](
-            self.y, self.ids, res, self.out, self.hidden, self.ep_start, self.n_exp, self.pairs, self.rank,
-            TOP_K=self.top_k, BH=bh, RESIDUAL=self.residual is not None, **self.dealt, **_launch(self.x.device))
+            self.y, self.ids, res, self.out, weight, xn, self.hidden, self.ep_start, self.n_exp, self.pairs, self.rank,
+            float(eps), TOP_K=self.top_k, BH=bh, RESIDUAL=self.residual is not None, NORM=norm is not None,
+            num_warps=4 if bh <= 1024 else 8, **self.dealt, **_launch(self.x.device))
         return self.out
 
 
@@ -788,6 +934,122 @@ def qk_rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm: Any
     return q_out
 
 
+LINEAR_MAX_TOKENS = 16  # decode GEMMs in Triton (qkv_rope, linear_residual) for up to this many rows: at 64
+# cuBLAS was faster for 6 of the 8 shapes of bench/decode_linear.py
+LINEAR_BK = 128  # hidden elements per step of their loops (the wrappers fall back where it does not divide)
+LINEAR_STAGES = 3
+# Shapes from bench/decode_linear.py on an H200 (132 SMs; docs/benchmarks.md), for 1-16 rows: q/k/v aims at
+# ~80 programs of 8 warps (a head each, the hidden size split to make them up), o_proj at ~512 programs of 32
+# columns and 4 warps; every hidden slice at least two steps of the loop
+QKV_PROGRAMS, QKV_WARPS = 96, 8
+PROJ_PROGRAMS, PROJ_WARPS, PROJ_BN = 512, 4, 32
+# With PDL, a program asks L2 for its whole weight slice before its wait, while the kernel before finishes;
+# only where the GEMM's weights are at most this many bytes: 4-8 MB (TP=2 and 4 o_proj, TP=4 q/k/v) gained
+# 3-10%, 10.5 MB (TP=2 q/k/v) lost 6-13%, 17-21 MB (one GPU) 15-20%: lines evicted before their use
+LINEAR_PREFETCH_BYTES = 9 * 2**20
+LINEAR_PREFETCH = 16  # at most this many 128-byte lines per weight row (a power of two; 0: none)
+
+
+def norm_enabled() -> bool:
+    """One GPU: the RMSNorms inside the router and MoE-sum kernels (QWENHW_FUSED_NORM=0: torch's, apart)."""
+    return os.environ.get("QWENHW_FUSED_NORM", "1") != "0"
+
+
+def linear_enabled() -> bool:
+    """The decode projections (q/k/v, o_proj) on the Triton kernels (QWENHW_FUSED_LINEAR=0: cuBLAS)."""
+    return os.environ.get("QWENHW_FUSED_LINEAR", "1") != "0"
+
+
+def linear_split(tiles: int, k: int, programs: int, bk: int = LINEAR_BK) -> int:
+    """Hidden slices for a decode GEMM of `tiles` output tiles: the largest power of two that keeps the
+    programs at most `programs` and every slice at least two `bk` steps (and a whole number of them).
+
+    >>> [linear_split(heads, 2048, QKV_PROGRAMS) for heads in (40, 20, 10)]  # q/k/v at TP = 1, 2, 4
+    [2, 4, 8]
+    >>> [linear_split(64, k, PROJ_PROGRAMS) for k in (4096, 2048, 1024)]  # o_proj at TP = 1, 2, 4
+    [8, 8, 4]
+    """
+    split = 1
+    while tiles * split * 2 <= programs and k % (split * 2 * bk) == 0 and k // (split * 2) >= 2 * bk:
+        split *= 2
+    return split
+
+
+def linear_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the decode GEMM kernels take x [rows, k] @ weight.T: few rows, one dtype, contiguous."""
+    return (x.dim() == 2 and x.shape[0] <= LINEAR_MAX_TOKENS and x.shape[1] % LINEAR_BK == 0 and x.is_contiguous()
+            and weight.is_contiguous() and weight.dtype == x.dtype and linear_enabled())
+
+
+def _prefetch_lines(weight: torch.Tensor, k: int) -> int:
+    """128-byte lines of each weight row's slice of `k` elements to prefetch (see LINEAR_PREFETCH_BYTES)."""
+    if weight.numel() * weight.element_size() > LINEAR_PREFETCH_BYTES:
+        return 0
+    line = 128 // weight.element_size()
+    return min(LINEAR_PREFETCH, triton.next_power_of_2(triton.cdiv(k, line)))
+
+
+def _linear_tiles(x: torch.Tensor, tiles: tuple[int, ...] | None, warps: int) -> dict[str, Any]:
+    bt = max(16, triton.next_power_of_2(x.shape[0]))
+    exact = not x.is_cuda or x.dtype == torch.float32
+    if not x.is_cuda:  # the interpreter: small steps for the tiny test models
+        return dict(BT=bt, BK=32, EXACT=exact, num_warps=4, num_stages=1)
+    bk, warps, stages = tiles or (LINEAR_BK, warps, LINEAR_STAGES)
+    return dict(BT=bt, BK=bk, EXACT=exact, num_warps=warps, num_stages=stages)
+
+
+def qkv_rope(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, heads: list[int], q_norm: Any,
+             k_norm: Any, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
+             v_cache: torch.Tensor, split: int | None = None,
+             tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """q/k/v = x @ weight.T (+ bias) for one new token per sequence (x [b, hidden], the merged weight of
+    `heads` = [q, k, v] heads), then `qk_rope_cache`: writes k and v into the caches at `pos` and returns
+    q as [b, q heads, 1, head_dim]. One kernel (`_qkv_rope`). `split` / `tiles` = (BK, warps, stages)
+    override the hidden slices and tile shapes (bench/decode_linear.py sweeps them)."""
+    b, hidden = x.shape
+    hq, hk, _ = heads
+    d = weight.shape[0] // sum(heads)
+    n = sum(heads)
+    cfg = _linear_tiles(x, tiles, QKV_WARPS)
+    split = split or linear_split(n, hidden, QKV_PROGRAMS, cfg["BK"])
+    if hidden % (split * cfg["BK"]):
+        raise ValueError(f"hidden size {hidden} is not {split} slices of {cfg['BK']}")
+    q_out = torch.empty((b, hq, 1, d), dtype=x.dtype, device=x.device)
+    part = torch.empty((split, n, cfg["BT"], d), dtype=torch.float32, device=x.device)
+    norm = q_norm is not None
+    cos_b = cos.stride(0) if cos.shape[0] > 1 else 0
+    _qkv_rope[(n, split)](
+        x, weight, bias if bias is not None else weight, q_norm.weight if norm else x, k_norm.weight if norm else x,
+        cos, sin, pos, part, _counts(x.device, n, "qkv"), q_out, k_cache, v_cache, b, hq, hk, k_cache.shape[2],
+        cos_b, float(q_norm.variance_epsilon) if norm else 0.0, H=hidden, HALF=d // 2, SPLIT=split, NORM=norm,
+        BIAS=bias is not None, LINE=128 // weight.element_size(), LINES=_prefetch_lines(weight, hidden // split),
+        **cfg, **_launch(x.device))
+    return q_out
+
+
+def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
+                    out: torch.Tensor | None = None, split: int | None = None, bn: int | None = None,
+                    tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """(residual +) x @ weight.T for decode-sized x [rows, k], rounded once as addmm; into `out` (which may
+    be `residual` itself: the one-GPU step adds o_proj into the hidden state in place). One kernel
+    (`_linear_residual`); `split`, `bn` and `tiles` = (BK, warps, stages) override its shapes."""
+    rows, k = x.shape
+    nout = weight.shape[0]
+    cfg = _linear_tiles(x, tiles, PROJ_WARPS)
+    bn = bn or (PROJ_BN if x.is_cuda else 16)
+    tiles_n = triton.cdiv(nout, bn)
+    split = split or linear_split(tiles_n, k, PROJ_PROGRAMS, cfg["BK"])
+    if k % (split * cfg["BK"]):
+        raise ValueError(f"input size {k} is not {split} slices of {cfg['BK']}")
+    out = torch.empty((rows, nout), dtype=x.dtype, device=x.device) if out is None else out
+    part = torch.empty((split, tiles_n, cfg["BT"], bn), dtype=torch.float32, device=x.device) if split > 1 else out
+    _linear_residual[(tiles_n, split)](
+        x, weight, residual if residual is not None else out, out, part, _counts(x.device, tiles_n, "linear"), rows,
+        nout, K=k, BN=bn, SPLIT=split, RESIDUAL=residual is not None, LINE=128 // weight.element_size(),
+        LINES=_prefetch_lines(weight, k // split), **cfg, **_launch(x.device))
+    return out
+
+
 def route(logits: torch.Tensor, top_k: int, normalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights [n, k] in the logits' dtype, expert ids [n, k] int64) from router logits [n, E]."""
     n, experts = logits.shape
@@ -807,9 +1069,12 @@ def _router_tiles(x: torch.Tensor) -> tuple[int, int, int]:
     return ROUTER_TILES if x.is_cuda else (16, 32, 2)  # the interpreter: the tiny test models
 
 
-def router(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int,
-           normalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """route(x @ gate_weight.T, ...) in one kernel for up to ROUTER_MAX_TOKENS rows of x [n, hidden]."""
+def router(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, normalise: bool,
+           norm: tuple[torch.Tensor, float] | None = None,
+           xn: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """route(x @ gate_weight.T, ...) in one kernel for up to ROUTER_MAX_TOKENS rows of x [n, hidden].
+    `norm` = (weight, eps): x is the hidden state before the RMSNorm, which the kernel applies, writing the
+    normalised rows into `xn` (the experts' input)."""
     n, hidden = x.shape
     experts = gate_weight.shape[0]
     be, bk, split = _router_tiles(x)
@@ -818,23 +1083,34 @@ def router(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int,
     weights = torch.empty((n, top_k), dtype=x.dtype, device=x.device)
     idx = torch.empty((n, top_k), dtype=torch.int64, device=x.device)
     line = 128 // gate_weight.element_size()
+    nw, eps = norm or (x, 0.0)
     _router[(triton.cdiv(experts, be), split)](
-        x, gate_weight, part, _counts(x.device, 1, "router"), weights, idx, n, experts, H=hidden, K=top_k, BT=bt,
-        BE=be, BK=bk, SPLIT=split, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k), NORM=normalise,
+        x, gate_weight, part, _counts(x.device, 1, "router"), weights, idx, nw, xn if xn is not None else x, n,
+        experts, float(eps), H=hidden, K=top_k, BT=bt, BE=be, BK=bk, SPLIT=split, BLOCK_E=block_e,
+        BLOCK_K=triton.next_power_of_2(top_k), NORM=normalise, PRENORM=norm is not None,
         EXACT=not x.is_cuda or x.dtype == torch.float32, LINE=line,
         LINES=triton.next_power_of_2(triton.cdiv(hidden // split, line)), **_launch(x.device))
     return weights, idx
 
 
+def _qwen3_router(gate: Any) -> bool:
+    return hasattr(gate, "top_k") and hasattr(gate, "norm_topk_prob") and gate.weight.shape[0] == getattr(
+        gate, "num_experts", -1)
+
+
+def router_fits(gate: Any, flat: torch.Tensor) -> bool:
+    """Whether `router` takes this transformers MoE router and input (Qwen3-style top-k, decode-sized)."""
+    _, bk, split = _router_tiles(flat)
+    return (_qwen3_router(gate) and flat.shape[0] <= ROUTER_MAX_TOKENS and flat.is_contiguous()
+            and flat.shape[1] % (bk * split) == 0 and gate.weight.is_contiguous() and gate.weight.dtype == flat.dtype)
+
+
 def gate_route(gate: Any, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights, ids) of a transformers MoE router: fused kernels for Qwen3-style top-k routers (the GEMM
     too for decode-sized calls)."""
-    if hasattr(gate, "top_k") and hasattr(gate, "norm_topk_prob") and gate.weight.shape[0] == getattr(
-            gate, "num_experts", -1):
-        _, bk, split = _router_tiles(flat)
-        if flat.shape[0] <= ROUTER_MAX_TOKENS and flat.is_contiguous() and flat.shape[1] % (bk * split) == 0 \
-                and gate.weight.is_contiguous() and gate.weight.dtype == flat.dtype:
-            return router(flat, gate.weight, gate.top_k, bool(gate.norm_topk_prob))
+    if router_fits(gate, flat):
+        return router(flat, gate.weight, gate.top_k, bool(gate.norm_topk_prob))
+    if _qwen3_router(gate):
         return route(torch.nn.functional.linear(flat, gate.weight), gate.top_k, bool(gate.norm_topk_prob))
     _, weights, idx = gate(flat)
     return weights, idx

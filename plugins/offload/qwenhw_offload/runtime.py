@@ -148,16 +148,20 @@ class Runtime:
 
     def _attention_decode(self, i: int, h: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor,
                           sin: torch.Tensor) -> torch.Tensor:
-        """A decode step's attention on the fused kernels: q/k/v in one GEMM; q/k norms, RoPE and the cache
-        write in one kernel; attention over the filled part of the cache; o_proj with the residual added."""
+        """A decode step's attention on the fused kernels: the q/k/v GEMM, q/k norms, RoPE and the cache write
+        in one kernel (up to fused.LINEAR_MAX_TOKENS sequences; else cuBLAS, then one kernel for the rest);
+        attention over the filled part of the cache; o_proj with the residual added."""
         layer = self.layers[i]
         a = layer.self_attn
         b, t, _ = h.shape
         x = self._norm(layer.input_layernorm, h)
         w, bias, heads = self._qkv[i]
-        q, k, v = F.linear(x, w, bias).view(b, t, -1, self.head_dim).split(heads, dim=2)
-        q = fused.qk_rope_cache(q, k, v, getattr(a, "q_norm", None), getattr(a, "k_norm", None), cos, sin, pos,
-                                self.k[i], self.v[i])
+        norms = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
+        if t == 1 and fused.linear_fits(x.view(b, -1), w):  # the GEMM, the norms, RoPE and the cache write
+            q = fused.qkv_rope(x.view(b, -1), w, bias, heads, *norms, cos, sin, pos, self.k[i], self.v[i])
+        else:
+            q, k, v = F.linear(x, w, bias).view(b, t, -1, self.head_dim).split(heads, dim=2)
+            q = fused.qk_rope_cache(q, k, v, *norms, cos, sin, pos, self.k[i], self.v[i])
         out = fused.decode_attention(q, self.k[i], self.v[i], pos, a.scaling, self.start)
         return self._row_parallel(out.view(b * t, -1), a.o_proj, h, layer.post_attention_layernorm)
 
@@ -168,13 +172,20 @@ class Runtime:
         `norm`: the RMSNorm that reads the sum next (see `_reduce`)."""
         if linear.bias is not None:
             return h + self._reduce(linear(x).view_as(h))
+        flat_h = h.view(-1, h.shape[-1])
+        triton_gemm = fused.linear_fits(x, linear.weight)  # dependent-launched, its weights prefetched
         if self.reducer is None:
-            h.view(-1, h.shape[-1]).addmm_(x, linear.weight.t())
+            if triton_gemm:
+                fused.linear_residual(x, linear.weight, residual=flat_h, out=flat_h)
+            else:
+                flat_h.addmm_(x, linear.weight.t())
             return h
         out = self._partial(h)
         flat = out.view(-1, out.shape[-1])
-        if self.lead:
-            torch.addmm(h.view(-1, h.shape[-1]), x, linear.weight.t(), out=flat)
+        if triton_gemm:
+            fused.linear_residual(x, linear.weight, residual=flat_h if self.lead else None, out=flat)
+        elif self.lead:
+            torch.addmm(flat_h, x, linear.weight.t(), out=flat)
         else:
             torch.mm(x, linear.weight.t(), out=flat)
         return self._reduce(out, norm)
@@ -210,17 +221,23 @@ class Runtime:
 
     def _mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
         layer = self.layers[i]
-        x = self._norm(layer.post_attention_layernorm, h)
-        route = fused.gate_route if self.fused else None
         experts = getattr(layer.mlp, "experts", None)
-        if experts is not None and self._fused_moe(layer.mlp, x):  # decode: router + 3 Triton kernels
-            flat = x.reshape(-1, x.shape[-1])
-            weights, idx = route(layer.mlp.gate, flat)
+        if experts is not None and self._fused_moe(layer.mlp, h):  # decode: router + 3 Triton kernels
+            flat, weights, idx = self._norm_route(layer, h)
             out = self._partial(h)
+            nxt = self._next_norm(i)
+            # one GPU: the experts' sum kernel also applies the next RMSNorm (tensor parallel: the all-reduce)
+            xn = torch.empty_like(flat) if self._norm_in_kernels(nxt) else None
             fused.moe_experts(flat, experts, idx, weights, getattr(experts, "ep_start", 0),
                               residual=h.view_as(flat) if self.lead else None, out=out.view_as(flat),
-                              share=getattr(experts, "share", (0, 1)))
-            return self._reduce(out, self._next_norm(i))
+                              share=getattr(experts, "share", (0, 1)),
+                              norm=(nxt.weight, nxt.variance_epsilon, xn) if xn is not None else None)
+            if xn is not None:
+                self._normed = (out, nxt, xn.view_as(out))
+                return out
+            return self._reduce(out, nxt)
+        x = self._norm(layer.post_attention_layernorm, h)
+        route = fused.gate_route if self.fused else None
         if self.group is not None and experts is not None:
             from .parallel import expert_parallel_moe
 
@@ -230,6 +247,23 @@ class Runtime:
             weights, idx = route(layer.mlp.gate, flat)
             return h + self._reduce(experts(flat, idx, weights).view_as(x))
         return h + self._reduce(layer.mlp(x))
+
+    def _norm_route(self, layer: Any, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x, weights, ids) of a decode step's MoE block: x = the post-attention RMSNorm of h [tokens,
+        hidden], and the router's choice for it. On one GPU the router kernel applies the norm itself (one
+        kernel fewer); under tensor parallelism the all-reduce before has (`_norm`)."""
+        norm, gate = layer.post_attention_layernorm, layer.mlp.gate
+        flat = h.view(-1, h.shape[-1])
+        if self._norm_in_kernels(norm) and fused.router_fits(gate, flat):
+            x = torch.empty_like(flat)
+            weights, idx = fused.router(flat, gate.weight, gate.top_k, bool(gate.norm_topk_prob),
+                                        norm=(norm.weight, norm.variance_epsilon), xn=x)
+            return x, weights, idx
+        x = self._norm(norm, h).reshape(-1, h.shape[-1])
+        return (x, *fused.gate_route(gate, x))
+
+    def _norm_in_kernels(self, norm: Any) -> bool:
+        return self.reducer is None and _is_rms(norm) and fused.norm_enabled()
 
     def _fused_moe(self, mlp: Any, x: torch.Tensor) -> bool:
         pairs = x.numel() // x.shape[-1] * getattr(mlp.gate, "top_k", 1 << 30)
@@ -493,6 +527,12 @@ def sample_rows(logits: torch.Tensor, p: SampleParams, gen: torch.Generator | No
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen)[:, 0]
+
+
+def _is_rms(module: Any) -> bool:
+    """A Qwen RMSNorm (weight and variance_epsilon), which the fused kernels can apply themselves."""
+    return getattr(module, "variance_epsilon", None) is not None and isinstance(getattr(module, "weight", None),
+                                                                                 torch.Tensor)
 
 
 def rms_norm(module: Any, x: torch.Tensor) -> torch.Tensor:
