@@ -56,7 +56,8 @@ for name in ("float32", "bfloat16"):
         hn = 3 * torch.randn(5, 128, generator=g).to(dt)
         xn_ref = F.rms_norm(hn.float(), (128,), pn.weight.float(), pn.variance_epsilon)
         xn = torch.full_like(hn, float("nan"))
-        w4, i4 = fused.router(hn, big.weight, 6, True, norm=(pn.weight, pn.variance_epsilon), xn=xn)
+        sq = hn.float().pow(2).view(5, 4, 32).sum(-1)  # the sums of squares o_proj leaves, in 4 parts
+        w4, i4 = fused.router(hn, big.weight, 6, True, norm=(pn.weight, pn.variance_epsilon, sq), xn=xn)
         _, w4_ref, i4_ref = big(xn_ref.to(dt))
     out[name + " router"] = {"ids": torch.equal(i2.sort(-1).values, i2_ref.sort(-1).values), "w": rel(w2, w2_ref),
                              "again": torch.equal(i3, i2) and torch.equal(w3, w2),
@@ -192,6 +193,8 @@ fused.moe_experts = lambda *a, **k: calls.append("moe") or moe_experts(*a, **k)
 fused.decode_attention = lambda *a, **k: calls.append("attention") or decode_attention(*a, **k)
 fused.qkv_rope = lambda *a, **k: calls.append("qkv") or qkv_rope(*a, **k)
 fused.linear_residual = lambda *a, **k: calls.append("o_proj") or linear_residual(*a, **k)
+router = fused.router
+fused.router = lambda *a, **k: calls.append("router_norm" if k.get("norm") else "router") or router(*a, **k)
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
 prompt = [785, 6722, 315, 9625, 374, 264]
 rt = Runtime(model, 64, "cpu", graphs=False)
@@ -199,7 +202,7 @@ assert rt.fused
 tokens = list(rt.generate(prompt, 8, SampleParams(), set()))
 with torch.no_grad():
     ref = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
-counts = {name + "_calls": calls.count(name) for name in ("moe", "attention", "qkv", "o_proj")}
+counts = {name + "_calls": calls.count(name) for name in ("moe", "attention", "qkv", "o_proj", "router_norm")}
 short = list(rt.generate(prompt[2:], 8, SampleParams(), set()))
 pair = Runtime(model, 64, "cpu", graphs=False, batch=2).generate_batch([prompt, prompt[2:]], 8, SampleParams(), set())
 print(json.dumps({"fused": tokens, "hf": ref, **counts, "batch": pair, "alone": [tokens, short]}))
@@ -324,8 +327,11 @@ for name in ("float32", "bfloat16"):
         inplace = fused.linear_residual(x, w, residual=hh, out=hh, split=split)
         into = torch.full((b, 100), float("nan"), dtype=dt)
         plain = fused.linear_residual(x, w, out=into, split=split)
+        _, sq = fused.linear_residual(x, w, residual=h, split=split, row_sq=True)  # + its rows' sums of squares
         res[f"o_proj split {split}"] = {"inplace": rel(inplace, ref), "same_tensor": inplace is hh,
-                                        "plain": rel(plain, x @ w.t()), "wrote_into": plain is into}
+                                        "plain": rel(plain, x @ w.t()), "wrote_into": plain is into,
+                                        "row_sq": rel(sq.sum(1), inplace.float().pow(2).sum(1)),
+                                        "row_sq_tiles": list(sq.shape) == [b, 7]}  # 100 columns, tiles of 16
     res["counters_zero"] = all(int(fused._COUNTS[(x.device, k)].count_nonzero()) == 0 for k in ("qkv", "linear"))
     out[name] = res
 print(json.dumps(out))
@@ -361,7 +367,9 @@ def test_runtime_decodes_through_the_fused_kernels(tiny_moe):
     out = _interpret(RUNTIME, str(tiny_moe))
     assert out["fused"] == out["hf"]
     # both layers, every decode step (not the prompt), the projections on the decode GEMM kernels too
+    # (and the router applying the post-attention RMSNorm, from the sums of squares o_proj left)
     assert out["moe_calls"] == out["attention_calls"] == out["qkv_calls"] == out["o_proj_calls"] == 2 * 7
+    assert out["router_norm_calls"] == 2 * 7
     assert out["batch"] == out["alone"]  # two prompts of different lengths decoded together (left padding)
 
 
@@ -482,9 +490,10 @@ def test_moe_kernels_compile_for_hopper():
          [{"H": 2048, "I": inter, "PDL": pdl, "LINE": 64, "LINES": lines, "SHARES": 1 + pdl, "NW": 2, **tiles}
           for inter, lines in ((192, 4), (768, 16)) for pdl in (False, True)]),
         (fused._router, {"x_ptr": "*bf16", "g_ptr": "*bf16", "part_ptr": "*fp32", "cnt_ptr": "*i32", "w_ptr": "*bf16",
-                         "idx_ptr": "*i64", "nw_ptr": "*bf16", "xn_ptr": "*bf16", "N": "i32", "E": "i32", "eps": "fp32"},
+                         "idx_ptr": "*i64", "nw_ptr": "*bf16", "xn_ptr": "*bf16", "sq_ptr": "*fp32", "N": "i32",
+                         "E": "i32", "SQ": "i32", "eps": "fp32"},
          [{"H": 2048, "K": 8, "BT": bt, "BE": 16, "BK": 128, "SPLIT": 4, "BLOCK_E": 128, "BLOCK_K": 8, "NORM": True,
-           "PRENORM": prenorm, "EXACT": False, "PDL": pdl, "LINE": 64, "LINES": 8}
+           "PRENORM": prenorm, "BSQ": 64, "EXACT": False, "PDL": pdl, "LINE": 64, "LINES": 8}
           for bt, pdl, prenorm in ((16, False, False), (16, True, True), (64, True, False))]),
     ]
     for fn, sig, variants in kernels:
@@ -537,9 +546,10 @@ def test_decode_gemm_kernels_compile_for_hopper():
          [{"H": 2048, "HALF": 64, "BT": 16, "BK": 128, "SPLIT": split, "NORM": True, "BIAS": False, "EXACT": False,
            "PDL": pdl, "LINE": 64, "LINES": 8} for split, pdl in ((1, False), (4, True))]),
         (fused._linear_residual, {"x_ptr": "*bf16", "w_ptr": "*bf16", "res_ptr": "*bf16", "out_ptr": "*bf16",
-                                  "part_ptr": "*fp32", "cnt_ptr": "*i32", "N": "i32", "NOUT": "i32"},
-         [{"K": 4096, "BT": bt, "BN": 64, "BK": 128, "SPLIT": split, "RESIDUAL": True, "EXACT": False, "PDL": pdl,
-           "LINE": 64, "LINES": 8} for bt, split, pdl in ((16, 1, False), (16, 8, True), (64, 4, True))]),
+                                  "part_ptr": "*fp32", "cnt_ptr": "*i32", "sq_ptr": "*fp32", "N": "i32", "NOUT": "i32"},
+         [{"K": 4096, "BT": bt, "BN": 64, "BK": 128, "SPLIT": split, "RESIDUAL": True, "ROW_SQ": split == 8,
+           "EXACT": False, "PDL": pdl, "LINE": 64, "LINES": 8}
+          for bt, split, pdl in ((16, 1, False), (16, 8, True), (64, 4, True))]),
     ]
     for fn, sig, variants in kernels:
         aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, ty in sig.items() if ty.startswith("*")}

@@ -219,14 +219,16 @@ if triton is not None:
             tl.store(dst + HALF + o[None, :], y2.to(ty), mask=seq < N)
 
     @triton.jit
-    def _linear_residual(x_ptr, w_ptr, res_ptr, out_ptr, part_ptr, cnt_ptr, N, NOUT, K: tl.constexpr,
+    def _linear_residual(x_ptr, w_ptr, res_ptr, out_ptr, part_ptr, cnt_ptr, sq_ptr, N, NOUT, K: tl.constexpr,
                          BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
-                         RESIDUAL: tl.constexpr, EXACT: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr,
-                         LINES: tl.constexpr):
+                         RESIDUAL: tl.constexpr, ROW_SQ: tl.constexpr, EXACT: tl.constexpr, PDL: tl.constexpr,
+                         LINE: tl.constexpr, LINES: tl.constexpr):
         """out = (residual +) x @ w.T for decode-sized x [N <= BT, K], rounded once (as addmm): program
         (tile, s) sums K slice s of SPLIT for BN output columns; the last of a tile's programs adds the
         slices and the residual. The residual may be `out` itself (each element is read and written by one
-        program). With PDL the weight slice is asked of L2 before the wait."""
+        program). With PDL the weight slice is asked of L2 before the wait. ROW_SQ: each tile also leaves
+        its rows' sums of squares (of the rounded output) in sq [N, tiles], for the RMSNorm that reads out
+        next (`_router` with PRENORM)."""
         KS: tl.constexpr = K // SPLIT
         tile = tl.program_id(0)
         s = tl.program_id(1)
@@ -253,6 +255,9 @@ if triton is not None:
             if RESIDUAL:
                 acc += tl.load(res_ptr + at, mask=m, other=0.0).to(tl.float32)
             tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=m)
+            if ROW_SQ:
+                y = tl.where(j[None, :] < NOUT, _round(acc, out_ptr.dtype.element_ty), 0.0)
+                tl.store(sq_ptr + t * tl.num_programs(0) + tile, tl.sum(y * y, 1), mask=t < N)
 
     @triton.jit
     def _route(logits_ptr, w_ptr, idx_ptr, E, K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -280,17 +285,19 @@ if triton is not None:
         tl.store(idx_ptr + n * K + ks, idxs, mask=ks < K)
 
     @triton.jit
-    def _router(x_ptr, g_ptr, part_ptr, cnt_ptr, w_ptr, idx_ptr, nw_ptr, xn_ptr, N, E, eps, H: tl.constexpr,
-                K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
-                BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr, PRENORM: tl.constexpr,
-                EXACT: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr):
+    def _router(x_ptr, g_ptr, part_ptr, cnt_ptr, w_ptr, idx_ptr, nw_ptr, xn_ptr, sq_ptr, N, E, SQ, eps,
+                H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr,
+                SPLIT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
+                PRENORM: tl.constexpr, BSQ: tl.constexpr, EXACT: tl.constexpr, PDL: tl.constexpr,
+                LINE: tl.constexpr, LINES: tl.constexpr):
         """The router GEMM and `_route` in one kernel, for up to BT tokens: program (b, s) sums hidden slice s
         of SPLIT for experts b*BE.. (fp32, into `part` [SPLIT, BT, BLOCK_E]); the last program to finish (an
         atomic count, put back to zero) adds the slices in order, rounds the logits to the model dtype as
         F.linear does, and routes every token. With PDL the gate's rows are asked of L2 before the wait.
-        PRENORM (one GPU, where no all-reduce normalises): x is the un-normalised hidden state; every program
-        takes its rows' RMSNorm (a pass over the rows, from L2) and normalises its slice, rounded once, and
-        the programs of expert block 0 write the slices into xn for the experts' kernels."""
+        PRENORM (one GPU, where no all-reduce normalises): x is the un-normalised hidden state and sq [N, SQ]
+        the partial sums of its rows' squares that the kernel before left (`_linear_residual` with ROW_SQ);
+        every program adds them up in order, normalises its slice (rounded once, as F.rms_norm), and the
+        programs of expert block 0 write the slices into xn for the experts' kernels."""
         ty = w_ptr.dtype.element_ty
         b = tl.program_id(0)
         s = tl.program_id(1)
@@ -302,11 +309,9 @@ if triton is not None:
         _after_previous(PDL)
         t = tl.arange(0, BT)
         rows = t[:, None] < N
-        if PRENORM:
-            ss = tl.zeros([BT], dtype=tl.float32)
-            for k0 in range(0, H, BK):
-                hx = tl.load(x_ptr + t[:, None] * H + k0 + tl.arange(0, BK)[None, :], mask=rows, other=0.0)
-                ss += tl.sum(hx.to(tl.float32) * hx.to(tl.float32), 1)
+        if PRENORM:  # a pass over the rows here took 7 us at 16 rows (H200): the sums come from o_proj
+            q = tl.arange(0, BSQ)
+            ss = tl.sum(tl.load(sq_ptr + t[:, None] * SQ + q[None, :], mask=rows & (q[None, :] < SQ), other=0.0), 1)
             rstd = (1.0 / tl.sqrt(ss / H + eps))[:, None]
         acc = tl.zeros([BT, BE], dtype=tl.float32)
         for k0 in range(0, KS, BK):
@@ -1029,10 +1034,11 @@ def qkv_rope(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h
 
 def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None,
                     out: torch.Tensor | None = None, split: int | None = None, bn: int | None = None,
-                    tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
+                    tiles: tuple[int, int, int] | None = None, row_sq: bool = False) -> Any:
     """(residual +) x @ weight.T for decode-sized x [rows, k], rounded once as addmm; into `out` (which may
     be `residual` itself: the one-GPU step adds o_proj into the hidden state in place). One kernel
-    (`_linear_residual`); `split`, `bn` and `tiles` = (BK, warps, stages) override its shapes."""
+    (`_linear_residual`); `split`, `bn` and `tiles` = (BK, warps, stages) override its shapes. `row_sq`:
+    returns (out, sq), sq [rows, column tiles] the partial sums of out's rows' squares (for `router`)."""
     rows, k = x.shape
     nout = weight.shape[0]
     cfg = _linear_tiles(x, tiles, PROJ_WARPS)
@@ -1043,11 +1049,12 @@ def linear_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
         raise ValueError(f"input size {k} is not {split} slices of {cfg['BK']}")
     out = torch.empty((rows, nout), dtype=x.dtype, device=x.device) if out is None else out
     part = torch.empty((split, tiles_n, cfg["BT"], bn), dtype=torch.float32, device=x.device) if split > 1 else out
+    sq = torch.empty((rows, tiles_n), dtype=torch.float32, device=x.device) if row_sq else part
     _linear_residual[(tiles_n, split)](
-        x, weight, residual if residual is not None else out, out, part, _counts(x.device, tiles_n, "linear"), rows,
-        nout, K=k, BN=bn, SPLIT=split, RESIDUAL=residual is not None, LINE=128 // weight.element_size(),
-        LINES=_prefetch_lines(weight, k // split), **cfg, **_launch(x.device))
-    return out
+        x, weight, residual if residual is not None else out, out, part, _counts(x.device, tiles_n, "linear"), sq,
+        rows, nout, K=k, BN=bn, SPLIT=split, RESIDUAL=residual is not None, ROW_SQ=row_sq,
+        LINE=128 // weight.element_size(), LINES=_prefetch_lines(weight, k // split), **cfg, **_launch(x.device))
+    return (out, sq) if row_sq else out
 
 
 def route(logits: torch.Tensor, top_k: int, normalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1070,10 +1077,11 @@ def _router_tiles(x: torch.Tensor) -> tuple[int, int, int]:
 
 
 def router(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, normalise: bool,
-           norm: tuple[torch.Tensor, float] | None = None,
+           norm: tuple[torch.Tensor, float, torch.Tensor] | None = None,
            xn: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """route(x @ gate_weight.T, ...) in one kernel for up to ROUTER_MAX_TOKENS rows of x [n, hidden].
-    `norm` = (weight, eps): x is the hidden state before the RMSNorm, which the kernel applies, writing the
+    `norm` = (weight, eps, sq): x is the hidden state before the RMSNorm, which the kernel applies, with
+    sq [n, parts] partial sums of its rows' squares (`linear_residual(row_sq=...)`), writing the
     normalised rows into `xn` (the experts' input)."""
     n, hidden = x.shape
     experts = gate_weight.shape[0]
@@ -1083,11 +1091,12 @@ def router(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, normalise: bo
     weights = torch.empty((n, top_k), dtype=x.dtype, device=x.device)
     idx = torch.empty((n, top_k), dtype=torch.int64, device=x.device)
     line = 128 // gate_weight.element_size()
-    nw, eps = norm or (x, 0.0)
+    nw, eps, sq = norm or (x, 0.0, part)
     _router[(triton.cdiv(experts, be), split)](
-        x, gate_weight, part, _counts(x.device, 1, "router"), weights, idx, nw, xn if xn is not None else x, n,
-        experts, float(eps), H=hidden, K=top_k, BT=bt, BE=be, BK=bk, SPLIT=split, BLOCK_E=block_e,
+        x, gate_weight, part, _counts(x.device, 1, "router"), weights, idx, nw, xn if xn is not None else x, sq, n,
+        experts, sq.shape[-1], float(eps), H=hidden, K=top_k, BT=bt, BE=be, BK=bk, SPLIT=split, BLOCK_E=block_e,
         BLOCK_K=triton.next_power_of_2(top_k), NORM=normalise, PRENORM=norm is not None,
+        BSQ=triton.next_power_of_2(sq.shape[-1]),
         EXACT=not x.is_cuda or x.dtype == torch.float32, LINE=line,
         LINES=triton.next_power_of_2(triton.cdiv(hidden // split, line)), **_launch(x.device))
     return weights, idx

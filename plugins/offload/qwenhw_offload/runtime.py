@@ -83,6 +83,7 @@ class Runtime:
         self.arange = torch.arange(max_len, device=self.device)
         self.reducer = None
         self._normed: Any = None  # (h, norm, norm(h)) from a fused reduction, for `_norm`
+        self._row_sq: Any = None  # (h, partial sums of its rows' squares) from o_proj, for `_norm_route`
         self.lead = True  # the rank that adds the residual into its partial sum (all of them reduce)
         if group is not None:
             from .parallel import Reducer
@@ -175,7 +176,11 @@ class Runtime:
         flat_h = h.view(-1, h.shape[-1])
         triton_gemm = fused.linear_fits(x, linear.weight)  # dependent-launched, its weights prefetched
         if self.reducer is None:
-            if triton_gemm:
+            if triton_gemm and norm is not None and self._norm_in_kernels(norm):
+                # the rows' sums of squares too, for the router kernel that applies `norm` (`_norm_route`)
+                _, sq = fused.linear_residual(x, linear.weight, residual=flat_h, out=flat_h, row_sq=True)
+                self._row_sq = (h, sq)
+            elif triton_gemm:
                 fused.linear_residual(x, linear.weight, residual=flat_h, out=flat_h)
             else:
                 flat_h.addmm_(x, linear.weight.t())
@@ -250,14 +255,16 @@ class Runtime:
 
     def _norm_route(self, layer: Any, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x, weights, ids) of a decode step's MoE block: x = the post-attention RMSNorm of h [tokens,
-        hidden], and the router's choice for it. On one GPU the router kernel applies the norm itself (one
-        kernel fewer); under tensor parallelism the all-reduce before has (`_norm`)."""
+        hidden], and the router's choice for it. On one GPU the router kernel applies the norm itself, from
+        the sums of squares o_proj left (one kernel fewer); under tensor parallelism the all-reduce before
+        has (`_norm`)."""
         norm, gate = layer.post_attention_layernorm, layer.mlp.gate
         flat = h.view(-1, h.shape[-1])
-        if self._norm_in_kernels(norm) and fused.router_fits(gate, flat):
+        done, self._row_sq = self._row_sq, None
+        if done is not None and done[0] is h and fused.router_fits(gate, flat):
             x = torch.empty_like(flat)
             weights, idx = fused.router(flat, gate.weight, gate.top_k, bool(gate.norm_topk_prob),
-                                        norm=(norm.weight, norm.variance_epsilon), xn=x)
+                                        norm=(norm.weight, norm.variance_epsilon, done[1]), xn=x)
             return x, weights, idx
         x = self._norm(norm, h).reshape(-1, h.shape[-1])
         return (x, *fused.gate_route(gate, x))
@@ -313,7 +320,7 @@ class Runtime:
                  padded: bool = False) -> torch.Tensor:
         if self.reducer is not None:
             self.reducer.restart()
-        self._normed = None
+        self._normed = self._row_sq = None
         h = self.model.model.embed_tokens(ids)
         cos, sin, mask = self._rope_and_mask(pos, causal_from_zero=from_zero, padded=padded)
         for i in range(len(self.layers)):
