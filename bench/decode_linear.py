@@ -17,15 +17,14 @@ step itself (bench/multi_gpu.py --linear-too) is what decides; this sweep picks 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "plugins" / "offload")]
+sys.path[:0] = [str(ROOT), str(ROOT / "plugins" / "offload"), str(ROOT / "bench")]
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -33,19 +32,12 @@ import torch.nn.functional as F  # noqa: E402
 L2_BYTES = 60 * 2**20  # an H200's L2; the copies cycle through more than twice this
 
 
-def graph_us(fns: list, replays: int = 20) -> float:
-    """Median microseconds per call of `fns` (each called once, in order), captured in one CUDA graph."""
-    from qwenhw_offload.runtime import _capture
+def graph_us(fns: list) -> float:
+    """Median microseconds per call of `fns` (each called once, in turn), captured in one CUDA graph."""
+    from multi_gpu import graph_time
 
-    graph, _ = _capture(lambda: [f() for f in fns][-1])
-    times = []
-    for _ in range(replays):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        graph.replay()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t) / len(fns))
-    return statistics.median(times) * 1e6
+    turn = itertools.cycle(fns)
+    return graph_time(lambda: next(turn)(), calls=len(fns)) * 1e6
 
 
 def measure(call, reps: list, ref: torch.Tensor, prefetch: str) -> dict:

@@ -432,6 +432,23 @@ def test_reduce_norm_push_sums_what_the_peers_pushed():
         assert r["pushed_back"]  # rank 1's words wait in rank 0's memory for its next call
 
 
+def _hopper_ptx(fn, sig: dict, consts: dict) -> str:
+    """A kernel compiled for sm_90 ahead of time (PTX), its pointer arguments 16-byte aligned as a launch
+    specialises them; skips where this Triton build has no ptxas."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, ty in sig.items() if ty.startswith("*")}
+    src = triton.compiler.ASTSource(fn=fn, signature={**sig, **dict.fromkeys(consts, "constexpr")},
+                                    constexprs=consts, attrs=aligned)
+    try:
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3}).asm["ptx"]
+    except RuntimeError as exc:  # no ptxas in this Triton build
+        if "ptxas" in str(exc):
+            pytest.skip(str(exc)[:200])
+        raise
+
+
 def test_reduce_norm_compiles_for_hopper():
     """The interpreter runs what a GPU compiler may reject (it let a plain module global through), and CI
     has no GPU: compile the kernel for sm_90 ahead of time, and check its flags are sys-scope atomics."""
@@ -497,17 +514,8 @@ def test_moe_kernels_compile_for_hopper():
           for bt, pdl, prenorm in ((16, False, False), (16, True, True), (64, True, False))]),
     ]
     for fn, sig, variants in kernels:
-        aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, ty in sig.items() if ty.startswith("*")}
         for consts in variants:
-            src = triton.compiler.ASTSource(fn=fn, signature={**sig, **dict.fromkeys(consts, "constexpr")},
-                                            constexprs=consts, attrs=aligned)
-            try:
-                ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                     options={"num_warps": 4, "num_stages": 3}).asm["ptx"]
-            except RuntimeError as exc:  # no ptxas in this Triton build
-                if "ptxas" in str(exc):
-                    pytest.skip(str(exc)[:200])
-                raise
+            ptx = _hopper_ptx(fn, sig, consts)
             assert "cp.async.cg.shared.global" in ptx, (fn.__name__, consts)
             if consts.get("SPLIT", 1) > 1:  # the split gate/up kernel, the router
                 assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx
@@ -532,9 +540,6 @@ def test_decode_gemm_kernels_compile_for_hopper():
     """The decode GEMM kernels for sm_90 ahead of time: weight loads pipelined, the split-K count an
     acquire-release atomic with the partial sums read back from L2, and under PDL the weight prefetches
     before the wait."""
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-
     sys.path.insert(0, str(ROOT / "plugins" / "offload"))
     from qwenhw_offload import fused
 
@@ -552,17 +557,8 @@ def test_decode_gemm_kernels_compile_for_hopper():
           for bt, split, pdl in ((16, 1, False), (16, 8, True), (64, 4, True))]),
     ]
     for fn, sig, variants in kernels:
-        aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, ty in sig.items() if ty.startswith("*")}
         for consts in variants:
-            src = triton.compiler.ASTSource(fn=fn, signature={**sig, **dict.fromkeys(consts, "constexpr")},
-                                            constexprs=consts, attrs=aligned)
-            try:
-                ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                     options={"num_warps": 4, "num_stages": 3}).asm["ptx"]
-            except RuntimeError as exc:  # no ptxas in this Triton build
-                if "ptxas" in str(exc):
-                    pytest.skip(str(exc)[:200])
-                raise
+            ptx = _hopper_ptx(fn, sig, consts)
             assert "cp.async.cg.shared.global" in ptx, (fn.__name__, consts)
             if consts["SPLIT"] > 1 or fn is fused._qkv_rope:  # the head's halves always go through the sums
                 assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx, (fn.__name__, consts)

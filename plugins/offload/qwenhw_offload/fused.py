@@ -141,6 +141,24 @@ if triton is not None:
             tl.store(vdst + HALF + o, tl.load(vsrc + HALF + o))
 
     @triton.jit
+    def _rows_gemm(x_ptr, w_rows, N, s, K: tl.constexpr, KS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                   EXACT: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr):
+        """The decode GEMMs' main loop: fp32 [BT, rows] = x[:N, slice s] @ (weight rows starting at `w_rows`,
+        each K long)[slice s].T, slice s being KS elements. With PDL (and LINES) each row's first LINES lines
+        of the slice are asked of L2 before the wait for the kernel before, which x comes from."""
+        if PDL and LINES > 0:
+            lines = tl.minimum(s * KS + tl.arange(0, LINES) * LINE, K - 1)
+            _prefetch_l2(w_rows[:, None] + lines[None, :])
+        _after_previous(PDL)
+        t = tl.arange(0, BT)
+        acc = tl.zeros([BT, w_rows.shape[0]], dtype=tl.float32)
+        for k0 in range(0, KS, BK):
+            k = s * KS + k0 + tl.arange(0, BK)
+            x = tl.load(x_ptr + t[:, None] * K + k[None, :], mask=t[:, None] < N, other=0.0)
+            acc = _dot(x, tl.load(w_rows[None, :] + k[:, None]), acc, EXACT)
+        return acc
+
+    @triton.jit
     def _split_k_last(part_ptr, cnt_ptr, acc, slot, slots, rows, cols, BT: tl.constexpr, BN: tl.constexpr,
                       SPLIT: tl.constexpr):
         """Split-K bookkeeping of the decode GEMMs: program (slot, s) leaves its fp32 sums [BT, BN] in
@@ -183,17 +201,8 @@ if triton is not None:
         s = tl.program_id(1)
         heads = tl.num_programs(0)
         d = tl.arange(0, D)
-        w_c = w_ptr + (c * D).to(tl.int64) * H
-        if PDL and LINES > 0:
-            lines = tl.minimum(s * KS + tl.arange(0, LINES) * LINE, H - 1)
-            _prefetch_l2(w_c + d[:, None] * H + lines[None, :])
-        _after_previous(PDL)
         t = tl.arange(0, BT)
-        acc = tl.zeros([BT, D], dtype=tl.float32)
-        for k0 in range(0, KS, BK):
-            k = s * KS + k0 + tl.arange(0, BK)
-            x = tl.load(x_ptr + t[:, None] * H + k[None, :], mask=t[:, None] < N, other=0.0)
-            acc = _dot(x, tl.load(w_c + d[None, :] * H + k[:, None]), acc, EXACT)
+        acc = _rows_gemm(x_ptr, w_ptr + (c * D + d).to(tl.int64) * H, N, s, H, KS, BT, BK, EXACT, PDL, LINE, LINES)
         # the halves of each head go through the partial sums (a register tile cannot be cut in two)
         last = _split_k_last(part_ptr, cnt_ptr, acc, c, heads, t, d, BT, D, SPLIT)
         if last:
@@ -234,16 +243,8 @@ if triton is not None:
         s = tl.program_id(1)
         j = tile * BN + tl.arange(0, BN)
         jc = tl.minimum(j, NOUT - 1)  # columns past NOUT read the last row (never stored)
-        if PDL and LINES > 0:
-            lines = tl.minimum(s * KS + tl.arange(0, LINES) * LINE, K - 1)
-            _prefetch_l2(w_ptr + jc.to(tl.int64)[:, None] * K + lines[None, :])
-        _after_previous(PDL)
         t = tl.arange(0, BT)
-        acc = tl.zeros([BT, BN], dtype=tl.float32)
-        for k0 in range(0, KS, BK):
-            k = s * KS + k0 + tl.arange(0, BK)
-            x = tl.load(x_ptr + t[:, None] * K + k[None, :], mask=t[:, None] < N, other=0.0)
-            acc = _dot(x, tl.load(w_ptr + jc.to(tl.int64)[None, :] * K + k[:, None]), acc, EXACT)
+        acc = _rows_gemm(x_ptr, w_ptr + jc.to(tl.int64) * K, N, s, K, KS, BT, BK, EXACT, PDL, LINE, LINES)
         last = True
         if SPLIT > 1:
             last = _split_k_last(part_ptr, cnt_ptr, acc, tile, tl.num_programs(0), t, tl.arange(0, BN), BT, BN, SPLIT)

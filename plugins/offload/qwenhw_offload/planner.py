@@ -39,6 +39,12 @@ EAGER_LAYER_OVERHEAD = 1.2e-3  # transformers generate(): Python + ~30 launches 
 # on every GPU", 2026-11-28)
 GRAPH_BANDWIDTH_EFFICIENCY = 0.92
 GRAPH_LAYER_OVERHEAD = 46e-6
+# A GPU decoding alone (one GPU, each data-parallel replica) since the decode projections run in Triton and
+# its RMSNorms inside the router and MoE-sum kernels (8-9 kernels per layer, fused.py): 38.5 us, fitted to
+# 314.7 / 1443.2 tok/s at batch 1 / 16 on one H200 (Qwen3-30B-A3B shape; docs/benchmarks.md, "Decode
+# projections in Triton", 2026-12-01). Tensor-parallel steps got the Triton projections too but were not
+# re-measured: they keep the fit above.
+GRAPH_LAYER_OVERHEAD_ALONE = 38.5e-6
 # the hybrid's CPU experts run the fused kernel (cpu_moe.c): one layer's 8 experts (75 MB) stream at 92 GB/s
 # on the 16-core H100 host whose profile estimates 128 GB/s; a token also pays ~310 us per MoE layer for the
 # layer's attention graph, the router sync and the hidden-state copies (docs/benchmarks.md, 2026-11-28)
@@ -507,7 +513,7 @@ def _gpu_estimate(spec, node, gpu, concurrency, context, kv_dtype, gpu_w, cpu_w,
         t += disk_w / (node.disk.read_gbs * 1e9)
         bound = "GPU memory bandwidth" if frac_cpu + frac_disk < 0.02 else "host-to-GPU copies"
         # Python and kernel launches per layer: CUDA graphs shrink them to replay cost
-        per_layer = GRAPH_LAYER_OVERHEAD if engine == "transformers-fast" else EAGER_LAYER_OVERHEAD
+        per_layer = GRAPH_LAYER_OVERHEAD_ALONE if engine == "transformers-fast" else EAGER_LAYER_OVERHEAD
         t += spec.num_layers * per_layer
     prefill = gpu.bf16_tflops * 1e12 * 0.4 / (2 * spec.active_params())
     return Estimate(1 / t, concurrency / t, prefill, bound)
