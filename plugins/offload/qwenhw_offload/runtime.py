@@ -164,20 +164,25 @@ class Runtime:
             q, k, v = F.linear(x, w, bias).view(b, t, -1, self.head_dim).split(heads, dim=2)
             q = fused.qk_rope_cache(q, k, v, *norms, cos, sin, pos, self.k[i], self.v[i])
         out = fused.decode_attention(q, self.k[i], self.v[i], pos, a.scaling, self.start)
-        return self._row_parallel(out.view(b * t, -1), a.o_proj, h, layer.post_attention_layernorm)
+        norm = layer.post_attention_layernorm
+        # one GPU: the router kernel will apply the norm, from the sums of squares o_proj leaves (`_norm_route`)
+        sums = (self.moe_hook is None and hasattr(layer.mlp, "experts") and self._fused_moe(layer.mlp, h)
+                and self._norm_in_kernels(norm))
+        return self._row_parallel(out.view(b * t, -1), a.o_proj, h, norm, sums)
 
-    def _row_parallel(self, x: torch.Tensor, linear: Any, h: torch.Tensor, norm: Any = None) -> torch.Tensor:
+    def _row_parallel(self, x: torch.Tensor, linear: Any, h: torch.Tensor, norm: Any = None,
+                      sums: bool = False) -> torch.Tensor:
         """h + linear(x), summed over the tensor-parallel ranks: the residual rides in the GEMM (addmm) of
         one rank, whose output goes straight into the reducer's buffer. On one GPU the GEMM accumulates
         into h itself (the layer's input, read by nothing after this), which saves addmm's copy of h.
-        `norm`: the RMSNorm that reads the sum next (see `_reduce`)."""
+        `norm`: the RMSNorm that reads the sum next (see `_reduce`); `sums` (one GPU): also the rows' sums of
+        squares, for the router kernel that applies it."""
         if linear.bias is not None:
             return h + self._reduce(linear(x).view_as(h))
         flat_h = h.view(-1, h.shape[-1])
         triton_gemm = fused.linear_fits(x, linear.weight)  # dependent-launched, its weights prefetched
         if self.reducer is None:
-            if triton_gemm and norm is not None and self._norm_in_kernels(norm):
-                # the rows' sums of squares too, for the router kernel that applies `norm` (`_norm_route`)
+            if triton_gemm and sums:
                 _, sq = fused.linear_residual(x, linear.weight, residual=flat_h, out=flat_h, row_sq=True)
                 self._row_sq = (h, sq)
             elif triton_gemm:
