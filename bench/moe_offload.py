@@ -381,6 +381,7 @@ def gpu_only_plan(spec, hw, context, cap):
 
 def hybrid_prediction(spec, hw, plan, cache_bytes: float) -> dict:
     """The planner's numbers for the hybrid plan with a given expert-cache size (0 = no cache)."""
+    from qwenhw.planning.workload import Workload
     from qwenhw_offload import planner
 
     wb = qwenhw.models.memory.weight_bytes_split(spec)
@@ -390,7 +391,8 @@ def hybrid_prediction(spec, hw, plan, cache_bytes: float) -> dict:
         return {"engine": plan.engine, "tok_s": 0.0, "gpu_gib": 0.0, "host_gib": cpu.total_gib, "cache_gib": 0.0}
     non_expert = (dev.weights_gib - plan.offload.gpu_expert_cache_gib) * GiB
     gpu = hw.node.gpus("nvidia")[0]
-    tok_s = planner._gpu_estimate(spec, hw.node, gpu, 1, plan.context, "bf16", non_expert, wb.experts, 0.0,
+    work = Workload(plan.prompt_tokens or 32, plan.output_tokens or 32, 1, "latency")
+    tok_s = planner._gpu_estimate(spec, hw.node, gpu, work, "bf16", non_expert, wb.experts, 0.0,
                                   "hybrid-moe", cache_bytes, wb.experts).decode_tok_s
     gpu_gib = dev.total_gib + cache_bytes / GiB - plan.offload.gpu_expert_cache_gib
     return {"engine": plan.engine, "tok_s": tok_s, "gpu_gib": gpu_gib, "host_gib": cpu.total_gib,

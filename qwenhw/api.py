@@ -15,6 +15,7 @@ from .models import ModelSpec, resolve_model
 from .planning.plan import Plan, Request
 from .planning.precision import KV_DTYPES, check_dtype
 from .planning.select import choose
+from .planning.workload import GOALS, workload
 
 log = logging.getLogger("qwenhw")
 
@@ -43,8 +44,10 @@ def model_spec(model: ModelSpec | str) -> ModelSpec:
 
 
 def make_request(context: int | None = None, concurrency: int = 1, dtype: str | None = None,
-                 kv_dtype: str | None = None, backend: str | None = None, engine: str | None = None, gpu_memory_gib: float | None = None,
-                 cpu_memory_gib: float | None = None, allow_offload: bool = True) -> Request:
+                 kv_dtype: str | None = None, backend: str | None = None, engine: str | None = None,
+                 gpu_memory_gib: float | None = None, cpu_memory_gib: float | None = None, allow_offload: bool = True,
+                 prompt_tokens: int | None = None, output_tokens: int | None = None,
+                 goal: str | None = None) -> Request:
     if context is not None and context < 16:
         raise BadInput(f"--context {context} is too small: a request needs at least 16 tokens (try 4096).")
     if concurrency < 1:
@@ -52,6 +55,18 @@ def make_request(context: int | None = None, concurrency: int = 1, dtype: str | 
     for name, value in (("gpu_memory_gib", gpu_memory_gib), ("cpu_memory_gib", cpu_memory_gib)):
         if value is not None and value < 0:
             raise BadInput(f"{name}={value} is negative; give a budget in GiB, e.g. 20.")
+    for name, value in (("--prompt-tokens", prompt_tokens), ("--output-tokens", output_tokens)):
+        if value is not None and value < 1:
+            raise BadInput(f"{name} {value} must be at least 1 (a chat turn is about 1024 prompt and 256 answer "
+                           f"tokens).")
+    if goal is not None and goal not in GOALS:
+        raise BadInput(f"--goal {goal!r} is not one of {', '.join(GOALS)}: latency ranks plans by how soon a "
+                       f"request finishes, throughput by output tokens per second.")
+    if context is not None:
+        need = (prompt_tokens or 0) + (output_tokens or 0)
+        if need > context:
+            raise BadInput(f"--context {context} cannot hold a {prompt_tokens or 0}-token prompt and a "
+                           f"{output_tokens or 0}-token answer ({need} tokens); ask for --context {need} or more.")
     return Request(
         context=context,
         concurrency=concurrency,
@@ -62,13 +77,17 @@ def make_request(context: int | None = None, concurrency: int = 1, dtype: str | 
         gpu_memory_gib=gpu_memory_gib,
         cpu_memory_gib=cpu_memory_gib,
         allow_offload=allow_offload,
+        prompt_tokens=prompt_tokens,
+        output_tokens=output_tokens,
+        goal=goal,
     )
 
 
 def plan(model: ModelSpec | str, hardware: HardwareProfile | str | None = None, **request: Any) -> Plan:
     """Plan how to run `model` (catalog name, hub id or checkpoint dir) on `hardware` (default: this machine).
 
-    Keyword arguments: context, concurrency, dtype, kv_dtype, backend, gpu_memory_gib, cpu_memory_gib.
+    Keyword arguments: context, concurrency, dtype, kv_dtype, backend, engine, gpu_memory_gib,
+    cpu_memory_gib, and the workload the plans are ranked for: prompt_tokens, output_tokens, goal.
     """
     spec = model_spec(model)
     hw = hardware_profile(hardware)
@@ -77,6 +96,13 @@ def plan(model: ModelSpec | str, hardware: HardwareProfile | str | None = None, 
         raise BadInput(
             f"--context {req.context} exceeds {spec.name}'s maximum of {spec.max_position} tokens "
             f"(max_position_embeddings). Ask for at most {spec.max_position}."
+        )
+    w = workload(req)
+    if w.prompt_tokens + w.output_tokens > spec.max_position:
+        raise BadInput(
+            f"A {w.prompt_tokens}-token prompt and a {w.output_tokens}-token answer ({w.prompt_tokens + w.output_tokens} "
+            f"tokens) exceed {spec.name}'s maximum of {spec.max_position} tokens; shorten --prompt-tokens or "
+            f"--output-tokens."
         )
     reg = plugins.load()
     return choose(spec, hw, req, reg.backends, reg.faults)

@@ -149,6 +149,11 @@ def request_options(fn: Callable) -> Callable:
         click.option("--engine", help="Force an engine of the backend (e.g. deepspeed-zero3)."),
         click.option("--gpu-memory-gib", type=float, help="Per-GPU memory budget in GiB."),
         click.option("--cpu-memory-gib", type=float, help="Host RAM budget in GiB."),
+        click.option("--prompt-tokens", type=int, help="Tokens per prompt the plan is ranked for [default: 1024]."),
+        click.option("--output-tokens", type=int, help="Tokens per answer the plan is ranked for [default: 256]."),
+        click.option("--goal", type=click.Choice(["latency", "throughput"]),
+                     help="Rank by request latency or by output tokens/s [default: latency at concurrency 1, "
+                          "else throughput]."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -156,7 +161,8 @@ def request_options(fn: Callable) -> Callable:
 
 
 def _request(kw: dict[str, Any]) -> dict[str, Any]:
-    keys = ("context", "concurrency", "dtype", "kv_dtype", "backend", "engine", "gpu_memory_gib", "cpu_memory_gib")
+    keys = ("context", "concurrency", "dtype", "kv_dtype", "backend", "engine", "gpu_memory_gib", "cpu_memory_gib",
+            "prompt_tokens", "output_tokens", "goal")
     return {k: kw[k] for k in keys if k in kw}
 
 
@@ -199,10 +205,10 @@ def print_plan(result: Any) -> None:
                           f"{d.total_gib:.2f}", f"{d.capacity_gib:.2f}")
         console.print(table)
     if result.fits:
-        e = result.estimate
-        console.print(f"estimate: {e.decode_tok_s:.1f} tok/s per sequence, {e.throughput_tok_s:.1f} tok/s total at "
-                      f"concurrency {result.concurrency}; bound by {e.bound}; context {result.context} "
-                      f"(max {result.max_context})")
+        first, *basis = result.estimate_lines()
+        console.print(f"{first}; context {result.context} (max {result.max_context})")
+        for line in basis:
+            console.print(f"[dim]  {line}[/dim]")
     for r in result.reasons:
         console.print(f"  - {r}")
     for w in result.warnings:

@@ -57,7 +57,7 @@ def build(path: str | os.PathLike | None = None, moe: bool = True, seed: int = 0
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
-    _add_legacy_keys(tmp / "config.json", moe)
+    add_legacy_keys(tmp / "config.json", moe)
     for name in TOKENIZER_FILES:
         shutil.copy(tokenizer_dir() / name, tmp / name)
     (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 151643, "eos_token_id": [151645, 151643]}))
@@ -67,7 +67,7 @@ def build(path: str | os.PathLike | None = None, moe: bool = True, seed: int = 0
     return out
 
 
-def _add_legacy_keys(config_path: Path, moe: bool) -> None:
+def add_legacy_keys(config_path: Path, moe: bool) -> None:
     # transformers 5 writes num_local_experts and rope_parameters; transformers 4.51, vLLM and ipex-llm
     # read num_experts and rope_theta.
     cfg = json.loads(config_path.read_text())

@@ -292,7 +292,7 @@ def test_intel_no_drm_and_xpu_only_when_torch_imported(tmp_path, no_torch, monke
 
 # --- bundled profiles -----------------------------------------------------------------------------------
 BUNDLED = ["cpu-only", "1xRTX4090-24G", "1xL4-24G", "1xA100-40G", "1xH100-80G", "2xH100-80G", "4xH100-80G",
-           "8xH100-80G", "8xH200-141G", "4xH20-96G", "4xA10-24G", "2xArcA770-16G", "1xArcB580-12G",
+           "1xH200-141G", "8xH100-80G", "8xH200-141G", "4xH20-96G", "4xA10-24G", "2xArcA770-16G", "1xArcB580-12G",
            "1xMax1550-128G", "2x8xH100-80G"]
 
 

@@ -50,7 +50,7 @@ def test_qwen3_30b_int4_fits_arc_and_bf16_does_not(profile):
 
 
 def test_two_a770s_split_int4_across_cards():
-    plan = intel_plan("Qwen3-30B-A3B", "2xArcA770-16G", dtype="int4")
+    plan = intel_plan("Qwen3-30B-A3B", "2xArcA770-16G", dtype="int4", context=8192)
     assert plan.engine == "ipex-llm" and plan.parallel.pp == 2 and plan.dtype == "sym_int4"
     assert [d.id for d in plan.devices] == ["xpu:0", "xpu:1"]
     assert all(7 < d.weights_gib < 8.5 for d in plan.devices)  # 15.5 GiB of sym_int4, halved
@@ -66,7 +66,7 @@ def test_two_a770s_split_int4_across_cards():
 
 
 def test_b580_runs_qwen3_30b_int4_through_flashmoe():
-    plan = intel_plan("Qwen3-30B-A3B", "1xArcB580-12G", dtype="int4")
+    plan = intel_plan("Qwen3-30B-A3B", "1xArcB580-12G", dtype="int4", context=8192)
     assert plan.engine == "flashmoe" and plan.config["gguf_quant"] == "Q4_K_M"
     assert plan.offload.experts_on_cpu and 16 < plan.offload.cpu_gib < 17
     card = plan.devices[0]
@@ -88,9 +88,9 @@ def test_qwen3_235b_on_arc_is_the_flashmoe_route_with_its_ram_need(profile):
     assert plan.devices[-1].id == "cpu" and plan.devices[-1].weights_gib > 75  # Q2_K experts, 79.8 GiB
     # with enough RAM the same cards run it, keeping ~130 GiB of Q4_K_M experts in RAM at int4
     big = with_cpu(profile, ram_bytes=256 * GiB)
-    ok = intel_plan("Qwen3-235B-A22B", big, dtype="int4")
+    ok = intel_plan("Qwen3-235B-A22B", big, dtype="int4", context=8192)
     assert ok.fits and ok.engine == "flashmoe" and 125 < ok.offload.cpu_gib < 135, ok.explain()
-    auto = intel_plan("Qwen3-235B-A22B", big)  # no dtype: the best GGUF whose experts fit 217 GiB of budget
+    auto = intel_plan("Qwen3-235B-A22B", big, context=8192)  # no dtype: the best GGUF whose experts fit 217 GiB of budget
     assert auto.fits and auto.config["gguf_quant"] == "Q6_K"
 
 

@@ -1,22 +1,24 @@
-"""GPU layouts (TP/PP/DP/EP), their per-GPU memory and a roofline speed. Pure functions over sizes.
+"""GPU layouts (TP/PP/DP/EP), their per-GPU memory and speed. Pure functions over sizes.
 
-Backends call these with their own rules (utilisation caps, overheads, which layouts they can run);
-nothing here knows about a particular engine.
+Backends call these with their own rules (utilisation caps, overheads, which layouts they can run) and
+their own fitted constants (qwenhw.planning.speed); nothing here knows about a particular engine.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 from ..hardware.profile import Accelerator, HardwareProfile, Node
 from ..models import memory as mm
 from ..models.spec import ModelSpec
-from .plan import Estimate, Parallel
+from . import speed
+from .plan import Parallel
+from .speed import DecodeFit, PrefillFit
 
-# Fractions of datasheet rates that real kernels reach at batch-1 decode / large prefill.
-BANDWIDTH_EFFICIENCY = 0.75
+# Fraction of the bf16 peak a decode step's matrix products would reach where compute, not memory, bounds
+# it (no measured row is: up to 64 sequences of 30B-A3B the bytes dominate by 10x)
 COMPUTE_EFFICIENCY = 0.45
 # torch's bf16 matrix-vector products on the CPU (batch-1 decode) stream weights at ~21 GB/s on a 16-core
 # Sapphire Rapids host whose profile estimates 128 GB/s: a shared, measured efficiency for every backend's
@@ -32,6 +34,14 @@ class Shard:
     weights: float  # resident weight bytes
     kv_per_token: float  # KV bytes per token on one rank
     state_per_seq: float  # fixed per-sequence state (Qwen3-Next linear attention)
+
+
+@dataclass(frozen=True)
+class DecodeTime:
+    step_s: float  # one decode step of every sequence of a replica
+    rows: int  # sequences one replica decodes together
+    busy: int  # replicas with sequences to decode
+    bound: str
 
 
 def powers_of_two(limit: int) -> list[int]:
@@ -193,21 +203,14 @@ def link_between(node: Node, tp: int) -> tuple[float, float]:
     return bw, latency
 
 
-def roofline(
-    spec: ModelSpec,
-    layout: Parallel,
-    gpu: Accelerator,
-    node: Node,
-    concurrency: int,
-    context: int,
-    kv_dtype: str = "bf16",
-    network_gbs: float = 0.0,
-) -> Estimate:
-    """Decode and prefill speed of a GPU layout, bound by memory bandwidth, compute or links.
+def decode_step(spec: ModelSpec, layout: Parallel, gpu: Accelerator, node: Node, concurrency: int,
+                kv_tokens: float, kv_dtype: str, fit: DecodeFit, network_gbs: float = 0.0) -> DecodeTime:
+    """One decode step of a GPU layout under an engine's fitted constants (`fit`), and what bounds it.
 
-    With PP, up to PP micro-batches are in flight (vLLM's virtual engines): a sequence advances once per pass
-    through all stages, and each stage runs one micro-batch at a time, so micro-batching pays off only where a
-    stage is compute-bound (a bandwidth-bound stage reads its weights once per micro-batch).
+    Each rank streams its weights and KV share; TP all-reduces twice per layer, expert parallel exchanges
+    tokens twice per MoE layer. With PP, up to PP micro-batches are in flight (vLLM's virtual engines): a
+    sequence advances once per pass through all stages, and each stage runs one micro-batch at a time, so
+    micro-batching pays off only where a stage is compute-bound.
     """
     sh = shard(spec, layout, kv_dtype)
     batch = max(1, math.ceil(concurrency / layout.dp))
@@ -215,30 +218,40 @@ def roofline(
     bw, latency = link_between(node, layout.tp)
     # expert parallel exchanges tokens among all TP x DP ranks (of one node here), not only the TP group
     ep_bw, ep_latency = link_between(node, min(layout.ep, len(node.accelerators))) if layout.ep > 1 else (bw, latency)
-
-    def stage_time(b: int) -> tuple[float, float, float, float]:
-        stream = streamed_bytes(spec, layout, b)
-        kv_read = b * (context / 2) * sh.kv_per_token  # caches half full on average
-        t_mem = (stream + kv_read) / (gpu.bandwidth_gbs * 1e9 * BANDWIDTH_EFFICIENCY)
-        flops = 2 * spec.active_params() * b / (layout.tp * layout.pp)
-        t_compute = flops / (max(gpu.bf16_tflops, 1.0) * 1e12 * COMPUTE_EFFICIENCY)
-        t_comm = 0.0
-        if layout.tp > 1:
-            msg = b * spec.hidden_size * 2
-            t_comm = 2 * spec.num_layers / layout.pp * (latency + 2 * msg * (layout.tp - 1) / layout.tp / (bw * 1e9))
-        if layout.ep > 1 and spec.moe is not None:
-            msg = b * spec.hidden_size * 2 * spec.moe.top_k
-            t_comm += 2 * spec.num_moe_layers / layout.pp * (ep_latency + msg / (ep_bw * 1e9))
-        stage = max(t_mem, t_compute) + t_comm
-        if layout.pp > 1 and network_gbs and len(node.accelerators) < layout.world:
-            stage += b * spec.hidden_size * 2 / (network_gbs * 1e9) + 20e-6
-        return stage, t_mem, t_compute, t_comm
-
-    stage, t_mem, t_compute, t_comm = stage_time(micro)
-    step = stage * layout.pp  # a token passes every stage in turn
+    layers = spec.num_layers / layout.pp
+    nbytes = streamed_bytes(spec, layout, micro) + micro * kv_tokens * sh.kv_per_token
+    t_mem = speed.layers_time(fit, gpu.bandwidth_gbs, layers, micro, nbytes)
+    flops = 2 * spec.active_params() * micro / (layout.tp * layout.pp)
+    t_compute = flops / (max(gpu.bf16_tflops, 1.0) * 1e12 * COMPUTE_EFFICIENCY)
+    t_comm = 0.0
+    if layout.tp > 1:
+        msg = micro * spec.hidden_size * 2
+        t_comm = 2 * layers * (latency + 2 * msg * (layout.tp - 1) / layout.tp / (bw * 1e9))
+    if layout.ep > 1 and spec.moe is not None:
+        msg = micro * spec.hidden_size * 2 * spec.moe.top_k
+        t_comm += 2 * spec.num_moe_layers / layout.pp * (ep_latency + msg / (ep_bw * 1e9))
+    stage = max(t_mem, t_compute) + t_comm
+    if layout.pp > 1 and network_gbs and len(node.accelerators) < layout.world:
+        stage += micro * spec.hidden_size * 2 / (network_gbs * 1e9) + 20e-6
     busy = min(layout.dp, math.ceil(concurrency / batch))  # DP replicas without a sequence add nothing
-    throughput = batch * busy / step
-    bound = "GPU memory bandwidth" if t_mem >= max(t_compute, t_comm) else ("compute" if t_compute >= t_comm else "GPU links")
-    prefill_flops = 2 * spec.active_params() / layout.tp / layout.pp
-    prefill = gpu.bf16_tflops * 1e12 * COMPUTE_EFFICIENCY / max(prefill_flops, 1.0) * layout.dp
-    return Estimate(decode_tok_s=1.0 / step, throughput_tok_s=throughput, prefill_tok_s=prefill, bound=bound)
+    bound = ("GPU memory bandwidth and per-layer launches" if t_mem >= max(t_compute, t_comm) else
+             "compute" if t_compute >= t_comm else "GPU links")
+    return DecodeTime(fit.step_s + stage * layout.pp, batch, busy, bound)
+
+
+def prefill_time(spec: ModelSpec, layout: Parallel, gpu: Accelerator, node: Node, concurrency: int,
+                 prompt_tokens: int, fit: PrefillFit, passes: Callable[[int, int], list[speed.Pass]]) -> float:
+    """Until every prompt of `concurrency` arriving together has its first token: each replica prefills its
+    share in the passes its engine cuts (`passes(prompts, tokens)`); TP splits each layer's matrices and
+    all-reduces twice per layer; the passes pipeline through PP stages."""
+    rows = max(1, math.ceil(concurrency / layout.dp))
+    cut = passes(rows, prompt_tokens)
+    t = speed.prefill(fit, spec, gpu.bf16_tflops, cut, rows, split=layout.tp)
+    if layout.tp > 1:
+        bw, latency = link_between(node, layout.tp)
+        for p in cut:
+            msg = p.tokens * spec.hidden_size * 2
+            t += 2 * spec.num_layers * (latency + 2 * msg * (layout.tp - 1) / layout.tp / (bw * 1e9))
+    if layout.pp > 1:
+        t *= (len(cut) + layout.pp - 1) / (len(cut) * layout.pp)
+    return t

@@ -27,6 +27,9 @@ class Request:
     gpu_memory_gib: float | None = None  # per-GPU budget override (below the card's size)
     cpu_memory_gib: float | None = None  # host RAM budget override
     allow_offload: bool = True
+    prompt_tokens: int | None = None  # tokens per prompt (default: workload.DEFAULT_PROMPT_TOKENS)
+    output_tokens: int | None = None  # tokens per answer (default: workload.DEFAULT_OUTPUT_TOKENS)
+    goal: str | None = None  # "latency" or "throughput" (default: latency at concurrency 1, else throughput)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -81,12 +84,30 @@ class Offload:
 
 @dataclass(frozen=True)
 class Estimate:
-    """Roofline estimate: decode is bound by bytes moved per token, prefill by FLOPs."""
+    """What the plan's engine does with the request's workload, from speed models fitted to measurements
+    (`basis` names them): the prompts of `concurrency` requests arriving together, then their answers."""
 
-    decode_tok_s: float = 0.0  # per sequence
-    throughput_tok_s: float = 0.0  # all sequences together
-    prefill_tok_s: float = 0.0
+    decode_tok_s: float = 0.0  # per sequence (1 / tpot_s)
+    throughput_tok_s: float = 0.0  # decode: all sequences together
+    prefill_tok_s: float = 0.0  # prompt tokens per second until every prompt has its first token
     bound: str = ""  # what limits decode: "GPU memory bandwidth", "host RAM bandwidth", "PCIe", ...
+    ttft_s: float = 0.0  # time to first token: until every prompt of the batch has one
+    tpot_s: float = 0.0  # time per output token while the sequences decode together
+    latency_s: float = 0.0  # one request: ttft_s + (output_tokens - 1) x tpot_s
+    total_tok_s: float = 0.0  # output tokens per second over the requests' whole time, prefill included
+    basis: tuple[str, ...] = ()  # the measurements the figures were fitted to
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: round(v, 6) if isinstance(v, float) else v for k, v in dataclasses.asdict(self).items()}
+        d["basis"] = list(self.basis)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Estimate":
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        d["basis"] = tuple(d.get("basis", ()))
+        return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -125,14 +146,21 @@ class Plan:
     history: tuple[str, ...] = ()  # load attempts and fallbacks
     alternatives: tuple["Plan", ...] = ()  # ranked runners-up that also fit (fallback order)
     spec: dict[str, Any] = field(default_factory=dict)  # ModelSpec as a dict (for loading elsewhere)
+    prompt_tokens: int = 0  # the workload the estimate is for
+    output_tokens: int = 0
+    goal: str = "latency"
+    candidates: tuple[dict[str, Any], ...] = ()  # every plan the backends proposed, with its estimate
 
     def replace(self, **changes: Any) -> "Plan":
         return dataclasses.replace(self, **changes)
 
     @property
     def score(self) -> float:
-        """Higher is better: total decode throughput; ties go to fewer devices."""
-        return self.estimate.throughput_tok_s
+        """Higher is better for the plan's goal: 1 / request latency, or output tokens per second."""
+        e = self.estimate
+        if self.goal == "throughput":
+            return e.total_tok_s or e.throughput_tok_s
+        return 1.0 / e.latency_s if e.latency_s > 0 else e.decode_tok_s * 1e-6
 
     # --- output ---------------------------------------------------------------------------------
     def to_dict(self, alternatives: bool = True) -> dict[str, Any]:
@@ -153,7 +181,9 @@ class Plan:
             "concurrency": self.concurrency,
             "dtype": self.dtype,
             "kv_dtype": self.kv_dtype,
-            "estimate": {k: round(v, 3) if isinstance(v, float) else v for k, v in dataclasses.asdict(self.estimate).items()},
+            "estimate": self.estimate.to_dict(),
+            "workload": {"prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens,
+                         "concurrency": self.concurrency, "goal": self.goal},
             "reasons": list(self.reasons),
             "warnings": list(self.warnings),
             "rejected": [r.to_dict() for r in self.rejected],
@@ -165,6 +195,7 @@ class Plan:
         }
         if alternatives:
             d["alternatives"] = [a.to_dict(alternatives=False) for a in self.alternatives]
+            d["candidates"] = [dict(c) for c in self.candidates]
         return d
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -178,7 +209,12 @@ class Plan:
             DeviceUse(**{k: v for k, v in dev.items() if k != "total_gib"}) for dev in d.get("devices", [])
         )
         d["offload"] = Offload(**d.get("offload", {}))
-        d["estimate"] = Estimate(**d.get("estimate", {}))
+        d["estimate"] = Estimate.from_dict(d.get("estimate", {}))
+        work = d.pop("workload", None) or {}
+        for key in ("prompt_tokens", "output_tokens", "goal"):
+            if key in work:
+                d.setdefault(key, work[key])
+        d["candidates"] = tuple(d.get("candidates", ()))
         d["rejected"] = tuple(Rejection(**r) for r in d.get("rejected", []))
         d["alternatives"] = tuple(cls.from_dict(a) for a in d.get("alternatives", []))
         for key in ("reasons", "warnings", "history"):
@@ -186,17 +222,25 @@ class Plan:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
+    def estimate_lines(self) -> list[str]:
+        """The estimate for the plan's workload in words, and what its figures were fitted to."""
+        e = self.estimate
+        work = (f"{self.concurrency} x ({self.prompt_tokens}-token prompt + {self.output_tokens}-token answer)"
+                if self.prompt_tokens else f"concurrency {self.concurrency}")
+        lines = [f"estimate for {work}, goal {self.goal}: first token {e.ttft_s * 1e3:.0f} ms, "
+                 f"{e.tpot_s * 1e3:.1f} ms per output token ({e.decode_tok_s:.1f} tok/s per sequence), "
+                 f"request {e.latency_s:.2f} s; {e.throughput_tok_s:.1f} tok/s decoding together, "
+                 f"{e.total_tok_s:.1f} tok/s over the whole requests; bound by {e.bound}"]
+        lines += [f"fitted to: {b}" for b in e.basis]
+        return lines
+
     def explain(self) -> str:
         """Why this backend, this layout and this memory split; what the others would have needed."""
         lines = []
         verdict = "fits" if self.fits else "DOES NOT FIT"
         lines.append(f"{self.model} on {self.hardware}: {self.backend} ({self.engine}), {self.parallel}, {verdict}")
         if self.fits:
-            e = self.estimate
-            lines.append(
-                f"  estimate: {e.decode_tok_s:.1f} tok/s per sequence, {e.throughput_tok_s:.1f} tok/s at "
-                f"concurrency {self.concurrency}, prefill {e.prefill_tok_s:.0f} tok/s (bound by {e.bound})"
-            )
+            lines += [f"  {line}" for line in self.estimate_lines()]
             lines.append(
                 f"  weights {self.dtype}, KV cache {self.kv_dtype}, context {self.context} (max {self.max_context})"
             )

@@ -15,6 +15,7 @@ from ..hardware.profile import GiB, HardwareProfile
 from ..models import memory as mm
 from ..models.spec import ModelSpec
 from .plan import Plan, Rejection, Request
+from .workload import Workload, from_rates, trade_off, verdict, workload
 
 MAX_ALTERNATIVES = 4
 
@@ -62,12 +63,15 @@ def choose(spec: ModelSpec, hardware: HardwareProfile, request: Request, backend
                 continue
         if not plans:
             rejected.append(Rejection(name, "proposed no plan for this model and hardware"))
+        w = workload(request)
         for p in plans:
             candidates.append(p.replace(
                 available=availability.ok,
                 install=None if availability.ok else (availability.install or getattr(backend, "install", None)),
                 hardware=hardware.name,
                 warnings=p.warnings + (() if availability.ok else (f"{name}: {availability.reason}",)),
+                estimate=from_rates(p.estimate, w) if p.fits else p.estimate,
+                prompt_tokens=w.prompt_tokens, output_tokens=w.output_tokens, goal=w.goal,
             ))
     return rank(spec, hardware, request, candidates, rejected, backends)
 
@@ -79,15 +83,17 @@ def rank(spec: ModelSpec, hardware: HardwareProfile, request: Request, candidate
     if runnable:
         best = runnable[0]
         reasons = list(best.reasons)
+        w = workload(request)
         for p in fitting:
             if p is best:
                 break
             # a faster plan exists but its software is not installed here
-            ratio = p.score / max(best.score, 1e-9)
-            reasons.append(
-                f"{p.backend} would run about {ratio:.1f}x faster ({p.estimate.throughput_tok_s:.1f} vs "
-                f"{best.estimate.throughput_tok_s:.1f} tok/s) but is not installed here: {p.install}"
-            )
+            reasons.append(f"{label(p)} is not installed here ({p.install}), though for this workload "
+                           + trade_off(p.estimate, best.estimate, p.engine, best.engine, w))
+        rival = next((p for p in runnable[1:] if (p.backend, p.engine) != (best.backend, best.engine)), None)
+        if rival is not None:  # the choice in numbers: what the next-best other engine would do
+            reasons.append(f"chosen over {label(rival)}: "
+                           + trade_off(best.estimate, rival.estimate, best.engine, rival.engine, w))
         best = best.replace(reasons=tuple(reasons))
         gpus_only = [p for p in fitting if not (p.offload.cpu_gib or p.offload.disk_gib)
                      and any(d.kind.endswith("gpu") for d in p.devices)]
@@ -103,10 +109,11 @@ def rank(spec: ModelSpec, hardware: HardwareProfile, request: Request, candidate
     else:
         best = Plan(model=spec.name, backend="none", engine="none", fits=False, hardware=hardware.name,
                     reasons=("no registered backend can serve this hardware",) + tuple(fit_advice(spec, hardware, request)))
-    rejected = list(rejected) + _why_others_lost(best, candidates)
+    rejected = list(rejected) + _why_others_lost(best, candidates, workload(request))
     alternatives = tuple(p for p in runnable if p is not best and p.config != best.config)[:MAX_ALTERNATIVES]
     spec_dict = json.loads(json.dumps(spec.to_dict()))  # JSON-shaped, so plans round-trip exactly
     best = best.replace(
+        candidates=tuple(_candidate(p) for p in sorted(candidates, key=lambda p: (not p.fits, _order(p)))),
         rejected=tuple(rejected),
         alternatives=tuple(a.replace(spec=spec_dict, model_path=spec.path) for a in alternatives),
         spec=spec_dict,
@@ -122,8 +129,21 @@ def rank(spec: ModelSpec, hardware: HardwareProfile, request: Request, candidate
 
 
 def _order(p: Plan) -> tuple:
-    # fastest first; among equals, fewer devices, no offload
-    return (-round(p.score, 6), len([d for d in p.devices if d.kind.endswith("gpu")]), p.offload.cpu_gib + p.offload.disk_gib)
+    # best for the goal first; among equals, fewer devices, no offload
+    return (-round(p.score, 9), len([d for d in p.devices if d.kind.endswith("gpu")]), p.offload.cpu_gib + p.offload.disk_gib)
+
+
+def label(p: Plan) -> str:
+    return f"{p.backend} ({p.engine}, {p.parallel})"
+
+
+def _candidate(p: Plan) -> dict[str, Any]:
+    """One line of `--json`'s candidates: every plan a backend proposed, fitting or not."""
+    pa = p.parallel
+    return {"backend": p.backend, "engine": p.engine, "parallel": {"tp": pa.tp, "pp": pa.pp, "dp": pa.dp, "ep": pa.ep},
+            "fits": p.fits, "available": p.available, "context": p.context, "max_context": p.max_context,
+            "offload": {"cpu_gib": round(p.offload.cpu_gib, 4), "disk_gib": round(p.offload.disk_gib, 4)},
+            "estimate": p.estimate.to_dict(), "why": "" if p.fits else (p.reasons[0] if p.reasons else "does not fit")}
 
 
 def _shortfall(p: Plan) -> float:
@@ -131,25 +151,23 @@ def _shortfall(p: Plan) -> float:
     return sum(over) if over else math.inf
 
 
-def _why_others_lost(best: Plan, candidates: list[Plan]) -> list[Rejection]:
+def _why_others_lost(best: Plan, candidates: list[Plan], w: Workload) -> list[Rejection]:
     out: list[Rejection] = []
     seen_backends = set()
     for p in sorted(candidates, key=_order):
         if p is best or p.config == best.config and p.backend == best.backend:
             continue
-        label = f"{p.backend} ({p.engine}, {p.parallel})"
         if not p.fits:
             why = p.reasons[0] if p.reasons else "does not fit"
         elif not p.available:
             why = f"not installed here ({p.install})"
         else:
-            why = (f"fits but slower: {p.estimate.throughput_tok_s:.1f} vs {best.estimate.throughput_tok_s:.1f} "
-                   f"tok/s estimated")
-        # keep one line per backend for fitting-but-slower, every non-fitting layout (they teach the rules)
-        if p.fits and p.backend in seen_backends:
+            why = "fits but slower: " + verdict(best.estimate, p.estimate, best.engine, w)
+        # keep one line per engine for fitting-but-slower, every non-fitting layout (they teach the rules)
+        if p.fits and (p.backend, p.engine) in seen_backends:
             continue
-        seen_backends.add(p.backend)
-        out.append(Rejection(label, why))
+        seen_backends.add((p.backend, p.engine))
+        out.append(Rejection(label(p), why))
     return out
 
 

@@ -128,4 +128,5 @@ def estimate(spec: ModelSpec, w: Bytes, hw: HardwareProfile, batch: int, cards: 
     step = t_cpu + t_gpu + t_hops + spec.num_layers * 30e-6
     prefill = UBATCH / max(w.experts / (node.host_to_device_gbs * 1e9), 1e-6)  # experts cross PCIe per micro-batch
     bound = "host RAM bandwidth (CPU experts)" if t_cpu >= t_gpu else "XPU memory bandwidth"
-    return Estimate(decode_tok_s=1 / step, throughput_tok_s=batch / step, prefill_tok_s=prefill, bound=bound)
+    return Estimate(decode_tok_s=1 / step, throughput_tok_s=batch / step, prefill_tok_s=prefill, bound=bound,
+                    basis=("FlashMoE (llama.cpp): a roofline, not measured",))

@@ -21,11 +21,11 @@ from qwenhw.planning.layout import (CPU_TORCH_GEMV_EFFICIENCY, experts_touched, 
                                     powers_of_two, shard)
 from qwenhw.planning.plan import DeviceUse, Estimate, Offload, Parallel, Plan, Request
 from qwenhw.planning.precision import stored_dtype
+from qwenhw.planning.workload import context_floor, default_context, shortest, workload
 
 from . import flashmoe
 from .formats import GGUF_BPW, LOW_BIT_BYTES, REQUEST_TO_LOW_BIT, Bytes, low_bit_bytes, plain_bytes
 
-DEFAULT_CONTEXT = 8192
 PREFILL_CHUNK = 2048  # prompt tokens one forward pass holds activations for (we plan that peak)
 XPU_UTILISATION = 0.95  # of the card's memory that Level Zero lets one process allocate in practice
 XPU_RUNTIME = 0.5 * GiB  # SYCL/Level Zero context and oneDNN scratch, outside torch's allocator
@@ -34,6 +34,8 @@ RAM_HEADROOM = 0.85
 COMPUTE_EFFICIENCY = 0.4
 RANK_LATENCY_S = 20e-6  # one allreduce or PP hop between ranks (shm on a host, PCIe between Arc cards)
 GENERATE_STEP_S = 2e-3  # transformers' generate() per token: logits processors, stopping criteria, cache update
+BASIS = ("intel: a roofline per engine (bandwidth fractions and per-layer costs in FLAVOURS; transformers' "
+         "generate() overhead measured on an H100 host, the rest not measured on Intel hardware)",)
 
 
 @dataclass(frozen=True)
@@ -95,15 +97,20 @@ def plans(spec: ModelSpec, hw: HardwareProfile, req: Request) -> list[Plan]:
                                             f"{', '.join(LOW_BIT_BYTES)}")]
     if name == "flashmoe" and option and option not in GGUF_BPW:
         return [_unfit(spec, hw, req, name, f"unknown GGUF quant {option!r}; known: {', '.join(GGUF_BPW)}")]
-    context = req.context or min(spec.max_position, DEFAULT_CONTEXT)
+    w = workload(req)
+    context = req.context or default_context(spec.max_position, w)
+    floor = context_floor(spec.max_position, w) if req.context is None else context
     fmt = _format(spec, req, option if name == "ipex-llm" else None)
     ranks = int(option) if name == "deepspeed-autotp" and option else None
-    out = _plans_for(spec, hw, req, fmt, context, name, ranks)
+    layouts = len(_plans_for(spec, hw, req, fmt, context, name, ranks))  # the same layouts at every context
+    out = [shortest(lambda c, i=i: _plans_for(spec, hw, req, fmt, c, name, ranks)[i], context, floor,
+                    lambda p: not p.fits) for i in range(layouts)]
     if req.dtype in (None, "auto") and not any(p.fits for p in out):
-        hint = _low_bit_hint(spec, hw, req, context)  # quantizing is the user's call: say what it would give
+        hint = _low_bit_hint(spec, hw, req, floor)  # quantizing is the user's call: say what it would give
         out = [p.replace(reasons=p.reasons + (hint,)) if hint else p for p in out]
     if spec.is_moe and node.gpus("intel"):
-        out.append(flashmoe.plan(spec, hw, req, context, option if name == "flashmoe" else None))
+        gguf = option if name == "flashmoe" else None
+        out.append(shortest(lambda c: flashmoe.plan(spec, hw, req, c, gguf), context, floor, lambda p: not p.fits))
     if name:
         out = [p for p in out if p.engine == name] or [
             _unfit(spec, hw, req, name, f"engine {name} has no layout for this model and hardware")]
@@ -225,7 +232,7 @@ def xpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, fmt: str, conte
                        f"{', once per rank' if layout.world > 1 else ''}); budget {ram / GiB:.1f} GiB")
     if fits:
         reasons.append(f"{what}; {_format_note(fmt, spec)}")
-    est = _estimate(spec, w, gpu.bandwidth_gbs, gpu.bf16_tflops, FLAVOURS[(engine, "xpu")], req.concurrency, context,
+    est = _estimate(spec, w, gpu.bandwidth_gbs, gpu.bf16_tflops, FLAVOURS[(engine, "xpu")], req.concurrency, workload(req).kv_tokens,
                     kv_token, layout, link_between(node, layout.world)) if fits else Estimate()
     devices = tuple(DeviceUse(g.device_id, "intel-gpu", cap / GiB, weights / GiB, kv / GiB, (act + XPU_RUNTIME) / GiB)
                     for g in gpus[:layout.world])
@@ -303,12 +310,12 @@ def cpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, engine: str, fm
     tflops_rank = cpu.bf16_tflops / max(ranks, 1) * min(ranks, sockets) if ranks > 1 else cpu.bf16_tflops
     if fmt == "fp32" or (rest == "fp32" and fmt in ("bf16", "fp16")):
         tflops_rank /= 2
-    est = _estimate(spec, w, bw_rank, tflops_rank, FLAVOURS[(engine, "cpu")], req.concurrency, context,
+    est = _estimate(spec, w, bw_rank, tflops_rank, FLAVOURS[(engine, "cpu")], req.concurrency, workload(req).kv_tokens,
                     kv_token / ranks, layout, (math.inf, RANK_LATENCY_S) if ranks > 1 else (math.inf, 0.0),
                     host=True) if fits else Estimate()
     if fits and engine == "ipex" and spec.is_moe:
         low = low_bit_bytes(spec, "sym_int4", rest)
-        fast = _estimate(spec, low, bw, cpu.bf16_tflops, FLAVOURS[("ipex-llm", "cpu")], req.concurrency, context,
+        fast = _estimate(spec, low, bw, cpu.bf16_tflops, FLAVOURS[("ipex-llm", "cpu")], req.concurrency, workload(req).kv_tokens,
                          kv_token, layout, (math.inf, 0.0), host=True)
         reasons.append(f"--dtype int4 would run ipex-llm sym_int4 ({low.total / GiB:.1f} GiB) at about "
                        f"{fast.decode_tok_s:.1f} tok/s, lossy; planned in {fmt} because quantization was not asked for")
@@ -328,13 +335,14 @@ def cpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, engine: str, fm
 
 # --- speed ----------------------------------------------------------------------------------------
 def _estimate(spec: ModelSpec, w: Bytes, bw_gbs: float, tflops: float, flavour: Flavour, concurrency: int,
-              context: int, kv_token: float, layout: Parallel, link: tuple[float, float], host: bool = False) -> Estimate:
+              kv_tokens: float, kv_token: float, layout: Parallel, link: tuple[float, float],
+              host: bool = False) -> Estimate:
     """Batch-`concurrency` decode step: every rank streams its share of the weights touched; PP stages run
     one after another for a batch (no micro-batching in ipex-llm's generate); TP adds two all-reduces per layer."""
     batch = concurrency
     experts = w.experts * experts_touched(spec, batch) / spec.moe.num_experts if spec.moe else 0.0
     stream = (w.non_expert + experts + w.head) / layout.tp
-    kv_read = batch * context / 2 * kv_token
+    kv_read = batch * kv_tokens * kv_token
     t_mem = (stream + kv_read) / (max(bw_gbs, 1.0) * 1e9 * flavour.bw_eff)
     flops = 2 * spec.active_params() * batch / layout.tp
     t_compute = flops / (max(tflops, 0.05) * 1e12 * COMPUTE_EFFICIENCY)
@@ -351,7 +359,8 @@ def _estimate(spec: ModelSpec, w: Bytes, bw_gbs: float, tflops: float, flavour: 
         "compute" if t_compute >= max(t_comm, spec.num_layers * flavour.layer_s) else
         "rank communication" if t_comm >= spec.num_layers * flavour.layer_s else "per-layer overhead")
     prefill = max(tflops, 0.05) * 1e12 * COMPUTE_EFFICIENCY * layout.tp / (2 * spec.active_params())
-    return Estimate(decode_tok_s=1 / step, throughput_tok_s=batch / step, prefill_tok_s=prefill, bound=bound)
+    return Estimate(decode_tok_s=1 / step, throughput_tok_s=batch / step, prefill_tok_s=prefill, bound=bound,
+                    basis=BASIS)
 
 
 def _max_context(spec: ModelSpec, room: float, kv_token: float, req: Request, context: int) -> int:

@@ -18,26 +18,47 @@ from dataclasses import dataclass
 from qwenhw.hardware.profile import Accelerator, GiB, HardwareProfile
 from qwenhw.models import memory as mm
 from qwenhw.models.spec import ModelSpec
-from qwenhw.planning.layout import candidate_layouts, experts_touched, head_rules, roofline, shard
+from qwenhw.planning import speed as mechanisms
+from qwenhw.planning.layout import candidate_layouts, decode_step, experts_touched, head_rules, prefill_time, shard
 from qwenhw.planning.plan import DeviceUse, Estimate, Offload, Parallel, Plan, Request
 from qwenhw.planning.precision import stored_dtype, with_weight_dtype
+from qwenhw.planning.workload import Workload, context_floor, default_context, estimate, workload
 
-GPU_UTILISATION = 0.9  # vLLM's default gpu_memory_utilization
-MAX_BATCHED_TOKENS = 8192  # set explicitly, so the activation peak we plan is the one vLLM profiles
-MAX_NUM_SEQS = 256  # vLLM's default for the LLM class on most GPUs
+from . import speed
+
+GPU_UTILISATION = 0.92  # vLLM's default gpu_memory_utilization (0.20; 0.9 before)
+
+
+def batch_limits(gpu: Accelerator) -> tuple[int, int]:
+    """(max_num_batched_tokens, max_num_seqs) as vLLM's LLM class picks them for this GPU (arg_utils.py
+    get_batch_defaults: 16384 / 1024 on GPUs of 70 GiB and more but A100s, else 8192 / 256). The plan sets
+    them explicitly, so the activation peak it plans is the one vLLM profiles."""
+    if gpu.memory_bytes >= 70 * GiB and "a100" not in gpu.name.lower():
+        return 16384, 1024
+    return 8192, 256
 NON_TORCH = 0.6 * GiB  # CUDA context, cuBLAS/cuDNN workspaces: outside torch's allocator, counted by vLLM
+# vLLM sizes its budget from the memory CUDA reports, which is NVML's total less what the driver keeps:
+# 143771 MiB against 139.80 GiB on an H200 (docs/results/h200_side_by_side)
+CUDA_RESERVED = 0.6 * GiB
 COMM_BUFFERS = 0.25 * GiB  # NCCL + custom all-reduce buffers per rank when world > 1
-CUDA_GRAPHS = 0.5 * GiB  # captured decode graphs (vLLM estimates them into the budget since v0.11)
+# vLLM estimates its CUDA graphs' memory before it sizes the KV cache (0.20: "Estimated CUDA graph memory"):
+# 0.64 GiB at 48 layers and 0.50 at 24 for its 51 capture sizes up to 512 (one H200, same run)
+CUDA_GRAPHS = 0.36 * GiB
+CUDA_GRAPHS_PER_LAYER = 5.8 * 2**20
+# the profile run's activation peak over the formula's tensors (allocator rounding): with NON_TORCH and the
+# graphs it makes the non-KV memory vLLM reported, 4.09 GiB at 48 layers and 3.93 at 24 (same run)
+ACTIVATION_SLACK = 1.03
 BLOCK_TOKENS = 16  # KV page size on CUDA
 FP8_BLOCK = 128  # block-FP8 checkpoints (Qwen3-*-FP8) quantize in 128x128 tiles
-DEFAULT_CONTEXT = 32768  # max_model_len when the request leaves it open (shrunk when the KV cache is smaller)
-MIN_CONTEXT = 4096
 RAM_HEADROOM = 0.85
 # vLLM-CPU: one decode step costs this much beyond the weight stream (scheduler, sampler, ZMQ between the
 # front end and the engine core). bench/vllm_overhead.py on the tiny model (whose weights stream in well under
 # a millisecond), 2-core Xeon: 6.7 ms per step idle, 8.7-11.5 ms with other jobs running.
 CPU_STEP_OVERHEAD_S = 0.007
 CPU_EFFICIENCY = 0.6  # fraction of RAM bandwidth the CPU GEMV kernels reach (same figure as the offload backend)
+CPU_COMPUTE_EFFICIENCY = 0.4  # of the CPU's estimated bf16 rate, for prompts (not measured)
+CPU_BASIS = ("vLLM-CPU: per-step overhead from bench/vllm_overhead.py (tiny model, 2-core Xeon); weights at 0.6 of "
+             "the profile's RAM bandwidth and prompts at 0.4 of its bf16 rate, neither measured",)
 CPU_MAX_NUM_SEQS = 32
 CPU_MAX_BATCHED_TOKENS = 4096  # vLLM-CPU's own default for the LLM class
 # vLLM-CPU beyond weights and KV: three processes (front end with tokenizer ~0.8 GiB, engine core ~0.5, worker
@@ -194,7 +215,7 @@ def activation_bytes(spec: ModelSpec, layout: Parallel, tokens: int, max_num_seq
 
     Live at the peak: residual + hidden + norm outputs, q/k/v and attention output, the fused-MoE
     intermediate caches (tokens x top_k x (2 x inter, inter, hidden)) or the dense MLP, fp32 router logits,
-    and fp32 logits + probabilities for the sampler. x1.2 for allocator rounding.
+    and fp32 logits + probabilities for the sampler; ACTIVATION_SLACK for allocator rounding.
     """
     tp = layout.tp
     h = spec.hidden_size
@@ -210,11 +231,12 @@ def activation_bytes(spec: ModelSpec, layout: Parallel, tokens: int, max_num_seq
         mlp, router = 3 * spec.intermediate_size / tp, 0.0
     per_token = (4 * h + attn + mlp + router) * act_bytes
     logits = max_num_seqs * spec.vocab_size / tp * 4 * 2
-    return 1.2 * (tokens * per_token + logits)
+    return ACTIVATION_SLACK * (tokens * per_token + logits)
 
 
-def per_gpu_overhead(layout: Parallel, cuda_graphs: bool = True) -> float:
-    return NON_TORCH + (COMM_BUFFERS if layout.world > 1 or layout.ep > 1 else 0.0) + (CUDA_GRAPHS if cuda_graphs else 0.0)
+def per_gpu_overhead(spec: ModelSpec, layout: Parallel, cuda_graphs: bool = True) -> float:
+    graphs = CUDA_GRAPHS + CUDA_GRAPHS_PER_LAYER * spec.num_layers / layout.pp if cuda_graphs else 0.0
+    return NON_TORCH + (COMM_BUFFERS if layout.world > 1 or layout.ep > 1 else 0.0) + graphs
 
 
 def kv_need(spec: ModelSpec, layout: Parallel, kv_dtype: str, context: int, seqs: int) -> float:
@@ -266,10 +288,12 @@ def nodes_used(hw: HardwareProfile, layout: Parallel) -> int:
 
 def _budget(gpu: Accelerator, req: Request) -> tuple[float, float]:
     """(gpu_memory_utilization, bytes it allows) for one GPU."""
+    visible = gpu.memory_bytes - CUDA_RESERVED
     util = GPU_UTILISATION
     if req.gpu_memory_gib is not None:
-        util = min(util, req.gpu_memory_gib * GiB / gpu.memory_bytes)
-    return round(util, 3), util * gpu.memory_bytes
+        util = min(util, req.gpu_memory_gib * GiB / visible)
+    util = math.floor(util * 1000) / 1000  # vLLM takes a fraction; never round above the budget asked for
+    return util, util * visible
 
 
 def layout_plan(spec: ModelSpec, prec: Precision, hw: HardwareProfile, gpu: Accelerator, layout: Parallel,
@@ -279,10 +303,11 @@ def layout_plan(spec: ModelSpec, prec: Precision, hw: HardwareProfile, gpu: Acce
     nodes = nodes_used(hw, layout)
     util, budget = _budget(gpu, req)
     seqs = max(1, math.ceil(req.concurrency / layout.dp))  # sequences one DP replica holds
-    max_num_seqs = max(MAX_NUM_SEQS, seqs)
+    batched_tokens, default_seqs = batch_limits(gpu)
+    max_num_seqs = max(default_seqs, seqs)
     weights = shard(served, layout).weights
-    act = activation_bytes(served, layout, MAX_BATCHED_TOKENS, max_num_seqs)
-    overhead = act + per_gpu_overhead(layout)
+    act = activation_bytes(served, layout, batched_tokens, max_num_seqs)
+    overhead = act + per_gpu_overhead(served, layout)
     pool = budget - weights - overhead  # what vLLM hands the KV cache
     warnings: list[str] = []
     reasons: list[str] = []
@@ -292,7 +317,8 @@ def layout_plan(spec: ModelSpec, prec: Precision, hw: HardwareProfile, gpu: Acce
     # "auto" in the request = let the planner choose; an explicit bf16/fp16 = the model's dtype (vLLM's "auto")
     want_kv = (req.kv_dtype or "auto").lower()
     kv_options = ["fp8"] if want_kv == "fp8" else ["auto"] + (["fp8"] if gpu.fp8 and want_kv == "auto" else [])
-    context = req.context or min(served.max_position, DEFAULT_CONTEXT)
+    w = workload(req)
+    context = req.context or default_context(served.max_position, w)
     chosen = None
     for kv_dtype in kv_options:
         need = kv_need(served, layout, _kv_bytes_dtype(kv_dtype, served), context, seqs)
@@ -301,7 +327,7 @@ def layout_plan(spec: ModelSpec, prec: Precision, hw: HardwareProfile, gpu: Acce
             break
         if req.context is None:
             fit = fitting_context(served, layout, _kv_bytes_dtype(kv_dtype, served), pool, seqs) // 1024 * 1024
-            if fit >= MIN_CONTEXT:
+            if fit >= context_floor(served.max_position, w):
                 chosen = (kv_dtype, fit)
                 reasons.append(f"max_model_len {fit} (not {context}): the largest that leaves KV pages for "
                                f"{seqs} full-length sequence{'s' if seqs > 1 else ''} per replica; pass --context "
@@ -310,6 +336,15 @@ def layout_plan(spec: ModelSpec, prec: Precision, hw: HardwareProfile, gpu: Acce
     if chosen and chosen[0] == "fp8" and "auto" in kv_options:
         reasons.append(f"fp8 KV cache (kv_cache_dtype=fp8): halves KV bytes so context {chosen[1]} fits "
                        f"({gpu.name} has fp8 support)")
+    if chosen is None and req.context is None:
+        # not even the shortest context keeps the weights on the GPU: plan that one, so the least crosses PCIe
+        floor = context_floor(served.max_position, w)
+        if floor < context:
+            long_need = kv_need(served, layout, _kv_bytes_dtype(kv_options[0], served), context, seqs)
+            reasons.append(f"max_model_len {floor} (not {context}): no context keeps the weights on the GPU, and "
+                           f"the shortest offloads the least ({long_need / GiB:.1f} GiB more KV pages at {context} "
+                           f"tokens would move as many weights to host RAM); pass --context to insist")
+            context = floor
     kv_dtype, context = chosen or (kv_options[0], context)
     kvb = _kv_bytes_dtype(kv_dtype, served)
     need = kv_need(served, layout, kvb, context, seqs)
@@ -324,9 +359,12 @@ def layout_plan(spec: ModelSpec, prec: Precision, hw: HardwareProfile, gpu: Acce
         possible = off < weights * 0.95 and off * gpus_per_node <= ram
         if req.allow_offload and possible:
             offload_per_gpu = off
+            layers = _offloaded(served, layout, off)
             warnings.append(f"cpu_offload_gb={off / GiB:g} per GPU ({off * layout.world / GiB:.0f} GiB of weights in "
-                            f"pinned host RAM): every forward pass reads them over PCIe "
-                            f"({node.host_to_device_gbs:.0f} GB/s), so decode is far slower than all-GPU")
+                            f"pinned host RAM, {layers.layers:.0f} layers' worth): vLLM's kernels read them in place "
+                            f"over PCIe ({node.host_to_device_gbs:.0f} GB/s), "
+                            f"{layers.touched(1) / 1e9:.1f} GB per token at one sequence, so decode is far "
+                            f"slower than all-GPU")
         else:
             advice = _fit_advice(spec, served, prec, layout, weights, shortfall, off, gpus_per_node, ram, gpu)
             rule = (f"per GPU: weights {weights / GiB:.1f} GiB + activations/overhead {overhead / GiB:.1f} GiB + KV "
@@ -338,13 +376,13 @@ def layout_plan(spec: ModelSpec, prec: Precision, hw: HardwareProfile, gpu: Acce
     w_gpu = weights - offload_per_gpu
     kv_pool = max(budget - w_gpu - overhead, need) if fits else need
     max_context = fitting_context(served, layout, kvb, budget - w_gpu - overhead, seqs) if fits else 0
-    for w in (kv_waste_warning(served, layout, kvb), int4_kernel_warning(served, layout, prec)):
-        if w:
-            warnings.append(w)
+    for note in (kv_waste_warning(served, layout, kvb), int4_kernel_warning(served, layout, prec)):
+        if note:
+            warnings.append(note)
     if layout.dp > 1:
         warnings.append(f"data parallel ({layout.dp} replicas) runs as `vllm serve --data-parallel-size "
                         f"{layout.dp}` (see artifacts); qwenhw.load runs one replica in this process")
-    est = _estimate(served, layout, gpu, hw, req.concurrency, context, kvb, offload_per_gpu, weights)
+    est = _estimate(served, layout, gpu, hw, w, kvb, offload_per_gpu, batched_tokens)
     if fits:
         reasons.append(_explain(spec, prec, hw, gpu, layout, w_gpu, kv_pool, kvb, context))
         reasons += list(prec.notes)
@@ -361,7 +399,7 @@ def layout_plan(spec: ModelSpec, prec: Precision, hw: HardwareProfile, gpu: Acce
         "gpu_memory_utilization": util,
         "max_model_len": context,
         "max_num_seqs": max_num_seqs,
-        "max_num_batched_tokens": MAX_BATCHED_TOKENS,
+        "max_num_batched_tokens": batched_tokens,
         "kv_cache_dtype": "fp8" if kv_dtype == "fp8" else "auto",
         "cpu_offload_gb": round(offload_per_gpu / GiB, 1),
         "quantization": prec.quantization,
@@ -417,17 +455,59 @@ def _devices(hw: HardwareProfile, layout: Parallel, budget: float, weights: floa
     return out
 
 
-def _estimate(spec: ModelSpec, layout: Parallel, gpu: Accelerator, hw: HardwareProfile, concurrency: int,
-              context: int, kv_dtype: str, offload: float, weights: float) -> Estimate:
-    est = roofline(spec, layout, gpu, hw.node, concurrency, context, kv_dtype, network_gbs=hw.node.network_gbs)
-    if not offload:
-        return est
-    # vLLM's cpu_offload_gb moves each offloaded module's whole state to the GPU in every forward pass
-    # (functional_call over a device copy), so all offloaded bytes cross PCIe once per step, routed to or not
-    extra = offload / (hw.node.host_to_device_gbs * 1e9) * layout.pp
-    step = 1.0 / est.decode_tok_s + extra
-    ratio = (1.0 / est.decode_tok_s) / step
-    return Estimate(1.0 / step, est.throughput_tok_s * ratio, est.prefill_tok_s * ratio, "PCIe (cpu_offload_gb)")
+def _estimate(spec: ModelSpec, layout: Parallel, gpu: Accelerator, hw: HardwareProfile, w: Workload,
+              kv_dtype: str, offload: float, batched_tokens: int) -> Estimate:
+    node = hw.node
+    step = decode_step(spec, layout, gpu, node, w.concurrency, w.kv_tokens, kv_dtype, speed.DECODE,
+                       network_gbs=node.network_gbs)
+
+    def passes(prompts: int, tokens: int) -> list:
+        return mechanisms.chunked_passes(prompts, tokens, batched_tokens)
+
+    ttft = prefill_time(spec, layout, gpu, node, w.concurrency, w.prompt_tokens, speed.PREFILL, passes)
+    step_s, bound, basis = step.step_s, step.bound, (speed.DECODE.source, speed.PREFILL.source)
+    if offload:
+        layers, host = _offloaded(spec, layout, offload), node.host_to_device_gbs * 1e9 * speed.UVA
+        micro = math.ceil(step.rows / min(step.rows, layout.pp))
+        step_s += layout.pp * layers.touched(micro) / host
+        ttft += sum(layers.prefill(p.tokens) for p in passes(step.rows, w.prompt_tokens)) / host
+        bound, basis = "the host link (cpu_offload_gb: offloaded weights read in place)", basis + (speed.UVA_SOURCE,)
+    return estimate(step_s, ttft, w, bound, basis, rows=step.rows, busy=step.busy)
+
+
+@dataclass(frozen=True)
+class _Offloaded:
+    """What one GPU's cpu_offload_gb holds: whole layers from the first (vLLM offloads parameter by
+    parameter in layer order), so a step reads their attention and router and the experts it routes to."""
+
+    spec: ModelSpec
+    layers: float  # layers of this rank (its stage) in host memory
+    non_expert: float  # bytes of one such layer outside its routed experts
+    expert: float  # bytes of one routed expert
+
+    def touched(self, tokens: int) -> float:
+        experts = experts_touched(self.spec, tokens) if self.spec.moe else 0.0
+        return self.layers * (self.non_expert + experts * self.expert)
+
+    def prefill(self, tokens: int) -> float:
+        """Bytes one prefill pass of `tokens` tokens reads over the host link: a touched expert once per
+        block of its tokens (vLLM's fused-MoE tiles)."""
+        m = self.spec.moe
+        if m is None:
+            return self.layers * self.non_expert
+        touched = experts_touched(self.spec, tokens)
+        blocks = mechanisms.expected_blocks(tokens * m.top_k / max(touched, 1.0), speed.MOE_PREFILL_BLOCK)
+        return self.layers * (self.non_expert + touched * blocks * self.expert)
+
+
+def _offloaded(spec: ModelSpec, layout: Parallel, offload: float) -> _Offloaded:
+    wb = mm.weight_bytes_split(spec)
+    sh = 1 / layout.tp
+    experts_rank = spec.moe.num_experts / (layout.ep if layout.ep > 1 else 1) if spec.moe else 0
+    expert = mm.expert_bytes(spec) * (sh if layout.ep <= 1 else 1.0) if spec.moe else 0.0
+    non_expert = wb.non_expert / spec.num_layers * sh
+    per_layer = non_expert + experts_rank * expert
+    return _Offloaded(spec, min(spec.num_layers / layout.pp, offload / max(per_layer, 1.0)), non_expert, expert)
 
 
 def _explain(spec, prec, hw, gpu, layout, weights, kv_pool, kv_dtype, context) -> str:
@@ -475,7 +555,8 @@ def cpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request) -> Plan:
     kv_dtype = _auto_kv(served) if req.kv_dtype in (None, "auto") else req.kv_dtype
     if kv_dtype == "fp8":
         return _unfit(spec, hw, req, "vllm-cpu", "vLLM's CPU platform keeps the KV cache in the model dtype; drop --kv-dtype fp8")
-    context = req.context or min(served.max_position, DEFAULT_CONTEXT)
+    w = workload(req)
+    context = req.context or default_context(served.max_position, w)
     seqs = req.concurrency
     kv = kv_need(served, layout, kv_dtype, context, seqs)
     kv_space_gib = max(1, math.ceil(kv / GiB))  # VLLM_CPU_KVCACHE_SPACE takes whole GiB
@@ -496,12 +577,12 @@ def cpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request) -> Plan:
     bw = max(node.cpu.memory_bandwidth_gbs, 1.0) * 1e9 * CPU_EFFICIENCY
     head = wb.embeddings if served.tie_embeddings else wb.embeddings / 2
     experts = experts_touched(served, seqs) * mm.expert_bytes(served) * served.num_moe_layers if served.moe else 0.0
-    stream = wb.non_expert + head + experts + seqs * context / 2 * mm.kv_bytes_per_token(served, kv_dtype)
-    flops = 2 * served.active_params() * seqs / (max(node.cpu.bf16_tflops, 0.05) * 1e12 * 0.4)
-    step = max(stream / bw, flops) + CPU_STEP_OVERHEAD_S
-    prefill = max(node.cpu.bf16_tflops, 0.05) * 1e12 * 0.4 / (2 * served.active_params())
-    est = Estimate(1 / step, seqs / step, prefill, "host RAM bandwidth" if stream / bw > CPU_STEP_OVERHEAD_S
-                   else "per-step engine overhead")
+    stream = wb.non_expert + head + experts + seqs * w.kv_tokens * mm.kv_bytes_per_token(served, kv_dtype)
+    rate = max(node.cpu.bf16_tflops, 0.05) * 1e12 * CPU_COMPUTE_EFFICIENCY
+    step = max(stream / bw, 2 * served.active_params() * seqs / rate) + CPU_STEP_OVERHEAD_S
+    ttft = 2 * served.active_params() * seqs * w.prompt_tokens / rate + CPU_STEP_OVERHEAD_S
+    est = estimate(step, ttft, w, "host RAM bandwidth" if stream / bw > CPU_STEP_OVERHEAD_S else
+                   "per-step engine overhead", CPU_BASIS)
     per_token = mm.kv_bytes_per_token(served, kv_dtype)
     max_context = min(served.max_position, int(kv_space_gib * GiB / max(per_token * seqs, 1))) if per_token else served.max_position
     engine_args = {

@@ -1,0 +1,44 @@
+"""Speed of qwenhw's own engine: the shared mechanisms (qwenhw.planning.speed) with constants fitted to it.
+
+Refit the one-GPU constants with `python bench/fit_speed.py docs/results/h200_side_by_side` after a new
+bench/side_by_side.py run; the tensor-parallel ones come from bench/multi_gpu.py (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+from qwenhw.planning.speed import DecodeFit, PrefillFit
+
+# bench/side_by_side.py: Engine.generate over CUDA graphs of the fused Triton decode kernels, Qwen3-30B-A3B's
+# shape at 48 and 24 layers, random bf16 weights
+MEASURED = "one H200, 2026-12-04, docs/results/h200_side_by_side"
+
+# A GPU decoding alone (one GPU; each data-parallel replica): weights and KV at 0.89 of the datasheet
+# bandwidth (the fraction vLLM reaches too), 123 us per step and 37.3 us per layer of kernel latency; past
+# the 16 rows the fused projections take (fused.LINEAR_MAX_TOKENS) cuBLAS and separate kernels cost 2.7 us
+# per layer and row. Every row within 5.2% (1-64 sequences, both layer counts).
+DECODE = DecodeFit(step_s=123.0e-6, layer_s=37.27e-6, bandwidth=0.89, row_layer_s=2.67e-6, rows_fused=16,
+                   source=f"qwenhw decode at 1-64 sequences ({MEASURED})")
+
+# Prompts through transformers' modules (grouped expert GEMMs, SDPA), one padded pass up to the runtime's
+# 2048-token chunk, longer ones a sequence and a chunk at a time: 0.90 ms per layer and pass (the grouped
+# GEMM's host sync among it), 5.0 us per token and 1.2 ms per prompt outside the layers, the matrix
+# products at 0.26 of the bf16 peak. Rows within 16% (512-8192 tokens, alone and 16 at once).
+PREFILL = PrefillFit(call_s=0.0, pass_layer_s=0.9035e-3, token_s=5.02e-6, flops=0.260, prompt_s=1.178e-3,
+                     source=f"qwenhw time to first token, 512-8192-token prompts ({MEASURED})")
+
+# The MoE hybrid (routed experts in host RAM, computed by cpu_moe.c): the CPU streams a token's experts at
+# 0.72 of the profile's RAM bandwidth (92 GB/s on a 16-core host estimated at 128), and a token pays 310 us
+# per MoE layer for its attention graph, the router sync and the copies. Fitted on an H100 host
+# (2026-11-28); one H200 host: 19.2 tok/s measured, 18.2 predicted (the first machine of the same day ran
+# its CPU side ~35% slower: 12.5). Prompts ship every layer's experts to the GPU over pinned memory at 0.98
+# of the host link (TTFT of 2048 tokens: 1.18 s measured).
+HYBRID_LAYER_S = 310e-6
+HYBRID_CPU_BANDWIDTH = 0.72
+HYBRID_STREAM = 0.98
+HYBRID_SOURCE = f"qwenhw hybrid under a 20 GiB GPU cap, 1 sequence ({MEASURED}; CPU constants from an H100 host)"
+
+# Tensor parallel (one process per GPU, the all-reduce fused with the next RMSNorm): 46 us per layer besides
+# the weight stream, fitted to 13 rows on 4x H200 before the Triton projections (docs/benchmarks.md,
+# "Experts on every GPU", 2026-11-28); not re-measured since.
+TP_DECODE = DecodeFit(step_s=0.0, layer_s=46e-6, bandwidth=0.92, source="qwenhw tensor parallel decode, 4x H200, "
+                      "2026-11-28 (docs/benchmarks.md)")

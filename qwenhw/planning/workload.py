@@ -1,0 +1,147 @@
+"""The workload a plan is judged by, and the estimate it gets for it. Pure.
+
+A request says how long prompts and answers are and how many sequences run together; every engine's speed
+model gives two times for it (one decode step at that concurrency, and the time until every prompt has
+its first token), and `estimate` turns them into what a user feels: time to first token, time per output
+token, request latency and throughput.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .plan import Estimate, Plan, Request
+
+# What a request leaves open. Chat-sized prompts and answers (the serving benchmark's 1024 / 256).
+DEFAULT_PROMPT_TOKENS = 1024
+DEFAULT_OUTPUT_TOKENS = 256
+# Tokens per sequence every backend plans for when the request names no context (each may hold less
+# where the KV cache would not fit, and says so); never below MIN_CONTEXT unless the model is shorter.
+DEFAULT_CONTEXT = 32768
+MIN_CONTEXT = 4096
+GOALS = ("latency", "throughput")
+# Qwen's tokenizer (transformers' fast tokenizer), per prompt token, paid by every engine behind
+# Engine.generate: the median of Engine.generate minus the engine's own call over the 24 TTFT rows of
+# bench/side_by_side.py (both engines, 512-8192 tokens, one H200 host, docs/results/h200_side_by_side).
+TOKENIZE_S = 4.5e-6
+
+
+@dataclass(frozen=True)
+class Workload:
+    prompt_tokens: int
+    output_tokens: int
+    concurrency: int
+    goal: str  # "latency": a request's whole time; "throughput": output tokens per second
+
+    @property
+    def kv_tokens(self) -> float:
+        """Tokens a sequence's cache holds on average while it decodes."""
+        return self.prompt_tokens + self.output_tokens / 2
+
+
+def workload(req: Request) -> Workload:
+    goal = req.goal or ("latency" if req.concurrency == 1 else "throughput")
+    return Workload(req.prompt_tokens or DEFAULT_PROMPT_TOKENS, req.output_tokens or DEFAULT_OUTPUT_TOKENS,
+                    req.concurrency, goal)
+
+
+def default_context(max_position: int, w: Workload) -> int:
+    """The context a plan is sized for when the request names none."""
+    return min(max_position, max(DEFAULT_CONTEXT, w.prompt_tokens + w.output_tokens))
+
+
+def context_floor(max_position: int, w: Workload) -> int:
+    """The shortest context a backend may shrink an open request's to (to keep its weights on the GPU):
+    MIN_CONTEXT, and never less than a prompt and its answer."""
+    return min(max_position, max(MIN_CONTEXT, w.prompt_tokens + w.output_tokens))
+
+
+def shortest(make: Callable[[int], Plan], context: int, floor: int, spills: Callable[[Plan], bool]) -> Plan:
+    """`make(context)`, or, when that plan spills (does not fit, or puts weights where they are slow) and the
+    request left the context open (`floor` < `context`), `make` at the longest context down to `floor`
+    that does not, saying what the longer one would have cost."""
+    plan = make(context)
+    if floor >= context or not spills(plan):
+        return plan
+    lo, hi, best = -(-floor // 1024), context // 1024 - 1, None
+    while lo <= hi:  # fewer tokens per sequence only ever need less memory: bisect
+        mid = (lo + hi) // 2
+        trial = make(max(floor, mid * 1024))
+        if spills(trial):
+            hi = mid - 1
+        else:
+            best, lo = trial, mid + 1
+    if best is None:
+        least = make(floor)
+        if spills(least):  # no context helps: say so at the least it would need
+            return least.replace(reasons=least.reasons + (f"shortening the context to {floor} tokens is not "
+                                                          f"enough either",)) if not least.fits else plan
+        best = least
+    cost = (f"; at {context} tokens {plan.offload.cpu_gib + plan.offload.disk_gib:.1f} GiB of weights would be "
+            f"offloaded" if plan.fits else f"; {context} tokens do not fit")
+    return best.replace(reasons=best.reasons + (
+        f"context {best.context} (not {context}): the longest at which this plan keeps its weights where they "
+        f"run fast{cost}; pass --context {context} to insist",))
+
+
+def estimate(step_s: float, ttft_s: float, w: Workload, bound: str, basis: tuple[str, ...] = (),
+             rows: int | None = None, busy: int = 1, tokenize: bool = True) -> Estimate:
+    """What a user sees of an engine that decodes one step of `rows` sequences (default: all of them) in
+    `step_s`, with `busy` such groups side by side (data parallel), and gives every prompt of its group its
+    first token after `ttft_s` (plus the tokenizer's time for them, unless `tokenize` is false)."""
+    rows = rows or w.concurrency
+    ttft = ttft_s + (TOKENIZE_S * w.prompt_tokens * rows if tokenize else 0.0)
+    latency = ttft + max(0, w.output_tokens - 1) * step_s
+    return Estimate(
+        decode_tok_s=1.0 / step_s,
+        throughput_tok_s=rows * busy / step_s,
+        prefill_tok_s=w.prompt_tokens * rows / ttft if ttft > 0 else 0.0,
+        bound=bound,
+        ttft_s=ttft,
+        tpot_s=step_s,
+        latency_s=latency,
+        total_tok_s=w.output_tokens * rows * busy / latency,
+        basis=tuple(basis),
+    )
+
+
+def from_rates(e: Estimate, w: Workload) -> Estimate:
+    """An estimate that gives only rates (a third-party backend's): its workload figures from them."""
+    if e.tpot_s or e.decode_tok_s <= 0:
+        return e
+    step = 1.0 / e.decode_tok_s
+    rows = max(1, round(e.throughput_tok_s * step)) if e.throughput_tok_s else 1
+    ttft = w.prompt_tokens * rows / e.prefill_tok_s if e.prefill_tok_s > 0 else 0.0
+    basis = e.basis or ("the backend's own decode and prefill rates",)
+    return estimate(step, ttft, w, e.bound, basis, rows=rows, tokenize=False)
+
+
+def trade_off(best: Estimate, other: Estimate, best_name: str, other_name: str, w: Workload) -> str:
+    """How `other` compares with the chosen plan for this workload, in numbers."""
+    lead = (f"with {w.prompt_tokens}-token prompts and {w.output_tokens}-token answers at concurrency "
+            f"{w.concurrency},")
+    parts = []
+    if other.ttft_s and best.ttft_s:
+        if other.ttft_s < best.ttft_s * 0.95:
+            parts.append(f"{other_name} reaches the first token {best.ttft_s / other.ttft_s:.1f}x sooner "
+                         f"({other.ttft_s * 1e3:.0f} vs {best.ttft_s * 1e3:.0f} ms)")
+        elif other.ttft_s > best.ttft_s * 1.05:
+            parts.append(f"{best_name} reaches the first token {other.ttft_s / best.ttft_s:.1f}x sooner "
+                         f"({best.ttft_s * 1e3:.0f} vs {other.ttft_s * 1e3:.0f} ms)")
+    if other.tpot_s and best.tpot_s:
+        if other.tpot_s < best.tpot_s * 0.98:
+            parts.append(f"{other_name} decodes {best.tpot_s / other.tpot_s:.2f}x faster "
+                         f"({other.tpot_s * 1e3:.1f} vs {best.tpot_s * 1e3:.1f} ms per token)")
+        elif other.tpot_s > best.tpot_s * 1.02:
+            parts.append(f"{best_name} decodes {other.tpot_s / best.tpot_s:.2f}x faster "
+                         f"({best.tpot_s * 1e3:.1f} vs {other.tpot_s * 1e3:.1f} ms per token)")
+    return "; ".join(parts + [lead + " " + verdict(best, other, best_name, w)])
+
+
+def verdict(best: Estimate, other: Estimate, best_name: str, w: Workload) -> str:
+    """The goal's figure of the chosen plan against another's."""
+    if w.goal == "throughput":
+        return f"{best_name} gives {best.total_tok_s:.0f} output tok/s against {other.total_tok_s:.0f}"
+    return (f"{best_name} finishes a request in {best.latency_s:.2f} s against {other.latency_s:.2f} s "
+            f"({other.latency_s - best.latency_s:.2f} s sooner)")

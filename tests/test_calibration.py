@@ -1,0 +1,85 @@
+"""The planner against the engines it chooses between: every figure it predicts for the one-H200 benchmark
+(bench/side_by_side.py, raw results in docs/results/h200_side_by_side) within its tolerance, and the engine
+it picks for the workloads that matter is the one measured faster. Pure Python: no GPU, no engine."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import qwenhw
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results" / "h200_side_by_side"
+sys.path.insert(0, str(ROOT / "bench"))
+
+import side_by_side  # noqa: E402
+
+# The hybrid's CPU side ran ~35% slower on the first machine of the benchmark day than on the second (same
+# kind, same code; docs/benchmarks.md): its rows from that machine are reported, not held to the tolerance.
+# The static expert cache hits more on the random-weight model than uniform routing (the planner's
+# assumption) gives: 27.2 tok/s against 22.6 planned.
+KNOWN = {"qwenhw hybrid, no expert cache, first machine (tok/s)", "qwenhw hybrid, static expert cache (tok/s)"}
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return side_by_side.report_rows(str(RESULTS))
+
+
+def test_every_predicted_figure_is_within_its_tolerance(rows):
+    assert len(rows) >= 60  # decode, TTFT, memory, offload and whole-request rows of both engines
+    off = [r for r in rows if abs(r["error"]) > r["tolerance"] and r["what"] not in KNOWN]
+    assert not off, "\n".join(f"{r['what']}: {r['error']:+.1%} (> {r['tolerance']:.0%})" for r in off)
+    kinds = {r["kind"] for r in rows}
+    assert kinds == {"decode", "ttft", "memory", "latency", "hybrid"}
+
+
+def test_known_deviations_are_still_deviations(rows):
+    """If a refit brings them in, move them out of KNOWN; if they vanish from the report, so must KNOWN."""
+    present = {r["what"]: r for r in rows}
+    assert KNOWN <= set(present)
+    assert all(abs(present[k]["error"]) > present[k]["tolerance"] for k in KNOWN)
+
+
+def test_the_choice_is_the_measured_faster_engine():
+    picks = side_by_side.choices(str(RESULTS))
+    assert len(picks) == 4
+    for c in picks:
+        assert c["chosen"] == c["faster"], c
+
+
+def test_vllm_memory_is_what_vllm_reports(rows):
+    """The KV pool vLLM sizes at start (its log: weights, graphs estimate, profile run) within 1%."""
+    kv = [r for r in rows if r["what"].startswith("vLLM KV cache")]
+    assert len(kv) == 2 and all(abs(r["error"]) < 0.01 for r in kv)
+
+
+def test_figures_name_what_they_were_fitted_to():
+    plan = qwenhw.plan("Qwen3-30B-A3B", hardware="1xH200-141G", concurrency=16, prompt_tokens=2048)
+    assert plan.estimate.basis and all("docs/results" in b or "benchmarks" in b for b in plan.estimate.basis)
+    for c in plan.candidates:
+        if c["fits"] and c["engine"] in ("vllm", "transformers-fast"):
+            assert c["estimate"]["basis"], c
+    text = plan.explain()
+    assert "fitted to:" in text and "first token" in text and "ms per output token" in text
+
+
+def test_the_fits_are_reproduced_by_the_fit_script():
+    """bench/fit_speed.py refits the one-GPU constants from the raw results: they are the planner's."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import fit_speed
+    from qwenhw_offload import speed as qwenhw_speed
+    from qwenhw_vllm import speed as vllm_speed
+
+    results = {p.stem: json.loads(p.read_text()) for p in RESULTS.glob("*.json")}
+    p, _ = fit_speed.fit_decode(fit_speed.decode_rows(results, "vllm"), vllm_speed.DECODE.bandwidth, None)
+    assert p[0] == pytest.approx(vllm_speed.DECODE.step_s, rel=0.01)
+    assert p[1] == pytest.approx(vllm_speed.DECODE.layer_s, rel=0.01)
+    p, _ = fit_speed.fit_decode(fit_speed.decode_rows(results, "qwenhw"), qwenhw_speed.DECODE.bandwidth,
+                                qwenhw_speed.DECODE.rows_fused)
+    assert p[1] == pytest.approx(qwenhw_speed.DECODE.layer_s, rel=0.01)
+    assert p[2] == pytest.approx(qwenhw_speed.DECODE.row_layer_s, rel=0.01)
