@@ -83,3 +83,26 @@ def test_the_fits_are_reproduced_by_the_fit_script():
                                 qwenhw_speed.DECODE.rows_fused)
     assert p[1] == pytest.approx(qwenhw_speed.DECODE.layer_s, rel=0.01)
     assert p[2] == pytest.approx(qwenhw_speed.DECODE.row_layer_s, rel=0.01)
+
+
+# Measurements the fits never saw: qwenhw's engine through bench/multi_gpu.py's runtime loop (32-token
+# prompts, 32 tokens, context 1024) on another H200 three days earlier, and vLLM 0.20 as the session that
+# filed issue #20 measured it on an H200 the same day (its table: 236 / 1313 / 2119 tok/s).
+HOLDOUT = [
+    ("offload", "multi_gpu_1xh200_final.json", 1, None),
+    ("offload", "multi_gpu_1xh200_final.json", 16, None),
+    ("offload", "multi_gpu_1xh200_batch32.json", 32, None),
+    ("vllm", "issue #20", 1, 236.0),
+    ("vllm", "issue #20", 16, 1313.0),
+    ("vllm", "issue #20", 32, 2119.0),
+]
+
+
+@pytest.mark.parametrize("backend, source, batch, measured", HOLDOUT)
+def test_decode_against_measurements_it_was_not_fitted_to(backend, source, batch, measured):
+    if measured is None:
+        rows = json.loads((ROOT / "docs" / "results" / source).read_text())["rows"]
+        measured = next(r["tok_s"] for r in rows if r["config"] == "1 GPU, qwenhw fast path" and r["batch"] == batch)
+    plan = qwenhw.plan("Qwen3-30B-A3B", hardware="1xH200-141G", backend=backend, concurrency=batch,
+                       prompt_tokens=32, output_tokens=32, context=1024)
+    assert plan.estimate.throughput_tok_s == pytest.approx(measured, rel=0.15)
