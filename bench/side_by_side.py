@@ -579,7 +579,7 @@ def predict(backend: str | None, layers: int = 48, engine: str | None = None, **
     spec = catalog(MODEL)
     if layers != 48:
         spec = spec.with_(num_layers=layers)
-    return qwenhw.plan(spec, hardware=PROFILE, backend=backend, engine=engine, **request)
+    return qwenhw.plan(spec, hardware=PROFILE, backend=backend, engine=engine, **{"dtype": "bf16", **request})
 
 
 def report_rows(folder: str) -> list[dict]:

@@ -62,7 +62,7 @@ def test_moe_on_small_gpu_with_small_ram_does_not_fit_and_says_why(tmp_path):
     small["nodes"][0]["disk"]["free_bytes"] = 5 * 2**30
     path = tmp_path / "small.json"
     path.write_text(json.dumps(small))
-    plan = qwenhw.plan("Qwen3-30B-A3B", hardware=str(path))
+    plan = qwenhw.plan("Qwen3-30B-A3B", hardware=str(path), dtype="bf16")
     assert node.cpu.ram_bytes > 32 * 2**30
     assert not plan.fits
     text = " ".join(plan.reasons)
@@ -94,7 +94,7 @@ def test_local_checkpoint_plan_uses_exact_bytes(tiny_moe):
 
 
 def test_235b_bf16_on_4xh20_needs_offload_and_says_what_would_fit():
-    plan = qwenhw.plan("Qwen3-235B-A22B", hardware="4xH20-96G")
+    plan = qwenhw.plan("Qwen3-235B-A22B", hardware="4xH20-96G", dtype="bf16")
     assert plan.fits and (plan.offload.cpu_gib > 0)  # runs only with host RAM in the picture
     advice = plan.reasons[-1]
     assert advice.startswith("without offload it does not fit")

@@ -23,20 +23,46 @@ def fresh_registry():
     plugins.reset()
 
 
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "qwenhw-example-backend")
+
+
+@pytest.fixture
+def example_backend(tmp_path, fresh_registry):
+    """The plugin-guide example as an installed distribution, for this test only: its dist-info (with the
+    entry point its pyproject declares) on sys.path, found by importlib.metadata as pip would leave it. It is
+    never installed into the environment, so no user plan can meet it."""
+    dist = tmp_path / "qwenhw_example_backend-0.1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: qwenhw-example-backend\nVersion: 0.1.0\n")
+    (dist / "entry_points.txt").write_text("[qwenhw]\nexample = qwenhw_example\n")
+    sys.path[:0] = [str(tmp_path), os.path.abspath(EXAMPLE)]
+    plugins.reset()
+    yield
+    sys.path.remove(str(tmp_path))
+    sys.path.remove(os.path.abspath(EXAMPLE))
+    sys.modules.pop("qwenhw_example", None)
+    plugins.reset()
+
+
 def _module(name: str, body: str) -> types.ModuleType:
     module = types.ModuleType(name)
     exec(textwrap.dedent(body), module.__dict__)
     return module
 
 
-def test_example_plugin_is_discovered_through_its_entry_point(fresh_registry):
+def test_example_plugin_is_not_in_a_users_environment(fresh_registry):
+    """The test setup does not install the plugin-guide example: a user's plans never meet it."""
+    assert "example-eager" not in plugins.load().backends
+
+
+def test_example_plugin_is_discovered_through_its_entry_point(example_backend):
     reg = plugins.load()
     assert "example-eager" in reg.backends
     assert reg.owners["example-eager"] == "qwenhw-example-backend"
     assert reg.owners["offload"] == "qwenhw-offload"  # the built-ins take the same path
 
 
-def test_example_plugin_is_ranked_and_chosen_when_forced(fresh_registry, tiny_moe):
+def test_example_plugin_is_ranked_and_chosen_when_forced(example_backend, tiny_moe):
     plan = qwenhw.plan(str(tiny_moe), hardware=None)
     assert plan.backend != "example-eager"  # its modest estimate loses
     assert any(r.backend.startswith("example-eager") and "slower" in r.why for r in plan.rejected)
@@ -45,7 +71,7 @@ def test_example_plugin_is_ranked_and_chosen_when_forced(fresh_registry, tiny_mo
 
 
 @pytest.mark.slow
-def test_example_plugin_is_used(fresh_registry, tiny_moe, hf_reference):
+def test_example_plugin_is_used(example_backend, tiny_moe, hf_reference):
     with qwenhw.load(str(tiny_moe), backend="example-eager") as engine:
         out = engine.generate(hf_reference["prompt"], max_tokens=8, temperature=0)[0]
     assert list(out.token_ids) == hf_reference["tokens"]

@@ -137,7 +137,7 @@ def test_qwen3_next_warns_about_kv_waste_above_tp2():
 
 
 def test_235b_bf16_on_4xh20_needs_offload_and_says_what_would_fit():
-    plan = qwenhw.plan("Qwen3-235B-A22B", "4xH20-96G", backend="vllm", allow_offload=False)
+    plan = qwenhw.plan("Qwen3-235B-A22B", "4xH20-96G", backend="vllm", allow_offload=False, dtype="bf16")
     assert not plan.fits
     text = " ".join(plan.reasons)
     assert "fp8" in text and "cpu_offload_gb" in text and "exceed" in text, plan.explain()
@@ -146,7 +146,7 @@ def test_235b_bf16_on_4xh20_needs_offload_and_says_what_would_fit():
     assert "what would fit" in first and "fp8 weights" in first and "per GPU would fit" in first
     assert all(not r.backend.startswith("vllm") or "exceed" in r.why for r in plan.rejected)
     # allowed to offload: it fits, slowly, and says so
-    slow = qwenhw.plan("Qwen3-235B-A22B", "4xH20-96G", backend="vllm")
+    slow = qwenhw.plan("Qwen3-235B-A22B", "4xH20-96G", backend="vllm", dtype="bf16")
     assert slow.fits and slow.config["engine_args"]["cpu_offload_gb"] > 0
     assert slow.offload.cpu_gib == pytest.approx(slow.config["engine_args"]["cpu_offload_gb"] * slow.parallel.world)
     assert any("far slower" in w for w in slow.warnings)

@@ -18,6 +18,7 @@ from .plan import Plan, Rejection, Request
 from .workload import Workload, from_rates, trade_off, verdict, workload
 
 MAX_ALTERNATIVES = 4
+LOSSY_GAIN = 2.0  # a plan that quantizes at load (lossy) wins unasked only by this much over the best lossless one
 
 
 def choose(spec: ModelSpec, hardware: HardwareProfile, request: Request, backends: Mapping[str, Any],
@@ -82,15 +83,27 @@ def rank(spec: ModelSpec, hardware: HardwareProfile, request: Request, candidate
     runnable = [p for p in fitting if p.available]
     if runnable:
         best = runnable[0]
+        lossless = next((p for p in runnable if not p.config.get("quantized_at_load")), None)
+        if best is not lossless and lossless is not None and best.score < LOSSY_GAIN * lossless.score:
+            # precision changes unasked only for a large gain: keep the weights as stored, name the option
+            lossy, best = best, lossless
+            runnable = [best] + [p for p in runnable if p is not best]
+            best = best.replace(reasons=best.reasons + (
+                f"--dtype {lossy.dtype} ({lossy.backend} {lossy.engine}, quantized while loading, lossy) would be "
+                f"{lossy.score / best.score:.1f}x better for this workload; qwenhw changes the precision unasked "
+                f"only for {LOSSY_GAIN:g}x or more",))
         reasons = list(best.reasons)
         w = workload(request)
         for p in fitting:
-            if p is best:
+            if p.score <= best.score:
                 break
+            if p.available:
+                continue
             # a faster plan exists but its software is not installed here
             reasons.append(f"{label(p)} is not installed here ({p.install}), though for this workload "
                            + trade_off(p.estimate, best.estimate, p.engine, best.engine, w))
-        rival = next((p for p in runnable[1:] if (p.backend, p.engine) != (best.backend, best.engine)), None)
+        rival = next((p for p in runnable[1:] if (p.backend, p.engine) != (best.backend, best.engine)
+                      and p.score <= best.score), None)
         if rival is not None:  # the choice in numbers: what the next-best other engine would do
             reasons.append(f"chosen over {label(rival)}: "
                            + trade_off(best.estimate, rival.estimate, best.engine, rival.engine, w))
@@ -98,8 +111,9 @@ def rank(spec: ModelSpec, hardware: HardwareProfile, request: Request, candidate
         gpus_only = [p for p in fitting if not (p.offload.cpu_gib or p.offload.disk_gib)
                      and any(d.kind.endswith("gpu") for d in p.devices)]
         if hardware.accelerators and (best.offload.cpu_gib or best.offload.disk_gib) and not gpus_only:
+            offloaded = best.offload.cpu_gib + best.offload.disk_gib
             best = best.replace(reasons=best.reasons + (
-                "without offload it does not fit: " + "; ".join(fit_advice(spec, hardware, request)),))
+                "without offload it does not fit: " + "; ".join(fit_advice(spec, hardware, request, offloaded)),))
     elif fitting:
         best = fitting[0]
         best = best.replace(reasons=best.reasons + (f"{best.backend} is the best fit but is not installed here: {best.install}",))
@@ -161,6 +175,9 @@ def _why_others_lost(best: Plan, candidates: list[Plan], w: Workload) -> list[Re
             why = p.reasons[0] if p.reasons else "does not fit"
         elif not p.available:
             why = f"not installed here ({p.install})"
+        elif p.score > best.score:  # only a plan that quantizes at load (lossy) loses while scoring higher
+            why = (f"quantized while loading (lossy), {p.score / best.score:.1f}x better for this workload: below "
+                   f"the {LOSSY_GAIN:g}x that changes the precision unasked (pass --dtype {p.dtype} for it)")
         else:
             why = "fits but slower: " + verdict(best.estimate, p.estimate, best.engine, w)
         # keep one line per engine for fitting-but-slower, every non-fitting layout (they teach the rules)
@@ -178,23 +195,30 @@ def _fault(faults: list | None, plugin: str, stage: str, exc: Exception) -> None
         faults.append(PluginFault(plugin, stage, f"{type(exc).__name__}: {exc}"))
 
 
-def fit_advice(spec: ModelSpec, hardware: HardwareProfile, request: Request) -> list[str]:
-    """What would make the model fit: quantization, offload or more GPUs, with numbers."""
+GPU_SHARE = 0.92  # of each GPU's memory the GPU backends plan with (vLLM's default utilisation, offload's cap)
+
+
+def fit_advice(spec: ModelSpec, hardware: HardwareProfile, request: Request,
+               offloaded: float | None = None) -> list[str]:
+    """What would make the model fit: quantization, offload or more GPUs, with numbers (`offloaded`: GiB the
+    chosen plan already keeps off the GPUs)."""
     wb = mm.weight_bytes_split(spec)
     gpus = hardware.accelerators
-    gpu_total = sum(a.memory_bytes for a in gpus) * 0.9
+    gpu_total = sum(a.memory_bytes for a in gpus) * GPU_SHARE
     ram = sum(n.cpu.ram_bytes for n in hardware.nodes)
     out = [f"weights need {wb.total / GiB:.1f} GiB in {spec.dtype if spec.quant.method is None else spec.quant.method}"]
     if gpus:
-        out.append(f"the GPUs offer {gpu_total / GiB:.1f} GiB at 90% utilisation")
+        out.append(f"the GPUs offer {gpu_total / GiB:.1f} GiB at {GPU_SHARE:.0%} of their memory")
         for label, factor in (("fp8", 0.5), ("int4 (AWQ/GPTQ)", 0.27)):
             if spec.quant.method is None and wb.total * factor < gpu_total * 0.85:
                 out.append(f"quantized to {label} the weights take about {wb.total * factor / GiB:.1f} GiB and fit")
         biggest = max(a.memory_bytes for a in gpus)
-        need = math.ceil(wb.total * 1.15 / (biggest * 0.9))
+        need = math.ceil(wb.total * 1.15 / (biggest * GPU_SHARE))
         out.append(f"unquantized it needs about {need} GPUs of {biggest / GiB:.0f} GiB")
     spill = max(0.0, wb.total * 1.05 - gpu_total)
-    if ram:
+    if offloaded:
+        out.append(f"this plan keeps {offloaded:.1f} GiB of the weights in host RAM or on disk")
+    elif ram:
         if spill and spill < ram * 0.85:
             out.append(f"offloading {spill / GiB:.1f} GiB to host RAM ({ram / GiB:.0f} GiB) would fit, slower")
         elif spill:

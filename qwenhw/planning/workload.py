@@ -72,12 +72,12 @@ def shortest(make: Callable[[int], Plan], context: int, floor: int, spills: Call
             hi = mid - 1
         else:
             best, lo = trial, mid + 1
-    if best is None:
+    if best is None:  # no context avoids it: the shortest moves the fewest weights, or shows the least it needs
         least = make(floor)
-        if spills(least):  # no context helps: say so at the least it would need
-            return least.replace(reasons=least.reasons + (f"shortening the context to {floor} tokens is not "
-                                                          f"enough either",)) if not least.fits else plan
-        best = least
+        note = ("no context keeps this plan's weights where they run fast, and the shortest moves the fewest"
+                if least.fits else f"it does not fit even with a {floor}-token context")
+        return least.replace(reasons=least.reasons + (f"context {floor} (not {context}): {note}; pass --context "
+                                                      f"{context} to insist",))
     cost = (f"; at {context} tokens {plan.offload.cpu_gib + plan.offload.disk_gib:.1f} GiB of weights would be "
             f"offloaded" if plan.fits else f"; {context} tokens do not fit")
     return best.replace(reasons=best.reasons + (

@@ -105,6 +105,16 @@ def plans(spec: ModelSpec, hw: HardwareProfile, req: Request) -> list[Plan]:
     layouts = len(_plans_for(spec, hw, req, fmt, context, name, ranks))  # the same layouts at every context
     out = [shortest(lambda c, i=i: _plans_for(spec, hw, req, fmt, c, name, ranks)[i], context, floor,
                     lambda p: not p.fits) for i in range(layouts)]
+    gpu_fits = any(p.fits for p in out if p.devices and p.devices[0].kind == "intel-gpu")
+    if req.dtype in (None, "auto") and node.gpus("intel") and not gpu_fits and fmt in ("bf16", "fp16") and name in (None, "ipex-llm"):
+        # the weights do not fit the cards as stored: ipex-llm's int4 on them beats the CPU by far (lossy, so
+        # it is a candidate the reasons name, not a silent choice)
+        int4 = [shortest(lambda c, i=i: xpu_plans(spec, hw, req, "sym_int4", c)[i], context, floor,
+                         lambda p: not p.fits) for i in range(len(xpu_plans(spec, hw, req, "sym_int4", context)))]
+        out += [p.replace(reasons=p.reasons + (f"quantized to sym_int4 while loading (lossy) because {fmt} "
+                                               f"does not fit the card{'s' if len(node.gpus('intel')) > 1 else ''}; "
+                                               f"pass --dtype {fmt} to insist",),
+                          config={**p.config, "quantized_at_load": True}) for p in int4]
     if req.dtype in (None, "auto") and not any(p.fits for p in out):
         hint = _low_bit_hint(spec, hw, req, floor)  # quantizing is the user's call: say what it would give
         out = [p.replace(reasons=p.reasons + (hint,)) if hint else p for p in out]

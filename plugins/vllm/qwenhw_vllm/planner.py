@@ -274,6 +274,21 @@ def gpu_plans(spec: ModelSpec, hw: HardwareProfile, req: Request) -> list[Plan]:
     kv_choice = (req.kv_dtype or "auto").lower()
     if kv_choice == "fp8" and not gpu.fp8:
         return [_unfit(spec, hw, req, "vllm", f"--kv-dtype fp8 needs fp8 support (Ada/Hopper); {gpu.name} has none")]
+    out = _layout_plans(spec, prec, hw, gpu, req)
+    on_gpus = any(p.fits and not p.offload.cpu_gib for p in out)
+    if not on_gpus and (req.dtype or "auto") == "auto" and spec.quant.method is None and gpu.fp8:
+        # the weights do not fit the GPUs as stored: vLLM's online fp8 halves them (lossy, so a candidate the
+        # reasons name, not a silent choice; --dtype bf16 insists)
+        fp8 = precision(spec, gpu, Request(**{**req.to_dict(), "dtype": "fp8"}))
+        if not fp8.error:
+            note = (f"weights quantized to fp8 at load (lossy) because {prec.dtype} does not fit the GPUs without "
+                    f"offloading; pass --dtype {prec.dtype} to insist")
+            out += [p.replace(reasons=p.reasons + (note,), config={**p.config, "quantized_at_load": True})
+                    if p.fits else p for p in _layout_plans(spec, fp8, hw, gpu, req)]
+    return out
+
+
+def _layout_plans(spec: ModelSpec, prec: Precision, hw: HardwareProfile, gpu: Accelerator, req: Request) -> list[Plan]:
     out: list[Plan] = []
     for layout in candidate_layouts(prec.served, hw):
         if nodes_used(hw, layout) > 1 and layout.dp > 1:
