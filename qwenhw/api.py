@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from typing import Any
 
@@ -15,7 +16,7 @@ from .models import ModelSpec, resolve_model
 from .planning.plan import Plan, Request
 from .planning.precision import KV_DTYPES, check_dtype
 from .planning.select import choose
-from .planning.workload import GOALS, workload
+from .planning.workload import GOALS, LOAD_FORMATS, workload
 
 log = logging.getLogger("qwenhw")
 
@@ -34,39 +35,49 @@ def hardware_profile(hardware: HardwareProfile | str | None) -> HardwareProfile:
     return resolve_hardware(str(hardware))
 
 
-def model_spec(model: ModelSpec | str) -> ModelSpec:
+def model_spec(model: ModelSpec | str, weights: bool = True) -> ModelSpec:
+    """`weights` false: a checkpoint directory need not hold weights (random ones are made from its config)."""
     if isinstance(model, ModelSpec):
         return model
     reg = plugins.load()
     if model in reg.models:
         return reg.models[model]
-    return resolve_model(str(model))
+    return resolve_model(str(model), weights=weights)
 
 
 def make_request(context: int | None = None, concurrency: int = 1, dtype: str | None = None,
                  kv_dtype: str | None = None, backend: str | None = None, engine: str | None = None,
                  gpu_memory_gib: float | None = None, cpu_memory_gib: float | None = None, allow_offload: bool = True,
                  prompt_tokens: int | None = None, output_tokens: int | None = None,
-                 goal: str | None = None) -> Request:
+                 goal: str | None = None, load_format: str | None = None) -> Request:
     if context is not None and context < 16:
         raise BadInput(f"--context {context} is too small: a request needs at least 16 tokens (try 4096).")
     if concurrency < 1:
         raise BadInput(f"--concurrency {concurrency} must be at least 1.")
     for name, value in (("gpu_memory_gib", gpu_memory_gib), ("cpu_memory_gib", cpu_memory_gib)):
-        if value is not None and value < 0:
-            raise BadInput(f"{name}={value} is negative; give a budget in GiB, e.g. 20.")
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise BadInput(f"{name}={value!r} is not a budget: give a finite number of GiB of at least 0, e.g. 20.")
+    for name, value in (("context", context), ("concurrency", concurrency), ("prompt_tokens", prompt_tokens),
+                        ("output_tokens", output_tokens)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise BadInput(f"{name}={value!r} must be a whole number of tokens or sequences, e.g. 4096.")
     for name, value in (("--prompt-tokens", prompt_tokens), ("--output-tokens", output_tokens)):
         if value is not None and value < 1:
             raise BadInput(f"{name} {value} must be at least 1 (a chat turn is about 1024 prompt and 256 answer "
                            f"tokens).")
+    if load_format not in (None, *LOAD_FORMATS):
+        raise BadInput(f"--load-format {load_format!r} is not one of {', '.join(LOAD_FORMATS)}: auto reads the "
+                       f"checkpoint's weights, dummy makes random ones from its config.json (for benchmarks).")
     if goal is not None and goal not in GOALS:
         raise BadInput(f"--goal {goal!r} is not one of {', '.join(GOALS)}: latency ranks plans by how soon a "
                        f"request finishes, throughput by output tokens per second.")
-    if context is not None:
-        need = (prompt_tokens or 0) + (output_tokens or 0)
-        if need > context:
-            raise BadInput(f"--context {context} cannot hold a {prompt_tokens or 0}-token prompt and a "
-                           f"{output_tokens or 0}-token answer ({need} tokens); ask for --context {need} or more.")
+    if context is not None and (prompt_tokens or output_tokens):  # lengths left open shrink to fit the context
+        w = workload(Request(context=context, prompt_tokens=prompt_tokens, output_tokens=output_tokens))
+        if w.prompt_tokens + w.output_tokens > context:
+            raise BadInput(f"--context {context} cannot hold a {w.prompt_tokens}-token prompt and a "
+                           f"{w.output_tokens}-token answer ({w.prompt_tokens + w.output_tokens} tokens); ask for "
+                           f"--context {w.prompt_tokens + w.output_tokens} or more, or shorten --prompt-tokens or "
+                           f"--output-tokens.")
     return Request(
         context=context,
         concurrency=concurrency,
@@ -80,6 +91,7 @@ def make_request(context: int | None = None, concurrency: int = 1, dtype: str | 
         prompt_tokens=prompt_tokens,
         output_tokens=output_tokens,
         goal=goal,
+        load_format=load_format or "auto",
     )
 
 
@@ -87,11 +99,12 @@ def plan(model: ModelSpec | str, hardware: HardwareProfile | str | None = None, 
     """Plan how to run `model` (catalog name, hub id or checkpoint dir) on `hardware` (default: this machine).
 
     Keyword arguments: context, concurrency, dtype, kv_dtype, backend, engine, gpu_memory_gib,
-    cpu_memory_gib, and the workload the plans are ranked for: prompt_tokens, output_tokens, goal.
+    cpu_memory_gib, load_format ("dummy": random weights from the config), and the workload the plans are
+    ranked for: prompt_tokens, output_tokens, goal.
     """
-    spec = model_spec(model)
-    hw = hardware_profile(hardware)
     req = make_request(**request)
+    spec = model_spec(model, weights=req.load_format != "dummy")
+    hw = hardware_profile(hardware)
     if req.context is not None and req.context > spec.max_position:
         raise BadInput(
             f"--context {req.context} exceeds {spec.name}'s maximum of {spec.max_position} tokens "

@@ -39,6 +39,16 @@ def package_versions(*names: str) -> dict[str, str | None]:
     return out
 
 
+def source_path(relative: str) -> str:
+    """`relative` (a script or plugin folder of the qwenhw source tree) as an absolute path where this qwenhw
+    runs from its source tree, so an install hint works from any directory; else as given."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    target = root / relative
+    return str(target) if target.exists() else relative
+
+
 def importable(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
@@ -53,6 +63,8 @@ class Backend:
     description: ClassVar[str] = ""
     vendors: ClassVar[tuple[str, ...]] = ()  # accelerators served: "nvidia", "intel", ...; "cpu" for host-only
     install: ClassVar[str] = ""  # pip command for the engine's software
+    engine_names: ClassVar[tuple[str, ...]] = ()  # the engines it plans: what --engine may name (empty: unchecked)
+    load_formats: ClassVar[tuple[str, ...]] = ("auto",)  # "dummy" too where it can make random weights
     distribution: str = ""  # set by the registry: which distribution registered it
 
     # --- availability --------------------------------------------------------------------------

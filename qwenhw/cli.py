@@ -13,6 +13,7 @@ import click
 
 from . import api, plugins
 from .errors import BadInput, DoesNotFit, QwenhwError
+from .planning.workload import DUMMY_WARNING
 
 
 def _console(stderr: bool = False):
@@ -34,11 +35,59 @@ def friendly(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             click.echo("qwenhw: interrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError:  # the reader left (`qwenhw plan ... | head`): stop quietly, as a shell tool does
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
+        except Exception as exc:  # a bug, not bad input: still one paragraph (QWENHW_DEBUG=1 shows the traceback)
+            if _env_flag("QWENHW_DEBUG"):
+                raise
+            click.echo(f"qwenhw: internal error: {type(exc).__name__}: {exc}. This is a bug in qwenhw, not in what "
+                       f"you asked for; run again with QWENHW_DEBUG=1 for the traceback and report it.", err=True)
+            sys.exit(1)
 
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Number(click.ParamType):
+    """A finite number (NaN and infinities refused) of at least `low`."""
+
+    name = "number"
+
+    def __init__(self, low: float = 0.0):
+        self.low = low
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        import math
+
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number) or number < self.low:
+            self.fail(f"{value!r} must be a finite number of at least {self.low:g}", param, ctx)
+        return number
+
+
+class OneParagraph(click.Group):
+    """Usage errors (an option's value out of range, a missing argument) as one paragraph and exit 2, like
+    every other bad input."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: D102
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            command = exc.ctx.command.name if exc.ctx is not None and exc.ctx.command is not self else None
+            where = f"`qwenhw {command} --help`" if command else "`qwenhw --help`"
+            click.echo(f"qwenhw: {exc.format_message().rstrip('.')}. {where} lists the options.", err=True)
+            sys.exit(2)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("qwenhw: interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=OneParagraph, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="qwenhw")
 def main() -> None:
     """Run Qwen models well on the hardware you have: detect, plan, pick a backend, run."""
@@ -55,8 +104,16 @@ def detect(as_json: bool, list_bundled: bool, hardware: str | None) -> None:
     from .hardware import bundled_names
 
     if list_bundled:
+        from .hardware import load_bundled
+
         names = bundled_names()
-        click.echo(json.dumps(names) if as_json else "\n".join(names))
+        if as_json:
+            click.echo(json.dumps(names))
+        else:
+            width = max(len(n) for n in names)
+            for name in names:
+                click.echo(f"{name:<{width}}  {load_bundled(name).summary()}")
+            click.echo(f"(use one with --hardware NAME, e.g. `qwenhw plan Qwen3-30B-A3B --hardware {names[1]}`)")
         return
     profile = api.hardware_profile(hardware)
     if as_json:
@@ -112,10 +169,13 @@ def backends(as_json: bool, hardware: str | None) -> None:
 
     table = Table("backend", "available", "why", "from")
     for r in rows:
-        why = r["reason"] + (f" - install: {r['install']}" if r.get("install") and not r["available"] else "")
-        table.add_row(r["name"], "yes" if r["available"] else "no", why, f"{r['distribution']} {r.get('version') or ''}")
+        table.add_row(r["name"], "yes" if r["available"] else "no", r["reason"],
+                      f"{r['distribution']} {r.get('version') or ''}")
     console = _console()
     console.print(table)
+    for r in rows:  # whole, on lines of their own: a command is copied, not read
+        if r.get("install") and not r["available"]:
+            console.print(f"install {r['name']}: {r['install']}", soft_wrap=True)
     for f in faults:
         console.print(f"[red]plugin {f['plugin']} failed in {f['stage']}:[/red] {f['error']}")
 
@@ -141,16 +201,21 @@ def plugins_cmd(as_json: bool) -> None:
 def request_options(fn: Callable) -> Callable:
     options = [
         click.option("--hardware", help="Bundled profile name (see `qwenhw detect --list`) or a profile JSON file."),
-        click.option("--context", type=int, help="Tokens per sequence (prompt + output)."),
-        click.option("--concurrency", type=int, default=1, show_default=True, help="Sequences served together."),
+        click.option("--context", type=click.IntRange(min=16), help="Tokens per sequence (prompt + output)."),
+        click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Sequences served together."),
         click.option("--dtype", help="Weight dtype: auto, bf16, fp16, fp32, fp8, int8, int4."),
         click.option("--kv-dtype", help="KV-cache dtype: auto, bf16, fp8."),
         click.option("--backend", help="Force a backend (see `qwenhw backends`)."),
         click.option("--engine", help="Force an engine of the backend (e.g. deepspeed-zero3)."),
-        click.option("--gpu-memory-gib", type=float, help="Per-GPU memory budget in GiB."),
-        click.option("--cpu-memory-gib", type=float, help="Host RAM budget in GiB."),
-        click.option("--prompt-tokens", type=int, help="Tokens per prompt the plan is ranked for [default: 1024]."),
-        click.option("--output-tokens", type=int, help="Tokens per answer the plan is ranked for [default: 256]."),
+        click.option("--gpu-memory-gib", type=Number(), help="Per-GPU memory budget in GiB."),
+        click.option("--cpu-memory-gib", type=Number(), help="Host RAM budget in GiB."),
+        click.option("--prompt-tokens", type=click.IntRange(min=1),
+                     help="Tokens per prompt the plan is ranked for [default: 1024]."),
+        click.option("--output-tokens", type=click.IntRange(min=1),
+                     help="Tokens per answer the plan is ranked for [default: 256]."),
+        click.option("--load-format", type=click.Choice(["auto", "dummy"]),
+                     help="dummy: random weights from the checkpoint's config.json (benchmarks; answers are noise)."),
         click.option("--goal", type=click.Choice(["latency", "throughput"]),
                      help="Rank by request latency or by output tokens/s [default: latency at concurrency 1, "
                           "else throughput]."),
@@ -162,7 +227,7 @@ def request_options(fn: Callable) -> Callable:
 
 def _request(kw: dict[str, Any]) -> dict[str, Any]:
     keys = ("context", "concurrency", "dtype", "kv_dtype", "backend", "engine", "gpu_memory_gib", "cpu_memory_gib",
-            "prompt_tokens", "output_tokens", "goal")
+            "prompt_tokens", "output_tokens", "goal", "load_format")
     return {k: kw[k] for k in keys if k in kw}
 
 
@@ -177,10 +242,14 @@ def plan(model: str, hardware: str | None, as_json: bool, emit: str | None, **kw
     result = api.plan(model, hardware, **_request(kw))
     if emit:
         out = Path(emit)
-        out.mkdir(parents=True, exist_ok=True)
-        for name, text in result.artifacts.items():
-            (out / name).write_text(text)
-        (out / "plan.json").write_text(result.to_json())
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            for name, text in result.artifacts.items():
+                (out / name).write_text(text)
+            (out / "plan.json").write_text(result.to_json())
+        except OSError as exc:
+            raise BadInput(f"Cannot write the launch files into {emit}: {exc.strerror or exc}. Give --emit a "
+                           f"folder you can write to (it is created if missing).") from None
     if as_json:
         click.echo(result.to_json())
     else:
@@ -229,6 +298,8 @@ def _load(model: str, kw: dict[str, Any]):
     engine = api.load(model, **_request(kw))
     p = engine.plan
     click.echo(f"qwenhw: {p.model} with {p.backend} ({p.engine}), {p.parallel}", err=True)
+    if p.config.get("load_format") == "dummy":
+        click.echo(f"qwenhw: WARNING: {DUMMY_WARNING}", err=True)
     return engine
 
 
@@ -236,8 +307,8 @@ def _load(model: str, kw: dict[str, Any]):
 @click.argument("model")
 @click.option("--prompt", required=True, help="The user message.")
 @click.option("--think/--no-think", default=None, help="Qwen3 thinking mode (default: the model's own).")
-@click.option("--max-tokens", type=int, default=512, show_default=True)
-@click.option("--temperature", type=float, help="0 for greedy; default per mode as Qwen recommends.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--temperature", type=Number(), help="0 for greedy; default per mode as Qwen recommends.")
 @click.option("--raw", is_flag=True, help="Complete the prompt as raw text (no chat template).")
 @request_options
 @friendly
@@ -273,8 +344,9 @@ def _check_local(hardware: str | None, max_tokens: int | None, command: str) -> 
 @main.command()
 @click.argument("model")
 @click.option("--think/--no-think", default=None, help="Start with Qwen3 thinking on or off (default: the model's own).")
-@click.option("--max-tokens", type=int, default=1024, show_default=True, help="Longest reply (/set max_tokens N).")
-@click.option("--temperature", type=float, help="0 for greedy; default per mode as Qwen recommends.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Longest reply (/set max_tokens N).")
+@click.option("--temperature", type=Number(), help="0 for greedy; default per mode as Qwen recommends.")
 @click.option("--system", help="A system prompt for the conversation.")
 @request_options
 @friendly
@@ -293,7 +365,7 @@ def chat(model: str, think: bool | None, max_tokens: int, temperature: float | N
 @main.command()
 @click.argument("model")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it).")
-@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--api-key", envvar="QWENHW_API_KEY", help="Require `Authorization: Bearer KEY` (env QWENHW_API_KEY).")
 @click.option("--served-model-name", help="The model name clients send (default: MODEL as given).")
 @request_options

@@ -55,15 +55,20 @@ def build(path: str | os.PathLike | None = None, moe: bool = True, seed: int = 0
         model = Qwen3ForCausalLM(Qwen3Config(**common))
     model = model.to(torch.bfloat16)
     tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    add_legacy_keys(tmp / "config.json", moe)
-    for name in TOKENIZER_FILES:
-        shutil.copy(tokenizer_dir() / name, tmp / name)
-    (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 151643, "eos_token_id": [151645, 151643]}))
-    (tmp / ".complete").write_text("ok\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        add_legacy_keys(tmp / "config.json", moe)
+        for name in TOKENIZER_FILES:
+            shutil.copy(tokenizer_dir() / name, tmp / name)
+        (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 151643,
+                                                                 "eos_token_id": [151645, 151643]}))
+        (tmp / ".complete").write_text("ok\n")
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    except OSError as exc:
+        raise BadInput(f"Cannot write the tiny checkpoint to {out}: {exc.strerror or exc}. Give a folder you can "
+                       f"write to (--path), or leave it out to use the qwenhw cache.") from None
     return out
 
 

@@ -129,8 +129,8 @@ def test_forced_engine_options():
     assert plan.engine == "deepspeed-autotp" and plan.config["ranks"] == 2 and "share of one socket" in plan.reasons[0]
     asym = intel_plan("Qwen3-30B-A3B", "2xArcA770-16G", engine="ipex-llm:asym_int4")
     assert asym.engine == "ipex-llm" and asym.dtype == "asym_int4" and asym.fits
-    bad = intel_plan("Qwen3-8B", "cpu-only", engine="openvino")
-    assert not bad.fits and "no engine 'openvino'" in bad.reasons[0]
+    with pytest.raises(qwenhw.BadInput, match="'openvino' is not an engine of the intel backend"):
+        intel_plan("Qwen3-8B", "cpu-only", engine="openvino")
 
 
 def test_low_bit_byte_costs_are_ggml_blocks():

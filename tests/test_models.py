@@ -236,6 +236,7 @@ def moe_tensors(fused=False):
 def make_checkpoint(path, config=None, tensors=None, shards=1):
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config or MOE_CONFIG))
+    (path / "tokenizer.json").write_text("{}")  # present, as in every released checkpoint (plan checks it)
     tensors = tensors or moe_tensors()
     items = list(tensors.items())
     if shards == 1:
@@ -377,8 +378,10 @@ def make_hub_cache(root, repo_id, config, tensors, commit="0123456789abcdef01234
     snap.mkdir(parents=True)
     (blobs / "cfg").write_text(json.dumps(config))
     data = write_safetensors(blobs / "st", tensors)
+    (blobs / "tok").write_text("{}")
     os.symlink(blobs / "cfg", snap / "config.json")
     os.symlink(blobs / "st", snap / "model.safetensors")
+    os.symlink(blobs / "tok", snap / "tokenizer.json")
     if ref:
         (repo / "refs").mkdir()
         (repo / "refs" / "main").write_text(commit)

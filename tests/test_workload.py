@@ -43,6 +43,7 @@ def test_workload_defaults_and_goal():
     (dict(output_tokens=-3), "--output-tokens -3"),
     (dict(goal="fast"), "latency"),
     (dict(context=1000, prompt_tokens=900, output_tokens=200), "--context 1100"),
+    (dict(context=1000, prompt_tokens=1000), "--context 1001"),
 ])
 def test_bad_workloads_say_how_to_fix_them(kw, words):
     with pytest.raises(qwenhw.BadInput, match=words.replace("-", "\\-")):

@@ -150,16 +150,18 @@ class HardwareProfile:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "profile") -> "HardwareProfile":
         try:
+            _check(cls, data, "", required=("nodes",))
             schema = int(data.get("schema", SCHEMA_VERSION))
             if schema > SCHEMA_VERSION:
                 raise BadInput(
                     f"{source} uses hardware-profile schema {schema}, but this qwenhw reads schema "
                     f"{SCHEMA_VERSION} and older. Upgrade qwenhw or re-create the file with `qwenhw detect --json`."
                 )
-            nodes = tuple(_node_from_dict(n) for n in data.get("nodes", [{}]))
-            if not nodes:
-                raise ValueError("'nodes' is empty")
-            probes = tuple(ProbeResult(**p) for p in data.get("probes", []))
+            if not isinstance(data["nodes"], list) or not data["nodes"]:
+                raise ValueError("'nodes' must be a non-empty list of nodes")
+            nodes = tuple(_node_from_dict(n, f"nodes[{i}]") for i, n in enumerate(data["nodes"]))
+            probes = tuple(ProbeResult(**_check(ProbeResult, p, f"probes[{i}]"))
+                           for i, p in enumerate(data.get("probes", [])))
             return cls(
                 name=str(data.get("name", source)),
                 nodes=nodes,
@@ -171,10 +173,10 @@ class HardwareProfile:
             raise
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise BadInput(
-                f"{source} is not a valid hardware profile ({type(exc).__name__}: {exc}). A profile is the JSON "
-                f"that `qwenhw detect --json` prints: {{'name', 'nodes': [{{'cpu': {{...}}, 'accelerators': "
-                f"[{{'index', 'vendor', 'name', 'memory_bytes', ...}}]}}]}}; start from that output or a bundled "
-                f"profile (`qwenhw detect --list`)."
+                f"{source} is not a valid hardware profile: {exc}. A profile is the JSON that `qwenhw detect "
+                f"--json` prints ({{'name', 'nodes': [{{'cpu': {{...}}, 'accelerators': [{{'index', 'vendor', "
+                f"'name', 'memory_bytes', ...}}]}}]}}): start from that output or a bundled profile (`qwenhw "
+                f"detect --list`)."
             ) from None
 
     @classmethod
@@ -191,20 +193,64 @@ class HardwareProfile:
         return cls.from_dict(data, source)
 
 
-def _pick(klass, data: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(klass)}
-    unknown = set(data) - names
-    if unknown:
-        raise ValueError(f"unknown {klass.__name__} field(s) {sorted(unknown)}")
+# Fields that must hold at least 1 (counts) or more than 0 (sizes without which a device is not one)
+_AT_LEAST_ONE = {"sockets", "physical_cores", "logical_cores", "numa_nodes"}
+_POSITIVE = {"memory_bytes"}
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def _check(klass, data: Any, where: str, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`data` as the fields of `klass` (a frozen dataclass of this module), or ValueError saying which field
+    is wrong, how, and the closest field names for unknown ones."""
+    import difflib
+    import math
+
+    what = where or "the profile"
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} must be a JSON object, not {type(data).__name__}")
+    fields = {f.name: f.type for f in dataclasses.fields(klass)}
+    for key in data:
+        if key not in fields:
+            near = difflib.get_close_matches(key, list(fields), n=2)
+            raise ValueError(f"{what} has an unknown field {key!r}" + (f" (did you mean {' or '.join(near)}?)" if near
+                                                                      else f"; {klass.__name__} fields: {', '.join(fields)}"))
+    for key in required:
+        if key not in data:
+            raise ValueError(f"{what} lacks {key!r}")
+    for key, value in data.items():
+        kind = str(fields[key]).replace(" ", "")
+        optional = kind.endswith("|None")
+        base = kind.removesuffix("|None")
+        path = f"{where}.{key}" if where else key
+        if value is None and optional:
+            continue
+        if base in _TYPES:
+            ok = isinstance(value, _TYPES[base]) and not (base != "bool" and isinstance(value, bool))
+            if not ok:
+                raise ValueError(f"{path} is {value!r} ({type(value).__name__}); it must be {_NOUN[base]}")
+            if base in ("int", "float"):
+                if not math.isfinite(value) or value < 0:
+                    raise ValueError(f"{path} is {value!r}; it must be a finite number of at least 0")
+                if key in _AT_LEAST_ONE and value < 1 or key in _POSITIVE and value <= 0:
+                    raise ValueError(f"{path} is {value!r}; it must be at least 1")
+        elif base.startswith("tuple[str"):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{path} must be a list of strings")
     return data
 
 
-def _node_from_dict(d: dict[str, Any]) -> Node:
-    d = dict(_pick(Node, d))
-    cpu = dict(_pick(Cpu, d.pop("cpu", {})))
+_NOUN = {"int": "a whole number (bytes, counts)", "float": "a number", "str": "a string", "bool": "true or false"}
+
+
+def _node_from_dict(d: dict[str, Any], where: str = "nodes[0]") -> Node:
+    d = dict(_check(Node, d, where))
+    cpu = dict(_check(Cpu, d.pop("cpu", {}), f"{where}.cpu"))
     if "flags" in cpu:
         cpu["flags"] = tuple(cpu["flags"])
-    accs = tuple(Accelerator(**_pick(Accelerator, a)) for a in d.pop("accelerators", []))
-    links = tuple(Link(**_pick(Link, x)) for x in d.pop("links", []))
-    disk = Disk(**_pick(Disk, d.pop("disk", {})))
+    accs = tuple(Accelerator(**_check(Accelerator, a, f"{where}.accelerators[{i}]",
+                                      required=("index", "vendor", "name", "memory_bytes")))
+                 for i, a in enumerate(d.pop("accelerators", [])))
+    links = tuple(Link(**_check(Link, x, f"{where}.links[{i}]", required=("a", "b", "kind", "bandwidth_gbs")))
+                  for i, x in enumerate(d.pop("links", [])))
+    disk = Disk(**_check(Disk, d.pop("disk", {}), f"{where}.disk"))
     return Node(cpu=Cpu(**cpu), accelerators=accs, links=links, disk=disk, **d)

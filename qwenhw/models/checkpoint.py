@@ -64,6 +64,37 @@ def safetensors_files(path: str) -> list[str]:
     return sorted(glob.glob(os.path.join(path, "*.safetensors")))
 
 
+def _covered(file: str) -> int:
+    """Bytes a shard must hold: its 8-byte length, its header and the furthest tensor its header places."""
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+    ends = [int(info["data_offsets"][1]) for name, info in _read_header(file).items()
+            if name != "__metadata__" and isinstance(info, dict) and "data_offsets" in info]
+    return 8 + n + max(ends, default=0)
+
+
+# Tokenizer files, any one set of which transformers' and vLLM's tokenizer loaders accept
+TOKENIZER_SETS = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))
+
+
+def problems(path: str, weights: bool = True) -> list[str]:
+    """What a checkpoint directory lacks for `run`: its weights (shards whose data the files do not cover
+    included) unless `weights` is false (random weights), and a tokenizer."""
+    out: list[str] = []
+    if weights:
+        files = safetensors_files(path)  # raises for shards the index names but the directory lacks
+        if not files and not glob.glob(os.path.join(path, "pytorch_model*.bin")):
+            out.append("has config.json but no weights (no *.safetensors files)")
+        for file in files:
+            need, size = _covered(file), os.path.getsize(file)
+            if size < need:
+                out.append(f"shard {os.path.basename(file)} holds {size:,} bytes where its header places "
+                           f"{need:,} (the download was cut short)")
+    if not any(all(os.path.isfile(os.path.join(path, f)) for f in group) for group in TOKENIZER_SETS):
+        out.append("has no tokenizer (tokenizer.json, or vocab.json and merges.txt)")
+    return out
+
+
 def tensor_bytes(path: str) -> dict[str, tuple[str, tuple[int, ...], int]]:
     """name -> (safetensors dtype, shape, stored bytes) for every tensor of a checkpoint directory or file."""
     files = [path] if os.path.isfile(path) else safetensors_files(path)
@@ -232,12 +263,25 @@ def from_config(cfg: dict[str, Any], *, name: str, path: str = "<config>") -> Mo
     )
 
 
-def from_checkpoint(path: str, *, name: str | None = None) -> ModelSpec:
-    """ModelSpec of a local checkpoint directory, with exact `weight_bytes` from its safetensors headers."""
+def from_checkpoint(path: str, *, name: str | None = None, complete: bool | None = True) -> ModelSpec:
+    """ModelSpec of a local checkpoint directory, with exact `weight_bytes` from its safetensors headers.
+
+    `complete`: True checks that `run` will find everything (weights whose shards are whole, a tokenizer);
+    False checks the tokenizer only (random weights: --load-format dummy); None checks nothing.
+    """
     path = os.path.abspath(os.path.expanduser(str(path)))
     cfg = read_config(path)
     name = name or os.path.basename(path.rstrip(os.sep))
     spec = from_config(cfg, name=name, path=path)
+    if complete is not None:
+        wrong = problems(path, weights=complete)
+        if wrong:
+            repo = spec.hf_id or f"Qwen/{name}"
+            fix = (f"Finish the download with `hf download {repo} --local-dir {path}` (it resumes and fetches "
+                   f"again what is missing or short)")
+            if complete and wrong == ["has config.json but no weights (no *.safetensors files)"]:
+                fix += ", or run random weights from the config with --load-format dummy (for benchmarks)"
+            raise _bad(path, "; ".join(wrong), fix + ".")
     wb = weight_bytes(path)
     notes = () if wb is not None else ("no *.safetensors files: weight bytes are estimated from the config",)
     return spec.with_(weight_bytes=wb, path=path, thinking=_thinking(name, cfg, path), notes=notes)

@@ -12,7 +12,7 @@ import re
 
 from ..errors import BadInput
 from . import catalog
-from .checkpoint import from_checkpoint
+from .checkpoint import from_checkpoint, problems
 from .spec import ModelSpec
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -76,28 +76,39 @@ def missing_weights_message(spec: ModelSpec, cache_dir: str | None = None) -> st
 
 
 def _with_checkpoint(spec: ModelSpec, snapshot: str) -> ModelSpec:
-    """Catalog entry + the cached checkpoint's exact bytes; the checkpoint's shape wins if it differs."""
-    ck = from_checkpoint(snapshot, name=spec.name)
+    """Catalog entry + the cached checkpoint's exact bytes; the checkpoint's shape wins if it differs. A
+    download cut short plans as the catalog entry, saying so (`run` then asks for the download)."""
+    ck = from_checkpoint(snapshot, name=spec.name, complete=None)
     if ck.weight_bytes is None:
         return spec  # only config.json is cached
+    wrong = problems(snapshot)
+    if wrong:
+        return spec.with_(notes=spec.notes + (f"the cached download at {snapshot} is incomplete ({'; '.join(wrong)}): "
+                                              f"`hf download {spec.hf_id}` resumes it",))
     if all(getattr(ck, f) == getattr(spec, f) for f in _SHAPE_FIELDS):
         return spec.with_(weight_bytes=ck.weight_bytes, path=snapshot)
     return ck.with_(hf_id=spec.hf_id, thinking=spec.thinking,
                     notes=ck.notes + (f"cached checkpoint differs from the catalog's {spec.name}; using the checkpoint",))
 
 
-def resolve_model(name_or_path: str, *, cache_dir: str | None = None) -> ModelSpec:
-    """A ModelSpec for a local checkpoint directory, a catalog name or a hub id (cache only, no network)."""
+def resolve_model(name_or_path: str, *, cache_dir: str | None = None, weights: bool = True) -> ModelSpec:
+    """A ModelSpec for a local checkpoint directory, a catalog name or a hub id (cache only, no network).
+    A directory must hold what `run` needs: its weights (unless `weights` is false: random weights) and a
+    tokenizer."""
     arg = str(name_or_path).strip()
     local = os.path.expanduser(arg)
     if os.path.isdir(local):
         snap = os.path.abspath(local)
         m = _SNAPSHOT.search(snap)  # a hub cache snapshot: name it by its repo, not by its commit hash
         if not m:
-            return from_checkpoint(snap)
+            return from_checkpoint(snap, complete=weights)
         repo = f"{m[1]}/{m[2]}"
         spec = catalog.lookup(repo)
-        return _with_checkpoint(spec, snap) if spec else from_checkpoint(snap, name=repo).with_(hf_id=repo)
+        return (_with_checkpoint(spec, snap) if spec else
+                from_checkpoint(snap, name=repo, complete=weights).with_(hf_id=repo))
+    if os.path.exists(local):
+        raise BadInput(f"{arg} is a file, not a checkpoint directory: give the directory that holds config.json "
+                       "and the *.safetensors files (or a catalog name such as Qwen3-30B-A3B).")
     if arg.startswith((".", "/", "~")) or (os.sep in arg and not _HUB_ID.fullmatch(arg)):
         raise BadInput(f"Checkpoint directory {arg} does not exist. Check the path, or give a catalog name such "
                        "as Qwen3-30B-A3B or a hub id such as Qwen/Qwen3-8B.")
@@ -110,7 +121,7 @@ def resolve_model(name_or_path: str, *, cache_dir: str | None = None) -> ModelSp
     if _HUB_ID.fullmatch(arg):
         snap = cached_snapshot(arg, cache_dir)
         if snap:
-            return from_checkpoint(snap, name=arg).with_(hf_id=arg)
+            return from_checkpoint(snap, name=arg, complete=weights).with_(hf_id=arg)
         where = _repo_dir(arg, cache_dir or hub_cache_dir())
         near = catalog.closest(arg)
         raise BadInput(f"Model {arg!r} is neither in the built-in catalog nor in the local Hugging Face cache "

@@ -30,6 +30,7 @@ class Request:
     prompt_tokens: int | None = None  # tokens per prompt (default: workload.DEFAULT_PROMPT_TOKENS)
     output_tokens: int | None = None  # tokens per answer (default: workload.DEFAULT_OUTPUT_TOKENS)
     goal: str | None = None  # "latency" or "throughput" (default: latency at concurrency 1, else throughput)
+    load_format: str = "auto"  # "dummy": random weights from the checkpoint's config (benchmarks)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -24,7 +24,11 @@ def stored_dtype(spec: ModelSpec) -> str:
 def check_dtype(dtype: str | None, allowed=WEIGHT_DTYPES, what: str = "--dtype") -> str:
     value = (dtype or "auto").lower().replace("bfloat16", "bf16").replace("float16", "fp16").replace("float32", "fp32")
     if value not in allowed:
-        raise BadInput(f"{what} {dtype!r} is not one of {', '.join(allowed)}. Pick one of those, or leave it out.")
+        import difflib
+
+        close = difflib.get_close_matches(value, list(allowed), n=2, cutoff=0.5)
+        raise BadInput(f"{what} {dtype!r} is not one of {', '.join(allowed)}"
+                       + (f" (closest: {', '.join(close)})" if close else "") + ". Pick one of those, or leave it out.")
     return value
 
 

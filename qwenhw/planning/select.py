@@ -15,7 +15,7 @@ from ..hardware.profile import GiB, HardwareProfile
 from ..models import memory as mm
 from ..models.spec import ModelSpec
 from .plan import Plan, Rejection, Request
-from .workload import Workload, from_rates, trade_off, verdict, workload
+from .workload import DUMMY_WARNING, Workload, from_rates, trade_off, verdict, workload
 
 MAX_ALTERNATIVES = 4
 LOSSY_GAIN = 2.0  # a plan that quantizes at load (lossy) wins unasked only by this much over the best lossless one
@@ -31,6 +31,7 @@ def choose(spec: ModelSpec, hardware: HardwareProfile, request: Request, backend
             f"{hint} `qwenhw backends` lists them with why each is or is not available; built-in backends install "
             f"with `pip install ./plugins/<name>`."
         )
+    _check_engine(request, backends)
     candidates: list[Plan] = []
     rejected: list[Rejection] = []
     for name, backend in backends.items():
@@ -45,6 +46,9 @@ def choose(spec: ModelSpec, hardware: HardwareProfile, request: Request, backend
         hardware_reason = backend.supports(hardware)
         if hardware_reason:
             rejected.append(Rejection(name, hardware_reason))
+            continue
+        if request.load_format not in getattr(backend, "load_formats", ("auto",)):
+            rejected.append(Rejection(name, f"cannot make random weights (--load-format {request.load_format})"))
             continue
         try:
             plans = list(backend.plans(spec, hardware, request))
@@ -66,6 +70,8 @@ def choose(spec: ModelSpec, hardware: HardwareProfile, request: Request, backend
             rejected.append(Rejection(name, "proposed no plan for this model and hardware"))
         w = workload(request)
         for p in plans:
+            if request.load_format == "dummy" and p.fits:
+                p = p.replace(warnings=(DUMMY_WARNING,) + p.warnings, config={**p.config, "load_format": "dummy"})
             candidates.append(p.replace(
                 available=availability.ok,
                 install=None if availability.ok else (availability.install or getattr(backend, "install", None)),
@@ -75,6 +81,32 @@ def choose(spec: ModelSpec, hardware: HardwareProfile, request: Request, backend
                 prompt_tokens=w.prompt_tokens, output_tokens=w.output_tokens, goal=w.goal,
             ))
     return rank(spec, hardware, request, candidates, rejected, backends)
+
+
+def _check_engine(request: Request, backends: Mapping[str, Any]) -> None:
+    """--engine must name an engine of the forced backend (or of some backend): a misspelt or misplaced one
+    is bad input, not "nothing fits"."""
+    if not request.engine:
+        return
+    wanted = request.engine.split(":")[0]
+    declared = {name: tuple(getattr(b, "engine_names", ()) or ()) for name, b in backends.items()}
+    if request.backend:
+        names = declared.get(request.backend, ())
+        if not names or wanted in names:
+            return
+        owner = next((b for b, engines in declared.items() if wanted in engines), None)
+        close = difflib.get_close_matches(wanted, names, n=2)
+        raise BadInput(f"--engine {wanted!r} is not an engine of the {request.backend} backend"
+                       + (f" but of the {owner} backend" if owner else "")
+                       + f"; {request.backend}'s engines are {', '.join(names)}"
+                       + (f" (closest: {', '.join(close)})" if close else "")
+                       + (f". Drop --backend or use --backend {owner}." if owner else "."))
+    every = sorted({e for engines in declared.values() for e in engines})
+    if every and all(declared.values()) and wanted not in every:
+        close = difflib.get_close_matches(wanted, every, n=3)
+        raise BadInput(f"--engine {wanted!r} is no engine of any registered backend"
+                       + (f"; did you mean {', '.join(close)}?" if close else ".")
+                       + f" Engines: {', '.join(every)}.")
 
 
 def rank(spec: ModelSpec, hardware: HardwareProfile, request: Request, candidates: list[Plan],
@@ -178,6 +210,8 @@ def _why_others_lost(best: Plan, candidates: list[Plan], w: Workload) -> list[Re
         elif p.score > best.score:  # only a plan that quantizes at load (lossy) loses while scoring higher
             why = (f"quantized while loading (lossy), {p.score / best.score:.1f}x better for this workload: below "
                    f"the {LOSSY_GAIN:g}x that changes the precision unasked (pass --dtype {p.dtype} for it)")
+        elif p.score >= best.score * 0.995:
+            why = "as fast for this workload, on more GPUs or with more offloaded: the leaner plan is taken"
         else:
             why = "fits but slower: " + verdict(best.estimate, p.estimate, best.engine, w)
         # keep one line per engine for fitting-but-slower, every non-fitting layout (they teach the rules)

@@ -21,6 +21,9 @@ DEFAULT_OUTPUT_TOKENS = 256
 DEFAULT_CONTEXT = 32768
 MIN_CONTEXT = 4096
 GOALS = ("latency", "throughput")
+LOAD_FORMATS = ("auto", "dummy")  # dummy: random weights made from config.json, as vLLM's load_format
+DUMMY_WARNING = ("random weights (--load-format dummy): every answer is noise; for benchmarks, never for "
+                 "real use")
 # Qwen's tokenizer (transformers' fast tokenizer), per prompt token, paid by every engine behind
 # Engine.generate: the median of Engine.generate minus the engine's own call over the 24 TTFT rows of
 # bench/side_by_side.py (both engines, 512-8192 tokens, one H200 host, docs/results/h200_side_by_side).
@@ -41,9 +44,16 @@ class Workload:
 
 
 def workload(req: Request) -> Workload:
+    """The request's workload; lengths it leaves open are the chat defaults, shortened to fit a context it
+    names (an answer of at most a quarter of it, the prompt the rest)."""
     goal = req.goal or ("latency" if req.concurrency == 1 else "throughput")
-    return Workload(req.prompt_tokens or DEFAULT_PROMPT_TOKENS, req.output_tokens or DEFAULT_OUTPUT_TOKENS,
-                    req.concurrency, goal)
+    answer = req.output_tokens or DEFAULT_OUTPUT_TOKENS
+    if req.context and not req.output_tokens:
+        answer = max(1, min(answer, req.context // 4, req.context - (req.prompt_tokens or 0)))
+    prompt = req.prompt_tokens or DEFAULT_PROMPT_TOKENS
+    if req.context and not req.prompt_tokens:
+        prompt = max(1, min(prompt, req.context - answer))
+    return Workload(prompt, answer, req.concurrency, goal)
 
 
 def default_context(max_position: int, w: Workload) -> int:

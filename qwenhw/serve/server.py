@@ -20,6 +20,7 @@ from typing import Any
 
 from ..engine.base import Engine, Piece, Sampling
 from ..engine.thinking import StreamSplitter, split_reasoning
+from ..planning.workload import DUMMY_WARNING
 from . import protocol as p
 from .protocol import APIError
 from .scheduler import Job, Scheduler
@@ -131,8 +132,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def _models(self) -> None:
         plan = getattr(self.server.engine, "plan", None)
+        dummy = getattr(plan, "config", {}).get("load_format") == "dummy"
         data = [{"id": name, "object": "model", "created": self.server.created, "owned_by": "qwenhw",
-                 "root": getattr(plan, "model", name), "max_model_len": self.server.context_limit}
+                 "root": getattr(plan, "model", name), "max_model_len": self.server.context_limit,
+                 **({"load_format": "dummy", "warning": DUMMY_WARNING} if dummy else {})}
                 for name in self.server.names]
         self._send_json(200, {"object": "list", "data": data})
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 import qwenhw
-from qwenhw.backend import Availability, package_versions
+from qwenhw.backend import Availability, package_versions, source_path
 
 from . import planner
 
@@ -88,7 +88,9 @@ class IntelBackend(qwenhw.Backend):
     name = "intel"
     description = "Intel GPUs and Xeons: ipex-llm low-bit, IPEX bf16/AMX, DeepSpeed AutoTP, FlashMoE (GGUF MoE on Arc)"
     vendors = ("intel", "cpu")
-    install = "bash ci/envs/intel.sh .venvs/intel && export QWENHW_INTEL_PYTHON=$PWD/.venvs/intel/bin/python"
+    install = (f"bash {source_path('ci/envs/intel.sh')} ~/.venvs/intel && export "
+               f"QWENHW_INTEL_PYTHON=~/.venvs/intel/bin/python")
+    engine_names = planner.ENGINES
 
     def supports(self, hardware) -> str | None:
         if hardware.node.gpus("intel"):
@@ -109,7 +111,11 @@ class IntelBackend(qwenhw.Backend):
         ok = [e for e, why in usable.items() if why is None]
         # AutoTP alone (DeepSpeed is in many environments) does not make the Intel stack present
         present = bool({"ipex-llm", "ipex"} & set(ok))
-        parts = [f"{where}: " + (f"engines {', '.join(ok)} usable" if ok else "no engine usable")]
+        if present:
+            parts = [f"{where}: engines {', '.join(ok)} usable"]
+        else:  # DeepSpeed alone is not the Intel stack: the backend is not available, say what is there
+            parts = [f"{where}: the Intel stack (ipex-llm, IPEX) is not installed"
+                     + (f"; only {', '.join(ok)} could run" if ok else "")]
         parts += [f"{e}: {why}" for e, why in usable.items() if why]
         parts.append("flashmoe: command lines only (ipex-llm's llama.cpp portable build)")
         reason = "; ".join(parts) + ". " + LEGACY

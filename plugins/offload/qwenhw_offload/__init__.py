@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Iterable
 
 import qwenhw
-from qwenhw.backend import Availability, package_versions
+from qwenhw.backend import Availability, package_versions, source_path
 
 from . import planner
 
@@ -17,7 +17,10 @@ class OffloadBackend(qwenhw.Backend):
     name = "offload"
     description = "torch + transformers + accelerate: CPU-only, GPU + host RAM + disk, MoE hybrid, DeepSpeed ZeRO-3"
     vendors = ("cpu", "nvidia", "intel")
-    install = "pip install './plugins/offload[engine]'"
+    install = f"pip install '{source_path('plugins/offload')}[engine]'"
+    engine_names = ("transformers", "transformers-fast", "hybrid-moe", "transformers-tp", "transformers-dp",
+                    "deepspeed-zero3")
+    load_formats = ("auto", "dummy")
 
     def software(self) -> Availability:
         versions = package_versions("torch", "transformers", "accelerate", "deepspeed")

@@ -104,10 +104,11 @@ class RuntimeEngine(HFEngine):
 
 
 def load_fast(plan: Any, path: str, dtype: Any) -> RuntimeEngine:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    device = plan.config.get("main_device", "cpu")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device})
+    from .engines import pretrained
+
+    model = pretrained(plan, path, dtype, plan.config.get("main_device", "cpu"))
     return build_fast(model, AutoTokenizer.from_pretrained(path), plan)
 
 

@@ -12,8 +12,9 @@ from qwenhw.engine.hf import HFEngine
 from qwenhw.engine.preflight import check_budgets, checkpoint_dir
 from qwenhw.engine.progress import prefetch
 
+from .planner import RANK_ENGINES
+
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-RANK_ENGINES = ("transformers-tp", "transformers-dp")  # one process per GPU, in a torchrun job
 
 
 def load(plan: Any) -> HFEngine:
@@ -87,6 +88,25 @@ def _load_rank(plan: Any, path: str) -> HFEngine:
     return engine
 
 
+def pretrained(plan: Any, path: str, dtype: Any, device: str) -> Any:
+    """The checkpoint's model on `device`, or, for --load-format dummy, its config's with random weights made
+    there (seconds on a GPU)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if plan.config.get("load_format") != "dummy":
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device})
+    config = AutoConfig.from_pretrained(path)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config)
+    finally:
+        torch.set_default_dtype(before)
+    return model.eval()
+
+
 def device_map(plan: Any) -> dict[str, Any]:
     # accelerate wants GPU indices as ints; "cpu" and "disk" stay strings
     out: dict[str, Any] = {}
@@ -103,7 +123,10 @@ def _load_transformers(plan: Any, path: str, dtype: Any) -> HFEngine:
     if plan.config.get("offload_folder"):
         folder = tempfile.mkdtemp(prefix="qwenhw-offload-")
         kwargs["offload_folder"] = folder
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if plan.config.get("load_format") == "dummy":  # the planner allows it where one device holds everything
+        model = pretrained(plan, path, dtype, str(next(iter(kwargs["device_map"].values()), "cpu")))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     cleanup = (lambda: shutil.rmtree(folder, ignore_errors=True)) if folder else None

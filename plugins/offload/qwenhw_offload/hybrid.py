@@ -307,9 +307,11 @@ class HybridMoE:
 
 
 def load_hybrid(plan: Any, path: str, dtype: Any):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": "cpu"})
+    from .engines import pretrained
+
+    model = pretrained(plan, path, dtype, "cpu")  # the experts stay in host RAM; the rest moves to the GPU
     return build_hybrid(model, AutoTokenizer.from_pretrained(path), plan)
 
 

@@ -63,6 +63,7 @@ CPU_BASIS = ("transformers on the CPU: weights at 0.17 of the profile's RAM band
 ACCELERATE_BASIS = ("accelerate's offload: copies at 0.12 of the pinned host link (0.16-0.18 tok/s with 38 GiB "
                     "offloaded, one H100 host, 2026-11-27); 1.2 ms per layer of generate()'s overhead",)
 FAST_ARCHITECTURES = ("qwen3", "qwen3_moe", "qwen2")
+RANK_ENGINES = ("transformers-tp", "transformers-dp")  # one process per GPU, in a torchrun job
 # Routing statistics for the static expert cache come from a short, varied prompt.
 CALIBRATION_PROMPT = (
     "You are a helpful assistant. Explain step by step how to compute 17 * 23, then write a Python function "
@@ -168,7 +169,24 @@ def plans(spec: ModelSpec, hw: HardwareProfile, req: Request) -> list[Plan]:
                                 reasons=base.reasons + (f"{req.engine} on the CPU (forced): the lean runtime without "
                                                         f"CUDA graphs",)))
     out.append(zero3_plan(spec, hw, req, req_dtype, context, kv_dtype))
+    if req.load_format == "dummy":
+        out = [_without_dummy(p) if p.fits and not _makes_random_weights(p) else p for p in out]
     return out
+
+
+def _makes_random_weights(p: Plan) -> bool:
+    """Engines that can run random weights made from the config (--load-format dummy): those that build the
+    whole model in this process on one device (or the hybrid, which moves the experts to host RAM itself)."""
+    if p.engine in ("transformers-fast", "hybrid-moe"):
+        return True
+    return p.engine == "transformers" and len(set(p.config.get("device_map", {}).values()) or {"cpu"}) == 1
+
+
+def _without_dummy(p: Plan) -> Plan:
+    return p.replace(fits=False, estimate=Estimate(), reasons=(
+        f"{p.engine} cannot run random weights (--load-format dummy): it reads the checkpoint "
+        + ("per rank" if p.engine in RANK_ENGINES else "through DeepSpeed" if p.engine == "deepspeed-zero3" else
+           "across devices with accelerate") + "; the one-GPU fast path and the hybrid can",) + p.reasons)
 
 
 def _ram_budget(node: Node, req: Request) -> float:

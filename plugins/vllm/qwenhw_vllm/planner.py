@@ -420,6 +420,7 @@ def layout_plan(spec: ModelSpec, prec: Precision, hw: HardwareProfile, gpu: Acce
         "quantization": prec.quantization,
         "dtype": prec.torch_dtype,
         "distributed_executor_backend": "ray" if nodes > 1 else ("mp" if layout.world > 1 else None),
+        "load_format": "dummy" if req.load_format == "dummy" else None,
     }
     return Plan(
         model=spec.name, backend="vllm", engine="vllm", fits=fits, parallel=layout, devices=tuple(devices),
@@ -605,6 +606,7 @@ def cpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request) -> Plan:
         "enable_expert_parallel": False, "max_model_len": context, "max_num_seqs": max(CPU_MAX_NUM_SEQS, seqs),
         "max_num_batched_tokens": CPU_MAX_BATCHED_TOKENS, "kv_cache_dtype": "auto", "quantization": None,
         "dtype": prec.torch_dtype, "distributed_executor_backend": None,
+        "load_format": "dummy" if req.load_format == "dummy" else None,
     }
     env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_space_gib), "VLLM_HOST_IP": "127.0.0.1"}
     return Plan(
