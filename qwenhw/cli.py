@@ -365,7 +365,8 @@ def chat(model: str, think: bool | None, max_tokens: int, temperature: float | N
 @main.command()
 @click.argument("model")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it).")
-@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="Port to listen on (0: any free one).")
 @click.option("--api-key", envvar="QWENHW_API_KEY", help="Require `Authorization: Bearer KEY` (env QWENHW_API_KEY).")
 @click.option("--served-model-name", help="The model name clients send (default: MODEL as given).")
 @request_options

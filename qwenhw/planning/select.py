@@ -139,6 +139,7 @@ def rank(spec: ModelSpec, hardware: HardwareProfile, request: Request, candidate
         if rival is not None:  # the choice in numbers: what the next-best other engine would do
             reasons.append(f"chosen over {label(rival)}: "
                            + trade_off(best.estimate, rival.estimate, best.engine, rival.engine, w))
+        reasons += _idle_gpus(best, hardware, runnable, candidates, w)
         best = best.replace(reasons=tuple(reasons))
         gpus_only = [p for p in fitting if not (p.offload.cpu_gib or p.offload.disk_gib)
                      and any(d.kind.endswith("gpu") for d in p.devices)]
@@ -181,6 +182,27 @@ def _order(p: Plan) -> tuple:
 
 def label(p: Plan) -> str:
     return f"{p.backend} ({p.engine}, {p.parallel})"
+
+
+def _gpus(p: Plan) -> int:
+    return len([d for d in p.devices if d.kind.endswith("gpu")])
+
+
+def _idle_gpus(best: Plan, hardware: HardwareProfile, runnable: list[Plan], candidates: list[Plan],
+               w: Workload) -> list[str]:
+    """Why a plan leaves some of the machine's GPUs idle, in numbers."""
+    total, used = len(hardware.accelerators), _gpus(best)
+    if not used or used >= total:
+        return []
+    wider = [p for p in runnable if _gpus(p) > used]
+    if wider:
+        other = wider[0]
+        return [f"uses {used} of the {total} GPUs: the best plan on more of them, {label(other)}, is not better "
+                f"for this workload ({verdict(best.estimate, other.estimate, best.engine, w)}); more sequences "
+                f"at once (--concurrency) put the others to work"]
+    unfit = next((p for p in candidates if _gpus(p) > used and not p.fits and p.reasons), None)
+    why = f": {label(unfit)}: {unfit.reasons[0]}" if unfit else ""
+    return [f"uses {used} of the {total} GPUs: no layout over more of them fits or applies here{why}"]
 
 
 def _candidate(p: Plan) -> dict[str, Any]:
