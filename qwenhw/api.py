@@ -27,11 +27,17 @@ def detect() -> HardwareProfile:
     return _detect_local(extra_probes=list(reg.probes.values()))
 
 
-def hardware_profile(hardware: HardwareProfile | str | None) -> HardwareProfile:
+def hardware_profile(hardware: HardwareProfile | str | None, ray_address: str | None = None) -> HardwareProfile:
+    """This machine (None), a profile, a bundled name or file, or "cluster": the Ray cluster at `ray_address`
+    (default RAY_ADDRESS), probed node by node."""
     if hardware is None:
         return detect()
     if isinstance(hardware, HardwareProfile):
         return hardware
+    if str(hardware) == "cluster":
+        from .hardware.cluster import probe
+
+        return probe(ray_address)
     return resolve_hardware(str(hardware))
 
 
@@ -49,7 +55,7 @@ def make_request(context: int | None = None, concurrency: int = 1, dtype: str | 
                  kv_dtype: str | None = None, backend: str | None = None, engine: str | None = None,
                  gpu_memory_gib: float | None = None, cpu_memory_gib: float | None = None, allow_offload: bool = True,
                  prompt_tokens: int | None = None, output_tokens: int | None = None,
-                 goal: str | None = None, load_format: str | None = None) -> Request:
+                 goal: str | None = None, load_format: str | None = None, ray_address: str | None = None) -> Request:
     if context is not None and context < 16:
         raise BadInput(f"--context {context} is too small: a request needs at least 16 tokens (try 4096).")
     if concurrency < 1:
@@ -92,6 +98,7 @@ def make_request(context: int | None = None, concurrency: int = 1, dtype: str | 
         output_tokens=output_tokens,
         goal=goal,
         load_format=load_format or "auto",
+        ray_address=ray_address,
     )
 
 
@@ -104,7 +111,9 @@ def plan(model: ModelSpec | str, hardware: HardwareProfile | str | None = None, 
     """
     req = make_request(**request)
     spec = model_spec(model, weights=req.load_format != "dummy")
-    hw = hardware_profile(hardware)
+    if hardware is None and req.ray_address:  # named a Ray cluster: plan for what it holds
+        hardware = "cluster"
+    hw = hardware_profile(hardware, req.ray_address)
     if req.context is not None and req.context > spec.max_position:
         raise BadInput(
             f"--context {req.context} exceeds {spec.name}'s maximum of {spec.max_position} tokens "

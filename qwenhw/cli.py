@@ -98,9 +98,13 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the hardware profile as JSON.")
 @click.option("--list", "list_bundled", is_flag=True, help="List the bundled profiles usable with --hardware.")
 @click.option("--hardware", help="Show a bundled profile or a profile file instead of this machine.")
+@click.option("--cluster", is_flag=True, help="The whole Ray cluster: each node probed on that node (Ray tasks).")
+@click.option("--ray-address", envvar="RAY_ADDRESS", help="The Ray cluster for --cluster (HOST:PORT; env RAY_ADDRESS).")
 @friendly
-def detect(as_json: bool, list_bundled: bool, hardware: str | None) -> None:
-    """Detect this machine's GPUs, CPU, RAM and disk."""
+def detect(as_json: bool, list_bundled: bool, hardware: str | None, cluster: bool, ray_address: str | None) -> None:
+    """Detect this machine's GPUs, CPU, RAM and disk (or, with --cluster, every node of a Ray cluster)."""
+    if cluster:
+        hardware = "cluster"
     from .hardware import bundled_names
 
     if list_bundled:
@@ -115,7 +119,7 @@ def detect(as_json: bool, list_bundled: bool, hardware: str | None) -> None:
                 click.echo(f"{name:<{width}}  {load_bundled(name).summary()}")
             click.echo(f"(use one with --hardware NAME, e.g. `qwenhw plan Qwen3-30B-A3B --hardware {names[1]}`)")
         return
-    profile = api.hardware_profile(hardware)
+    profile = api.hardware_profile(hardware, ray_address)
     if as_json:
         click.echo(profile.to_json())
         return
@@ -124,6 +128,9 @@ def detect(as_json: bool, list_bundled: bool, hardware: str | None) -> None:
     console = _console()
     console.print(f"[bold]{profile.name}[/bold]: {profile.summary()}")
     for node in profile.nodes:
+        if len(profile.nodes) > 1:
+            console.print(f"[bold]{node.hostname}[/bold]" + (f" at {node.address}" if node.address else "")
+                          + (f", {node.network_gbs:g} GB/s to the head" if node.network_gbs else ""))
         table = Table("device", "name", "memory GiB", "bandwidth GB/s", "bf16 TFLOP/s", "notes")
         for a in node.accelerators:
             notes = f"cc {a.compute_capability}" if a.compute_capability else ""
@@ -214,6 +221,9 @@ def request_options(fn: Callable) -> Callable:
                      help="Tokens per prompt the plan is ranked for [default: 1024]."),
         click.option("--output-tokens", type=click.IntRange(min=1),
                      help="Tokens per answer the plan is ranked for [default: 256]."),
+        click.option("--ray-address", envvar="RAY_ADDRESS",
+                     help="The Ray cluster of a multi-node plan (HOST:PORT; env RAY_ADDRESS); --hardware cluster "
+                          "plans for what it holds."),
         click.option("--load-format", type=click.Choice(["auto", "dummy"]),
                      help="dummy: random weights from the checkpoint's config.json (benchmarks; answers are noise)."),
         click.option("--goal", type=click.Choice(["latency", "throughput"]),
@@ -227,7 +237,7 @@ def request_options(fn: Callable) -> Callable:
 
 def _request(kw: dict[str, Any]) -> dict[str, Any]:
     keys = ("context", "concurrency", "dtype", "kv_dtype", "backend", "engine", "gpu_memory_gib", "cpu_memory_gib",
-            "prompt_tokens", "output_tokens", "goal", "load_format")
+            "prompt_tokens", "output_tokens", "goal", "load_format", "ray_address")
     return {k: kw[k] for k in keys if k in kw}
 
 

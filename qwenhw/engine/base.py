@@ -244,6 +244,10 @@ class Engine:
         yield from splitter.flush()
 
     # --- lifecycle --------------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        """What /health reports: "ok", and what an engine adds (a cluster's nodes, ...)."""
+        return {"status": "closed" if self.closed else "ok"}
+
     def count_tokens(self, text: str) -> int:
         raise NotImplementedError
 

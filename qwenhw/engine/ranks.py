@@ -36,7 +36,7 @@ class RankEngine(WorkerEngine):
         env = {**os.environ, **env, "QWENHW_RANK_JOB": "1", "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = os.pathsep.join(list(paths) + [env.get("PYTHONPATH", "")])
         cmd = [python, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(ranks),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", module]
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", module]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, text=True,
                                      env=env, bufsize=1)
         self._io = threading.Lock()
@@ -44,9 +44,10 @@ class RankEngine(WorkerEngine):
         self.info = {**reply.get("info", {}), "ranks": ranks}
 
 
-def _free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now ("" = every interface: one that other nodes connect to)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

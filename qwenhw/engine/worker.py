@@ -70,6 +70,10 @@ class WorkerEngine(Engine):
                 reply = json.loads(line[len("@@qwenhw "):])
                 if reply.get("error"):
                     kind = reply.get("type", "Error")
+                    if kind in ("BadInput", "DoesNotFit"):  # the user's to fix: the same message as here
+                        from ..errors import BadInput
+
+                        raise BadInput(reply["error"])
                     exc = MemoryError if kind in ("MemoryError", "OutOfMemoryError") else WorkerError
                     raise exc(f"{kind} in worker: {reply['error']}")
                 return reply
@@ -136,6 +140,21 @@ class WorkerEngine(Engine):
         self._send({"op": "cancel"})
         while not self._recv().get("done"):
             pass
+
+    def health(self) -> dict[str, Any]:
+        """The worker's engine's health; while a request holds the pipe, the last one seen (marked busy)."""
+        if self.proc.poll() is not None:
+            return {"status": "down", "error": f"the worker process exited (code {self.proc.poll()})"}
+        if not self._io.acquire(blocking=False):
+            return {**getattr(self, "_health", {"status": "ok"}), "busy": True}
+        try:
+            self._send({"op": "health"})
+            self._health = self._recv().get("health", {"status": "ok"})
+        except (WorkerError, MemoryError) as exc:
+            return {"status": "down", "error": str(exc)}
+        finally:
+            self._io.release()
+        return dict(self._health)
 
     def render_chat(self, messages: list[dict], enable_thinking: bool | None) -> str:
         return self._call({"op": "render", "messages": messages, "enable_thinking": enable_thinking})["prompt"]
@@ -217,6 +236,9 @@ def serve(stdin=None, stdout=None) -> None:
             elif op == "count":
                 assert engine is not None
                 _reply({"count": engine.count_tokens(msg["text"])}, out)
+            elif op == "health":
+                assert engine is not None
+                _reply({"health": engine.health()}, out)
             elif op == "close":
                 if engine is not None:
                     engine.close()

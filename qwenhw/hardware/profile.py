@@ -87,6 +87,7 @@ class Node:
     disk: Disk = field(default_factory=Disk)
     host_to_device_gbs: float = 25.0  # pinned host->device copy (PCIe 4 x16 ~25, PCIe 5 ~55)
     network_gbs: float = 0.0  # to other nodes (InfiniBand 400G ~ 50 GB/s); 0 for a single node
+    address: str | None = None  # where other nodes reach it (a Ray cluster's node IP), when known
 
     def link(self, a: int, b: int) -> Link | None:
         for link in self.links:
@@ -157,7 +158,7 @@ class HardwareProfile:
                     f"{source} uses hardware-profile schema {schema}, but this qwenhw reads schema "
                     f"{SCHEMA_VERSION} and older. Upgrade qwenhw or re-create the file with `qwenhw detect --json`."
                 )
-            if not isinstance(data["nodes"], list) or not data["nodes"]:
+            if not isinstance(data["nodes"], (list, tuple)) or not data["nodes"]:
                 raise ValueError("'nodes' must be a non-empty list of nodes")
             nodes = tuple(_node_from_dict(n, f"nodes[{i}]") for i, n in enumerate(data["nodes"]))
             probes = tuple(ProbeResult(**_check(ProbeResult, p, f"probes[{i}]"))
@@ -234,7 +235,7 @@ def _check(klass, data: Any, where: str, required: tuple[str, ...] = ()) -> dict
                 if key in _AT_LEAST_ONE and value < 1 or key in _POSITIVE and value <= 0:
                     raise ValueError(f"{path} is {value!r}; it must be at least 1")
         elif base.startswith("tuple[str"):
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
                 raise ValueError(f"{path} must be a list of strings")
     return data
 

@@ -31,6 +31,7 @@ class Request:
     output_tokens: int | None = None  # tokens per answer (default: workload.DEFAULT_OUTPUT_TOKENS)
     goal: str | None = None  # "latency" or "throughput" (default: latency at concurrency 1, else throughput)
     load_format: str = "auto"  # "dummy": random weights from the checkpoint's config (benchmarks)
+    ray_address: str | None = None  # the Ray cluster a multi-node plan runs on (default: RAY_ADDRESS)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

