@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "plugins" / "offload")]
+sys.path[:0] = [str(ROOT), str(ROOT / "plugins" / "native")]
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Write a haiku about the sea, then explain it.",
            "1, 2, 3, 4,"]

@@ -1,17 +1,19 @@
-"""The decode projections alone on one GPU: cuBLAS against qwenhw's Triton decode GEMMs (fused.py).
+"""The decode projections alone on one GPU: cuBLAS against qwenhw's Triton decode GEMMs (kernels/linear.py).
 
     python bench/decode_linear.py --out results/
 
 For each tensor-parallel share of Qwen3-30B-A3B's attention (TP = 1, 2, 4) and Qwen3-235B-A22B's at TP=4,
 at 1 and 16 tokens:
-  - q/k/v: F.linear + fused.qk_rope_cache (what decode steps ran before) against fused.qkv_rope (the GEMM,
-    the q/k norms, RoPE and the cache write in one kernel), over hidden-slice counts and warps;
-  - o_proj + residual: addmm against fused.linear_residual, over slice counts and column tiles;
-  - each with the weight prefetch as fused.py decides, never, or always (fused.LINEAR_PREFETCH_BYTES).
+  - q/k/v: F.linear + rope_cache.qk_rope_cache (what decode steps ran before) against linear.qkv_rope (the
+    GEMM, the q/k norms, RoPE and the cache write in one kernel), over hidden-slice counts and warps;
+  - o_proj + residual: addmm against linear.linear_residual, over slice counts and column tiles;
+  - each with the weight prefetch as this GPU's tiles decide, never, or always (Tiles.linear_prefetch_bytes).
 Each time is the median per call of many calls captured in one CUDA graph, consecutive calls reading
-different weight copies (more bytes than L2 holds, as consecutive layers do). With PDL, consecutive calls
-of one kernel overlap a little (each prefetches its weights while the one before finishes), so the decode
-step itself (bench/multi_gpu.py --linear-too) is what decides; this sweep picks the shapes.
+different weight copies (more bytes than L2 holds, as consecutive layers do). The kernels launch with PDL
+where a decode step's would (Hopper and later, unless KernelConfig.pdl is off: QWENHW_PDL=0). With PDL,
+consecutive calls of one kernel overlap a little (each prefetches its weights while the one before
+finishes), so the decode step itself (bench/multi_gpu.py --linear-too) is what decides; this sweep picks
+the shapes.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "plugins" / "offload"), str(ROOT / "bench")]
+sys.path[:0] = [str(ROOT), str(ROOT / "plugins" / "native"), str(ROOT / "bench")]
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -42,20 +44,17 @@ def graph_us(fns: list) -> float:
 
 def measure(call, reps: list, ref: torch.Tensor, prefetch: str) -> dict:
     """{us, rel_err} of `call(weight)` against `ref` (the first copy's cuBLAS result), the weight prefetch
-    as fused.py decides ("auto"), never ("off") or always ("on")."""
-    from qwenhw_offload import fused
+    as this GPU's tiles decide ("auto"), never ("off") or always ("on")."""
+    from qwenhw_native.kernels import tiles
 
-    keep = fused.LINEAR_PREFETCH, fused.LINEAR_PREFETCH_BYTES
-    fused.LINEAR_PREFETCH = 0 if prefetch == "off" else keep[0]
-    fused.LINEAR_PREFETCH_BYTES = float("inf") if prefetch == "on" else keep[1]
+    changes = {"off": {"linear_prefetch": 0}, "on": {"linear_prefetch_bytes": float("inf")}}.get(prefetch, {})
     try:
-        got = call(reps[0]).float()  # before the timed calls, which write into the same outputs
-        err = float((got - ref.float()).norm() / ref.float().norm())
-        return {"us": graph_us([lambda w=w: call(w) for w in reps]), "rel_err": err}
+        with tiles.override(ref.device, **changes):  # around the capture: the graph keeps the tiles it saw
+            got = call(reps[0]).float()  # before the timed calls, which write into the same outputs
+            err = float((got - ref.float()).norm() / ref.float().norm())
+            return {"us": graph_us([lambda w=w: call(w) for w in reps]), "rel_err": err}
     except Exception as exc:  # a shape this GPU cannot compile
         return {"error": f"{type(exc).__name__}: {exc}"[:200]}
-    finally:
-        fused.LINEAR_PREFETCH, fused.LINEAR_PREFETCH_BYTES = keep
 
 
 def shapes() -> list[dict]:
@@ -75,10 +74,13 @@ def main() -> None:
 
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
 
-    from qwenhw_offload import fused
+    from qwenhw_native.config import KernelConfig
+    from qwenhw_native.kernels import common, linear, rope_cache
 
     torch.manual_seed(0)
     dev = torch.device("cuda")
+    # the kernels alone launch with PDL as a decode step's would (the user's QWENHW_PDL honoured)
+    pdl = KernelConfig.resolve().pdl and common.pdl_supported(dev)
     rows = []
     for shape in shapes():
         hidden, heads, d = shape["hidden"], shape["heads"], shape["d"]
@@ -102,7 +104,7 @@ def main() -> None:
 
             def cublas_qkv(w):
                 q, k, v = F.linear(x, w).view(tokens, 1, -1, d).split(heads, dim=2)
-                return fused.qk_rope_cache(q, k, v, qn, kn, cos, sin, pos, kc, vc)
+                return rope_cache.qk_rope_cache(q, k, v, qn, kn, cos, sin, pos, kc, vc, pdl=pdl)
 
             with torch.inference_mode():
                 reps = [w_qkv[i % copies] for i in range(4 * copies)]
@@ -112,11 +114,12 @@ def main() -> None:
                 splits = [s for s in (1, 2, 4, 8, 16) if hidden % (s * 128) == 0]
                 configs = [(None, None, "auto")] + ([] if args.quick or tokens > 16 else [
                     (s, (128, w, 3), p) for s in splits for w in (4, 8) for p in ("off", "on")])
-                for split, tiles, prefetch in configs:
-                    key = f"split={split or 'default'} tiles={tiles or 'default'} prefetch={prefetch}"
+                for split, block, prefetch in configs:
+                    key = f"split={split or 'default'} tiles={block or 'default'} prefetch={prefetch}"
 
-                    def call(w, split=split, tiles=tiles):
-                        return fused.qkv_rope(x, w, None, heads, qn, kn, cos, sin, pos, kc, vc, split, tiles)
+                    def call(w, split=split, block=block):
+                        return linear.qkv_rope(x, w, None, heads, qn, kn, cos, sin, pos, kc, vc, slices=split,
+                                               shape=block, pdl=pdl)
                     sweep[key] = measure(call, reps, ref, prefetch)
                 row["qkv_triton"] = sweep
                 row["qkv_default"] = sweep[next(iter(sweep))]
@@ -133,7 +136,7 @@ def main() -> None:
                     out = torch.empty_like(h)
 
                     def call(w, split=split, bn=bn, out=out):
-                        return fused.linear_residual(a, w, h, out, split, bn)
+                        return linear.linear_residual(a, w, h, out, slices=split, bn=bn, pdl=pdl)
                     sweep[key] = measure(call, reps, ref, prefetch)
                 row["o_proj_triton"] = sweep
                 row["o_proj_default"] = sweep[next(iter(sweep))]
@@ -145,7 +148,7 @@ def main() -> None:
             print(json.dumps({k: v for k, v in row.items() if not k.endswith("_triton")}), flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "decode_linear.json").write_text(json.dumps(
-        {"device": torch.cuda.get_device_name(0), "pdl": fused.pdl(dev), "rows": rows}, indent=2))
+        {"device": torch.cuda.get_device_name(0), "pdl": pdl, "rows": rows}, indent=2))
     print(f"{'shape':<18} {'tok':>3} {'qkv cuBLAS+rope':>15} {'default':>8} {'best':>8}  {'o_proj addmm':>12} "
           f"{'default':>8} {'best':>8}  best configs")
     for r in rows:

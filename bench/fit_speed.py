@@ -11,7 +11,8 @@ byte counts of qwenhw.planning.layout), so what it fits is what the planner comp
   prefill  call_s + per pass (layers x pass_layer_s + tokens x token_s + tokens x layer FLOPs / (peak x
            flops)); attention at half the peak (the rows, up to 8192 tokens, cannot separate it)
 It prints the constants and every row's error; the planner's copies live in
-plugins/vllm/qwenhw_vllm/speed.py and plugins/offload/qwenhw_offload/speed.py.
+plugins/vllm/qwenhw_vllm/speed.py, plugins/native/qwenhw_native/speed.py and (prefill) TRANSFORMERS_PREFILL in
+qwenhw/planning/speed.py.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from qwenhw.planning.plan import Parallel  # noqa: E402
 BANDWIDTH_GBS = 4800.0  # H200 datasheet
 PEAK_TFLOPS = 989.0
 DECODE_KV_TOKENS = 32 + (4 + 132) / 2  # the decode rows: 32-token prompts, 4 to 132 tokens generated
-QWENHW_ROWS_FUSED = 16  # fused.LINEAR_MAX_TOKENS: past it the projections run in cuBLAS
+ROWS_FUSED = 16  # fused.LINEAR_MAX_TOKENS: past it the projections run in cuBLAS
 GRAPH_TOKENS = {"vllm": 512}  # vLLM captures piecewise CUDA graphs up to 512 tokens (its capture sizes)
 
 
@@ -108,12 +109,12 @@ def main(folder: str) -> None:
     best = None
     for eff in np.arange(0.80, 0.96, 0.01):
         worst = max(abs(fit_decode(decode_rows(results, "vllm"), eff, None)[1]).max(),
-                    abs(fit_decode(decode_rows(results, "qwenhw"), eff, QWENHW_ROWS_FUSED)[1]).max())
+                    abs(fit_decode(decode_rows(results, "qwenhw"), eff, ROWS_FUSED)[1]).max())
         if best is None or worst < best[1]:
             best = (round(float(eff), 2), worst)
     eff = best[0]
     print(f"decode: bandwidth efficiency {eff} of {BANDWIDTH_GBS:.0f} GB/s (worst row {best[1]:.1%})")
-    for engine, fused in (("vllm", None), ("qwenhw", QWENHW_ROWS_FUSED)):
+    for engine, fused in (("vllm", None), ("qwenhw", ROWS_FUSED)):
         p, err = fit_decode(decode_rows(results, engine), eff, fused)
         names = ["step_s", "layer_s"] + (["row_layer_s"] if fused is not None else [])
         print(f"  {engine}: " + ", ".join(f"{n} {v * 1e6:.2f} us" for n, v in zip(names, p)))

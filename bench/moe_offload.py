@@ -26,7 +26,7 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "plugins" / "offload")]
+sys.path[:0] = [str(ROOT), str(ROOT / "plugins" / "native")]
 
 import psutil  # noqa: E402
 import torch  # noqa: E402
@@ -146,8 +146,8 @@ def main() -> None:
     from accelerate.hooks import remove_hook_from_module
     import transformers
 
-    from qwenhw_offload.hybrid import HybridMoE
-    from qwenhw_offload.runtime import Runtime, SampleParams, set_experts
+    from qwenhw_native.hybrid import HybridMoE
+    from qwenhw_native.runtime import Runtime, SampleParams, set_experts
 
     dev = args.device
     torch.set_num_threads(psutil.cpu_count(logical=False) or os.cpu_count())
@@ -156,10 +156,12 @@ def main() -> None:
         torch.zeros(1, device=dev)
         free, total = torch.cuda.mem_get_info()
         nontorch = (total - free) - torch.cuda.memory_reserved()  # CUDA context etc., outside torch's allocator
+    import qwenhw_native
     import qwenhw_offload
 
-    if "offload" not in qwenhw.plugins.load().backends:  # run from a checkout: register it in-process
-        qwenhw.plugins.register_plugin(qwenhw_offload, "qwenhw-offload")
+    for name, module in (("offload", qwenhw_offload), ("native", qwenhw_native)):
+        if name not in qwenhw.plugins.load().backends:  # run from a checkout: register it in-process
+            qwenhw.plugins.register_plugin(module, f"qwenhw-{name}")
     hw = qwenhw.detect()
     spec = catalog("Qwen3-30B-A3B").with_(num_layers=args.layers)
     info = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name() if dev == "cuda" else "none", "torch": torch.__version__,
@@ -188,7 +190,7 @@ def main() -> None:
         greedy_hf = model.generate(short.to(dev), max_new_tokens=16, do_sample=False)[0, 32:].tolist()
 
     # --- HF transformers, everything on the GPU ---------------------------------------------------------
-    plan_fast = qwenhw.plan(spec, hw, context=args.context, backend="offload")
+    plan_fast = qwenhw.plan(spec, hw, context=args.context, backend="offload", engine="transformers")
     for impl in ("eager", "grouped_mm"):
         set_experts(model, impl)
         with Peak(nontorch) as peak, torch.inference_mode():
@@ -231,7 +233,7 @@ def main() -> None:
     _empty()
 
     # --- qwenhw MoE hybrid, GPU capped ---------------------------------------------------------------------
-    plan_h = qwenhw.plan(spec, hw, context=args.context, backend="offload", engine="hybrid-moe",
+    plan_h = qwenhw.plan(spec, hw, context=args.context, backend="native", engine="hybrid",
                          gpu_memory_gib=args.gpu_cap)
     t0 = time.perf_counter()
     hybrid = HybridMoE(model, dev, cache_bytes=0, prefill_threshold=32)  # experts: GPU -> registered host RAM
@@ -336,7 +338,7 @@ def cpu_kernel_speed(hybrid, repeats: int = 48) -> dict:
     """One layer's 8 random experts for one token, median over layers: the fused kernel against torch GEMVs.
 
     Each repeat uses another layer, so the weights come from RAM, not from the CPU's caches."""
-    from qwenhw_offload import cpu_moe
+    from qwenhw_native import cpu_moe
 
     layers = list(hybrid.cpu)
     gu, dn = hybrid.cpu[layers[0]]
@@ -376,13 +378,13 @@ def gpu_only_plan(spec, hw, context, cap):
     req = qwenhw.api.make_request(context=context, gpu_memory_gib=cap)
     if not hw.node.accelerators:  # the CPU smoke test
         return planner.cpu_plan(spec, hw, req, None, context, "bf16")
-    return planner.gpu_plan(spec, hw, req, "auto", context, "bf16", hybrid=False, fast=False)
+    return planner.gpu_plan(spec, hw, req, "auto", context, "bf16")
 
 
 def hybrid_prediction(spec, hw, plan, cache_bytes: float) -> dict:
     """The planner's numbers for the hybrid plan with a given expert-cache size (0 = no cache)."""
     from qwenhw.planning.workload import Workload
-    from qwenhw_offload import planner
+    from qwenhw_native import planner
 
     wb = qwenhw.models.memory.weight_bytes_split(spec)
     dev = next((d for d in plan.devices if d.kind.endswith("gpu")), None)
@@ -392,8 +394,7 @@ def hybrid_prediction(spec, hw, plan, cache_bytes: float) -> dict:
     non_expert = (dev.weights_gib - plan.offload.gpu_expert_cache_gib) * GiB
     gpu = hw.node.gpus("nvidia")[0]
     work = Workload(plan.prompt_tokens or 32, plan.output_tokens or 32, 1, "latency")
-    tok_s = planner._gpu_estimate(spec, hw.node, gpu, work, "bf16", non_expert, wb.experts, 0.0,
-                                  "hybrid-moe", cache_bytes, wb.experts).decode_tok_s
+    tok_s = planner._hybrid_estimate(spec, hw.node, gpu, work, "bf16", cache_bytes, wb.experts).decode_tok_s
     gpu_gib = dev.total_gib + cache_bytes / GiB - plan.offload.gpu_expert_cache_gib
     return {"engine": plan.engine, "tok_s": tok_s, "gpu_gib": gpu_gib, "host_gib": cpu.total_gib,
             "cache_gib": cache_bytes / GiB}

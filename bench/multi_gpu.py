@@ -5,7 +5,7 @@
 
 The 235B run builds each rank's TP+EP shard directly (470 GB of bf16 fit no single GPU): TP=4 attention +
 EP=4 experts only, per-GPU memory against the planner. Before the rows, rank 0 checks the fused MoE decode
-kernel (fused.moe_experts) against transformers' grouped experts kernel and sweeps its tile shapes; the
+kernel (kernels.moe.experts) against transformers' grouped experts kernel and sweeps its tile shapes; the
 all-reduce of one decode step's hidden states is timed inside CUDA graphs, NCCL against symmetric memory.
 
 Side by side, batch 1 and batch 16 greedy decode:
@@ -18,12 +18,16 @@ Side by side, batch 1 and batch 16 greedy decode:
 with per-GPU peak memory next to the planner's prediction (--worst-prefill: after the largest prefill the
 plan reserves for) and logits against the single-GPU run. Throughput is tokens per second over all
 sequences; latency is per sequence (batch 1). --only-moe times each MoE kernel alone per layout's experts;
---default-tiles runs what qwenhw runs (no sweep).
+--default-tiles runs what qwenhw runs (no sweep). The rows' kernel switches are KernelConfig variants of the
+QWENHW_* environment at start; tile shapes change only inside kernels.tiles.override, around each runtime
+(its CUDA graphs keep the tiles they were captured with).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -33,7 +37,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "plugins" / "offload"), str(ROOT / "bench")]
+sys.path[:0] = [str(ROOT), str(ROOT / "plugins" / "native"), str(ROOT / "bench")]
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -71,15 +75,16 @@ def decode_rate(rt, batch: int, tokens: int, repeats: int, prompt_len: int = 32,
     return statistics.median(rates)
 
 
-def kernel_census(model, context: int) -> dict:
+def kernel_census(model, context: int, kernels=None) -> dict:
     """CUDA kernels one eager batch-1 decode step launches (a graph replays the same ones), by name."""
     from collections import Counter
 
     from torch.profiler import ProfilerActivity, profile
 
-    from qwenhw_offload.runtime import Runtime
+    from qwenhw_native.runtime import Runtime
 
-    rt = Runtime(model, max_len=context, device="cuda:0", graphs=False, decode_experts="grouped_mm")
+    rt = Runtime(model, max_len=context, device="cuda:0", graphs=False, decode_experts="grouped_mm",
+                 kernels=kernels)
     with torch.inference_mode():
         tok = rt.prefill(list(range(100, 132))).argmax(-1)
         rt.decode(tok)
@@ -124,7 +129,7 @@ def step_profile(rt, batch: int, steps: int = 4, prompt_len: int = 32) -> dict:
 
 def graph_time(fn, calls: int = 20, replays: int = 20) -> float:
     """Median seconds per call of `fn`, `calls` of them captured in one CUDA graph (launch cost excluded)."""
-    from qwenhw_offload.runtime import _capture
+    from qwenhw_native.graphs import capture as _capture
 
     graph, _ = _capture(lambda: [fn() for _ in range(calls)][-1])
     times = []
@@ -147,18 +152,26 @@ MOE_COPIES = 4  # consecutive timed calls use different weights, as consecutive 
 
 
 def moe_kernel_check(hidden: int = 2048, inter: int = 768, n_exp: int = 128, top_k: int = 8,
-                     shares: tuple[str, ...] = tuple(MOE_SHARES)) -> dict:
+                     shares: tuple[str, ...] = tuple(MOE_SHARES), kernels=None) -> dict:
     """The fused MoE decode kernels against transformers' grouped_mm experts (same module, same routing),
     for one rank's experts of each layout: all (1 GPU), whole experts of one EP rank ("ep2", "ep4"), or
     every expert's 1/2 or 1/4 of the intermediate size ("tp2", "tp4"); at 1 and 16 tokens.
     Each kernel is timed alone inside CUDA graphs: the gate/up kernel for every MOE_UP_BLOCKS shape, then
     the down kernel for every MOE_DOWN_BLOCKS shape, then the sum; the fastest pair is timed whole (and
-    checked against transformers) next to the default. `best[share][tokens]`: {"block", "down_block"}."""
+    checked against transformers) next to the default. `best[share][tokens]`: {"block", "down_block"}.
+    The kernels launch as a decode step's would (`kernels`: PDL, and a program per local expert or not)."""
+    from functools import partial
+
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
-    from qwenhw_offload import fused
+    from qwenhw_native.config import KernelConfig
+    from qwenhw_native.kernels import common, moe, tiles
 
+    kernels = kernels or KernelConfig.resolve()
+    dev = torch.device("cuda", torch.cuda.current_device())
+    launch = dict(pdl=kernels.pdl and common.pdl_supported(dev), every_expert=not kernels.moe_slots)
+    moe_call, moe_experts = partial(moe.MoeCall, **launch), partial(moe.experts, **launch)
     torch.manual_seed(0)
     out: dict = {"cases": [], "best": {}}
     for key in shares:
@@ -206,7 +219,7 @@ def moe_kernel_check(hidden: int = 2048, inter: int = 768, n_exp: int = 128, top
                     case["transformers_us"] = float("nan")
                 for block in MOE_UP_BLOCKS:
                     try:
-                        dt = timed(lambda e, r: fused.MoeCall(x, e, r, w, block=block), fused.MoeCall.gate_up)
+                        dt = timed(lambda e, r: moe_call(x, e, r, w, block=block), moe.MoeCall.gate_up)
                         case["up"].append({"block": block, "us": dt * 1e6})
                     except Exception as exc:  # a tile shape this GPU cannot compile
                         case["up"].append({"block": block, "error": f"{type(exc).__name__}: {exc}"[:200]})
@@ -214,25 +227,26 @@ def moe_kernel_check(hidden: int = 2048, inter: int = 768, n_exp: int = 128, top
                 for block in MOE_DOWN_BLOCKS:
                     try:
                         def make(e, r, block=block):
-                            call = fused.MoeCall(x, e, r, w, block=up, down_block=block)
+                            call = moe_call(x, e, r, w, block=up, down_block=block)
                             call.gate_up()
                             return call
-                        dt = timed(make, fused.MoeCall.down)
+                        dt = timed(make, moe.MoeCall.down)
                         case["down"].append({"block": block, "us": dt * 1e6})
                     except Exception as exc:
                         case["down"].append({"block": block, "error": f"{type(exc).__name__}: {exc}"[:200]})
                 down = min((r for r in case["down"] if "us" in r), key=lambda r: r["us"])["block"]
 
                 def make_sum(e, r):
-                    call = fused.MoeCall(x, e, r, w, block=up, down_block=down)
+                    call = moe_call(x, e, r, w, block=up, down_block=down)
                     call.gate_up()
                     call.down()
                     return call
-                case["sum_us"] = 1e6 * timed(make_sum, fused.MoeCall.sum)
-                for name, (b_up, b_down) in (("default", (fused.MOE_BLOCK, None)), ("best", (up, down))):
-                    got = fused.moe_experts(x, ex, idx, w, block=b_up, down_block=b_down)
-                    dt = timed(lambda e, r: (e, r), lambda c: fused.moe_experts(x, c[0], c[1], w, block=b_up,
-                                                                                down_block=b_down))
+                case["sum_us"] = 1e6 * timed(make_sum, moe.MoeCall.sum)
+                default = tiles.for_device(dev).moe_block
+                for name, (b_up, b_down) in (("default", (default, None)), ("best", (up, down))):
+                    got = moe_experts(x, ex, idx, w, block=b_up, down_block=b_down)
+                    dt = timed(lambda e, r: (e, r), lambda c: moe_experts(x, c[0], c[1], w, block=b_up,
+                                                                          down_block=b_down))
                     case[name] = {"block": list(b_up), "down_block": list(b_down or b_up[:4]), "us": dt * 1e6,
                                   "gb_s": touched / dt / 1e9,
                                   "rel_err": float((got.float() - ref.float()).norm() / max(ref.float().norm(), 1e-6))}
@@ -251,13 +265,16 @@ def moe_block_for(check: dict, share: str, tokens: int) -> dict | None:
     return (best.get(share) or {}).get(tokens) or (best.get(share) or {}).get(str(tokens))
 
 
-def attention_check(heads: int = 32, kv_heads: int = 4, head_dim: int = 128) -> list[dict]:
-    """The split-KV decode attention (fused.decode_attention) against SDPA over the masked static cache, as
-    the runtime called it before: error, and time per layer at a few cache sizes and positions."""
+def attention_check(heads: int = 32, kv_heads: int = 4, head_dim: int = 128, kernels=None) -> list[dict]:
+    """The split-KV decode attention (kernels.attention.decode_attention) against SDPA over the masked static
+    cache, as the runtime called it before: error, and time per layer at a few cache sizes and positions."""
     import torch.nn.functional as F
 
-    from qwenhw_offload import fused
+    from qwenhw_native.config import KernelConfig
+    from qwenhw_native.kernels import attention, common
 
+    kernels = kernels or KernelConfig.resolve()
+    pdl = kernels.pdl and common.pdl_supported(torch.device("cuda", torch.cuda.current_device()))
     rows = []
     for b, max_len, pos in ((1, 1024, 64), (16, 1024, 64), (16, 8192, 64), (16, 8192, 8000), (1, 32768, 64)):
         q = torch.randn(b, heads, 1, head_dim, device="cuda").bfloat16()
@@ -272,15 +289,15 @@ def attention_check(heads: int = 32, kv_heads: int = 4, head_dim: int = 128) -> 
 
         with torch.inference_mode():
             ref = sdpa().transpose(1, 2).reshape(b, 1, -1).float()
-            got = fused.decode_attention(q, kc, vc, p, scale).float()
+            got = attention.decode_attention(q, kc, vc, p, scale, pdl=pdl).float()
             row = {"batch": b, "max_len": max_len, "pos": pos, "rel_err": float((got - ref).norm() / ref.norm()),
-                   "fused_us": graph_time(lambda: fused.decode_attention(q, kc, vc, p, scale)) * 1e6,
+                   "fused_us": graph_time(lambda: attention.decode_attention(q, kc, vc, p, scale, pdl=pdl)) * 1e6,
                    "sdpa_us": graph_time(sdpa) * 1e6}
             if b == 16:  # which tiles are fastest (the default is the first)
                 row["sweep_us"] = {}
                 for block in ((64, 4, 3), (64, 4, 2), (128, 4, 2), (128, 8, 2), (32, 4, 3), (64, 8, 3)):
                     try:
-                        t = graph_time(lambda: fused.decode_attention(q, kc, vc, p, scale, block=block))
+                        t = graph_time(lambda: attention.decode_attention(q, kc, vc, p, scale, block=block, pdl=pdl))
                         row["sweep_us"][str(block)] = t * 1e6
                     except Exception as exc:  # a tile shape this GPU cannot compile
                         row["sweep_us"][str(block)] = f"{type(exc).__name__}"
@@ -288,22 +305,24 @@ def attention_check(heads: int = 32, kv_heads: int = 4, head_dim: int = 128) -> 
     return rows
 
 
-def allreduce_check(group, world: int, hidden: int) -> list[dict]:
+def allreduce_check(group, world: int, hidden: int, kernels=None) -> list[dict]:
     """Per-call latency of summing [batch, hidden] bf16 over the group inside a CUDA graph; and of the sum
     followed by the next RMSNorm, as two kernels (torch's one-shot, then the norm) and as one
     (Reducer.reduce_norm), which is checked against the two first."""
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
 
-    from qwenhw_offload import fused
-    from qwenhw_offload.parallel import Reducer
-    from qwenhw_offload.runtime import rms_norm
+    from qwenhw_native.config import KernelConfig
+    from qwenhw_native.kernels import common, tiles
+    from qwenhw_native.reducer import Reducer
+    from qwenhw_native.step import rms_norm
 
+    kernels = kernels or KernelConfig.resolve()
     rows = []
-    rows_default = fused.REDUCE_ROWS
     rank = dist.get_rank(group)
     for b in (1, 16):
         x = torch.ones(b, hidden, dtype=torch.bfloat16, device="cuda")
-        red = Reducer(group, b * hidden, torch.bfloat16, x.device)
+        pdl = kernels.pdl and common.pdl_supported(x.device)  # as a decode step launches the fused kernel
+        red = Reducer(group, b * hidden, torch.bfloat16, x.device, kernels=kernels)
         y = x.clone()
         red(y)
         ok = bool((y == world).all())
@@ -327,7 +346,7 @@ def allreduce_check(group, world: int, hidden: int) -> list[dict]:
             with torch.inference_mode():
                 h2 = red(red.buffer_like(part).copy_(part))
                 x2 = rms_norm(norm, h2)
-                h1, x1 = red.reduce_norm(red.buffer_like(part).copy_(part), norm)
+                h1, x1 = red.reduce_norm(red.buffer_like(part).copy_(part), norm, pdl=pdl)
                 torch.cuda.synchronize()
                 row["fused_h_equal"] = bool(torch.equal(h1, h2))
                 row["fused_norm_rel_err"] = float((x1.float() - x2.float()).norm() / x2.float().norm())
@@ -335,22 +354,21 @@ def allreduce_check(group, world: int, hidden: int) -> list[dict]:
                 dist.barrier()
                 row["reduce_then_norm_us"] = graph_time(
                     lambda: rms_norm(norm, red(red.buffer_like(part).copy_(part))), calls=50) * 1e6
-                os.environ["QWENHW_PUSH_REDUCE"] = "0"  # the one-shot kernel (barrier, then reads), side by side
-                pull = Reducer(group, b * hidden, torch.bfloat16, x.device)
-                os.environ.pop("QWENHW_PUSH_REDUCE")
-                h3, x3 = pull.reduce_norm(pull.buffer_like(part).copy_(part), norm)
+                # the one-shot kernel (barrier, then reads), side by side
+                pull = Reducer(group, b * hidden, torch.bfloat16, x.device,
+                               kernels=dataclasses.replace(kernels, push_reduce=False))
+                h3, x3 = pull.reduce_norm(pull.buffer_like(part).copy_(part), norm, pdl=pdl)
                 torch.cuda.synchronize()
                 row["pull_reducer"] = pull.path
                 row["pulled_h_equal"] = bool(torch.equal(h3, h2)) and bool(torch.equal(x3, x1))
                 for key, r in (("fused_reduce_norm_us", red), ("pulled_reduce_norm_us", pull)):
                     row[key] = {}
                     for per in sorted({1, 2, 4, 8, b} & set(range(1, b + 1))):  # token rows per program
-                        fused.REDUCE_ROWS = per
                         r.restart()
                         dist.barrier()
-                        row[key][per] = graph_time(
-                            lambda: r.reduce_norm(r.buffer_like(part).copy_(part), norm), calls=50) * 1e6
-                fused.REDUCE_ROWS = rows_default
+                        with tiles.override(x.device, reduce_rows=per):  # around the capture
+                            row[key][per] = graph_time(
+                                lambda: r.reduce_norm(r.buffer_like(part).copy_(part), norm, pdl=pdl), calls=50) * 1e6
         rows.append(row)
     return rows
 
@@ -359,9 +377,9 @@ EXPERT_MODES = {"ep": "EP={n} experts", "tp": "experts split {n} ways", "replica
 
 
 def build_sharded(cfg, rank: int, world: int, device: str, experts: str = "ep"):
-    """This rank's TP shard of a random-weight model (parallel.empty_shard: the whole model need not fit
+    """This rank's TP shard of a random-weight model (sharding.empty_shard: the whole model need not fit
     anywhere). Replicated weights come out equal on every rank: same seed, same shapes, same order."""
-    from qwenhw_offload.parallel import empty_shard
+    from qwenhw_native.sharding import empty_shard
 
     model, _ = empty_shard(cfg, rank, world, device, torch.bfloat16, experts)
     torch.manual_seed(0)
@@ -396,7 +414,7 @@ def memory_point(label: str, device: int, model=None) -> dict:
 def worst_prefill(rt, batch: int, context: int) -> None:
     """Prefill `batch` prompts as long as the planner reserves activations for (min(context, PREFILL_CHUNK)
     tokens each), so the peak memory that follows is the one the plan is for (--worst-prefill)."""
-    from qwenhw_offload.planner import PREFILL_CHUNK
+    from qwenhw_native.limits import PREFILL_CHUNK
 
     n = min(context, PREFILL_CHUNK) - 1  # the cache keeps one slot for the first decode step
     g = torch.Generator().manual_seed(2)
@@ -407,13 +425,14 @@ def worst_prefill(rt, batch: int, context: int) -> None:
     rt.reset()
 
 
-def long_prefill_check(model, lengths: tuple[int, ...] = (4500, 2500), context: int = 8192) -> dict:
+def long_prefill_check(model, lengths: tuple[int, ...] = (4500, 2500), context: int = 8192, kernels=None) -> dict:
     """Prompts longer than the runtime's prefill chunk go one sequence and one chunk at a time; against
     one pass over the padded batch: last-token logits, greedy tokens, and the memory each prefill took
     above the runtime's (activations: the planner reserves them for PREFILL_CHUNK tokens per sequence)."""
     import qwenhw
-    from qwenhw_offload.planner import PREFILL_CHUNK, gpu_activation_bytes
-    from qwenhw_offload.runtime import Runtime, SampleParams
+    from qwenhw.planning.footprint import gpu_activation_bytes
+    from qwenhw_native.limits import PREFILL_CHUNK
+    from qwenhw_native.runtime import Runtime, SampleParams
 
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 151936, (n,), generator=g).tolist() for n in lengths]
@@ -421,7 +440,7 @@ def long_prefill_check(model, lengths: tuple[int, ...] = (4500, 2500), context: 
     runs = {}
     for name, chunk in (("one pass", 10 ** 9), ("chunked", PREFILL_CHUNK)):
         rt = Runtime(model, max_len=context, device="cuda:0", graphs=True, decode_experts="grouped_mm",
-                     batch=len(prompts))
+                     batch=len(prompts), kernels=kernels)
         rt.prefill_chunk = chunk
         gc.collect()
         torch.cuda.synchronize()
@@ -440,7 +459,7 @@ def long_prefill_check(model, lengths: tuple[int, ...] = (4500, 2500), context: 
     out["logits_rel_err"] = float((a - b).norm() / a.norm())
     out["greedy_equal"] = ta == tb
     spec = qwenhw.models.get("Qwen3-30B-A3B").with_(num_layers=len(model.model.layers))
-    out["planner reserve GiB (concurrency 2)"] = gpu_activation_bytes(spec, context, len(prompts)) / GiB
+    out["planner reserve GiB (concurrency 2)"] = gpu_activation_bytes(spec, context, len(prompts), PREFILL_CHUNK) / GiB
     return out
 
 
@@ -476,41 +495,52 @@ def main() -> None:
     ap.add_argument("--no-attention", action="store_true", help="skip the decode-attention kernel check")
     ap.add_argument("--moe-from", default=None, help="the MoE sweep's JSON from an --only-moe run (not swept again)")
     ap.add_argument("--default-tiles", action="store_true",
-                    help="rows on fused.py's own MoE tile shapes (what qwenhw runs), not the sweep's fastest")
+                    help="rows on qwenhw's own MoE tile shapes (this GPU's kernels.tiles: what qwenhw runs), "
+                         "not the sweep's fastest")
     ap.add_argument("--profile", action="store_true", help="kernel times of a batch-16 decode step (1 GPU, TP rows)")
     ap.add_argument("--fused-only", action="store_true",
                     help="1-GPU rows on the fused kernels only (not also transformers' experts and torch ops), "
                          "and no accelerate layer split")
     ap.add_argument("--down-prefetch", type=int, default=None,
-                    help="fused.MOE_DOWN_PREFETCH: weight lines per row the down kernel prefetches under PDL (0: none)")
+                    help="Tiles.moe_down_prefetch: weight lines per row the down kernel prefetches under PDL (0: none)")
     ap.add_argument("--pull-too", action="store_true",
-                    help="TP rows also with the one-shot reduce + norm kernel (QWENHW_PUSH_REDUCE=0), side by side")
+                    help="TP rows also with the one-shot reduce + norm kernel (KernelConfig.push_reduce off), "
+                         "side by side")
     ap.add_argument("--linear-too", action="store_true",
-                    help="1-GPU and TP rows also with the decode projections on cuBLAS (QWENHW_FUSED_LINEAR=0), "
+                    help="1-GPU and TP rows also with the decode projections on cuBLAS (KernelConfig.linear off), "
                          "side by side with qwenhw's Triton decode GEMMs; 1-GPU rows also with torch's RMSNorms "
-                         "(QWENHW_FUSED_NORM=0) instead of the router and MoE-sum kernels applying them")
+                         "(KernelConfig.norm off) instead of the router and MoE-sum kernels applying them")
     ap.add_argument("--no-router-kernel", action="store_true",
-                    help="the router GEMM on cuBLAS and the routing kernel apart (fused.ROUTER_MAX_TOKENS = 0)")
+                    help="the router GEMM on cuBLAS and the routing kernel apart (Tiles.router_max_tokens = 0)")
+    ap.add_argument("--write-tiles", action="store_true",
+                    help="rank 0 saves the tiles the rows run with (the all-reduce sweep's fastest rows per program, "
+                         "--down-prefetch, --no-router-kernel; not the MoE sweep's shapes, which differ by layout and "
+                         "batch) as this GPU's tiles file (kernels/configs/), which qwenhw then runs with")
     args = ap.parse_args()
     big = args.model == "235b"
     args.layers = args.layers or (94 if big else 48)
     batches = [int(b) for b in args.batches.split(",")]
 
     from moe_offload import build
-    from qwenhw_offload import fused
-    from qwenhw_offload.parallel import replica_group, shard
-    from qwenhw_offload.runtime import Runtime, SampleParams, set_experts
+    from qwenhw_native.config import KernelConfig
+    from qwenhw_native.kernels import common, tiles
+    from qwenhw_native.sharding import replica_group, shard
+    from qwenhw_native.runtime import Runtime, SampleParams, set_experts
 
-    if args.down_prefetch is not None:
-        fused.MOE_DOWN_PREFETCH = args.down_prefetch
-    if args.no_router_kernel:
-        fused.ROUTER_MAX_TOKENS = 0
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    fuse_reduce = os.environ.get("QWENHW_FUSED_REDUCE", "1") != "0"  # 0: every row reduces and norms apart
-    push_reduce = os.environ.get("QWENHW_PUSH_REDUCE", "1")
+    # the user's QWENHW_* switches, read once; the rows run variants of it (fused_reduce off: every row reduces
+    # and norms apart)
+    base = KernelConfig.resolve()
     torch.cuda.set_device(rank)
-    extra_pdl = {"pdl": fused.pdl(torch.device("cuda", rank)), "down_prefetch": fused.MOE_DOWN_PREFETCH,
-                 "router_kernel_up_to": fused.ROUTER_MAX_TOKENS}
+    dev = torch.device("cuda", rank)
+    # tiles the whole run uses: held until the process ends (each runtime's override nests inside)
+    overrides = contextlib.ExitStack()
+    changes = {"moe_down_prefetch": args.down_prefetch} if args.down_prefetch is not None else {}
+    if args.no_router_kernel:
+        changes["router_max_tokens"] = 0
+    run_tiles = overrides.enter_context(tiles.override(dev, **changes))
+    extra_pdl = {"pdl": base.pdl and common.pdl_supported(dev), "down_prefetch": run_tiles.moe_down_prefetch,
+                 "router_kernel_up_to": run_tiles.router_max_tokens}
     dist.init_process_group("nccl", device_id=torch.device("cuda", rank))
     torch.zeros(1, device="cuda")
     free, total = torch.cuda.mem_get_info()
@@ -529,7 +559,7 @@ def main() -> None:
     elif rank == 0 and not args.only_reduce:
         try:
             shape = (4096, 1536) if big else (2048, 768)
-            extra["moe_kernel"] = moe_kernel_check(*shape)
+            extra["moe_kernel"] = moe_kernel_check(*shape, kernels=base)
         except Exception as exc:
             extra["moe_kernel"] = {"error": f"{type(exc).__name__}: {exc}"[:500], "best": {}, "max_rel_err": None}
         log(json.dumps({"moe_kernel": extra["moe_kernel"]}))
@@ -542,26 +572,29 @@ def main() -> None:
     verdict = [extra.get("moe_kernel")]
     dist.broadcast_object_list(verdict, src=0)
     check = verdict[0] or {"best": {}, "max_rel_err": None}
-    default_block = fused.MOE_BLOCK
     if not args.only_reduce and not (check["max_rel_err"] is not None and check["max_rel_err"] < 0.02):
-        os.environ["QWENHW_FUSED_MOE"] = "0"  # the rows still run, on transformers' experts kernels
+        base = dataclasses.replace(base, moe=False)  # the rows still run, on transformers' experts kernels
 
-    def use_block(share: str, batch: int) -> dict | None:
-        """Each layout's rows run on the tile shapes the sweep found fastest for its experts and batch."""
+    @contextlib.contextmanager
+    def use_block(share: str, batch: int):
+        """Each layout's rows run on the tile shapes the sweep found fastest for its experts and batch (none
+        found: this GPU's own); it yields them, None where the MoE kernels are off. Around the runtime's
+        build and decoding: its CUDA graphs keep the tiles they were captured with."""
         found = {} if args.default_tiles else moe_block_for(check, share, 1 if batch == 1 else 16) or {}
-        fused.MOE_BLOCK = tuple(found.get("block") or default_block)
-        fused.MOE_DOWN_BLOCK = tuple(found["down_block"]) if found.get("down_block") else None
-        return {"block": fused.MOE_BLOCK, "down_block": fused.MOE_DOWN_BLOCK} if fused.moe_enabled() else None
+        blocks = {"moe_block": tuple(found["block"]),
+                  "moe_down_block": tuple(found["down_block"]) if found.get("down_block") else None} if found else {}
+        with tiles.override(dev, **blocks) as t:
+            yield {"block": t.moe_block, "down_block": t.moe_down_block} if base.moe else None
 
     if rank == 0 and not big and not args.only_reduce and not args.no_attention:
         try:
-            extra["attention"] = attention_check()
+            extra["attention"] = attention_check(kernels=base)
         except Exception as exc:
             extra["attention"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         log(json.dumps({"attention": extra["attention"]}))
     if world > 1:
         try:
-            extra["allreduce"] = allreduce_check(dist.group.WORLD, world, 4096 if big else 2048)
+            extra["allreduce"] = allreduce_check(dist.group.WORLD, world, 4096 if big else 2048, kernels=base)
         except Exception as exc:
             extra["allreduce"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         if rank == 0:
@@ -571,13 +604,16 @@ def main() -> None:
         if sweep:  # the fastest rows per program at batch 16, the same on every rank (rank 0's timing)
             best = [min(sweep, key=sweep.get)]
             dist.broadcast_object_list(best, src=0)
-            fused.REDUCE_ROWS = extra["reduce_rows"] = best[0]
-        if args.only_reduce:
-            if rank == 0:
-                Path(args.out).mkdir(parents=True, exist_ok=True)
-                (Path(args.out) / f"allreduce_{world}.json").write_text(json.dumps(extra["allreduce"], indent=2))
-            dist.destroy_process_group()
-            return
+            extra["reduce_rows"] = best[0]
+            overrides.enter_context(tiles.override(dev, reduce_rows=best[0]))
+    if args.write_tiles and rank == 0:
+        log(f"tiles written: {tiles.write(torch.cuda.get_device_name(dev), tiles.for_device(dev))}")
+    if world > 1 and args.only_reduce:
+        if rank == 0:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / f"allreduce_{world}.json").write_text(json.dumps(extra["allreduce"], indent=2))
+        dist.destroy_process_group()
+        return
 
     # --- 1 GPU and accelerate's layer split: rank 0 alone, the other GPUs idle ---------------------
     ref = None
@@ -589,48 +625,45 @@ def main() -> None:
         with torch.inference_mode():
             hf_greedy = model.generate(probe.cuda(), max_new_tokens=16, do_sample=False)[0, 32:].tolist()
         step_logits = {}
-        moe_on = fused.moe_enabled()
-        # all fused decode kernels (fused.py); the same without the MoE one; torch ops only
-        # (label, QWENHW_FUSED, _MOE, _LINEAR, _NORM)
-        variants = [("", "1", "1", "1", "1")] if moe_on else []
+        moe_on = base.moe
+        # all decode kernels (qwenhw_native.kernels); the same without the MoE one; torch ops only
+        # (label, KernelConfig's triton, moe, linear, norm)
+        variants = [("", True, True, True, True)] if moe_on else []
         if args.linear_too and moe_on:  # the Triton projections and the norms in the router / sum kernels, A/B
-            variants += [(", cuBLAS projections", "1", "1", "0", "1"), (", torch norms", "1", "1", "1", "0"),
-                         (", cuBLAS projections, torch norms", "1", "1", "0", "0")]
+            variants += [(", cuBLAS projections", True, True, False, True), (", torch norms", True, True, True, False),
+                         (", cuBLAS projections, torch norms", True, True, False, False)]
         if not args.fused_only or not moe_on:
-            variants += [(", transformers experts" if moe_on else "", "1", "0", "1", "1"),
-                         (", unfused (torch ops)", "0", "0", "1", "1")]
+            variants += [(", transformers experts" if moe_on else "", True, False, True, True),
+                         (", unfused (torch ops)", False, False, True, True)]
         for b in batches:
-            block = use_block("1", b)
-            for label, fused_on, moe, linear, norm in variants:
-                os.environ["QWENHW_FUSED"], os.environ["QWENHW_FUSED_MOE"] = fused_on, moe
-                os.environ["QWENHW_FUSED_LINEAR"], os.environ["QWENHW_FUSED_NORM"] = linear, norm
-                torch.cuda.reset_peak_memory_stats(0)
-                rt = Runtime(model, max_len=args.context, device="cuda:0", graphs=True,
-                             decode_experts="grouped_mm", batch=b)
-                with torch.inference_mode():
-                    rate = decode_rate(rt, b, args.tokens, args.repeats)
-                    if args.profile and not label and b > 1:
-                        extra[f"profile_1gpu_b{b}"] = step_profile(rt, b)
-                        log(json.dumps({f"profile_1gpu_b{b}": extra[f"profile_1gpu_b{b}"]}))
-                    if args.worst_prefill and not label:
-                        worst_prefill(rt, b, args.context)
-                    note = ""
-                    if b == 1:
-                        rt.reset()
-                        greedy = list(rt.generate(probe[0].tolist(), 16, SampleParams(), set()))
-                        rt.reset()
-                        tok = int(rt.prefill(probe[0].tolist()).argmax())
-                        step_logits[label] = rt.decode(tok)[0].float().cpu()
-                        note = f"greedy tokens equal to HF: {sum(a == c for a, c in zip(greedy, hf_greedy))}/16"
-                rows.append({"config": "1 GPU, qwenhw fast path" + label, "batch": b, "tok_s": rate,
-                             "gpu_gib": [peak_gib(0, nontorch)], "note": note,
-                             "moe_block": block if moe == "1" else None})
-                log(json.dumps(rows[-1]))
-                del rt
-                gc.collect()
-                torch.cuda.empty_cache()
-        os.environ["QWENHW_FUSED"], os.environ["QWENHW_FUSED_MOE"] = "1", "1" if moe_on else "0"
-        os.environ["QWENHW_FUSED_LINEAR"] = os.environ["QWENHW_FUSED_NORM"] = "1"
+            with use_block("1", b) as block:
+                for label, triton_on, moe, linear, norm in variants:
+                    kernels = dataclasses.replace(base, triton=triton_on, moe=moe, linear=linear, norm=norm)
+                    torch.cuda.reset_peak_memory_stats(0)
+                    rt = Runtime(model, max_len=args.context, device="cuda:0", graphs=True,
+                                 decode_experts="grouped_mm", batch=b, kernels=kernels)
+                    with torch.inference_mode():
+                        rate = decode_rate(rt, b, args.tokens, args.repeats)
+                        if args.profile and not label and b > 1:
+                            extra[f"profile_1gpu_b{b}"] = step_profile(rt, b)
+                            log(json.dumps({f"profile_1gpu_b{b}": extra[f"profile_1gpu_b{b}"]}))
+                        if args.worst_prefill and not label:
+                            worst_prefill(rt, b, args.context)
+                        note = ""
+                        if b == 1:
+                            rt.reset()
+                            greedy = list(rt.generate(probe[0].tolist(), 16, SampleParams(), set()))
+                            rt.reset()
+                            tok = int(rt.prefill(probe[0].tolist()).argmax())
+                            step_logits[label] = rt.decode(tok)[0].float().cpu()
+                            note = f"greedy tokens equal to HF: {sum(a == c for a, c in zip(greedy, hf_greedy))}/16"
+                    rows.append({"config": "1 GPU, qwenhw fast path" + label, "batch": b, "tok_s": rate,
+                                 "gpu_gib": [peak_gib(0, nontorch)], "note": note,
+                                 "moe_block": block if moe else None})
+                    log(json.dumps(rows[-1]))
+                    del rt
+                    gc.collect()
+                    torch.cuda.empty_cache()
         for label in (", cuBLAS projections", ", torch norms", ", cuBLAS projections, torch norms"):
             if label not in step_logits:
                 continue  # each A/B row's first decode step against the default row's
@@ -643,10 +676,10 @@ def main() -> None:
                 extra[f"decode_logits_rel_err_vs_unfused{label}"] = float((a - r).norm() / r.norm())
         log(json.dumps({k: v for k, v in extra.items() if k.startswith("decode_logits")}))
         if args.long_prefill:
-            extra["long_prefill"] = long_prefill_check(model)
+            extra["long_prefill"] = long_prefill_check(model, kernels=base)
             log(json.dumps({"long_prefill": extra["long_prefill"]}))
         try:
-            census = kernel_census(model, args.context)
+            census = kernel_census(model, args.context, kernels=base)
             log(json.dumps({"kernel_census": census}))
         except Exception as exc:
             census = {"error": f"{type(exc).__name__}: {exc}"}
@@ -696,7 +729,7 @@ def main() -> None:
         torch.cuda.empty_cache()
         trace = [memory_point(f"experts {mode}: after build + shard", rank, model)]
         # the first mode also runs "apart" (the symmetric-memory reduction and the next RMSNorm as two
-        # kernels, QWENHW_FUSED_REDUCE=0) and, with --nccl, the same layout on NCCL all-reduces (symm "0")
+        # kernels, KernelConfig.fused_reduce off) and, with --nccl, the same layout on NCCL all-reduces (symm "0")
         runs = [(b, "1", "") for b in batches]
         if not big and mode == modes[0]:
             runs += [(b, "1", "apart") for b in batches] + ([(b, "0", "") for b in batches] if args.nccl else [])
@@ -706,43 +739,42 @@ def main() -> None:
             runs += [(b, "1", "cublas") for b in batches]
         layout = f"qwenhw TP={world} attention + {EXPERT_MODES[mode].format(n=world)}"
         for b, symm, apart in runs:
-            os.environ["QWENHW_SYMM_MEM"] = symm
-            os.environ["QWENHW_FUSED_REDUCE"] = "0" if apart == "apart" or not fuse_reduce else "1"
-            os.environ["QWENHW_PUSH_REDUCE"] = "0" if apart == "pull" else push_reduce
-            os.environ["QWENHW_FUSED_LINEAR"] = "0" if apart == "cublas" else "1"
-            block = use_block(f"{mode}{world}", b)
-            torch.cuda.reset_peak_memory_stats(rank)
-            path = None
-            for graphs in (True, False):
-                try:
-                    rt = Runtime(model, max_len=args.context, device=f"cuda:{rank}", graphs=graphs,
-                                 decode_experts="grouped_mm", batch=b, group=dist.group.WORLD)
-                    path = rt.reducer.path
-                    trace.append(memory_point(f"experts {mode}, batch {b}, symm {symm}: runtime built", rank))
-                    with torch.inference_mode():
-                        rate = decode_rate(rt, b, args.tokens, args.repeats)
-                        if args.profile and b > 1 and not apart and symm == "1":
-                            prof = step_profile(rt, b)  # every rank replays (collectives); rank 0's kept
-                            if rank == 0:
-                                extra[f"profile_tp{world}_{mode}_b{b}"] = prof
-                                log(json.dumps({f"profile_tp{world}_{mode}_b{b}": prof}))
-                        if args.worst_prefill and not apart and symm == "1":
-                            worst_prefill(rt, b, args.context)
-                        err = None
-                        if b > 1 and not big and not args.only_tp and symm == "1":  # the probe in every row
-                            rt.reset()
-                            logits = rt.prefill([probe[0].tolist()] * b)
-                            tp_batch[(mode, apart)] = rt.decode(logits.argmax(-1)).float().cpu()
-                        if b == 1 and not big and not args.only_tp and symm == "1":  # every rank runs it
-                            rt.reset()
-                            logits = rt.prefill(probe[0].tolist())[0]
-                            tp_step[(mode, apart)] = rt.decode(int(logits.argmax()))[0].float().cpu()
-                            logits = logits.float().cpu()
-                            err = float((logits - ref).norm() / ref.norm()) if rank == 0 else None
-                    break
-                except Exception as exc:  # graph capture of NCCL collectives can fail: measure eagerly then
-                    log(f"rank {rank}: graphs={graphs} failed: {type(exc).__name__}: {exc}")
-                    rate, err = float("nan"), None
+            kernels = dataclasses.replace(base, symm_mem=symm == "1", linear=apart != "cublas",
+                                          fused_reduce=base.fused_reduce and apart != "apart",
+                                          push_reduce=base.push_reduce and apart != "pull")
+            with use_block(f"{mode}{world}", b) as block:
+                torch.cuda.reset_peak_memory_stats(rank)
+                path = None
+                for graphs in (True, False):
+                    try:
+                        rt = Runtime(model, max_len=args.context, device=f"cuda:{rank}", graphs=graphs,
+                                     decode_experts="grouped_mm", batch=b, group=dist.group.WORLD, kernels=kernels)
+                        path = rt.reducer.path
+                        trace.append(memory_point(f"experts {mode}, batch {b}, symm {symm}: runtime built", rank))
+                        with torch.inference_mode():
+                            rate = decode_rate(rt, b, args.tokens, args.repeats)
+                            if args.profile and b > 1 and not apart and symm == "1":
+                                prof = step_profile(rt, b)  # every rank replays (collectives); rank 0's kept
+                                if rank == 0:
+                                    extra[f"profile_tp{world}_{mode}_b{b}"] = prof
+                                    log(json.dumps({f"profile_tp{world}_{mode}_b{b}": prof}))
+                            if args.worst_prefill and not apart and symm == "1":
+                                worst_prefill(rt, b, args.context)
+                            err = None
+                            if b > 1 and not big and not args.only_tp and symm == "1":  # the probe in every row
+                                rt.reset()
+                                logits = rt.prefill([probe[0].tolist()] * b)
+                                tp_batch[(mode, apart)] = rt.decode(logits.argmax(-1)).float().cpu()
+                            if b == 1 and not big and not args.only_tp and symm == "1":  # every rank runs it
+                                rt.reset()
+                                logits = rt.prefill(probe[0].tolist())[0]
+                                tp_step[(mode, apart)] = rt.decode(int(logits.argmax()))[0].float().cpu()
+                                logits = logits.float().cpu()
+                                err = float((logits - ref).norm() / ref.norm()) if rank == 0 else None
+                        break
+                    except Exception as exc:  # graph capture of NCCL collectives can fail: measure eagerly then
+                        log(f"rank {rank}: graphs={graphs} failed: {type(exc).__name__}: {exc}")
+                        rate, err = float("nan"), None
             trace.append(memory_point(f"experts {mode}, batch {b}, symm {symm}: after decoding", rank))
             mem = torch.tensor([peak_gib(rank, nontorch)], device="cuda")
             mems = [torch.zeros_like(mem) for _ in range(world)]
@@ -758,8 +790,6 @@ def main() -> None:
             del rt
             gc.collect()
             torch.cuda.empty_cache()
-        os.environ["QWENHW_SYMM_MEM"], os.environ["QWENHW_FUSED_REDUCE"] = "1", "1" if fuse_reduce else "0"
-        os.environ["QWENHW_PUSH_REDUCE"], os.environ["QWENHW_FUSED_LINEAR"] = push_reduce, "1"
         traces_all[mode] = trace
         del model  # before the next layout builds its own
         gc.collect()
@@ -806,11 +836,11 @@ def main() -> None:
             if b < replicas:
                 continue  # fewer sequences than replicas: the planner keeps the smaller layout
             torch.cuda.reset_peak_memory_stats(rank)
-            block = use_block("1" if tp == 1 else f"{dp_mode}{tp}", b // replicas)
-            rt = Runtime(model, max_len=args.context, device=f"cuda:{rank}", graphs=True,
-                         decode_experts="grouped_mm", batch=b // replicas, group=group)
-            with torch.inference_mode():
-                rate = decode_rate(rt, b // replicas, args.tokens, args.repeats, barrier=dist.barrier)
+            with use_block("1" if tp == 1 else f"{dp_mode}{tp}", b // replicas) as block:
+                rt = Runtime(model, max_len=args.context, device=f"cuda:{rank}", graphs=True,
+                             decode_experts="grouped_mm", batch=b // replicas, group=group, kernels=base)
+                with torch.inference_mode():
+                    rate = decode_rate(rt, b // replicas, args.tokens, args.repeats, barrier=dist.barrier)
             stats = torch.tensor([rate if rank % tp == 0 else 0.0, peak_gib(rank, nontorch)], device="cuda")
             every = [torch.zeros_like(stats) for _ in range(world)]
             dist.all_gather(every, stats)
@@ -833,22 +863,22 @@ def main() -> None:
     if rank == 0:
         import qwenhw
         import qwenhw.plugins
-        import qwenhw_offload
+        import qwenhw_native
 
-        if "offload" not in qwenhw.plugins.load().backends:  # run from a checkout: register it in-process
-            qwenhw.plugins.register_plugin(qwenhw_offload, "qwenhw-offload")
+        if "native" not in qwenhw.plugins.load().backends:  # run from a checkout: register it in-process
+            qwenhw.plugins.register_plugin(qwenhw_native, "qwenhw-native")
         hw = qwenhw.detect()
         plan_notes = []
         try:
             from qwenhw.api import make_request
-            from qwenhw_offload import planner
+            from qwenhw_native import planner
 
             name = "Qwen3-235B-A22B" if big else "Qwen3-30B-A3B"
             spec = qwenhw.models.get(name).with_(num_layers=args.layers)
             for r in rows:
                 req = make_request(context=args.context, concurrency=r["batch"])
                 if r["config"].startswith("1 GPU"):
-                    plan = planner.gpu_plan(spec, hw, req, "auto", args.context, "bf16", hybrid=False)
+                    plan = planner.one_gpu_plan(spec, hw, req, "auto", args.context, "bf16")
                 elif r["config"].startswith("qwenhw"):
                     plan = planner.parallel_plan(spec, hw, req, "auto", args.context, "bf16", world, r.get("tp", world),
                                                  r.get("experts"))
@@ -857,7 +887,7 @@ def main() -> None:
                 if plan is not None:
                     r["pred_gpu_gib"] = plan.devices[0].total_gib
                     r["pred_tok_s"] = plan.estimate.throughput_tok_s
-                chosen = qwenhw.plan(spec, hw, backend="offload", context=args.context, concurrency=r["batch"])
+                chosen = qwenhw.plan(spec, hw, backend="native", context=args.context, concurrency=r["batch"])
                 r["planner_choice"] = f"{chosen.engine} {chosen.parallel}"
             plan_notes = [chosen.explain()]
         except Exception as exc:

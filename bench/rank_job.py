@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "plugins" / "offload")]
+sys.path[:0] = [str(ROOT), str(ROOT / "plugins" / "native")]
 
 PROMPTS = [
     "The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,", "Write a haiku about GPUs.",
@@ -150,12 +150,12 @@ def main() -> None:
 
     import qwenhw
     import qwenhw.plugins
-    import qwenhw_offload
+    import qwenhw_native
     from qwenhw.api import make_request, model_spec
-    from qwenhw_offload import planner
+    from qwenhw_native import planner
 
-    if "offload" not in qwenhw.plugins.load().backends:  # run from a checkout: register it in-process
-        qwenhw.plugins.register_plugin(qwenhw_offload, "qwenhw-offload")
+    if "native" not in qwenhw.plugins.load().backends:  # run from a checkout: register it in-process
+        qwenhw.plugins.register_plugin(qwenhw_native, "qwenhw-native")
     ckpt = args.checkpoint
     if ckpt is None:
         ckpt = Path(os.environ.get("TMPDIR", "/tmp")) / "qwenhw-rank-job-ckpt"
@@ -170,9 +170,9 @@ def main() -> None:
     spec = model_spec(str(ckpt))
     req = make_request(context=args.context, concurrency=16)
     if torch.cuda.is_available():
-        one = planner.gpu_plan(spec, hw, req, "auto", args.context, "bf16", hybrid=False)
+        one = planner.one_gpu_plan(spec, hw, req, "auto", args.context, "bf16")
     else:  # the smoke test: ranks fall back to the CPU, and so does this reference
-        one = qwenhw.plan(str(ckpt), backend="offload", engine="transformers-fast", context=args.context,
+        one = qwenhw.plan(str(ckpt), backend="native", engine="one-gpu", context=args.context,
                           concurrency=16)
     layouts = [] if args.only_tp else [("1 GPU, fast path", one)]
     if n > 1:

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "plugins" / "offload"), str(ROOT / "plugins" / "vllm")]
+sys.path[:0] = [str(ROOT), str(ROOT / "plugins" / "native"), str(ROOT / "plugins" / "vllm")]
 
 GiB = 2**30
 PROFILE = "1xH200-141G"  # the bundled profile of the machine these results come from
@@ -211,7 +211,7 @@ def product_plan(backend: str, path: str, layers: int | None, device: str = "cud
     _register_plugins()
     if device == "cpu":
         plan = qwenhw.plan(path, backend=backend, **request)
-        if backend == "offload":
+        if backend == "native":
             plan = plan.replace(config={**plan.config, "main_device": "cpu", "cuda_graphs": False})
         return plan
     spec = catalog(MODEL)
@@ -224,7 +224,7 @@ def _register_plugins() -> None:
     import qwenhw.plugins
 
     reg = qwenhw.plugins.load()
-    for name, module in (("offload", "qwenhw_offload"), ("vllm", "qwenhw_vllm")):
+    for name, module in (("native", "qwenhw_native"), ("vllm", "qwenhw_vllm")):
         if name not in reg.backends:  # a checkout on a machine where the plugins are not installed
             import importlib
 
@@ -248,8 +248,8 @@ def qwenhw_part(args) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from qwenhw_offload.engine_runtime import RuntimeEngine, build_fast
-    from qwenhw_offload.runtime import Runtime, SampleParams
+    from qwenhw_native.engine import RuntimeEngine, build_one_gpu
+    from qwenhw_native.runtime import Runtime, SampleParams
 
     dev = args.device
     result = {"info": info(dev), "engine": "qwenhw", "decode": [], "decode_raw": [], "ttft": [], "memory": []}
@@ -262,11 +262,13 @@ def qwenhw_part(args) -> dict:
     model = random_model(args.model, dev, args.layers)
     result["start"] = {"random_weights_s": time.perf_counter() - t0}
     # the product's engine for a plan of 16 sequences at an 8192-token context: its start and its memory
-    plan = product_plan("offload", args.model, args.layers, dev, concurrency=16, context=8448)
-    assert plan.engine == "transformers-fast", plan.engine
+    plan = product_plan("native", args.model, args.layers, dev, concurrency=16, context=8448)
+    assert plan.engine == "one-gpu", plan.engine
     t0 = time.perf_counter()
-    engine = build_fast(model, tok, plan)
+    engine = build_one_gpu(model, tok, plan)
     result["start"]["runtimes_and_graphs_s"] = time.perf_counter() - t0
+    # greedy tokens of one fixed prompt: two versions of the engine on the same random weights must agree
+    result["greedy"] = list(engine.generate("The capital of France is", max_tokens=24, temperature=0)[0].token_ids)
     if dev == "cuda":
         torch.cuda.synchronize()
         result["memory"].append(memory_row("engine of the plan (batch 1 + 16 runtimes, 8448-token caches)", plan,
@@ -340,7 +342,7 @@ def hybrid_part(args) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from qwenhw_offload.hybrid import build_hybrid
+    from qwenhw_native.hybrid import build_hybrid
 
     dev = args.device
     result = {"info": info(dev), "engine": "qwenhw-hybrid", "gpu_cap_gib": args.gpu_memory_gib, "rows": [], "memory": []}
@@ -348,7 +350,7 @@ def hybrid_part(args) -> dict:
     tok = AutoTokenizer.from_pretrained(args.model)
     seeds = Seeds(5000)
     for label, cache in (("no expert cache", False), ("static expert cache", True)):
-        plan = product_plan("offload", args.model, args.layers, dev, engine="hybrid-moe", context=4096,
+        plan = product_plan("native", args.model, args.layers, dev, engine="hybrid", context=4096,
                             gpu_memory_gib=args.gpu_memory_gib)
         if not cache:
             plan = plan.replace(config={**plan.config, "expert_cache_bytes": 0})
@@ -366,7 +368,10 @@ def hybrid_part(args) -> dict:
         def call(n, engine=engine, texts=texts):
             return len(engine.generate(texts[0], max_tokens=n, temperature=0)[0].token_ids)
 
+        engine.hybrid.stats.update(cpu_experts=0, gpu_experts=0)
         row = decode_rate(call, 1, long=36)  # ~20 tok/s: 32 extra tokens are enough
+        pairs = engine.hybrid.stats  # decode's (token, expert) pairs: served by the GPU cache or the CPU
+        row["cache_hit_rate"] = pairs["gpu_experts"] / max(1, pairs["gpu_experts"] + pairs["cpu_experts"])
 
         def first(engine=engine):
             texts, _ = prompts(tok, 1, 2048, seeds())
@@ -398,7 +403,7 @@ def workload_part(args) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from qwenhw_offload.engine_runtime import build_fast
+    from qwenhw_native.engine import build_one_gpu
 
     dev = args.device
     result = {"info": info(dev), "engine": "qwenhw", "workloads": []}
@@ -407,8 +412,8 @@ def workload_part(args) -> dict:
     seeds = Seeds(9000)
     for spec in args.workloads.split(","):
         rows, prompt, answer = (int(x) for x in spec.split("x"))
-        plan = product_plan("offload", args.model, args.layers, dev, concurrency=rows, context=prompt + answer + 64)
-        engine = build_fast(model, tok, plan)
+        plan = product_plan("native", args.model, args.layers, dev, concurrency=rows, context=prompt + answer + 64)
+        engine = build_one_gpu(model, tok, plan)
         times = []
         for r in range(REPEATS + 1):
             texts, _ = prompts(tok, rows, prompt, seeds())
@@ -591,12 +596,12 @@ def report_rows(folder: str) -> list[dict]:
         rows.append({"kind": kind, "what": what, "measured": measured, "predicted": predicted,
                      "error": predicted / measured - 1, "tolerance": tol or TOLERANCE[kind]})
 
-    for name, backend, layers in (("qwenhw", "offload", 48), ("qwenhw_24layers", "offload", 24),
+    for name, backend, layers in (("qwenhw", "native", 48), ("qwenhw_24layers", "native", 24),
                                   ("vllm", "vllm", 48), ("vllm_24layers", "vllm", 24)):
         if name not in res:
             continue
-        label = ("qwenhw" if backend == "offload" else "vLLM") + ("" if layers == 48 else f" {layers} layers")
-        engine = "transformers-fast" if backend == "offload" else "vllm"
+        label = ("qwenhw" if backend == "native" else "vLLM") + ("" if layers == 48 else f" {layers} layers")
+        engine = "one-gpu" if backend == "native" else "vllm"
         for r in res[name]["decode"]:
             plan = predict(backend, layers, engine, concurrency=r["rows"], prompt_tokens=PROMPT, output_tokens=LONG)
             add("decode", f"{label} decode, {r['rows']} seq (tok/s)", r["tok_s"], plan.estimate.throughput_tok_s)
@@ -618,7 +623,7 @@ def report_rows(folder: str) -> list[dict]:
     for name in ("qwenhw", "qwenhw_24layers"):
         for m in res.get(name, {}).get("memory", [])[-1:]:  # after the largest prefill the plan reserves for
             layers = 24 if "24" in name else 48
-            plan = predict("offload", layers, "transformers-fast", concurrency=16, context=8448)
+            plan = predict("native", layers, "one-gpu", concurrency=16, context=8448)
             add("memory", f"qwenhw engine, {layers} layers, 16 seq (GiB)", m["measured_gib"], plan.devices[0].total_gib)
     if "vllm_offload" in res:
         r = res["vllm_offload"]
@@ -629,17 +634,17 @@ def report_rows(folder: str) -> list[dict]:
         add("ttft", "vLLM cpu_offload_gb TTFT 1 x 2048 tokens (s)", r["ttft"][0]["direct"]["s"], plan.estimate.ttft_s)
     for name, machine in (("hybrid", ""), ("hybrid_first_machine", ", first machine")):
         for r in res.get(name, {}).get("rows", []):
-            plan = predict("offload", engine="hybrid-moe", gpu_memory_gib=20, context=4096, prompt_tokens=PROMPT,
+            plan = predict("native", engine="hybrid", gpu_memory_gib=20, context=4096, prompt_tokens=PROMPT,
                            output_tokens=36)
             if not r["expert_cache_gib"]:
                 plan = _without_cache(plan)
             add("hybrid", f"qwenhw hybrid, {r['what']}{machine} (tok/s)", r["tok_s"], plan.estimate.decode_tok_s)
     if "hybrid" in res:
         for m in res["hybrid"]["memory"]:
-            plan = predict("offload", engine="hybrid-moe", gpu_memory_gib=20, context=4096)
+            plan = predict("native", engine="hybrid", gpu_memory_gib=20, context=4096)
             add("memory", "qwenhw hybrid GPU under 20 GiB (GiB)", m["measured_gib"], plan.devices[0].total_gib)
     for r in res.get("workload", {}).get("workloads", []):
-        plan = predict("offload", 48, "transformers-fast", concurrency=r["rows"], prompt_tokens=r["prompt_tokens"],
+        plan = predict("native", 48, "one-gpu", concurrency=r["rows"], prompt_tokens=r["prompt_tokens"],
                        output_tokens=r["output_tokens"], context=r["prompt_tokens"] + r["output_tokens"] + 64)
         add("latency", f"qwenhw request {r['rows']} x ({r['prompt_tokens']} + {r['output_tokens']}) tokens (s)",
             r["latency_s"], plan.estimate.latency_s)
@@ -698,7 +703,7 @@ def _without_cache(plan):
     """The hybrid plan's estimate with no GPU expert cache (the bench's first configuration)."""
     from qwenhw.models import memory as mm
     from qwenhw.planning.workload import workload
-    from qwenhw_offload import planner
+    from qwenhw_native import planner
 
     import qwenhw
 
@@ -707,8 +712,7 @@ def _without_cache(plan):
     gpu = hw.node.gpus("nvidia")[0]
     req = qwenhw.api.make_request(concurrency=1, prompt_tokens=PROMPT, output_tokens=36)
     wb = mm.weight_bytes_split(spec)
-    est = planner._gpu_estimate(spec, hw.node, gpu, workload(req), "bf16", 0.0, wb.experts, 0.0, "hybrid-moe",
-                                0.0, wb.experts)
+    est = planner._hybrid_estimate(spec, hw.node, gpu, workload(req), "bf16", 0.0, wb.experts)
     return plan.replace(estimate=est)
 
 

@@ -10,7 +10,7 @@ PY="${PYTHON:-python3}"
 
 if [ ! -x .venvs/base/bin/python ]; then "$PY" -m venv .venvs/base; fi
 .venvs/base/bin/pip install -q -r ci/requirements/base.txt
-.venvs/base/bin/pip install -q --no-deps -e . -e plugins/offload
+.venvs/base/bin/pip install -q --no-deps -e . -e plugins/offload -e plugins/native
 for plugin in plugins/vllm plugins/intel; do
   [ -f "$plugin/pyproject.toml" ] && .venvs/base/bin/pip install -q --no-deps -e "$plugin"
 done

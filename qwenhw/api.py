@@ -14,6 +14,7 @@ from .hardware import HardwareProfile, resolve_hardware
 from .hardware import detect as _detect_local
 from .models import ModelSpec, resolve_model
 from .planning.plan import Plan, Request
+from .planning.renames import renamed_plan
 from .planning.precision import KV_DTYPES, check_dtype
 from .planning.select import choose
 from .planning.workload import GOALS, LOAD_FORMATS, workload
@@ -138,6 +139,7 @@ def load(model: ModelSpec | str | Plan, **overrides: Any) -> Engine:
             f"{chosen.model} does not fit {chosen.hardware}: " + "; ".join(chosen.reasons) + ".", plan=chosen
         )
     reg = plugins.load()
+    chosen = renamed_plan(chosen, reg.backends)  # a plan saved under an engine's old name
     history: list[str] = list(chosen.history)
     failures: list[str] = []
     for candidate in (chosen,) + tuple(chosen.alternatives):

@@ -65,6 +65,9 @@ class Backend:
     install: ClassVar[str] = ""  # pip command for the engine's software
     engine_names: ClassVar[tuple[str, ...]] = ()  # the engines it plans: what --engine may name (empty: unchecked)
     load_formats: ClassVar[tuple[str, ...]] = ("auto",)  # "dummy" too where it can make random weights
+    # engines it took over from another backend: {(old backend, old engine): its engine}; plans saved and
+    # requests made under the old names still work (qwenhw.planning.renames)
+    renames: ClassVar[dict[tuple[str, str], str]] = {}
     distribution: str = ""  # set by the registry: which distribution registered it
 
     # --- availability --------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import click
 
-from . import api, plugins
+from . import api, plugins, settings
 from .errors import BadInput, DoesNotFit, QwenhwError
 from .planning.workload import DUMMY_WARNING
 
@@ -39,7 +39,7 @@ def friendly(fn: Callable) -> Callable:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(141)
         except Exception as exc:  # a bug, not bad input: still one paragraph (QWENHW_DEBUG=1 shows the traceback)
-            if _env_flag("QWENHW_DEBUG"):
+            if settings.get("QWENHW_DEBUG"):
                 raise
             click.echo(f"qwenhw: internal error: {type(exc).__name__}: {exc}. This is a bug in qwenhw, not in what "
                        f"you asked for; run again with QWENHW_DEBUG=1 for the traceback and report it.", err=True)
@@ -202,6 +202,20 @@ def plugins_cmd(as_json: bool) -> None:
     else:
         for r in rows:
             click.echo(f"{r['name']} {r['version']}: {', '.join(r['hooks'])}")
+
+
+@main.command("settings")
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def settings_cmd(as_json: bool) -> None:
+    """The QWENHW_* environment variables: what each does, its default and its value here."""
+    rows = settings.describe()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        now = f" (set: {r['value']!r})" if r["value"] is not None else ""
+        click.echo(f"{r['name']} = {r['default']!r}{now}\n    {r['doc']}")
 
 
 # --- plan --------------------------------------------------------------------------------------------
@@ -377,7 +391,8 @@ def chat(model: str, think: bool | None, max_tokens: int, temperature: float | N
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
               help="Port to listen on (0: any free one).")
-@click.option("--api-key", envvar="QWENHW_API_KEY", help="Require `Authorization: Bearer KEY` (env QWENHW_API_KEY).")
+@click.option("--api-key", default=lambda: settings.get("QWENHW_API_KEY"),
+              help="Require `Authorization: Bearer KEY` (default: QWENHW_API_KEY).")
 @click.option("--served-model-name", help="The model name clients send (default: MODEL as given).")
 @request_options
 @friendly
@@ -423,10 +438,6 @@ def demo(path: str | None, skip_chat: bool) -> None:
     from .demo import run_demo
 
     run_demo(path, skip_chat=skip_chat)
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "") not in ("", "0")
 
 
 if __name__ == "__main__":  # pragma: no cover

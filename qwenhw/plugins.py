@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import pluggy
 
-from . import hookspecs
+from . import hookspecs, settings
 from .errors import BadInput
 
 log = logging.getLogger(__name__)
@@ -46,7 +45,7 @@ _registry: Registry | None = None
 
 
 def _allowlist() -> set[str] | None:
-    raw = os.environ.get("QWENHW_LOAD_PLUGINS")
+    raw = settings.get("QWENHW_LOAD_PLUGINS")
     if raw is None:
         return None
     return {name.strip() for name in raw.split(",") if name.strip()}
@@ -94,7 +93,7 @@ def load(force: bool = False) -> Registry:
         return _registry
     pm = pluggy.PluginManager("qwenhw")
     pm.add_hookspecs(hookspecs)
-    if os.environ.get("QWENHW_TRACE_PLUGINS"):
+    if settings.get("QWENHW_TRACE_PLUGINS"):
         pm.trace.root.setwriter(lambda msg: print(msg, end="", file=sys.stderr))
         pm.enable_tracing()
     faults: list[PluginFault] = []

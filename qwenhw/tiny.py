@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from .errors import BadInput
+from .settings import cache_root
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
 
@@ -28,14 +29,9 @@ def tokenizer_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "tokenizer_files"
 
 
-def default_cache() -> Path:
-    root = os.environ.get("QWENHW_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qwenhw")
-    return Path(root)
-
-
 def build(path: str | os.PathLike | None = None, moe: bool = True, seed: int = 0) -> Path:
     """Write the checkpoint to `path` (default: the qwenhw cache) unless it is already complete there."""
-    out = Path(path) if path else default_cache() / ("tiny-qwen3-moe" if moe else "tiny-qwen3")
+    out = Path(path) if path else cache_root() / ("tiny-qwen3-moe" if moe else "tiny-qwen3")
     if (out / ".complete").exists():
         return out
     import torch  # heavy: only when a checkpoint must be built

@@ -62,7 +62,7 @@ def test_figures_name_what_they_were_fitted_to():
     plan = qwenhw.plan("Qwen3-30B-A3B", hardware="1xH200-141G", concurrency=16, prompt_tokens=2048)
     assert plan.estimate.basis and all("docs/results" in b or "benchmarks" in b for b in plan.estimate.basis)
     for c in plan.candidates:
-        if c["fits"] and c["engine"] in ("vllm", "transformers-fast"):
+        if c["fits"] and c["engine"] in ("vllm", "one-gpu"):
             assert c["estimate"]["basis"], c
     text = plan.explain()
     assert "fitted to:" in text and "first token" in text and "ms per output token" in text
@@ -72,7 +72,7 @@ def test_the_fits_are_reproduced_by_the_fit_script():
     """bench/fit_speed.py refits the one-GPU constants from the raw results: they are the planner's."""
     sys.path.insert(0, str(ROOT / "bench"))
     import fit_speed
-    from qwenhw_offload import speed as qwenhw_speed
+    from qwenhw_native import speed as qwenhw_speed
     from qwenhw_vllm import speed as vllm_speed
 
     results = {p.stem: json.loads(p.read_text()) for p in RESULTS.glob("*.json")}
@@ -89,9 +89,9 @@ def test_the_fits_are_reproduced_by_the_fit_script():
 # prompts, 32 tokens, context 1024) on another H200 three days earlier, and vLLM 0.20 as the session that
 # filed issue #20 measured it on an H200 the same day (its table: 236 / 1313 / 2119 tok/s).
 HOLDOUT = [
-    ("offload", "multi_gpu_1xh200_final.json", 1, None),
-    ("offload", "multi_gpu_1xh200_final.json", 16, None),
-    ("offload", "multi_gpu_1xh200_batch32.json", 32, None),
+    ("native", "multi_gpu_1xh200_final.json", 1, None),
+    ("native", "multi_gpu_1xh200_final.json", 16, None),
+    ("native", "multi_gpu_1xh200_batch32.json", 32, None),
     ("vllm", "issue #20", 1, 236.0),
     ("vllm", "issue #20", 16, 1313.0),
     ("vllm", "issue #20", 32, 2119.0),

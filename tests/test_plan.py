@@ -103,7 +103,7 @@ def test_235b_bf16_on_4xh20_needs_offload_and_says_what_would_fit():
     assert no_offload, "the GPU-only vLLM layouts are listed with their shortfall"
 
 
-def test_offload_multi_gpu_layouts_follow_batch_and_memory(monkeypatch):
+def test_native_multi_gpu_layouts_follow_batch_and_memory():
     """Data-parallel replicas need the whole model on each GPU and cannot split one sequence. At batch 1 a
     split pays two all-reduces per layer for a share of the weight traffic; fused with the next RMSNorm they
     cost no more than the norm (measured on H200s: TP=2 1.21x, TP=4 1.30x one GPU), so TP wins, never a
@@ -114,51 +114,50 @@ def test_offload_multi_gpu_layouts_follow_batch_and_memory(monkeypatch):
     from qwenhw.api import make_request
     from qwenhw.hardware import load_bundled
     from qwenhw.models import get
-    from qwenhw_offload import planner
+    from qwenhw_native import planner, speed
 
     spec, hw = get("Qwen3-30B-A3B"), load_bundled("4xH100-80G")
-    alone = planner.gpu_plan(spec, hw, make_request(context=1024, concurrency=1), "auto", 1024, "bf16", hybrid=False)
-    one = qwenhw.plan("Qwen3-30B-A3B", hardware="4xH100-80G", backend="offload", concurrency=1, context=1024)
-    assert one.engine in ("transformers-fast", "transformers-tp") and one.parallel.dp == 1
+    alone = planner.one_gpu_plan(spec, hw, make_request(context=1024, concurrency=1), "auto", 1024, "bf16")
+    one = qwenhw.plan("Qwen3-30B-A3B", hardware="4xH100-80G", backend="native", concurrency=1, context=1024)
+    assert one.engine in ("one-gpu", "tensor-parallel") and one.parallel.dp == 1
     assert one.estimate.decode_tok_s >= alone.estimate.decode_tok_s
-    pair = qwenhw.plan("Qwen3-30B-A3B", hardware="2xH100-80G", backend="offload", concurrency=1, context=1024)
-    assert pair.engine == "transformers-tp" and pair.parallel.world == 2
+    pair = qwenhw.plan("Qwen3-30B-A3B", hardware="2xH100-80G", backend="native", concurrency=1, context=1024)
+    assert pair.engine == "tensor-parallel" and pair.parallel.world == 2
     assert 1.05 < pair.estimate.decode_tok_s / alone.estimate.decode_tok_s < 1.3
 
-    def step(c: int) -> float:  # seconds per decode step of TP=4 at c sequences
-        p = planner.parallel_plan(spec, hw, make_request(context=1024, concurrency=c), "auto", 1024, "bf16", 4, 4)
+    def step(c: int, reduce=speed.TP_REDUCE) -> float:  # seconds per decode step of TP=4 at c sequences
+        p = planner.parallel_plan(spec, hw, make_request(context=1024, concurrency=c), "auto", 1024, "bf16", 4, 4,
+                                  reduce=reduce)
         return c / p.estimate.throughput_tok_s
 
     fused, apart = step(16), step(32)  # 16 x 3 rows sent to peers: the fused kernel; 32 x 3: not
-    saved = 2 * spec.num_layers * (planner.GRAPH_ALLREDUCE_S - planner.GRAPH_FUSED_ALLREDUCE_S
-                                   - 16 * 3 * planner.GRAPH_PUSH_ROW_S)
-    monkeypatch.setattr(planner, "GRAPH_FUSED_ALLREDUCE_S", planner.GRAPH_ALLREDUCE_S)  # price it unfused
-    monkeypatch.setattr(planner, "GRAPH_PUSH_ROW_S", 0.0)
-    assert step(16) - fused == pytest.approx(saved) and step(32) == pytest.approx(apart)
-    many = qwenhw.plan("Qwen3-30B-A3B", hardware="4xH100-80G", backend="offload", concurrency=16, context=1024)
-    assert many.engine in ("transformers-dp", "transformers-tp") and many.parallel.world == 4
-    assert many.estimate.throughput_tok_s > 1.3 * planner.gpu_plan(
-        spec, hw, make_request(context=1024, concurrency=16), "auto", 1024, "bf16", hybrid=False).estimate.throughput_tok_s
+    fit = speed.TP_REDUCE
+    saved = 2 * spec.num_layers * (fit.apart_s - fit.fused_s - 16 * 3 * fit.push_row_s)
+    unfused = fit.replace(fused_s=fit.apart_s, push_row_s=0.0)  # the fused kernel priced as the two apart
+    assert step(16, unfused) - fused == pytest.approx(saved) and step(32, unfused) == pytest.approx(apart)
+    many = qwenhw.plan("Qwen3-30B-A3B", hardware="4xH100-80G", backend="native", concurrency=16, context=1024)
+    assert many.engine in ("replicas", "tensor-parallel") and many.parallel.world == 4
+    assert many.estimate.throughput_tok_s > 1.3 * planner.one_gpu_plan(
+        spec, hw, make_request(context=1024, concurrency=16), "auto", 1024, "bf16").estimate.throughput_tok_s
     layouts = {(p.parallel.tp, p.parallel.dp): p for p in planner.plans(spec, hw, make_request(context=1024, concurrency=16))
-               if p.engine in ("transformers-dp", "transformers-tp") and p.parallel.world == 4}
+               if p.engine in ("replicas", "tensor-parallel") and p.parallel.world == 4}
     assert set(layouts) == {(1, 4), (2, 2), (4, 1)}
     # every expert fits every 80 GB GPU here: TP replicas keep them all and split attention only
     assert layouts[(1, 4)].devices[0].weights_gib > layouts[(4, 1)].devices[0].weights_gib > 50
     assert layouts[(2, 2)].config["tp"] == 2 and layouts[(2, 2)].config["experts"] == "replicated"
     assert layouts[(2, 2)].parallel.ep == 2 and "all 128 experts on every GPU" in " ".join(layouts[(2, 2)].reasons)
-    monkeypatch.undo()  # the fused all-reduce priced as the planner prices it again
     four = json.loads(load_bundled("8xH200-141G").to_json())  # the 4x H200 host of the benchmark
     node = four["nodes"][0]
     node["accelerators"] = node["accelerators"][:4]
     node["links"] = [link for link in node["links"] if link["a"] < 4 and link["b"] < 4]
     # ranked for a workload where decode dominates, as in the benchmark (32-token prompts)
-    h200 = qwenhw.plan("Qwen3-30B-A3B", hardware=HardwareProfile.from_dict(four), backend="offload", concurrency=16,
+    h200 = qwenhw.plan("Qwen3-30B-A3B", hardware=HardwareProfile.from_dict(four), backend="native", concurrency=16,
                        context=1024, prompt_tokens=32, output_tokens=256)
     assert (h200.parallel.tp, h200.parallel.dp) == (4, 1) and h200.config["experts"] == "replicated"
     # 235B in bf16 (~438 GiB) fits no single GPU: no replica layout fits, TP+EP over 4 H200s does
     big = get("Qwen3-235B-A22B")
     plans = planner.plans(big, load_bundled("8xH200-141G"), make_request(context=4096, concurrency=8))
-    fitting = {(p.parallel.tp, p.parallel.dp) for p in plans if p.engine.startswith("transformers-") and p.fits}
+    fitting = {(p.parallel.tp, p.parallel.dp) for p in plans if p.engine in ("tensor-parallel", "replicas") and p.fits}
     assert (1, 8) not in fitting and (1, 2) not in fitting and (4, 1) in fitting
 
 
@@ -170,7 +169,7 @@ def test_tensor_parallel_plans_replicate_experts_where_they_fit():
     from qwenhw.hardware import load_bundled
     from qwenhw.models import get
     from qwenhw.planning.layout import busiest_rank_experts, dealt_rank_experts
-    from qwenhw_offload import planner
+    from qwenhw_native import planner
 
     spec, hw = get("Qwen3-30B-A3B"), load_bundled("2xH100-80G")
     req = make_request(context=1024, concurrency=16)
@@ -199,7 +198,7 @@ def test_tensor_parallel_plans_split_experts_only_where_whole_ones_do_not_divide
     from qwenhw.api import make_request
     from qwenhw.hardware import load_bundled
     from qwenhw.models import get
-    from qwenhw_offload import planner
+    from qwenhw_native import planner
 
     spec, hw = get("Qwen3-30B-A3B"), load_bundled("4xH100-80G")
     req = make_request(context=1024, concurrency=16, gpu_memory_gib=40)  # no room for every expert per GPU

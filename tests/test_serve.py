@@ -278,7 +278,7 @@ def batching(tiny_moe):
     """A server over the lean runtime planned for 4 concurrent sequences, its batched runtime's calls
     recorded (how many prompts each batch decoded). fp32: the random model's logits are nearly flat, and
     bf16 sums in another order (a batch of 4 against 1) would flip greedy picks."""
-    plan = qwenhw.plan(str(tiny_moe), backend="offload", engine="transformers-fast", context=256, concurrency=4,
+    plan = qwenhw.plan(str(tiny_moe), backend="native", engine="one-gpu", context=256, concurrency=4,
                        dtype="float32")
     with qwenhw.load(plan) as eng:
         assert eng.max_batch == 4

@@ -79,7 +79,7 @@ def test_json_lists_every_candidate_with_its_full_estimate():
     d = json.loads(out.stdout)
     assert d["workload"] == {"prompt_tokens": 2048, "output_tokens": 256, "concurrency": 16, "goal": "throughput"}
     engines = {(c["backend"], c["engine"]) for c in d["candidates"]}
-    assert {("vllm", "vllm"), ("offload", "transformers-fast"), ("offload", "deepspeed-zero3")} <= engines
+    assert {("vllm", "vllm"), ("native", "one-gpu"), ("offload", "deepspeed-zero3")} <= engines
     for c in d["candidates"]:
         assert {"backend", "engine", "parallel", "fits", "estimate"} <= set(c)
         if c["fits"]:
@@ -92,11 +92,11 @@ def test_json_lists_every_candidate_with_its_full_estimate():
 
 def test_all_candidates_are_planned_at_the_same_context_unless_they_say_why():
     plan = qwenhw.plan("Qwen3-30B-A3B", hardware="1xH200-141G", concurrency=32)
-    gpu = [c for c in plan.candidates if c["fits"] and c["engine"] in ("vllm", "transformers-fast")]
+    gpu = [c for c in plan.candidates if c["fits"] and c["engine"] in ("vllm", "one-gpu")]
     assert len(gpu) == 2
     # 33 static caches of 32768 tokens do not fit next to the weights: qwenhw's engine plans fewer tokens
     # instead of moving experts to host RAM, and says what the default would cost
-    fast = next(p for p in [plan] + list(plan.alternatives) if p.engine == "transformers-fast")
+    fast = next(p for p in [plan] + list(plan.alternatives) if p.engine == "one-gpu")
     assert DEFAULT_CONTEXT > fast.context >= 4096 and not fast.offload.cpu_gib
     assert any(r.startswith(f"context {fast.context} (not {DEFAULT_CONTEXT})") for r in fast.reasons)
     one = qwenhw.plan("Qwen3-30B-A3B", hardware="1xH200-141G")

@@ -71,6 +71,7 @@ class Engine:
         self.plan = plan
         self._lock = threading.Lock()
         self.closed = False
+        self.info: dict[str, Any] = {}  # what the loaded engine reports of itself (kernels, load times, ...)
 
     # --- what a backend implements ----------------------------------------------------------------
     def _complete(self, prompts: list[str], sampling: Sampling) -> list[Completion]:

@@ -10,6 +10,8 @@ import glob
 import os
 import sys
 
+from .. import settings
+
 CHUNK = 16 * 2**20
 
 
@@ -21,7 +23,7 @@ def prefetch(path: str, quiet: bool | None = None) -> int:
     if total > psutil.virtual_memory().available / 2:
         return 0  # would only evict itself from the page cache: let the engine stream from disk
     if quiet is None:
-        quiet = not sys.stderr.isatty() or os.environ.get("QWENHW_QUIET") == "1"
+        quiet = not sys.stderr.isatty() or settings.get("QWENHW_QUIET")
     if quiet:
         for f in files:
             _read(f, None)

@@ -20,17 +20,16 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator
 
+from .. import settings
 from .base import Completion, Engine, Piece, Sampling
 
 
 def worker_python(backend: str) -> str | None:
     """The interpreter of the environment that holds `backend`'s engine, if one is configured."""
-    explicit = os.environ.get(f"QWENHW_{backend.upper().replace('-', '_')}_PYTHON")
+    explicit = settings.engine_python(backend)
     if explicit:
         return explicit if os.path.exists(explicit) else None
-    from ..tiny import default_cache
-
-    candidate = default_cache() / "envs" / backend / "bin" / "python"
+    candidate = settings.cache_root() / "envs" / backend / "bin" / "python"
     return str(candidate) if candidate.exists() else None
 
 

@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..settings import hub_cache_dir
 from .profile import Cpu, Disk, ProbeResult
 
 # ISA features the planner and backends care about, under their Linux /proc/cpuinfo names.
@@ -174,13 +175,7 @@ def _cgroup_limit(sys_root: Path) -> int | None:
 # --- disk -----------------------------------------------------------------------------------------------
 def default_model_dir() -> Path:
     """Where Hugging Face downloads go (huggingface_hub's own rules), so free space means room for weights."""
-    env = os.environ
-    if env.get("HF_HUB_CACHE"):
-        return Path(env["HF_HUB_CACHE"]).expanduser()
-    if env.get("HF_HOME"):
-        return Path(env["HF_HOME"]).expanduser() / "hub"
-    cache = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
-    return cache / "huggingface" / "hub"
+    return hub_cache_dir()
 
 
 def probe_disk(path: str | os.PathLike | None = None) -> tuple[Disk, ProbeResult]:

@@ -10,6 +10,7 @@ import glob
 import os
 import re
 
+from .. import settings
 from ..errors import BadInput
 from . import catalog
 from .checkpoint import from_checkpoint, problems
@@ -22,15 +23,7 @@ _SHAPE_FIELDS = ("architecture", "hidden_size", "num_layers", "num_heads", "num_
 
 
 def hub_cache_dir() -> str:
-    """The hub cache huggingface_hub would use, read from the environment now (not at its import time)."""
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(var):
-            return os.path.expanduser(os.environ[var])
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
-    from huggingface_hub import constants
-
-    return constants.HF_HUB_CACHE
+    return str(settings.hub_cache_dir())
 
 
 def _repo_dir(repo_id: str, cache_dir: str) -> str:

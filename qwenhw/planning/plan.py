@@ -125,7 +125,7 @@ class Rejection:
 class Plan:
     model: str
     backend: str
-    engine: str  # the backend's engine flavour: vllm, transformers, hybrid-moe, deepspeed-zero3, ipex-llm, ...
+    engine: str  # the backend's engine: vllm, transformers, one-gpu, hybrid, deepspeed-zero3, ipex-llm, ...
     fits: bool
     parallel: Parallel = Parallel()
     devices: tuple[DeviceUse, ...] = ()
@@ -152,6 +152,9 @@ class Plan:
     output_tokens: int = 0
     goal: str = "latency"
     candidates: tuple[dict[str, Any], ...] = ()  # every plan the backends proposed, with its estimate
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "engine", str(self.engine))  # a backend's engine enum is plain text here
 
     def replace(self, **changes: Any) -> "Plan":
         return dataclasses.replace(self, **changes)

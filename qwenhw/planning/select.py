@@ -14,7 +14,9 @@ from ..errors import BadInput
 from ..hardware.profile import GiB, HardwareProfile
 from ..models import memory as mm
 from ..models.spec import ModelSpec
+from .footprint import GPU_UTILISATION
 from .plan import Plan, Rejection, Request
+from .renames import renamed_request
 from .workload import DUMMY_WARNING, Workload, from_rates, trade_off, verdict, workload
 
 MAX_ALTERNATIVES = 4
@@ -31,6 +33,7 @@ def choose(spec: ModelSpec, hardware: HardwareProfile, request: Request, backend
             f"{hint} `qwenhw backends` lists them with why each is or is not available; built-in backends install "
             f"with `pip install ./plugins/<name>`."
         )
+    request = renamed_request(request, backends)
     _check_engine(request, backends)
     candidates: list[Plan] = []
     rejected: list[Rejection] = []
@@ -251,25 +254,22 @@ def _fault(faults: list | None, plugin: str, stage: str, exc: Exception) -> None
         faults.append(PluginFault(plugin, stage, f"{type(exc).__name__}: {exc}"))
 
 
-GPU_SHARE = 0.92  # of each GPU's memory the GPU backends plan with (vLLM's default utilisation, offload's cap)
-
-
 def fit_advice(spec: ModelSpec, hardware: HardwareProfile, request: Request,
                offloaded: float | None = None) -> list[str]:
     """What would make the model fit: quantization, offload or more GPUs, with numbers (`offloaded`: GiB the
     chosen plan already keeps off the GPUs)."""
     wb = mm.weight_bytes_split(spec)
     gpus = hardware.accelerators
-    gpu_total = sum(a.memory_bytes for a in gpus) * GPU_SHARE
+    gpu_total = sum(a.memory_bytes for a in gpus) * GPU_UTILISATION
     ram = sum(n.cpu.ram_bytes for n in hardware.nodes)
     out = [f"weights need {wb.total / GiB:.1f} GiB in {spec.dtype if spec.quant.method is None else spec.quant.method}"]
     if gpus:
-        out.append(f"the GPUs offer {gpu_total / GiB:.1f} GiB at {GPU_SHARE:.0%} of their memory")
+        out.append(f"the GPUs offer {gpu_total / GiB:.1f} GiB at {GPU_UTILISATION:.0%} of their memory")
         for label, factor in (("fp8", 0.5), ("int4 (AWQ/GPTQ)", 0.27)):
             if spec.quant.method is None and wb.total * factor < gpu_total * 0.85:
                 out.append(f"quantized to {label} the weights take about {wb.total * factor / GiB:.1f} GiB and fit")
         biggest = max(a.memory_bytes for a in gpus)
-        need = math.ceil(wb.total * 1.15 / (biggest * GPU_SHARE))
+        need = math.ceil(wb.total * 1.15 / (biggest * GPU_UTILISATION))
         out.append(f"unquantized it needs about {need} GPUs of {biggest / GiB:.0f} GiB")
     spill = max(0.0, wb.total * 1.05 - gpu_total)
     if offloaded:

@@ -122,3 +122,15 @@ def expected_blocks(tokens_per_expert: float, block: int) -> float:
     """Blocks of `block` rows a grouped expert GEMM runs per touched expert (its tokens vary around the mean:
     on average half a block more than the mean needs), at least one."""
     return max(1.0, tokens_per_expert / block + 0.5) if tokens_per_expert > block / 2 else 1.0
+
+
+# Prompts through transformers' own modules (grouped expert GEMMs, SDPA), one padded pass up to 2048 tokens,
+# longer ones a sequence and a chunk at a time, as qwenhw's native engine runs them (bench/side_by_side.py,
+# one H200, 2026-12-04, docs/results/h200_side_by_side): 0.90 ms per layer and pass (the grouped GEMM's host
+# sync among it), 5.0 us per token and 1.2 ms per prompt outside the layers, the matrix products at 0.26 of
+# the bf16 peak. Rows within 16% (512-8192 tokens, alone and 16 at once). The engines that run the same
+# modules another way (accelerate's hooks, ZeRO-3's gathered layers) price their prompts with it too.
+TRANSFORMERS_PREFILL = PrefillFit(call_s=0.0, pass_layer_s=0.9035e-3, token_s=5.02e-6, flops=0.260, prompt_s=1.178e-3,
+                                  source="qwenhw time to first token, 512-8192-token prompts (one H200, 2026-12-04, "
+                                         "docs/results/h200_side_by_side)")
+

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 import qwenhw
+from qwenhw import settings
 from qwenhw.backend import Availability, package_versions, source_path
 
 from . import planner
@@ -169,7 +170,7 @@ class IntelBackend(qwenhw.Backend):
     def load_in_process(self, plan) -> qwenhw.Engine:
         from . import engines
 
-        if os.environ.get("QWENHW_RANK_JOB"):  # inside a torchrun job started by ranks.RankEngine
+        if settings.get("QWENHW_RANK_JOB"):  # inside a torchrun job started by ranks.RankEngine
             return engines.load_rank(plan, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
         return engines.load(plan)
 

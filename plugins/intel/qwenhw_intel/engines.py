@@ -13,18 +13,14 @@ from typing import Any
 from qwenhw.engine.hf import HFEngine
 from qwenhw.engine.preflight import check_budgets, checkpoint_dir
 from qwenhw.engine.progress import prefetch
-
-TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+from qwenhw.engine.torch_model import set_threads, torch_dtype
 
 
 def _setup(plan: Any) -> str:
     path = checkpoint_dir(plan)
     for key, value in plan.config.get("env", {}).items():
         os.environ.setdefault(key, value)  # read at import time by ipex-llm / oneCCL: before the imports
-    import torch
-
-    torch.set_num_threads(max(1, min(int(os.environ.get("OMP_NUM_THREADS") or plan.config.get("threads") or 1),
-                                     os.cpu_count() or 1)))
+    set_threads(plan)
     prefetch(path)
     return path
 
@@ -39,12 +35,6 @@ def load(plan: Any) -> HFEngine:
     raise ValueError(f"the intel backend cannot load engine {plan.engine!r} in one process")
 
 
-def _dtype(name: str) -> Any:
-    import torch
-
-    return getattr(torch, TORCH_DTYPES[name])
-
-
 def _load_ipex_llm(plan: Any, path: str) -> HFEngine:
     from ipex_llm.transformers import AutoModelForCausalLM
     from transformers import AutoTokenizer
@@ -52,7 +42,7 @@ def _load_ipex_llm(plan: Any, path: str) -> HFEngine:
     cfg = plan.config
     # torch_dtype set explicitly: on the CPU ipex-llm would otherwise keep embeddings and norms in fp32
     model = AutoModelForCausalLM.from_pretrained(path, load_in_low_bit=cfg["low_bit"], optimize_model=True,
-                                                 trust_remote_code=False, torch_dtype=_dtype(cfg["torch_dtype"]),
+                                                 trust_remote_code=False, torch_dtype=torch_dtype(cfg["torch_dtype"]),
                                                  use_cache=True)
     device = "xpu" if cfg["device"] == "xpu" else "cpu"
     model = model.to(device).eval()
@@ -63,7 +53,7 @@ def _load_ipex(plan: Any, path: str) -> HFEngine:
     import intel_extension_for_pytorch as ipex
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = _dtype(plan.config["dtype"])
+    dtype = torch_dtype(plan.config["dtype"])
     model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype).eval()
     model = ipex.llm.optimize(model, dtype=dtype, inplace=True)  # fused attention, AMX/TPP linears, traced
     return HFEngine(model, AutoTokenizer.from_pretrained(path), plan=plan, device="cpu")
@@ -81,12 +71,12 @@ def load_rank(plan: Any, rank: int, world: int) -> HFEngine:
         from ipex_llm.transformers import AutoModelForCausalLM as LowBitModel
 
         model = LowBitModel.from_pretrained(path, load_in_low_bit=cfg["low_bit"], optimize_model=True,
-                                            torch_dtype=_dtype(cfg["torch_dtype"]), pipeline_parallel_stages=world)
+                                            torch_dtype=torch_dtype(cfg["torch_dtype"]), pipeline_parallel_stages=world)
         return HFEngine(model, tokenizer, plan=plan, device=f"xpu:{rank}")
     import deepspeed
 
     on_xpu = cfg["device"] == "xpu"
-    dtype = _dtype("fp16" if on_xpu else cfg["dtype"])
+    dtype = torch_dtype("fp16" if on_xpu else cfg["dtype"])
     model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype, low_cpu_mem_usage=True).eval()
     # AutoTP (no kernel injection): attention heads and MLP/expert projections split, two all-reduces per layer
     model = deepspeed.init_inference(model, tensor_parallel={"tp_size": world}, dtype=dtype,

@@ -14,6 +14,7 @@ from qwenhw.hardware.profile import GiB, HardwareProfile
 from qwenhw.models import memory as mm
 from qwenhw.models.spec import ModelSpec
 from qwenhw.planning.layout import experts_touched
+from qwenhw.planning.footprint import RAM_HEADROOM, usable_ram
 from qwenhw.planning.plan import DeviceUse, Estimate, Offload, Parallel, Plan, Request
 
 from .formats import GGUF_BPW, GGUF_LADDER, REQUEST_TO_GGUF, Bytes, gguf_bytes
@@ -21,7 +22,6 @@ from .formats import GGUF_BPW, GGUF_LADDER, REQUEST_TO_GGUF, Bytes, gguf_bytes
 CARD_UTILISATION = 0.95
 COMPUTE_BUFFER = 2.0 * GiB  # per card; the quickstart's log shows 2076 MiB per SYCL device
 HOST_BUFFER = 1.3 * GiB  # SYCL_Host compute buffer (1332 MiB in the same log)
-RAM_HEADROOM = 0.85
 BW_EFF = 0.7  # llama.cpp reaches most of the bandwidth on both sides
 HOP_S = 20e-6  # hidden state crossing PCIe, twice per MoE layer
 UBATCH = 512  # llama.cpp's default micro-batch: prefill moves experts to the cards per micro-batch
@@ -31,7 +31,7 @@ def plan(spec: ModelSpec, hw: HardwareProfile, req: Request, context: int, quant
     node = hw.node
     gpus = node.gpus("intel")
     ram = req.cpu_memory_gib * GiB if req.cpu_memory_gib is not None else \
-        (node.cpu.ram_available_bytes or node.cpu.ram_bytes) * RAM_HEADROOM
+        usable_ram(node)
     cap = gpus[0].memory_bytes * CARD_UTILISATION if req.gpu_memory_gib is None else req.gpu_memory_gib * GiB
     n = len(gpus)
     ctx_total = context * req.concurrency  # llama-server splits -c over its -np slots

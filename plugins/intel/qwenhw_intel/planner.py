@@ -19,6 +19,7 @@ from qwenhw.models import memory as mm
 from qwenhw.models.spec import ModelSpec
 from qwenhw.planning.layout import (CPU_TORCH_GEMV_EFFICIENCY, experts_touched, head_rules, link_between,
                                     powers_of_two, shard)
+from qwenhw.planning.footprint import ram_budget
 from qwenhw.planning.plan import DeviceUse, Estimate, Offload, Parallel, Plan, Request
 from qwenhw.planning.precision import stored_dtype
 from qwenhw.planning.workload import context_floor, default_context, shortest, workload
@@ -30,7 +31,6 @@ PREFILL_CHUNK = 2048  # prompt tokens one forward pass holds activations for (we
 XPU_UTILISATION = 0.95  # of the card's memory that Level Zero lets one process allocate in practice
 XPU_RUNTIME = 0.5 * GiB  # SYCL/Level Zero context and oneDNN scratch, outside torch's allocator
 CPU_RUNTIME = 0.25 * GiB  # IPEX/oneDNN kernel caches and allocator slack
-RAM_HEADROOM = 0.85
 COMPUTE_EFFICIENCY = 0.4
 RANK_LATENCY_S = 20e-6  # one allreduce or PP hop between ranks (shm on a host, PCIe between Arc cards)
 GENERATE_STEP_S = 2e-3  # transformers' generate() per token: logits processors, stopping criteria, cache update
@@ -176,10 +176,6 @@ def _kv_dtype(req: Request, device: str, rest: str) -> str:
     return rest if rest in ("bf16", "fp16", "fp32") else "bf16"
 
 
-def _ram_budget(node: Node, req: Request) -> float:
-    if req.cpu_memory_gib is not None:
-        return req.cpu_memory_gib * GiB
-    return (node.cpu.ram_available_bytes or node.cpu.ram_bytes) * RAM_HEADROOM
 
 
 def cpu_dtype(node: Node, requested: str | None) -> str:
@@ -231,7 +227,7 @@ def xpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, fmt: str, conte
     kv = kv_token * context * req.concurrency
     act = activation_bytes(spec, context, req.concurrency) / max(layout.pp, 1)
     cap = gpu.memory_bytes * XPU_UTILISATION if req.gpu_memory_gib is None else req.gpu_memory_gib * GiB
-    ram = _ram_budget(node, req)
+    ram = ram_budget(node, req)
     total = weights + kv + act + XPU_RUNTIME
     fits = total <= cap and host_peak <= ram and not reasons
     if total > cap:
@@ -290,7 +286,7 @@ def cpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, engine: str, fm
     act = activation_bytes(spec, context, req.concurrency, mm.dtype_bytes(rest)) * ranks
     weights = w.total + (ranks - 1) * w.embed  # AutoTP replicates the embedding on every rank
     runtime = CPU_RUNTIME * ranks
-    ram = _ram_budget(node, req)
+    ram = ram_budget(node, req)
     host_peak = ranks * w.total if ranks > 1 else weights  # every rank reads the full checkpoint first
     total = weights + kv + act + runtime
     reasons: list[str] = []

@@ -11,15 +11,15 @@ import qwenhw
 from qwenhw.backend import Availability, package_versions, source_path
 
 from . import planner
+from .engines import Engine
 
 
 class OffloadBackend(qwenhw.Backend):
     name = "offload"
-    description = "torch + transformers + accelerate: CPU-only, GPU + host RAM + disk, MoE hybrid, DeepSpeed ZeRO-3"
+    description = "torch + transformers + accelerate: CPU-only, GPU + host RAM + disk, DeepSpeed ZeRO-3"
     vendors = ("cpu", "nvidia", "intel")
     install = f"pip install '{source_path('plugins/offload')}[engine]'"
-    engine_names = ("transformers", "transformers-fast", "hybrid-moe", "transformers-tp", "transformers-dp",
-                    "deepspeed-zero3")
+    engine_names = tuple(e.value for e in Engine)
     load_formats = ("auto", "dummy")
 
     def software(self) -> Availability:
@@ -39,23 +39,7 @@ class OffloadBackend(qwenhw.Backend):
         return artifacts(plan)
 
     def load(self, plan) -> qwenhw.Engine:
-        from .engines import RANK_ENGINES
-
-        if plan.engine in RANK_ENGINES:  # one process per GPU: a torchrun job qwenhw starts and drives
-            import sys
-            from pathlib import Path
-
-            from qwenhw.engine.preflight import checkpoint_dir
-            from qwenhw.engine.ranks import RankEngine
-
-            checkpoint_dir(plan)  # missing weights: say so here, not in every rank
-            roots = [str(Path(__file__).resolve().parents[3]), str(Path(__file__).resolve().parents[1])]
-            env = {k: str(v) for k, v in plan.config.get("env", {}).items()}
-            return RankEngine(plan, sys.executable, "qwenhw_offload.ranks", int(plan.config["world"]), env, roots)
-        return self.load_in_process(plan)
-
-    def load_in_process(self, plan) -> qwenhw.Engine:
-        from .engines import load
+        from .load import load
 
         return load(plan)
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .engines import device_map, zero3_config
+from .engines import Engine
+from .load import device_map, zero3_config
 
 
 def artifacts(plan: Any) -> dict[str, str]:
     if not plan.config:
         return {}
-    zero3 = plan if plan.engine == "deepspeed-zero3" else plan.replace(
+    zero3 = plan if plan.engine == Engine.DEEPSPEED_ZERO3 else plan.replace(
         config={**plan.config, "offload_device": "nvme" if plan.offload.disk_gib else "cpu",
                 "compute_device": plan.config.get("main_device", "cpu")})
     return {
@@ -31,9 +32,9 @@ def accelerate_yaml(plan: Any) -> str:
     precision = {"bf16": "bf16", "fp16": "fp16"}.get(plan.config.get("dtype"), "no")
     lines = [
         "compute_environment: LOCAL_MACHINE",
-        f"distributed_type: {'DEEPSPEED' if plan.engine == 'deepspeed-zero3' else 'NO'}",
+        f"distributed_type: {'DEEPSPEED' if plan.engine == Engine.DEEPSPEED_ZERO3 else 'NO'}",
     ]
-    if plan.engine == "deepspeed-zero3":
+    if plan.engine == Engine.DEEPSPEED_ZERO3:
         lines += ["deepspeed_config:", "  deepspeed_config_file: deepspeed_config.json", "  zero3_init_flag: true"]
     lines += [
         "downcast_bf16: 'no'",

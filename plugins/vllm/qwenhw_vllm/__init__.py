@@ -17,6 +17,7 @@ from typing import Iterable
 import qwenhw
 from qwenhw.backend import Availability, importable, package_versions, source_path
 from qwenhw.engine.worker import worker_python
+from qwenhw.settings import engine_python
 
 from . import planner
 
@@ -90,7 +91,7 @@ class VllmBackend(qwenhw.Backend):
     def software(self) -> Availability:
         found = self.installed()
         if found is None:
-            hint = " (QWENHW_VLLM_PYTHON is set but holds no vLLM)" if os.environ.get("QWENHW_VLLM_PYTHON") else ""
+            hint = " (QWENHW_VLLM_PYTHON is set but holds no vLLM)" if engine_python("vllm") else ""
             return Availability(False, f"vLLM is not installed here and no vllm environment is configured{hint}",
                                 f"{INSTALL_CUDA}   or, CPU only: {INSTALL_CPU}")
         dist, version, platform, python = found

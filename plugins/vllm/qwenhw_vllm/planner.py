@@ -19,6 +19,7 @@ from qwenhw.hardware.profile import Accelerator, GiB, HardwareProfile
 from qwenhw.models import memory as mm
 from qwenhw.models.spec import ModelSpec
 from qwenhw.planning import speed as mechanisms
+from qwenhw.planning.footprint import GPU_UTILISATION, RAM_HEADROOM, usable_ram
 from qwenhw.planning.layout import candidate_layouts, decode_step, experts_touched, head_rules, prefill_time, shard
 from qwenhw.planning.plan import DeviceUse, Estimate, Offload, Parallel, Plan, Request
 from qwenhw.planning.precision import stored_dtype, with_weight_dtype
@@ -26,7 +27,6 @@ from qwenhw.planning.workload import Workload, context_floor, default_context, e
 
 from . import speed
 
-GPU_UTILISATION = 0.92  # vLLM's default gpu_memory_utilization (0.20; 0.9 before)
 
 
 def batch_limits(gpu: Accelerator) -> tuple[int, int]:
@@ -50,7 +50,6 @@ CUDA_GRAPHS_PER_LAYER = 5.8 * 2**20
 ACTIVATION_SLACK = 1.03
 BLOCK_TOKENS = 16  # KV page size on CUDA
 FP8_BLOCK = 128  # block-FP8 checkpoints (Qwen3-*-FP8) quantize in 128x128 tiles
-RAM_HEADROOM = 0.85
 # vLLM-CPU: one decode step costs this much beyond the weight stream (scheduler, sampler, ZMQ between the
 # front end and the engine core). bench/vllm_overhead.py on the tiny model (whose weights stream in well under
 # a millisecond), 2-core Xeon: 6.7 ms per step idle, 8.7-11.5 ms with other jobs running.
@@ -367,7 +366,7 @@ def layout_plan(spec: ModelSpec, prec: Precision, hw: HardwareProfile, gpu: Acce
     offload_per_gpu = 0.0
     if chosen is None and shortfall > 0 and not rule:
         gpus_per_node = min(layout.world, len(node.accelerators))
-        ram = (node.cpu.ram_available_bytes or node.cpu.ram_bytes) * RAM_HEADROOM
+        ram = usable_ram(node)
         if req.cpu_memory_gib is not None:
             ram = min(ram, req.cpu_memory_gib * GiB)
         off = math.ceil(shortfall / GiB * 2) / 2 * GiB  # vLLM takes GiB; round up to half a GiB
@@ -581,7 +580,7 @@ def cpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request) -> Plan:
     kv = kv_need(served, layout, kv_dtype, context, seqs)
     kv_space_gib = max(1, math.ceil(kv / GiB))  # VLLM_CPU_KVCACHE_SPACE takes whole GiB
     act = activation_bytes(served, layout, CPU_MAX_BATCHED_TOKENS, max(CPU_MAX_NUM_SEQS, seqs), 4.0 if prec.dtype == "fp32" else 2.0)
-    ram = (node.cpu.ram_available_bytes or node.cpu.ram_bytes) * RAM_HEADROOM
+    ram = usable_ram(node)
     if req.cpu_memory_gib is not None:
         ram = min(ram, req.cpu_memory_gib * GiB)
     weights = shard(served, layout).weights  # the fullest stage

@@ -1,8 +1,7 @@
-"""Engines over the lean runtime: the all-on-GPU fast path and the MoE hybrid share this Engine."""
+"""The Engine over the runtime: the one-GPU engine, the hybrid and each rank of a parallel job share it."""
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Iterator
 
 import torch
@@ -11,8 +10,10 @@ from qwenhw.engine.base import Completion, Piece, Sampling
 from qwenhw.engine.hf import HFEngine
 from qwenhw.engine.text import RowTexts, completion
 
-from .planner import runtime_batches
-from .runtime import Runtime, SampleParams, supported
+from .config import NativeConfig
+from .limits import ARCHITECTURES, runtime_batches
+from .runtime import Runtime, supported
+from .sampling import SampleParams
 
 
 class RuntimeEngine(HFEngine):
@@ -25,6 +26,7 @@ class RuntimeEngine(HFEngine):
         self.runtime = runtime
         self.batched = batched
         self.hybrid = None
+        self.info = {"kernels": runtime.kernels.to_dict(), "fused": runtime.step.fused, "pdl": runtime.step.pdl}
 
     def _prompt_ids(self, prompt: str, runtime: Runtime) -> list[int]:
         ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
@@ -103,33 +105,31 @@ class RuntimeEngine(HFEngine):
         super().close()
 
 
-def load_fast(plan: Any, path: str, dtype: Any) -> RuntimeEngine:
+def load_one_gpu(plan: Any, path: str, dtype: Any) -> RuntimeEngine:
     from transformers import AutoTokenizer
 
-    from .engines import pretrained
+    from qwenhw.engine.torch_model import pretrained
 
-    model = pretrained(plan, path, dtype, plan.config.get("main_device", "cpu"))
-    return build_fast(model, AutoTokenizer.from_pretrained(path), plan)
+    model = pretrained(plan, path, dtype, NativeConfig.of(plan).main_device)
+    return build_one_gpu(model, AutoTokenizer.from_pretrained(path), plan)
 
 
-def build_fast(model: Any, tokenizer: Any, plan: Any) -> RuntimeEngine:
+def build_one_gpu(model: Any, tokenizer: Any, plan: Any) -> RuntimeEngine:
     """Everything on one GPU: the runtime with a CUDA graph per decode step, batched expert matmuls."""
-    device = plan.config.get("main_device", "cpu")
     model.eval()
     if not supported(model):
-        raise ValueError(f"the fast path covers Qwen3 / Qwen3-MoE / Qwen2 models, not {model.config.model_type}")
-    if device == "cpu":
-        torch.set_num_threads(min(int(plan.config.get("threads") or 1), os.cpu_count() or 1))
-    return runtime_engine(model, tokenizer, plan, device, plan.concurrency,
-                          decode_experts=plan.config.get("decode_experts", "grouped_mm"))
+        raise ValueError(f"the native engine runs {', '.join(ARCHITECTURES)} models, not {model.config.model_type}")
+    return runtime_engine(model, tokenizer, plan, NativeConfig.of(plan).main_device, plan.concurrency)
 
 
 def runtime_engine(model: Any, tokenizer: Any, plan: Any, device: str, sequences: int | None,
-                   **runtime_args: Any) -> RuntimeEngine:
-    """The engine over the runtimes a plan needs (planner.runtime_batches): batch 1, and `sequences` at once
-    for prompt lists when that is more than one."""
-    runtimes = [Runtime(model, max_len=int(plan.context or 4096), device=device, batch=b,
-                        graphs=plan.config.get("cuda_graphs", True), **runtime_args)
+                   group: Any = None) -> RuntimeEngine:
+    """The engine over the runtimes a plan needs (limits.runtime_batches): batch 1, and `sequences` at once
+    for prompt lists when that is more than one (`group`: this rank's tensor-parallel group)."""
+    cfg = NativeConfig.of(plan)
+    kernels = cfg.kernel_config()
+    runtimes = [Runtime(model, max_len=int(plan.context), device=device, batch=b, graphs=cfg.cuda_graphs,
+                        decode_experts=cfg.decode_experts, group=group, kernels=kernels)
                 for b in runtime_batches(sequences)]
     for rt in runtimes:
         rt.warm()

@@ -6,7 +6,10 @@ bench/side_by_side.py run; the tensor-parallel ones come from bench/multi_gpu.py
 
 from __future__ import annotations
 
-from qwenhw.planning.speed import DecodeFit, PrefillFit
+import dataclasses
+from dataclasses import dataclass
+
+from qwenhw.planning.speed import TRANSFORMERS_PREFILL, DecodeFit
 
 # bench/side_by_side.py: Engine.generate over CUDA graphs of the fused Triton decode kernels, Qwen3-30B-A3B's
 # shape at 48 and 24 layers, random bf16 weights
@@ -14,17 +17,14 @@ MEASURED = "one H200, 2026-12-04, docs/results/h200_side_by_side"
 
 # A GPU decoding alone (one GPU; each data-parallel replica): weights and KV at 0.89 of the datasheet
 # bandwidth (the fraction vLLM reaches too), 123 us per step and 37.3 us per layer of kernel latency; past
-# the 16 rows the fused projections take (fused.LINEAR_MAX_TOKENS) cuBLAS and separate kernels cost 2.7 us
+# the 16 rows the fused projections take (kernels.linear.MAX_TOKENS) cuBLAS and separate kernels cost 2.7 us
 # per layer and row. Every row within 5.2% (1-64 sequences, both layer counts).
 DECODE = DecodeFit(step_s=123.0e-6, layer_s=37.27e-6, bandwidth=0.89, row_layer_s=2.67e-6, rows_fused=16,
                    source=f"qwenhw decode at 1-64 sequences ({MEASURED})")
 
-# Prompts through transformers' modules (grouped expert GEMMs, SDPA), one padded pass up to the runtime's
-# 2048-token chunk, longer ones a sequence and a chunk at a time: 0.90 ms per layer and pass (the grouped
-# GEMM's host sync among it), 5.0 us per token and 1.2 ms per prompt outside the layers, the matrix
-# products at 0.26 of the bf16 peak. Rows within 16% (512-8192 tokens, alone and 16 at once).
-PREFILL = PrefillFit(call_s=0.0, pass_layer_s=0.9035e-3, token_s=5.02e-6, flops=0.260, prompt_s=1.178e-3,
-                     source=f"qwenhw time to first token, 512-8192-token prompts ({MEASURED})")
+# Prompts: transformers' modules as this engine runs them (the fit lives with the mechanisms, since the
+# offload backend's engines run the same modules)
+PREFILL = TRANSFORMERS_PREFILL
 
 # The MoE hybrid (routed experts in host RAM, computed by cpu_moe.c): the CPU streams a token's experts at
 # 0.72 of the profile's RAM bandwidth (92 GB/s on a 16-core host estimated at 128), and a token pays 310 us
@@ -42,3 +42,23 @@ HYBRID_SOURCE = f"qwenhw hybrid under a 20 GiB GPU cap, 1 sequence ({MEASURED}; 
 # "Experts on every GPU", 2026-11-28); not re-measured since.
 TP_DECODE = DecodeFit(step_s=0.0, layer_s=46e-6, bandwidth=0.92, source="qwenhw tensor parallel decode, 4x H200, "
                       "2026-11-28 (docs/benchmarks.md)")
+
+
+@dataclass(frozen=True)
+class ReduceFit:
+    """Seconds one tensor-parallel all-reduce of a decode step's hidden states adds inside the engine's CUDA
+    graphs over NVLink, beyond the per-layer cost (reducer.Reducer)."""
+
+    apart_s: float  # the symmetric-memory one-shot kernel, the RMSNorm after it apart
+    fused_s: float  # the sum and the next RMSNorm in one kernel (it replaces the norm's kernel) ...
+    push_row_s: float  # ... plus this per row pushed to a peer (limits.fuses_reduce: up to how many)
+    source: str
+
+    def replace(self, **changes: float) -> "ReduceFit":
+        return dataclasses.replace(self, **changes)
+
+
+# 8.4 us apart (NCCL took 7-13); fused, 0.1 us per row pushed and nothing more (16 rows: 5.1 us on 2 H200s
+# and 7.3 on 4 against 11.4 and 12.6 apart, which the per-layer fit already holds)
+TP_REDUCE = ReduceFit(apart_s=8.4e-6, fused_s=0.0, push_row_s=0.1e-6,
+                      source="bench/multi_gpu.py allreduce rows, 2x and 4x H200, 2026-11-28 (docs/benchmarks.md)")

@@ -20,7 +20,8 @@ def tiny_moe(tmp_path_factory):
     """A 2-layer Qwen3-MoE checkpoint with the real Qwen3 tokenizer (built offline, ~7 s)."""
     from qwenhw import tiny
 
-    return tiny.build(tmp_path_factory.mktemp("ckpt") / "tiny-qwen3-moe", moe=True)
+    built = os.environ.get("TEST_TINY_MOE_CHECKPOINT")  # built already by the test run that started this one
+    return tiny.build(built or tmp_path_factory.mktemp("ckpt") / "tiny-qwen3-moe", moe=True)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import pytest
 
 import qwenhw
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _intel_python() -> str | None:

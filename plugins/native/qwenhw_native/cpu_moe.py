@@ -1,7 +1,7 @@
 """The CPU experts kernel (cpu_moe.c): built once per machine with the system C compiler, called via ctypes.
 
 Built with `-march=native`, so it uses AVX512-BF16 dot products where the CPU has them and plain vectorised
-fp32 arithmetic elsewhere. It is optional: without a compiler (or with QWENHW_CPU_KERNEL=0) the hybrid
+fp32 arithmetic elsewhere. It is optional: without a compiler (or with KernelConfig.cpu_kernel off) the hybrid
 engine falls back to torch GEMVs and says why in its stats. The shared object binds to the OpenMP runtime
 torch already loaded (same soname), so there is one thread team in the process, not two.
 """
@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from qwenhw import settings
+
 SOURCE = Path(__file__).with_name("cpu_moe.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 MAX_TOKENS = 256
@@ -27,9 +29,7 @@ _loaded: tuple[ctypes.CDLL | None, str] | None = None
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("QWENHW_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
-                                                          os.path.expanduser("~/.cache"), "qwenhw")
-    return Path(root) / "kernels"
+    return settings.cache_root() / "kernels"
 
 
 def _cpu_flags() -> str:
@@ -58,10 +58,7 @@ def load() -> tuple[ctypes.CDLL | None, str]:
     global _loaded
     if _loaded is not None:
         return _loaded
-    if os.environ.get("QWENHW_CPU_KERNEL", "1") == "0":
-        _loaded = (None, "disabled by QWENHW_CPU_KERNEL=0")
-        return _loaded
-    prebuilt = os.environ.get("QWENHW_CPU_KERNEL_LIB")  # a build made elsewhere, for hosts without a compiler
+    prebuilt = settings.get("QWENHW_CPU_KERNEL_LIB")  # a build made elsewhere, for hosts without a compiler
     if prebuilt:
         return _open(Path(prebuilt))
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")

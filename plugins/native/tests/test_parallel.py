@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
-from pathlib import Path
 
 import pytest
 
 from qwenhw.engine.base import Sampling
 
 pytestmark = pytest.mark.slow
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "offload"))
 
 
 def _rank(rank: int, world: int, port: int, path: str, prompt: list[int], out, fused: bool = False,
@@ -23,8 +20,8 @@ def _rank(rank: int, world: int, port: int, path: str, prompt: list[int], out, f
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from qwenhw_offload.parallel import shard
-    from qwenhw_offload.runtime import Runtime
+    from qwenhw_native.sharding import shard
+    from qwenhw_native.runtime import Runtime
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -33,7 +30,7 @@ def _rank(rank: int, world: int, port: int, path: str, prompt: list[int], out, f
     shard(model, rank, world, experts)
     rt = Runtime(model, 64, "cpu", graphs=False if fused else "emulate", group=dist.group.WORLD, batch=2)
     rt.prefill_chunk = 4  # the 6-token prompts prefill one sequence and one chunk at a time on the ranks
-    assert rt.fused == fused
+    assert rt.step.fused == fused
     logits = rt.prefill([prompt, prompt[::-1]])
     tokens = [logits.argmax(-1)]
     for _ in range(5):
@@ -55,7 +52,7 @@ def test_two_ranks_match_one(tiny_moe, fused, experts):
     import torch.multiprocessing as mp
     from transformers import AutoModelForCausalLM
 
-    from qwenhw_offload.runtime import Runtime
+    from qwenhw_native.runtime import Runtime
 
     prompt = [785, 6722, 315, 9625, 374, 264]
     model = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32)
@@ -86,9 +83,9 @@ def test_load_starts_a_rank_job_and_matches_one_process(tiny_moe, texts):
     here on the CPU over gloo, in fp32 so the split sums agree with one process to the last token."""
     import qwenhw
 
-    plan = qwenhw.plan(str(tiny_moe), hardware="2xH100-80G", backend="offload", engine="transformers-tp",
+    plan = qwenhw.plan(str(tiny_moe), hardware="2xH100-80G", backend="native", engine="tensor-parallel",
                        context=128, concurrency=2)
-    assert plan.engine == "transformers-tp" and plan.parallel.tp == 2
+    assert plan.engine == "tensor-parallel" and plan.parallel.tp == 2
     assert plan.config["experts"] == "replicated" and plan.parallel.ep == 2  # all 8 experts on each rank
     fp32 = plan.replace(config={**plan.config, "dtype": "fp32", "threads": 1})
     prompts = ["The capital of France is", "Hello"]
@@ -103,7 +100,7 @@ def test_load_starts_a_rank_job_and_matches_one_process(tiny_moe, texts):
         next(left)                                   # batch to its end; its pieces must not answer the next
         left.close()
         again = engine.generate("The capital of France is", max_tokens=6, temperature=0)[0]
-    single_plan = qwenhw.plan(str(tiny_moe), backend="offload", engine="transformers-fast", context=128)
+    single_plan = qwenhw.plan(str(tiny_moe), backend="native", engine="one-gpu", context=128)
     with qwenhw.load(single_plan.replace(config={**single_plan.config, "dtype": "fp32"})) as engine:
         one = engine.generate("The capital of France is", max_tokens=6, temperature=0)[0]
         alone = [texts(engine.stream_batch([p], [s]))[0] for p, s in zip(prompts, greedy)]
@@ -116,13 +113,13 @@ def test_a_rank_job_with_split_experts_matches_one_process(tiny_moe):
     per-expert checkpoint tensors (load_shard), and reports its load's read and copy seconds (fp32, CPU)."""
     import qwenhw
 
-    plan = qwenhw.plan(str(tiny_moe), hardware="2xH100-80G", backend="offload", engine="transformers-tp",
+    plan = qwenhw.plan(str(tiny_moe), hardware="2xH100-80G", backend="native", engine="tensor-parallel",
                        context=128)
     split = plan.replace(config={**plan.config, "experts": "tp", "dtype": "fp32", "threads": 1})
     with qwenhw.load(split) as engine:
         ranks = engine.generate("The capital of France is", max_tokens=6, temperature=0)[0]
         info = engine.info
-    single = qwenhw.plan(str(tiny_moe), backend="offload", engine="transformers-fast", context=128)
+    single = qwenhw.plan(str(tiny_moe), backend="native", engine="one-gpu", context=128)
     with qwenhw.load(single.replace(config={**single.config, "dtype": "fp32"})) as engine:
         one = engine.generate("The capital of France is", max_tokens=6, temperature=0)[0]
     assert ranks.token_ids == one.token_ids
@@ -134,9 +131,9 @@ def test_data_parallel_replicas_split_a_batch_and_match_one_process(tiny_moe, te
     decode their share of a batch of prompts; rank 0 answers with all of them, in order."""
     import qwenhw
 
-    plan = qwenhw.plan(str(tiny_moe), hardware="2xH100-80G", backend="offload", engine="transformers-dp",
+    plan = qwenhw.plan(str(tiny_moe), hardware="2xH100-80G", backend="native", engine="replicas",
                        context=128, concurrency=4)
-    assert plan.engine == "transformers-dp" and plan.parallel.dp == 2 and plan.parallel.tp == 1
+    assert plan.engine == "replicas" and plan.parallel.dp == 2 and plan.parallel.tp == 1
     prompts = ["The capital of France is", "1, 2, 3,", "Hello", "def add(a, b):", "Qwen is"]
     greedy = [Sampling(max_tokens=5 - i % 2, temperature=0) for i in range(len(prompts))]
     with qwenhw.load(plan.replace(config={**plan.config, "dtype": "fp32", "threads": 1})) as engine:
@@ -147,7 +144,7 @@ def test_data_parallel_replicas_split_a_batch_and_match_one_process(tiny_moe, te
         whole = texts(engine.stream_batch(prompts[:4], greedy[:4], stream=False))
         order = list(engine.stream_batch(prompts[:4], greedy[:4]))
         pieces = texts(order)
-    single_plan = qwenhw.plan(str(tiny_moe), backend="offload", engine="transformers-fast", context=128)
+    single_plan = qwenhw.plan(str(tiny_moe), backend="native", engine="one-gpu", context=128)
     with qwenhw.load(single_plan.replace(config={**single_plan.config, "dtype": "fp32"})) as engine:
         one = engine.generate(prompts, max_tokens=5, temperature=0)
         alone = [texts(engine.stream_batch([p], [s]))[0] for p, s in zip(prompts, greedy)]
@@ -167,7 +164,7 @@ def test_shard_loader_reads_each_ranks_slices_from_the_checkpoint(tiny_moe, worl
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qwenhw_offload.parallel import load_shard, shard
+    from qwenhw_native.sharding import load_shard, shard
 
     whole = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32)
     gate_up = whole.model.layers[0].mlp.experts.gate_up_proj.detach().clone()  # [8, 2 x inter, hidden]
@@ -202,7 +199,7 @@ def test_shard_loader_refuses_quantized_and_foreign_checkpoints(tiny_moe, tmp_pa
     import torch
     from safetensors.torch import load_file, save_file
 
-    from qwenhw_offload.parallel import load_shard
+    from qwenhw_native.sharding import load_shard
 
     quantized = tmp_path / "fp8"
     shutil.copytree(tiny_moe, quantized)

@@ -13,15 +13,18 @@ KTransformers). Per MoE layer and decode step only the top-k selected experts ar
 from __future__ import annotations
 
 import copy
-import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_moe, fused
-from .runtime import _capture, rms_norm
+from . import cpu_moe
+from .config import KernelConfig, NativeConfig
+from .kernels import common, router
+from .graphs import capture
+from .limits import PREFILL_THRESHOLD
+from .step import rms_norm
 
 
 CACHE_MAX_PAIRS = 16  # (token, expert) pairs per call the GPU cache serves: decode of 1-2 sequences
@@ -39,13 +42,17 @@ class OffloadedExperts(nn.Module):
 
 
 class HybridMoE:
-    def __init__(self, model: Any, device: str, cache_bytes: int = 0, prefill_threshold: int = 32,
-                 policy: str = "static", refresh: int = 64, cpu_kernel: str = "fused"):
+    def __init__(self, model: Any, device: str, cache_bytes: int = 0, prefill_threshold: int = PREFILL_THRESHOLD,
+                 policy: str = "static", refresh: int = 64, cpu_kernel: str = "fused",
+                 kernels: KernelConfig | None = None):
+        kernels = kernels or KernelConfig.resolve()
         self.model = model
         self.device = torch.device(device)
         self.layers = model.model.layers
         self.prefill_threshold = prefill_threshold
-        self.fused_route = fused.available(self.device)  # the router as one Triton kernel on CUDA
+        self.fused_route = kernels.triton and common.available(self.device)  # the router in one Triton kernel
+        self.pdl = self.fused_route and kernels.pdl and common.pdl_supported(self.device)
+        self.kernels = kernels
         self.policy = policy
         self.refresh = refresh
         pin = self.device.type == "cuda"
@@ -114,7 +121,10 @@ class HybridMoE:
 
     def set_kernel(self, name: str) -> None:
         """"fused": the C kernel (cpu_moe.c) where it builds; "torch": one torch GEMV per expert matrix."""
-        why = cpu_moe.usable(*next(iter(self.cpu.values()))) if name == "fused" else "asked for torch GEMVs"
+        if name == "fused" and not self.kernels.cpu_kernel:
+            name, why = "torch", "the CPU kernel is switched off (KernelConfig.cpu_kernel)"
+        else:
+            why = cpu_moe.usable(*next(iter(self.cpu.values()))) if name == "fused" else "asked for torch GEMVs"
         self.fused = not why
         self.cpu_kernel = "fused" if self.fused else f"torch ({why})"
 
@@ -188,7 +198,7 @@ class HybridMoE:
         x = rms_norm(layer.post_attention_layernorm, h)
         flat = x.reshape(-1, x.shape[-1])
         if self.fused_route:
-            weights, idx = fused.gate_route(layer.mlp.gate, flat)
+            weights, idx = router.gate_route(layer.mlp.gate, flat, pdl=self.pdl)
         else:
             _, weights, idx = layer.mlp.gate(flat)
         return flat, weights, idx
@@ -247,7 +257,7 @@ class HybridMoE:
         if key not in self._graphs:
             if self._graph_pool is None:  # the layers' cache graphs replay one at a time: one shared pool
                 self._graph_pool = torch.cuda.graph_pool_handle()
-            self._graphs[key] = _capture(run, self._graph_pool)
+            self._graphs[key] = capture(run, self._graph_pool)
         graph, out = self._graphs[key]
         graph.replay()
         return out
@@ -309,35 +319,32 @@ class HybridMoE:
 def load_hybrid(plan: Any, path: str, dtype: Any):
     from transformers import AutoTokenizer
 
-    from .engines import pretrained
+    from qwenhw.engine.torch_model import pretrained
 
     model = pretrained(plan, path, dtype, "cpu")  # the experts stay in host RAM; the rest moves to the GPU
     return build_hybrid(model, AutoTokenizer.from_pretrained(path), plan)
 
 
 def build_hybrid(model: Any, tokenizer: Any, plan: Any):
-    """Experts pinned in host RAM, the rest on the plan's device, the lean runtime on top."""
-    from .engine_runtime import RuntimeEngine
+    """Experts pinned in host RAM, the rest on the plan's device, the runtime on top."""
+    from .engine import RuntimeEngine
     from .runtime import Runtime, supported
 
-    device = plan.config.get("main_device", "cpu")
+    cfg = NativeConfig.of(plan)
+    kernels = cfg.kernel_config()
     model.eval()
     if not supported(model):
-        raise ValueError(f"the hybrid runtime supports Qwen3-MoE models, not {model.config.model_type}")
-    threads = int(plan.config.get("threads") or os.cpu_count() or 1)
-    torch.set_num_threads(min(threads, os.cpu_count() or threads))
-    hybrid = HybridMoE(model, device, cache_bytes=int(plan.config.get("expert_cache_bytes", 0)),
-                       prefill_threshold=int(plan.config.get("prefill_threshold", 32)),
-                       policy=plan.config.get("cache_policy", "static"),
-                       cpu_kernel=plan.config.get("cpu_kernel", "fused"))
-    hybrid.fit_threads()  # the plan's thread count is an upper bound
-    model.to(device)
-    runtime = Runtime(model, max_len=int(plan.context or 4096), device=device,
-                      graphs=plan.config.get("cuda_graphs", True), moe_hook=hybrid,
-                      decode_experts=plan.config.get("decode_experts"))
+        raise ValueError(f"the hybrid engine runs Qwen3-MoE models, not {model.config.model_type}")
+    hybrid = HybridMoE(model, cfg.main_device, cache_bytes=int(cfg.expert_cache_bytes),
+                       prefill_threshold=int(cfg.prefill_threshold), policy=cfg.cache_policy,
+                       cpu_kernel=cfg.cpu_kernel, kernels=kernels)
+    hybrid.fit_threads()  # the plan's thread count (set at load) is an upper bound
+    model.to(cfg.main_device)
+    runtime = Runtime(model, max_len=int(plan.context), device=cfg.main_device, graphs=cfg.cuda_graphs,
+                      moe_hook=hybrid, decode_experts=cfg.decode_experts, kernels=kernels)
     engine = RuntimeEngine(model, tokenizer, runtime, plan=plan)
     engine.hybrid = hybrid
-    calibration = plan.config.get("calibration_prompt")
+    calibration = cfg.calibration_prompt
     if hybrid.slots and calibration:
         engine.calibrate(calibration)
     elif hybrid.slots:

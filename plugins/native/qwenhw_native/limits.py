@@ -1,0 +1,52 @@
+"""Limits the planner and the runtime share: what a plan reserves memory for is what the runtime does.
+
+Pure (no torch): the planner imports it, and so do the runtime and the reducer.
+"""
+
+from __future__ import annotations
+
+# The decode loop drives transformers' own modules of these architectures (runtime.py); the hybrid needs
+# routed experts as well (the MoE ones).
+ARCHITECTURES = ("qwen3", "qwen3_moe", "qwen2")
+
+# Prompt tokens one forward pass sees at most: longer prompts go one sequence and one chunk at a time, and
+# the planner reserves activations for this many tokens per sequence.
+PREFILL_CHUNK = 2048
+
+# The hybrid ships a layer's experts to the GPU for batches of at least this many tokens (at prefill sizes
+# the GPU's FLOPs win over the CPU's); smaller ones have their experts computed by the CPU.
+PREFILL_THRESHOLD = 32
+
+# The fused all-reduce + RMSNorm kernels (parallel.Reducer) send or read rows x (GPUs - 1) rows over NVLink:
+# pushing (16-bit models) up to PUSH_MAX_REMOTE_ROWS rows sent (16 rows: 5.1 us on 2 H200s and 7.3 on 4,
+# against 11.4 and 12.6 for the one-shot kernel and the norm apart), pulling up to FUSE_MAX_REMOTE_ROWS
+# rows read (16 rows on 4 GPUs: 14.8 us). Past them the reduction and the norm run apart.
+FUSE_MAX_REMOTE_ROWS = 16
+PUSH_MAX_REMOTE_ROWS = 48
+
+
+def fuses_reduce(rows: int, world: int, push: bool = True) -> bool:
+    """Whether a decode step's all-reduce of `rows` sequences over `world` GPUs takes the fused kernel
+    (pushing, or `push=False` pulling)."""
+    return rows * (world - 1) <= (PUSH_MAX_REMOTE_ROWS if push else FUSE_MAX_REMOTE_ROWS)
+
+
+def runtime_batches(concurrency: int | None) -> list[int]:
+    """The runtimes an engine builds: batch 1 (streams, single prompts), and one of the plan's concurrency
+    for prompt lists. Each holds its own KV cache, which the plan counts."""
+    n = int(concurrency or 1)
+    return [1, n] if n > 1 else [1]
+
+
+def split_counts(heads: int, kv_heads: int, experts: int, n: int, inter: int = 0) -> str | None:
+    """Why `n` GPUs cannot share these heads, whole experts (`experts`, 0: not split) or every expert's
+    intermediate size (`inter`, 0: not split) evenly, or None."""
+    if heads % n:
+        return f"{heads} attention heads are not divisible by {n} GPUs"
+    if kv_heads % n and n % kv_heads:
+        return f"{kv_heads} KV heads cannot be shared evenly by {n} GPUs"
+    if experts and experts % n:
+        return f"{experts} experts are not divisible by {n} GPUs"
+    if inter and inter % n:
+        return f"the experts' intermediate size {inter} is not divisible by {n} GPUs"
+    return None

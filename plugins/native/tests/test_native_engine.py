@@ -1,0 +1,184 @@
+"""qwenhw's native engine runs the tiny Qwen3-MoE for real on the CPU (how CI checks it token for token):
+the one-GPU runtime and the MoE hybrid (CPU experts, the GPU-cache path, streamed prefill), eagerly and
+through the CUDA-graph code paths replayed eagerly; lists of prompts decoded together; long prompts in
+chunks; the typed plan config and the kernel switches it carries."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import qwenhw
+
+pytestmark = pytest.mark.slow
+
+
+def _greedy(engine, prompt):
+    out = engine.generate(prompt, max_tokens=8, temperature=0)[0]
+    return list(out.token_ids)
+
+
+@pytest.mark.parametrize("engine, extra", [
+    ("one-gpu", {}),
+    ("hybrid", {}),
+    ("hybrid", {"expert_cache_bytes": "half", "prefill_threshold": 4}),
+    ("hybrid", {"expert_cache_bytes": "half", "cache_policy": "dynamic"}),
+    ("hybrid", {"cpu_kernel": "torch"}),  # the fallback when no C compiler is there
+    ("hybrid", {"cpu_kernel": "torch", "expert_cache_bytes": "half"}),
+    ("one-gpu", {"cuda_graphs": "emulate"}),  # the graph-replay code paths, eagerly on the CPU
+    ("hybrid", {"cuda_graphs": "emulate", "expert_cache_bytes": "half"}),
+])
+def test_lean_runtime_engines_match_transformers(tiny_moe, hf_reference, engine, extra):
+    """The fast path and the MoE hybrid (CPU experts, GPU-cache path, streamed prefill) run the
+    same arithmetic as transformers: identical greedy tokens on the tiny checkpoint."""
+    import torch
+
+    plan = qwenhw.plan(str(tiny_moe), backend="native", engine=engine, context=256)
+    assert plan.engine == engine and plan.fits
+    config = dict(plan.config)
+    if extra.get("expert_cache_bytes") == "half":
+        from qwenhw.models.checkpoint import split_weight_bytes
+
+        config["expert_cache_bytes"] = split_weight_bytes(str(tiny_moe))["experts"] // 2
+    config.update({k: v for k, v in extra.items() if k != "expert_cache_bytes"})
+    with qwenhw.load(plan.replace(config=config)) as eng:
+        assert _greedy(eng, hf_reference["prompt"]) == hf_reference["tokens"]
+        if engine == "hybrid":
+            stats = eng.hybrid.stats
+            assert stats["cpu_experts"] > 0
+            assert eng.hybrid.cpu_kernel.startswith(extra.get("cpu_kernel", "fused"))
+            if eng.hybrid.fused:  # the CPU experts run at the thread count that timed fastest of those tried
+                tried = eng.hybrid.threads["ms"]
+                assert torch.get_num_threads() == eng.hybrid.threads["threads"] == min(tried, key=tried.get)
+                assert max(tried) == min(int(config["threads"]), os.cpu_count()) and min(tried.values()) > 0
+            if extra.get("expert_cache_bytes"):
+                assert stats["gpu_experts"] > 0  # the cache path ran too
+            if extra.get("prefill_threshold"):
+                assert stats["streamed_layers"] > 0
+        if extra.get("cuda_graphs") == "emulate":
+            assert eng.runtime._step_graph is not None or eng.runtime._layer_graphs
+        streamed = "".join(eng.stream(hf_reference["prompt"], max_tokens=8, temperature=0))
+        assert streamed == eng.generate(hf_reference["prompt"], max_tokens=8, temperature=0)[0].text
+
+
+def test_hybrid_cache_serves_decode_sized_calls_only(tiny_moe):
+    """The GPU cache gathers one expert matrix per (token, k) pair, so only decode-sized calls use it; a
+    longer call (a short prompt under the prefill threshold) runs every expert in the CPU kernel."""
+    import torch
+
+    from qwenhw.models.checkpoint import split_weight_bytes
+    from qwenhw_native import cpu_moe
+    from qwenhw_native.hybrid import CACHE_MAX_PAIRS
+
+    plan = qwenhw.plan(str(tiny_moe), backend="native", engine="hybrid", context=256)
+    config = {**plan.config, "expert_cache_bytes": split_weight_bytes(str(tiny_moe))["experts"] // 2}
+    with qwenhw.load(plan.replace(config=config)) as eng, torch.inference_mode():
+        hybrid = eng.hybrid
+        assert hybrid.slots > 0 and hybrid.fused
+        g = torch.Generator().manual_seed(0)
+        small_hits = 0
+        for i in hybrid.cpu:
+            k = eng.runtime.layers[i].mlp.gate.top_k
+            for tokens in (1, CACHE_MAX_PAIRS // k + 1):
+                h = torch.randn(tokens, 1, eng.runtime.cfg.hidden_size, generator=g).to(torch.bfloat16)
+                flat, weights, idx = hybrid.route(i, h)
+                before = hybrid.stats["gpu_experts"]
+                out = hybrid.experts(i, flat, weights, idx)
+                cached = hybrid.stats["gpu_experts"] - before
+                if idx.numel() <= CACHE_MAX_PAIRS:
+                    assert cached == int(hybrid.skip[i][idx].sum())
+                    small_hits += cached
+                else:  # all on the CPU: exactly the kernel's answer with nothing skipped
+                    every = torch.empty_like(flat)
+                    cpu_moe.moe_experts(*hybrid.cpu[i], flat, idx, weights, every)
+                    assert cached == 0 and torch.equal(out, every)
+        assert small_hits > 0  # the cache path did run for the one-token calls
+
+
+@pytest.mark.parametrize("graphs", [False, "emulate"])
+def test_fast_path_decodes_a_list_of_prompts_together_like_one_at_a_time(tiny_moe, graphs):
+    """A plan for several concurrent sequences decodes prompt lists `concurrency` at a time, prompts of
+    different lengths left-padded with the pad slots masked: each prompt gets the tokens it gets alone."""
+    plan = qwenhw.plan(str(tiny_moe), backend="native", engine="one-gpu", context=256, concurrency=3)
+    prompts = ["The capital of France is", "1, 2, 3, 4, 5,", "Hi", "def add(a, b):\n    return", "Qwen"]
+    with qwenhw.load(plan.replace(config={**plan.config, "cuda_graphs": graphs})) as eng:
+        assert eng.batched is not None and eng.batched.batch == 3
+        together = eng.generate(prompts, max_tokens=8, temperature=0)
+        alone = [eng.generate(p, max_tokens=8, temperature=0)[0] for p in prompts]
+        assert int(eng.batched.start.max()) > 0  # the last batch was padded
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    assert [c.finish_reason for c in together] == [c.finish_reason for c in alone]
+
+
+@pytest.mark.parametrize("graphs", [False, "emulate"])
+def test_long_prompts_prefill_one_sequence_one_chunk_at_a_time(tiny_moe, graphs):
+    """Prompts longer than the runtime's prefill chunk (the planner reserves activations for that many
+    tokens per sequence) go one sequence and one chunk at a time, each chunk attending to the sequence's
+    earlier slots: the same last-token logits and greedy tokens as one pass over the padded batch (fp32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qwenhw_native.runtime import Runtime, SampleParams
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32)
+    prompts = [list(range(100, 123)), list(range(300, 311))]  # 23 and 11 tokens: 5, 3 chunks of 5
+    whole, chunked = (Runtime(model, 64, "cpu", graphs=graphs, batch=2) for _ in range(2))
+    chunked.prefill_chunk = 5
+    a, b = whole.prefill(prompts), chunked.prefill(prompts)
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    # the same keys in every slot a sequence owns (row 1's first 12 slots are left padding)
+    assert torch.allclose(whole.k[:, 0, :, :23], chunked.k[:, 0, :, :23], atol=1e-5)
+    assert torch.allclose(whole.k[:, 1, :, 12:23], chunked.k[:, 1, :, 12:23], atol=1e-5)
+    tokens = [whole.generate_batch(prompts, 6, SampleParams(), set()),
+              chunked.generate_batch(prompts, 6, SampleParams(), set())]
+    assert tokens[0] == tokens[1] and all(len(t) == 6 for t in tokens[1])
+    assert chunked.step.row is None and int(chunked.start[1]) == 12  # the left-padded layout decode steps expect
+
+
+def test_fast_path_refuses_a_prompt_longer_than_the_planned_context(tiny_moe):
+    """Alone or in a list, a prompt that fills the planned context stops with a message naming the fix."""
+    plan = qwenhw.plan(str(tiny_moe), backend="native", engine="one-gpu", context=16, concurrency=2)
+    long = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen"
+    with qwenhw.load(plan) as eng:
+        for prompts in (long, [long, "Hi"]):
+            with pytest.raises(ValueError, match="16-token context .* plan a longer --context"):
+                eng.generate(prompts, max_tokens=2, temperature=0)
+
+
+def test_plan_config_is_typed_and_reported(tiny_moe):
+    """A native plan's config is NativeConfig's JSON: read back whole, unknown keys refused with the closest
+    name, and the kernels it switches reported by the loaded engine."""
+    from qwenhw.errors import BadInput
+    from qwenhw_native.config import NativeConfig
+
+    plan = qwenhw.plan(str(tiny_moe), backend="native", engine="hybrid", context=64)
+    cfg = NativeConfig.of(plan)
+    assert cfg.to_dict() == plan.config and cfg.main_device == "cpu" and not cfg.cuda_graphs
+    with pytest.raises(BadInput, match="cache_polcy.*cache_policy"):
+        NativeConfig.of(plan.replace(config={**plan.config, "cache_polcy": "static"}))
+    switched = plan.replace(config={**plan.config, "kernels": {"cpu_kernel": False}})
+    with qwenhw.load(switched) as eng:
+        assert eng.info["kernels"]["cpu_kernel"] is False and eng.info["kernels"]["moe"] is True
+        assert eng.hybrid.cpu_kernel.startswith("torch (the CPU kernel is switched off")
+
+
+def test_plans_saved_under_the_offload_backends_names_still_load(tiny_moe, hf_reference):
+    """Before the native backend, its engines were the offload backend's: a plan saved then (JSON) loads
+    and runs on the native backend, and says so in its history; requests by the old names still plan."""
+    import json
+
+    from qwenhw.planning.plan import Plan
+
+    plan = qwenhw.plan(str(tiny_moe), backend="native", engine="one-gpu", context=64)
+    old = json.loads(plan.to_json())
+    old.update(backend="offload", engine="transformers-fast")
+    old["config"] = {**old["config"], "cuda_graphs": True, "decode_experts": "grouped_mm"}  # as saved then
+    saved = Plan.from_dict(json.loads(json.dumps(old)))
+    with qwenhw.load(saved) as eng:
+        assert eng.plan.backend == "native" and eng.plan.engine == "one-gpu"
+        assert any("saved as offload (transformers-fast)" in h for h in eng.plan.history)
+        assert _greedy(eng, hf_reference["prompt"]) == hf_reference["tokens"]
+    for old_name, new in (("hybrid-moe", "hybrid"), ("transformers-fast", "one-gpu")):
+        p = qwenhw.plan(str(tiny_moe), backend="offload", engine=old_name, context=64)
+        assert (p.backend, p.engine) == ("native", new)
