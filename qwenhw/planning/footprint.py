@@ -7,7 +7,10 @@ Checked against measurements: CPU RSS in the tests, GPU peaks in bench/ (docs/be
 
 from __future__ import annotations
 
-from ..hardware.profile import GiB, Node
+from dataclasses import dataclass
+from typing import Any
+
+from ..hardware.profile import GiB, HardwareProfile, Node
 from ..models import memory as mm
 from ..models.spec import ModelSpec
 from .layout import CPU_TORCH_GEMV_EFFICIENCY, experts_touched
@@ -87,6 +90,33 @@ def activation_bytes(spec: ModelSpec, context: int, concurrency: int, chunk: int
 def gpu_activation_bytes(spec: ModelSpec, context: int, concurrency: int, chunk: int) -> float:
     """What a GPU gives up for the activations of the largest prefill the plan allows."""
     return activation_bytes(spec, context, concurrency, chunk) * CUDA_PREFILL_RESERVE
+
+
+@dataclass(frozen=True)
+class OneGpu:
+    """The budget of a plan on the first GPU of a host (and its RAM), for a model in a 16-bit dtype."""
+
+    node: Node
+    gpu: Any
+    served: ModelSpec  # the model with the weights in the dtype the plan runs
+    dtype: str
+    cap: float  # the GPU's budget
+    kv: float  # KV cache for the plan's context and sequences
+    act: float  # the activation peak of the largest prompt pass
+    ram: float  # the host RAM budget
+
+
+def one_gpu(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, context: int, kv_dtype: str,
+            chunk: int, sequences: int | None = None) -> OneGpu:
+    """`sequences`: the KV cache's rows (the runtimes an engine builds), default the request's concurrency;
+    `chunk`: the prompt tokens per sequence one pass holds activations for."""
+    node = hw.node
+    gpu = (node.gpus("nvidia") or node.gpus("intel"))[0]
+    served = served_16bit(spec, dtype)
+    return OneGpu(node=node, gpu=gpu, served=served, dtype=stored_dtype(served),
+                  cap=gpu_budget(gpu.memory_bytes, req),
+                  kv=kv_bytes(served, context, sequences or req.concurrency, kv_dtype),
+                  act=gpu_activation_bytes(served, context, req.concurrency, chunk), ram=ram_budget(node, req))
 
 
 def kv_bytes(spec: ModelSpec, context: int, concurrency: int, kv_dtype: str) -> float:

@@ -76,13 +76,9 @@ def one_gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str,
                  kv_dtype: str) -> Plan:
     """Everything on one GPU: a static KV cache per runtime and one CUDA graph per decode step over
     transformers' modules, the decode projections, attention, router and experts on our Triton kernels."""
-    node = hw.node
-    gpu = (node.gpus("nvidia") or node.gpus("intel"))[0]
-    served = fp.served_16bit(spec, dtype)
+    b = fp.one_gpu(spec, hw, req, dtype, context, kv_dtype, PREFILL_CHUNK, sum(runtime_batches(req.concurrency)))
+    node, gpu, served, cap, kv, act = b.node, b.gpu, b.served, b.cap, b.kv, b.act
     wb = mm.weight_bytes_split(served)
-    cap = fp.gpu_budget(gpu.memory_bytes, req)
-    kv = fp.kv_bytes(served, context, sum(runtime_batches(req.concurrency)), kv_dtype)
-    act = fp.gpu_activation_bytes(served, context, req.concurrency, PREFILL_CHUNK)
     dev = gpu.device_id
     room = cap - kv - act - fp.CUDA_CONTEXT
     fits = room > 0 and wb.total <= room
@@ -123,15 +119,9 @@ def hybrid_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, 
     """MoE models on one GPU and the host: every routed expert lives in host RAM and the CPU computes the
     top-k of each token; attention, norms, router and embeddings stay on the GPU with one layer's experts as
     a staging buffer for prompts, and a cache of hot experts in what the GPU has left."""
-    node = hw.node
-    gpu = (node.gpus("nvidia") or node.gpus("intel"))[0]
-    served = fp.served_16bit(spec, dtype)
-    dt = stored_dtype(served)
+    b = fp.one_gpu(spec, hw, req, dtype, context, kv_dtype, PREFILL_CHUNK)
+    node, gpu, served, dt, cap, kv, act, ram = b.node, b.gpu, b.served, b.dtype, b.cap, b.kv, b.act, b.ram
     wb = mm.weight_bytes_split(served)
-    cap = fp.gpu_budget(gpu.memory_bytes, req)
-    kv = fp.kv_bytes(served, context, req.concurrency, kv_dtype)
-    act = fp.gpu_activation_bytes(served, context, req.concurrency, PREFILL_CHUNK)
-    ram = fp.ram_budget(node, req)
     dev = gpu.device_id
     stage = mm.expert_bytes(served) * served.moe.num_experts
     room = cap - kv - act - fp.CUDA_CONTEXT - stage

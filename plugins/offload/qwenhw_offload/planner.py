@@ -115,15 +115,9 @@ def cpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str | No
 def gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, context: int, kv_dtype: str) -> Plan:
     """transformers' generate() on one GPU, with what does not fit in host RAM (then on disk): accelerate's
     hooks copy the offloaded modules to the GPU every forward pass. MoE models offload routed experts first."""
-    node = hw.node
-    gpu = (node.gpus("nvidia") or node.gpus("intel"))[0]
-    served = fp.served_16bit(spec, dtype)
-    dt = stored_dtype(served)
+    b = fp.one_gpu(spec, hw, req, dtype, context, kv_dtype, PROMPT_PASS)
+    node, gpu, served, dt, cap, kv, act, ram = b.node, b.gpu, b.served, b.dtype, b.cap, b.kv, b.act, b.ram
     wb = mm.weight_bytes_split(served)
-    cap = fp.gpu_budget(gpu.memory_bytes, req)
-    kv = fp.kv_bytes(served, context, req.concurrency, kv_dtype)
-    act = fp.gpu_activation_bytes(served, context, req.concurrency, PROMPT_PASS)
-    ram = fp.ram_budget(node, req)
     dev = gpu.device_id
     room = cap - kv - act - fp.CUDA_CONTEXT
     placement = place(served, [(dev, max(room, 0.0)), ("cpu", ram), ("disk", node.disk.free_bytes * 0.9)],
