@@ -20,6 +20,8 @@ skips ids outside [ep_start, ep_start + local experts) itself).
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,6 +51,25 @@ def replica_group(tp: int) -> Any:
     world, rank = dist.get_world_size(), dist.get_rank()
     groups = [dist.new_group(list(range(r * tp, (r + 1) * tp))) for r in range(world // tp)]
     return groups[rank // tp]
+
+
+@dataclass(frozen=True)
+class Share:
+    """Which experts of a routed-experts module this rank computes: ids [ep_start, ep_start + local count)
+    (expert parallel), and of those, with every expert on every rank, the touched ones dealt to `rank` of
+    `ranks`."""
+
+    ep_start: int = 0
+    rank: int = 0
+    ranks: int = 1
+
+
+# routed-experts module -> this rank's Share, kept beside the model rather than on transformers' modules
+SHARES: "weakref.WeakKeyDictionary[Any, Share]" = weakref.WeakKeyDictionary()
+
+
+def share_of(experts: Any) -> Share:
+    return SHARES.get(experts, Share())
 
 
 Cut = tuple[str, int, int]  # ("rows" | "cols" | "experts" | "gate_up" | "inner", start, stop)
@@ -127,12 +148,13 @@ def shard(model: Any, rank: int, world: int, experts: str = "ep") -> dict[str, C
             module = model.get_submodule(owner)
             module.num_experts = cut[2] - cut[1]
             module._is_expert_parallel = True
-            module.ep_start = cut[1]
+            SHARES[module] = Share(ep_start=cut[1])
     if experts == "replicated":
         for layer in model.model.layers:
             routed = getattr(layer.mlp, "experts", None)
-            if routed is not None:  # all experts here; each rank computes its share (`share`), the sentinel skips
-                routed._is_expert_parallel, routed.ep_start, routed.share = True, 0, (rank, world)
+            if routed is not None:  # all experts here; each rank computes its share, the sentinel skips
+                routed._is_expert_parallel = True
+                SHARES[routed] = Share(rank=rank, ranks=world)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return plan
@@ -250,9 +272,10 @@ def expert_parallel_moe(mlp: Any, x: torch.Tensor, route: Any = None) -> torch.T
     else:
         _, weights, idx = mlp.gate(flat)
     experts = mlp.experts
-    local = idx - getattr(experts, "ep_start", 0)  # 0 with experts split by their intermediate size (all local)
+    share = share_of(experts)
+    local = idx - share.ep_start  # 0 with experts split by their intermediate size (all local)
     mine = (local >= 0) & (local < experts.num_experts)
-    rank, ranks = getattr(experts, "share", (0, 1))
+    rank, ranks = share.rank, share.ranks
     if ranks > 1:  # every rank holds every expert: prompts split them as expert parallelism does
         mine &= idx * ranks // experts.num_experts == rank
     local = torch.where(mine, local, torch.full_like(local, experts.num_experts))  # the sentinel slot

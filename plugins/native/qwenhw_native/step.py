@@ -21,6 +21,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from .config import KernelConfig
 from .kernels import attention, common, linear, moe, rope_cache, router
+from .sharding import expert_parallel_moe, share_of
 
 
 @dataclass(frozen=True)
@@ -197,9 +198,10 @@ class LayerStep:
             nxt = self.next_norm(i)
             # one GPU: the experts' sum kernel also applies the next RMSNorm (tensor parallel: the all-reduce)
             xn = torch.empty_like(flat) if self._norm_in_kernels(nxt) else None
-            moe.experts(flat, experts, idx, weights, getattr(experts, "ep_start", 0),
+            share = share_of(experts)
+            moe.experts(flat, experts, idx, weights, share.ep_start,
                         residual=h.view_as(flat) if self.lead else None, out=out.view_as(flat),
-                        share=getattr(experts, "share", (0, 1)),
+                        share=(share.rank, share.ranks),
                         norm=(nxt.weight, nxt.variance_epsilon, xn) if xn is not None else None, pdl=self.pdl,
                         every_expert=not self.kernels.moe_slots)
             if xn is not None:
@@ -208,7 +210,6 @@ class LayerStep:
         x = self.norm(layer.post_attention_layernorm, h, ahead)
         route = self._gate_route if self.fused else None
         if self.reducer is not None and experts is not None:
-            from .sharding import expert_parallel_moe
 
             return self._reduce(expert_parallel_moe(layer.mlp, x, route), h)
         if route is not None and experts is not None and not hasattr(layer.mlp, "shared_expert"):

@@ -164,7 +164,7 @@ def test_shard_loader_reads_each_ranks_slices_from_the_checkpoint(tiny_moe, worl
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qwenhw_native.sharding import load_shard, shard
+    from qwenhw_native.sharding import Share, load_shard, shard, share_of
 
     whole = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32)
     gate_up = whole.model.layers[0].mlp.experts.gate_up_proj.detach().clone()  # [8, 2 x inter, hidden]
@@ -180,10 +180,10 @@ def test_shard_loader_reads_each_ranks_slices_from_the_checkpoint(tiny_moe, worl
         assert torch.equal(part.model.rotary_emb.inv_freq, whole.model.rotary_emb.inv_freq)
         got = part.model.layers[0].mlp.experts
         if experts == "ep":
-            assert got.ep_start == rank * 8 // world and got.gate_up_proj.shape[0] == 8 // world
+            assert share_of(got).ep_start == rank * 8 // world and got.gate_up_proj.shape[0] == 8 // world
             continue
         if experts == "replicated":
-            assert torch.equal(got.gate_up_proj, gate_up) and got.share == (rank, world) and got.ep_start == 0
+            assert torch.equal(got.gate_up_proj, gate_up) and share_of(got) == Share(0, rank, world)
             continue
         n = inter // world  # every expert, rows [rank*n, (rank+1)*n) of its gate and of its up projection
         assert got.gate_up_proj.shape == (8, 2 * n, gate_up.shape[2]) and got.down_proj.shape[-1] == n
