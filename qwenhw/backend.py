@@ -111,5 +111,11 @@ class Backend:
         """Build the engine in this process; a worker process in the engine's own environment calls this."""
         return self.load(plan)
 
+    def server(self, plan: "Plan", host: str, port: int, api_key: str | None,
+               served_model_name: str) -> "tuple[list[str], dict[str, str]] | None":
+        """The engine's own OpenAI-compatible server for the plan, which `qwenhw serve` runs in its place:
+        (argv, environment to add), or None (the default) for qwenhw's server over `load(plan)`."""
+        return None
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} from {self.distribution or '?'}>"

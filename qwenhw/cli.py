@@ -394,16 +394,23 @@ def chat(model: str, think: bool | None, max_tokens: int, temperature: float | N
 @click.option("--api-key", default=lambda: settings.get("QWENHW_API_KEY"),
               help="Require `Authorization: Bearer KEY` (default: QWENHW_API_KEY).")
 @click.option("--served-model-name", help="The model name clients send (default: MODEL as given).")
+@click.option("--qwenhw-server", is_flag=True,
+              help="Serve with qwenhw's own server even where the plan's engine has one (vLLM's).")
 @request_options
 @friendly
 def serve(model: str, host: str, port: int, api_key: str | None, served_model_name: str | None,
-          hardware: str | None, **kw: Any) -> None:
-    """An OpenAI-compatible server for MODEL: /v1/chat/completions, /v1/completions, /v1/models, /health."""
+          qwenhw_server: bool, hardware: str | None, **kw: Any) -> None:
+    """An OpenAI-compatible server for MODEL: /v1/chat/completions, /v1/completions, /v1/models, /health,
+    /metrics. A plan whose engine has a server of its own (vLLM) is served by that server."""
     import logging
 
     from .serve import make_server
 
     _check_local(hardware, None, "serve")
+    if not qwenhw_server:
+        handover = _engine_server(model, kw, host, port, api_key, served_model_name or model)
+        if handover is not None:
+            return _run_engine_server(*handover)
     try:  # bind before the (long) load, so a taken port fails at once
         server = make_server(None, host, port, api_key, served_model_name or model, access_log=True)
     except OSError as exc:
@@ -426,6 +433,48 @@ def serve(model: str, host: str, port: int, api_key: str | None, served_model_na
                 click.echo("qwenhw: stopped", err=True)
     finally:
         server.server_close()
+
+
+def _engine_server(model: str, kw: dict[str, Any], host: str, port: int, api_key: str | None,
+                   name: str) -> tuple[Any, list[str], dict[str, str], str] | None:
+    """The chosen plan's own server (its backend's `server`), if it has one: (plan, argv, env, url)."""
+    chosen = api.plan(model, **_request(kw))
+    if not chosen.fits:
+        return None  # the usual path says why
+    backend = plugins.load().backends.get(chosen.backend)
+    if backend is None:
+        return None
+    if port == 0:
+        from .engine.ranks import free_port
+
+        port = free_port(host)
+    found = backend.server(chosen, host, port, api_key, name)
+    if found is None:
+        return None
+    shown = f"[{host}]" if ":" in host else host
+    return chosen, found[0], found[1], f"http://{shown}:{port}/v1"
+
+
+def _run_engine_server(plan: Any, argv: list[str], env: dict[str, str], url: str) -> None:
+    """Run the engine's own server in the foreground until it exits or Ctrl-C."""
+    import signal
+    import subprocess
+
+    click.echo(f"qwenhw: {plan.model} with {plan.backend} ({plan.engine}), {plan.parallel}: its own OpenAI server "
+               f"at {url} (starting; --qwenhw-server serves with qwenhw's instead). Ctrl-C stops.", err=True)
+    proc = subprocess.Popen(argv, env={**os.environ, **env})
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        click.echo("qwenhw: stopped", err=True)
+        return
+    if code:
+        raise QwenhwError(f"{plan.backend}'s server exited with status {code}; its output above says why.")
 
 
 @main.command()

@@ -244,7 +244,101 @@ def test_client_leaving_mid_stream_frees_the_engine(server, client):
             break
     stream.close()  # ~4000 tokens would take a minute here; the server must stop at its next write
     assert ask(client, "next", 3)[2] == 3
+    deadline = time.time() + 10  # the generate() that answered "next" ends its last step after the answer
+    while generating() and time.time() < deadline:
+        time.sleep(0.01)
     assert not generating(), "a generation nobody reads is still running"
+
+
+@slow
+def test_client_leaving_a_non_streaming_request_frees_the_engine(server, client):
+    """A client that sends a long non-streaming request and disconnects: its row leaves the engine's batch
+    at the next step (the server watches the connection while the engine works), counted in /metrics. The
+    30000 tokens it asked for would hold the engine for minutes."""
+    import socket
+
+    before = _metric(server, "qwenhw:requests_cancelled_total")
+    body = json.dumps({"model": NAME, "messages": [{"role": "user", "content": "go on forever"}],
+                       "max_tokens": 30000, "temperature": 0, **NO_THINK}).encode()
+    sock = socket.create_connection(server.server_address[:2], timeout=30)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    deadline = time.time() + 30
+    while not server.scheduler.busy.locked() and time.time() < deadline:  # the engine is decoding it
+        time.sleep(0.01)
+    assert server.scheduler.busy.locked()
+    time.sleep(0.3)
+    sock.close()
+    start = time.time()
+    assert ask(client, "next", 3)[2] == 3
+    assert time.time() - start < 60, "the next request waited for the abandoned one"
+    assert _metric(server, "qwenhw:requests_cancelled_total") == before + 1
+
+
+@slow
+def test_metrics_count_requests_tokens_and_latencies(server, client):
+    ask(client, "count me", 4)
+    text = _metrics_text(server)
+    assert _metric(server, 'qwenhw:requests_total{route="/v1/chat/completions",status="200"}') >= 1
+    assert _metric(server, "qwenhw:generation_tokens_total") >= 4
+    assert _metric(server, "qwenhw:time_to_first_token_seconds_count") >= 1
+    assert _metric(server, "qwenhw:time_per_output_token_seconds_count") >= 1
+    assert _metric(server, "qwenhw:batch_size_count") >= 1
+    assert "qwenhw:num_requests_active" in text
+
+
+def _metrics_text(server) -> str:
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    conn.request("GET", "/metrics")
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("Content-Type").startswith("text/plain")
+    return resp.read().decode()
+
+
+def _metric(server, name: str) -> float:
+    for line in _metrics_text(server).splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{") and "}" not in name:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.fixture
+def scripted_server():
+    s = make_server(ScriptedEngine("four"), "127.0.0.1", 0, served_model_name="s", max_context=64)
+    s.start()
+    yield s
+    s.shutdown()
+    s.server_close()
+
+
+def test_malformed_http_is_answered_4xx_without_a_traceback(scripted_server, caplog):
+    """Requests the openai client would never send: a negative Content-Length, a body over the limit, a
+    client that leaves before the answer. None gets a 5xx; nothing is logged as an error."""
+    import socket
+
+    from qwenhw.serve import server as srv
+
+    host, port = scripted_server.server_address[:2]
+
+    def send(data: bytes) -> bytes:
+        with socket.create_connection((host, port), timeout=30) as sock:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            out = b""
+            while chunk := sock.recv(65536):
+                out += chunk
+            return out
+
+    negative = send(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n")
+    assert negative.startswith(b"HTTP/1.1 4"), negative[:80]
+    huge = send(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (srv.MAX_BODY + 1))
+    assert huge.startswith(b"HTTP/1.1 413") and b"request_too_large" in huge
+    with socket.create_connection((host, port), timeout=30) as sock:  # leaves before reading anything
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, _ = raw(scripted_server, "GET", "/v1/models")
+    assert status == 200  # still serving
+    assert not [r for r in caplog.records if r.levelno >= 40], [r.getMessage() for r in caplog.records]
 
 
 def generating():

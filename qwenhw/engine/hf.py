@@ -133,8 +133,13 @@ class HFEngine(Engine):
         """Up to `batch` rows through one generate() call (left-padded); each row keeps its own max_tokens
         and stop strings and ends on its own (a stopping criterion per row). The server batches rows of one
         sampling (Engine.batch_key), so generate() takes the first row's."""
-        if self.batch == 1 or len(prompts) == 1:
+        if (self.batch == 1 or len(prompts) == 1) and stream:
             yield from super()._stream_batch(prompts, samplings, alive, stream)
+            return
+        if self.batch == 1:  # whole texts one after another, each generate() stoppable at every step
+            for row, (prompt, sampling) in enumerate(zip(prompts, samplings)):
+                if alive(row):
+                    yield from self._generate_rows([prompt], [sampling], lambda i, row=row: alive(row), row, False)
             return
         for k in range(0, len(prompts), self.batch):
             rows = range(k, min(k + self.batch, len(prompts)))

@@ -1,4 +1,4 @@
-"""One thread owns the engine; HTTP handler threads hand it their requests and read back pieces of text.
+"""One thread owns the engine; the server's requests are handed to it and read back pieces of text.
 
 Why one thread: the tokenizer is not safe to use from two threads (HF fast tokenizers raise "Already
 borrowed"), and an engine decodes one batch at a time anyway. The thread prepares each request (chat
@@ -10,12 +10,12 @@ arrive meanwhile form the next one.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import queue
 import threading
 import time
 from collections import Counter
-from typing import Any, Callable, Iterator
+from typing import Any, AsyncIterator, Callable
 
 from ..engine.base import Engine, Piece, Sampling
 from .protocol import APIError
@@ -24,37 +24,51 @@ log = logging.getLogger("qwenhw.serve")
 Prepare = Callable[[Engine], list[tuple[str, Sampling]]]
 
 
+class ClientGone(Exception):
+    """The request left before its answer was complete (the client disconnected)."""
+
+
 class Job:
     """One HTTP request's sequences. `prepare(engine)`, run on the scheduler's thread, returns a (prompt,
-    sampling) per sequence or raises APIError; the handler then reads Pieces (row = the sequence's index).
-    Use it as a context manager: leaving it (the client went away, an error) drops what is left of it."""
+    sampling) per sequence or raises APIError; the request's handler, on the server's event loop, then reads
+    Pieces (row = the sequence's index). Use it as a context manager: leaving it (the client went away, an
+    error) drops what is left of it, and the engine leaves its rows out from its next step on."""
 
-    def __init__(self, prepare: Prepare, stream: bool, done: Callable[["Job"], None]):
+    def __init__(self, prepare: Prepare, stream: bool, done: Callable[["Job"], None],
+                 loop: asyncio.AbstractEventLoop):
         self.prepare = prepare
         self.stream = stream
         self.rows: list[tuple[str, Sampling]] = []
         self.left = False
-        self._events: queue.Queue = queue.Queue()
+        self.first_piece: float | None = None  # monotonic time of the first piece (time to first token)
+        self._loop = loop
+        self._events: asyncio.Queue = asyncio.Queue()
         self._done = done
 
-    def ready(self) -> None:
+    async def ready(self) -> None:
         """Wait until the scheduler has prepared this job; raise what preparing it raised."""
-        kind, value = self._events.get()
+        kind, value = await self._events.get()
         if kind == "error":
             raise value
 
-    def pieces(self) -> Iterator[Piece]:
+    async def pieces(self) -> AsyncIterator[Piece]:
         """Pieces of every row as they come, until each row's last one (`finish` set)."""
         open_rows = len(self.rows)
         while open_rows:
-            kind, value = self._events.get()
+            kind, value = await self._events.get()
             if kind == "error":
                 raise value
             yield value
             open_rows -= value.finish is not None
 
     def put(self, kind: str, value: Any) -> None:
-        self._events.put((kind, value))
+        """From the scheduler's thread: hand an event to the request's event loop."""
+        if kind == "piece" and self.first_piece is None:
+            self.first_piece = time.monotonic()
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, (kind, value))
+        except RuntimeError:  # the loop is closed: the server stopped, nobody reads this any more
+            pass
 
     def __enter__(self) -> "Job":
         return self
@@ -75,6 +89,7 @@ class Scheduler:
         # prepare each): a batch starts once none arrived for `window` s, or after `max_wait`, or when full
         self.window, self.max_wait = window, max_wait
         self.batch_sizes: Counter = Counter()  # sequences per batch decoded, for benchmarks and logs
+        self.on_batch: Callable[[int], None] | None = None  # told each batch's size (the server's metrics)
         self.busy = threading.Lock()  # held while the engine works (tests hold it to make the engine busy)
         self._cond = threading.Condition()
         self._new: list[Job] = []
@@ -90,11 +105,12 @@ class Scheduler:
             self._cond.notify()
 
     def submit(self, prepare: Prepare, stream: bool) -> Job:
+        """Queue a request (from the server's event loop)."""
         with self._cond:
             if self.active >= self.max_queue:
                 raise APIError(503, f"The server is busy ({self.active} requests queued); retry later.",
                                code="queue_full")
-            job = Job(prepare, stream, self._finished)
+            job = Job(prepare, stream, self._finished, asyncio.get_running_loop())
             self.active += 1
             self._new.append(job)
             self._cond.notify()
@@ -178,6 +194,8 @@ class Scheduler:
         samplings = [job.rows[i][1] for job, i in group]
         stream = any(job.stream for job, _ in group)
         self.batch_sizes[len(group)] += 1
+        if self.on_batch is not None:
+            self.on_batch(len(group))
         try:
             for piece in engine.stream_batch(prompts, samplings, lambda row: not group[row][0].left, stream):
                 job, i = group[piece.row]

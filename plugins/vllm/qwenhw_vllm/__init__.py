@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 import re
 import subprocess
 from pathlib import Path
@@ -165,6 +166,29 @@ class VllmBackend(qwenhw.Backend):
         from .engine import VllmEngine
 
         return VllmEngine(plan)
+
+    def server(self, plan, host: str, port: int, api_key: str | None,
+               served_model_name: str) -> tuple[list[str], dict[str, str]] | None:
+        """vLLM's own OpenAI server with the plan's arguments (`vllm serve`, through qwenhw_vllm.serve, which
+        every vLLM distribution runs): tools, structured output and the rest of vLLM's API. Plans over several
+        nodes keep qwenhw's server, which starts and watches their ranks."""
+        from .artifacts import serve_argv
+
+        engine_args = plan.config.get("engine_args") or {}
+        if engine_args.get("nnodes", 1) > 1 or engine_args.get("distributed_executor_backend") == "ray":
+            return None
+        python = sys.executable if importable("vllm") else worker_python("vllm")
+        if python is None:
+            raise RuntimeError(f"vLLM is not importable here and no vllm environment is configured: {INSTALL_CUDA}, "
+                               f"or for CPU {INSTALL_CPU}")
+        argv = serve_argv(plan)[2:]
+        at = argv.index("--served-model-name")
+        argv[at + 1] = served_model_name
+        argv += ["--host", host, "--port", str(port)] + (["--api-key", api_key] if api_key else [])
+        env = {k: str(v) for k, v in (plan.config.get("env") or {}).items() if k not in os.environ}
+        here = os.pathsep.join([str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[3])])
+        env["PYTHONPATH"] = here + os.pathsep + os.environ.get("PYTHONPATH", "")  # qwenhw_vllm where not installed
+        return [python, "-m", "qwenhw_vllm.serve", *argv], env
 
 
 @qwenhw.hookimpl

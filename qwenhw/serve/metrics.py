@@ -1,0 +1,51 @@
+"""The server's Prometheus metrics (`GET /metrics`), in a registry of each server's own (tests run several).
+
+Named as vLLM's where they mean the same (`vllm:` becomes `qwenhw:`), so dashboards carry over.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, scheduler) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("qwenhw:requests", "HTTP requests answered, by route and status", ["route", "status"],
+                                registry=r)
+        self.prompt_tokens = Counter("qwenhw:prompt_tokens", "Prompt tokens of the requests decoded", registry=r)
+        self.generation_tokens = Counter("qwenhw:generation_tokens", "Tokens generated", registry=r)
+        self.ttft = Histogram("qwenhw:time_to_first_token_seconds", "From a request's arrival to its first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("qwenhw:time_per_output_token_seconds",
+                              "Time per output token after the first, per request", buckets=TOKEN_BUCKETS,
+                              registry=r)
+        self.latency = Histogram("qwenhw:e2e_request_latency_seconds", "From a request's arrival to its last token",
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.batch = Histogram("qwenhw:batch_size", "Sequences the engine decoded together, per batch",
+                               buckets=BATCH_BUCKETS, registry=r)
+        self.cancelled = Counter("qwenhw:requests_cancelled", "Requests whose client left before the answer",
+                                 registry=r)
+        running = Gauge("qwenhw:num_requests_active", "Requests waiting or decoding", registry=r)
+        running.set_function(lambda: scheduler.active)
+        scheduler.on_batch = self.batch.observe
+
+    def finished(self, arrived: float, first: float | None, end: float, prompt_tokens: int, tokens: int) -> None:
+        """A request that got its whole answer (monotonic times)."""
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(tokens)
+        self.latency.observe(end - arrived)
+        if first is not None:
+            self.ttft.observe(first - arrived)
+            if tokens > 1:
+                self.tpot.observe((end - first) / (tokens - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
