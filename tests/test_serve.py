@@ -544,8 +544,13 @@ def test_parse_defaults_and_vllm_fields():
     call = p.parse({"messages": [{"role": "user", "content": "x"}], "top_k": -1,
                     "chat_template_kwargs": {"enable_thinking": False}, "stop": "END"}, True, ["m"], 100)
     assert call.model == "m" and call.thinking is False and call.max_tokens is None
-    assert call.sampling == {"temperature": None, "top_p": None, "top_k": 0, "stop": ["END"], "seed": None}
+    assert call.sampling == {"temperature": None, "top_p": None, "top_k": 0, "stop": ["END"], "seed": None,
+                             "ignore_eos": None}
     assert p.parse({"prompt": "x", "enable_thinking": True}, False, ["m"], None).prompts == ["x"]
+    # vLLM's ignore_eos (benchmarks): carried into the sampling, and rows that ignore EOS batch apart
+    assert p.parse({"prompt": "x", "ignore_eos": True}, False, ["m"], None).sampling["ignore_eos"] is True
+    engine = ScriptedEngine("four")
+    assert engine.batch_key(Sampling(temperature=0, ignore_eos=True)) != engine.batch_key(Sampling(temperature=0))
     assert p.check_length(10, None, 100, "prompt") == 90  # default: the room left, as vLLM does
     with pytest.raises(p.APIError) as err:
         p.check_length(100, None, 100, "prompt")

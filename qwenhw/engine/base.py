@@ -22,6 +22,7 @@ class Sampling:
     top_k: int = 0  # 0 = off
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # go on past end-of-turn tokens up to max_tokens (vLLM's; for benchmarks)
 
     @property
     def greedy(self) -> bool:
@@ -132,8 +133,10 @@ class Engine:
         """Requests whose keys are equal may share a batch: the same sampling, and no seed (a seeded request
         draws alone, so it gives what it gives alone)."""
         if sampling.greedy:
-            return "greedy"
-        return object() if sampling.seed is not None else (sampling.temperature, sampling.top_p, sampling.top_k)
+            return "greedy", sampling.ignore_eos
+        if sampling.seed is not None:
+            return object()
+        return sampling.temperature, sampling.top_p, sampling.top_k, sampling.ignore_eos
 
     def stream_batch(self, prompts: Sequence[str], samplings: Sequence[Sampling],
                      alive: Callable[[int], bool] | None = None, stream: bool = True) -> Iterator[Piece]:

@@ -47,7 +47,7 @@ class HFEngine(Engine):
     def _generate_kwargs(self, sampling: Sampling) -> dict[str, Any]:
         kw: dict[str, Any] = {
             "max_new_tokens": sampling.max_tokens,
-            "eos_token_id": self._eos_ids(),
+            "eos_token_id": None if sampling.ignore_eos else self._eos_ids(),
             "pad_token_id": self.tokenizer.pad_token_id,
         }
         if sampling.greedy:
@@ -155,7 +155,8 @@ class HFEngine(Engine):
         from transformers.generation.streamers import BaseStreamer
 
         n = len(prompts)
-        rows = RowTexts(self.tokenizer, samplings, set(self._eos_ids()), first, stream)
+        rows = RowTexts(self.tokenizer, samplings, set() if samplings[0].ignore_eos else set(self._eos_ids()), first,
+                        stream)  # rows of one batch share their sampling's ignore_eos (Engine.batch_key)
         steps: queue.Queue = queue.Queue()
         errors: list[BaseException] = []
         cancel = threading.Event()

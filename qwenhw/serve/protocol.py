@@ -79,6 +79,7 @@ def parse(body: Any, chat: bool, names: list[str], context_limit: int | None) ->
         "top_k": _top_k(body),
         "stop": _stop(body),
         "seed": _int(body, "seed", None),
+        "ignore_eos": _bool(body, "ignore_eos", None),  # vLLM's extension (benchmarks ask for fixed lengths)
     }
     return call
 

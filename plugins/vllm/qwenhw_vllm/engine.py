@@ -179,6 +179,8 @@ class VllmEngine(Engine):
             kw["stop_token_ids"] = self._extra_stops
         if sampling.seed is not None:
             kw["seed"] = sampling.seed
+        if sampling.ignore_eos:
+            kw["ignore_eos"] = True
         return SamplingParams(**kw)
 
     def _completion(self, output: Any, prompt_tokens: int) -> Completion:

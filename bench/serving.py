@@ -1,0 +1,147 @@
+"""Serving side by side, measured with vLLM's own client: `vllm bench serve` against `qwenhw serve` (qwenhw's
+native engine) and `vllm serve` (through `qwenhw serve --backend vllm`, which hands a vLLM plan to vLLM's own
+OpenAI server), on the same GPU, random weights (`--load-format dummy`), the random dataset.
+
+    python bench/serving.py DIR --server qwenhw --out OUT     # DIR: bench/side_by_side.py prepare's folder
+    python bench/serving.py DIR --server vllm --out OUT
+    python bench/serving.py report OUT                        # the table of both
+
+Each run starts the server, waits for /health, runs `vllm bench serve` at each request rate (1024-token
+prompts, 256-token answers, EOS ignored so every answer is 256 tokens), saves vLLM's result JSON per rate
+(`{server}_rate{R}.json`: TTFT, TPOT, ITL and end-to-end medians and p99, output throughput), and stops the
+server with Ctrl-C. Needs vLLM importable (its benchmark client) and a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.request import urlopen
+
+ROOT = Path(__file__).resolve().parents[1]
+RATES = ("1", "4", "16", "inf")
+PROMPTS = {"1": 32, "4": 64, "16": 128, "inf": 128}  # per rate: ~30 s of arrivals at the low rates
+
+
+def log(*parts: object) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args, port: int) -> subprocess.Popen:
+    serve = [sys.executable, "-m", "qwenhw.cli", "serve", args.model, "--load-format", "dummy", "--port", str(port),
+             "--served-model-name", "m", "--context", str(args.context), "--prompt-tokens", str(args.input_len),
+             "--output-tokens", str(args.output_len)]
+    if args.server == "qwenhw":
+        serve += ["--backend", "native", "--concurrency", str(args.concurrency)]
+    else:  # the plan's `vllm serve` (vLLM's defaults for batching: up to 1024 sequences)
+        serve += ["--backend", "vllm"]
+    paths = [args.server_path, str(ROOT), str(ROOT / "plugins" / "native"), str(ROOT / "plugins" / "vllm")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), "PYTHONUNBUFFERED": "1",
+           "QWENHW_QUIET": "1"}
+    log(" ".join(serve))
+    return subprocess.Popen(serve, env=env, stdout=sys.stderr, stderr=sys.stderr, start_new_session=False)
+
+
+def wait_ready(proc: subprocess.Popen, port: int, timeout: float = 900) -> float:
+    start = time.time()
+    while time.time() - start < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with status {proc.returncode}")
+        try:
+            with urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                if r.status == 200:
+                    return time.time() - start
+        except OSError:
+            pass
+        time.sleep(1)
+    raise RuntimeError("the server did not come up")
+
+
+def bench(args, port: int, rate: str, out: Path) -> dict:
+    name = f"{args.server}_rate{rate}.json"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai",
+           "--base-url", f"http://127.0.0.1:{port}", "--endpoint", "/v1/completions", "--model", "m",
+           "--tokenizer", args.model, "--dataset-name", "random", "--random-input-len", str(args.input_len),
+           "--random-output-len", str(args.output_len), "--num-prompts", str(args.num_prompts or PROMPTS[rate]),
+           "--request-rate", rate, "--ignore-eos", "--seed", "0", "--percentile-metrics", "ttft,tpot,itl,e2el",
+           "--metric-percentiles", "50,99", "--save-result", "--result-dir", str(out), "--result-filename", name]
+    log(" ".join(cmd))
+    env = {**os.environ, "PYTHONPATH": args.client_path or os.environ.get("PYTHONPATH", "")}
+    subprocess.run(cmd, check=True, stdout=sys.stderr, env=env)
+    return json.loads((out / name).read_text())
+
+
+def run(args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    proc = start_server(args, port)
+    summary = {"server": args.server, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
+               "input_len": args.input_len, "output_len": args.output_len, "rows": []}
+    try:
+        summary["ready_s"] = wait_ready(proc, port)
+        for rate in args.rates.split(","):
+            r = bench(args, port, rate, out)
+            row = {"rate": rate, "completed": r.get("completed"), "output_tok_s": r.get("output_throughput"),
+                   **{k: r.get(k) for k in ("median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms",
+                                            "median_itl_ms", "median_e2el_ms", "p99_e2el_ms")}}
+            summary["rows"].append(row)
+            log(json.dumps(row))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    (out / f"{args.server}_summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def report(folder: str) -> None:
+    runs = {s: json.loads((Path(folder) / f"{s}_summary.json").read_text()) for s in ("qwenhw", "vllm")
+            if (Path(folder) / f"{s}_summary.json").exists()}
+    print("| rate | server | out tok/s | TTFT median / p99 ms | TPOT median / p99 ms | e2e median s |")
+    print("|---|---|---:|---:|---:|---:|")
+    rates = [r["rate"] for r in next(iter(runs.values()))["rows"]] if runs else []
+    for rate in rates:
+        for name, run_ in runs.items():
+            r = next((x for x in run_["rows"] if x["rate"] == rate), None)
+            if r:
+                print(f"| {rate} | {name} | {r['output_tok_s']:.0f} | {r['median_ttft_ms']:.0f} / {r['p99_ttft_ms']:.0f}"
+                      f" | {r['median_tpot_ms']:.1f} / {r['p99_tpot_ms']:.1f} | {r['median_e2el_ms'] / 1e3:.2f} |")
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["report"]:
+        report(sys.argv[2])
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", help="bench/side_by_side.py prepare's folder (config.json + tokenizer, no weights)")
+    ap.add_argument("--server", choices=("qwenhw", "vllm"), required=True)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--rates", default=",".join(RATES))
+    ap.add_argument("--num-prompts", type=int, default=None, help="per rate (default: 32 at 1/s, 64 at 4/s, else 128)")
+    ap.add_argument("--input-len", type=int, default=1024)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--concurrency", type=int, default=16, help="qwenhw: the sequences its plan decodes together")
+    ap.add_argument("--server-path", default="", help="PYTHONPATH of the server (e.g. a newer transformers)")
+    ap.add_argument("--client-path", default="", help="PYTHONPATH of vLLM's client (default: this one's)")
+    run(ap.parse_args())
+
+
+if __name__ == "__main__":
+    main()
