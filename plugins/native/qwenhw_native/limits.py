@@ -17,7 +17,7 @@ PREFILL_CHUNK = 2048
 # the GPU's FLOPs win over the CPU's); smaller ones have their experts computed by the CPU.
 PREFILL_THRESHOLD = 32
 
-# The fused all-reduce + RMSNorm kernels (parallel.Reducer) send or read rows x (GPUs - 1) rows over NVLink:
+# The fused all-reduce + RMSNorm kernels (reducer.Reducer) send or read rows x (GPUs - 1) rows over NVLink:
 # pushing (16-bit models) up to PUSH_MAX_REMOTE_ROWS rows sent (16 rows: 5.1 us on 2 H200s and 7.3 on 4,
 # against 11.4 and 12.6 for the one-shot kernel and the norm apart), pulling up to FUSE_MAX_REMOTE_ROWS
 # rows read (16 rows on 4 GPUs: 14.8 us). Past them the reduction and the norm run apart.

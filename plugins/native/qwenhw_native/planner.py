@@ -226,7 +226,7 @@ REPLICATE_EXPERTS = True
 
 
 def expert_split(spec: ModelSpec, tp: int) -> str:
-    """How a tensor-parallel replica of `tp` GPUs holds the routed experts (parallel.py): "ep", whole
+    """How a tensor-parallel replica of `tp` GPUs holds the routed experts (sharding.py): "ep", whole
     experts per GPU, when their count divides; else "tp", every expert split by its intermediate size.
     Each GPU then reads the same share of every expert a batch touches, where with whole experts a step
     waits for the GPU whose experts the batch touched most; but each GPU's MoE kernels work on smaller
@@ -241,7 +241,7 @@ def expert_split(spec: ModelSpec, tp: int) -> str:
 
 def split_rule(spec: ModelSpec, n: int, experts: str | None = None) -> str | None:
     """Why tensor-parallel attention + the experts held as `experts` ("ep", "tp", "replicated"; default
-    `expert_split`'s) cannot use `n` GPUs (parallel.check asks the same of a transformers config)."""
+    `expert_split`'s) cannot use `n` GPUs (sharding.check asks the same of a transformers config)."""
     experts = experts or (expert_split(spec, n) if spec.moe else None)
     return split_counts(spec.num_heads, spec.num_kv_heads, spec.moe.num_experts if experts == "ep" else 0, n,
                         spec.moe.moe_intermediate_size if experts == "tp" else 0)

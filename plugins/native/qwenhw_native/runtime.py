@@ -45,7 +45,7 @@ class Runtime:
                  group: Any = None, kernels: KernelConfig | None = None):
         self.model = model
         self.batch = batch
-        self.group = group  # tensor/expert-parallel process group (see parallel.py); None = one device
+        self.group = group  # tensor/expert-parallel process group (see sharding.py); None = one device
         # experts kernels: transformers' default (grouped) for prefill; batched matmuls for decode, whose
         # fixed shapes capture into a graph (they gather T*k expert matrices: fine at decode, not prefill)
         self.prefill_experts = "grouped_mm" if hasattr(model.config, "_experts_implementation") else None

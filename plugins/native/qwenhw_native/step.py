@@ -1,7 +1,7 @@
 """One decoder layer's forward pass over a transformers model's own modules: attention, then the MLP or the
 routed experts, choosing per op between torch (prompts, the CPU, what a kernel does not take) and the
 Triton decode kernels (qwenhw_native.kernels), and summing row-parallel outputs over the tensor-parallel
-ranks (parallel.Reducer).
+ranks (reducer.Reducer).
 
 What one kernel computes for the next op travels in an explicit `Ahead` value, not on the modules: the
 RMSNorm of h that a fused all-reduce or MoE-sum kernel wrote, or the sums of squares of h's rows that

@@ -1,5 +1,5 @@
 """Tensor-parallel decode: the all-reduce of a row-parallel output and the RMSNorm that reads it, in one
-kernel over torch's symmetric memory (parallel.Reducer drives them).
+kernel over torch's symmetric memory (reducer.Reducer drives them).
 
 `reduce_norm_push` (16-bit models): each GPU writes its partial sum, flagged word by word, into its peers'
 buffers and sums what they wrote into its own: no barrier, no remote read. `reduce_norm`: each GPU reads the
@@ -179,7 +179,7 @@ def reduce_norm(handle: Any, offset: int, rows: int, hidden: int, weight: torch.
     Every rank's partial sum [rows, hidden] sits at element `offset` of its symmetric buffer; writes the sum
     into `h` and RMSNorm(sum) * weight into `x`. One barrier: it orders this call's reads after every
     rank's producer, not the next producer after them, so consecutive calls must alternate between two
-    buffer regions (parallel.Reducer does). `per_program` overrides Tiles.reduce_rows (the bench sweeps it)."""
+    buffer regions (reducer.Reducer does). `per_program` overrides Tiles.reduce_rows (the bench sweeps it)."""
     r = rows_per_program(rows, per_program, h.device)
     bh = triton.next_power_of_2(hidden)
     _reduce_norm[(triton.cdiv(rows, r),)](
