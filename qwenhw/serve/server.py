@@ -239,6 +239,15 @@ def _stream(job: Job, events: AsyncIterator[bytes], server: OpenAIServer) -> Str
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
+async def _ready(job: Job) -> None:
+    """Wait until the scheduler has prepared a streaming request's job; leave the job if that fails."""
+    try:
+        await job.ready()
+    except BaseException:
+        job.__exit__(None, None, None)
+        raise
+
+
 async def _collect(job: Job, request: Request) -> list[tuple[str, Piece]]:
     """Each row's whole text and its last piece (finish reason, completion tokens); ClientGone as soon as
     the client disconnects (checked every DISCONNECT_POLL s while the engine works)."""
@@ -314,11 +323,7 @@ async def _chat(request: Request, server: OpenAIServer) -> Response:
         parts = split_reasoning(text)
         return JSONResponse(p.chat_response(call, rid, parts.content, parts.reasoning, last.finish,
                                             seen["prompt_tokens"], last.tokens))
-    try:
-        await job.ready()
-    except BaseException:
-        job.__exit__(None, None, None)
-        raise
+    await _ready(job)
 
     async def events() -> AsyncIterator[bytes]:
         created = int(time.time())
@@ -364,11 +369,7 @@ async def _completions(request: Request, server: OpenAIServer) -> Response:
                     "finish_reason": last.finish, "logprobs": None} for i, (text, last) in enumerate(outs)]
         return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": call.model,
                              "choices": choices, "usage": p.usage(sum(n_prompts), tokens)})
-    try:
-        await job.ready()
-    except BaseException:
-        job.__exit__(None, None, None)
-        raise
+    await _ready(job)
 
     async def events() -> AsyncIterator[bytes]:
         total = 0
