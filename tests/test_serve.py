@@ -229,6 +229,25 @@ def test_over_long_prompt(server, client, engine):
 
 
 @slow
+def test_a_huge_prompt_is_refused_without_tokenizing_all_of_it(server, engine):
+    """A 10 MB prompt (under the 16 MiB body limit) against a small context: 400 context_length_exceeded from
+    its beginning alone; tokenizing the whole of it took 13 s here."""
+    limit = server.context_limit
+    counted: list[int] = []
+    count = engine.count_tokens
+    engine.count_tokens = lambda text: counted.append(len(text)) or count(text)
+    try:
+        status, got = raw(server, "POST", "/v1/completions", {"model": NAME, "prompt": "hello " * 1_750_000})
+    finally:
+        engine.count_tokens = count
+    assert status == 400 and got["error"]["code"] == "context_length_exceeded", got
+    assert str(limit) in got["error"]["message"]
+    assert counted == [limit * p.PROBE_CHARS_PER_TOKEN]  # only the beginning was tokenized
+    # a prompt under the probe is counted whole, as before
+    assert p.count_prompt(lambda t: len(t.split()), "a b c", limit, "prompt") == 3
+
+
+@slow
 def test_wrong_method(server):
     status, body = raw(server, "GET", "/v1/chat/completions")
     assert status == 405

@@ -306,7 +306,7 @@ async def _chat(request: Request, server: OpenAIServer) -> Response:
             prompt, thinks = engine.chat_prompt(call.messages, call.thinking)
         except Exception as exc:  # the chat template rejected the conversation (roles out of order, ...)
             raise APIError(400, f"The chat template rejected the messages: {exc}", "messages") from exc
-        seen["prompt_tokens"] = engine.count_tokens(prompt)
+        seen["prompt_tokens"] = p.count_prompt(engine.count_tokens, prompt, limit, "messages")
         # Thinking-2507 templates open <think> in the prompt: the answer starts inside the reasoning
         seen["in_reasoning"] = prompt.rstrip().endswith("<think>")
         max_tokens = p.check_length(seen["prompt_tokens"], call.max_tokens, limit, "messages")
@@ -349,7 +349,7 @@ async def _completions(request: Request, server: OpenAIServer) -> Response:
     n_prompts: list[int] = []
 
     def prepare(engine: Engine) -> list[tuple[str, Sampling]]:  # on the scheduler's thread
-        n_prompts[:] = [engine.count_tokens(text) for text in call.prompts]
+        n_prompts[:] = [p.count_prompt(engine.count_tokens, text, limit, "prompt") for text in call.prompts]
         # a batch shares one max_tokens: the longest prompt decides whether it fits
         max_tokens = min(p.check_length(n, call.max_tokens, limit, "prompt") for n in n_prompts)
         options = {k: v for k, v in call.sampling.items() if v is not None}
