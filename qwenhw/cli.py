@@ -318,7 +318,7 @@ def print_plan(result: Any) -> None:
 
 
 # --- run ---------------------------------------------------------------------------------------------
-def _load(model: str, kw: dict[str, Any]):
+def _load(model: Any, kw: dict[str, Any]):  # a name, a folder or a Plan
     engine = api.load(model, **_request(kw))
     p = engine.plan
     click.echo(f"qwenhw: {p.model} with {p.backend} ({p.engine}), {p.parallel}", err=True)
@@ -407,8 +407,9 @@ def serve(model: str, host: str, port: int, api_key: str | None, served_model_na
     from .serve import make_server
 
     _check_local(hardware, None, "serve")
+    chosen = api.plan(model, **_request(kw))  # planned once: the handover and the load below both use it
     if not qwenhw_server:
-        handover = _engine_server(model, kw, host, port, api_key, served_model_name or model)
+        handover = _engine_server(chosen, host, port, api_key, served_model_name or model)
         if handover is not None:
             return _run_engine_server(*handover)
     try:  # bind before the (long) load, so a taken port fails at once
@@ -417,7 +418,7 @@ def serve(model: str, host: str, port: int, api_key: str | None, served_model_na
         raise BadInput(f"Cannot listen on {host}:{port}: {exc.strerror or exc}. Pick another --port.") from exc
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        with _load(model, kw) as engine:
+        with _load(chosen, kw) as engine:
             server.engine = engine
             lock = "requires an API key" if api_key else "no API key"
             together = (f"up to {engine.max_batch} requests decoded together" if engine.max_batch > 1
@@ -435,10 +436,9 @@ def serve(model: str, host: str, port: int, api_key: str | None, served_model_na
         server.server_close()
 
 
-def _engine_server(model: str, kw: dict[str, Any], host: str, port: int, api_key: str | None,
+def _engine_server(chosen: Any, host: str, port: int, api_key: str | None,
                    name: str) -> tuple[Any, list[str], dict[str, str], str] | None:
     """The chosen plan's own server (its backend's `server`), if it has one: (plan, argv, env, url)."""
-    chosen = api.plan(model, **_request(kw))
     if not chosen.fits:
         return None  # the usual path says why
     backend = plugins.load().backends.get(chosen.backend)

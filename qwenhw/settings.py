@@ -80,10 +80,6 @@ def get(name: str) -> Any:
     return setting.default if raw is None else setting.parse(name, raw)
 
 
-def is_set(name: str) -> bool:
-    return SETTINGS[name].name in os.environ
-
-
 def engine_python(backend: str) -> str | None:
     """QWENHW_<BACKEND>_PYTHON: the interpreter of the environment holding that backend's engine (any
     backend may use the pattern; the built-in ones are declared above)."""

@@ -44,6 +44,10 @@ class HFEngine(Engine):
             ids.append(im_end)  # chat turns end with <|im_end|> even where generation_config forgets it
         return [i for i in ids if i is not None]
 
+    def _ends(self, sampling: Sampling) -> set[int]:
+        """The tokens that end a row of this sampling: the end-of-turn ones, none with ignore_eos."""
+        return set() if sampling.ignore_eos else set(self._eos_ids())
+
     def _generate_kwargs(self, sampling: Sampling) -> dict[str, Any]:
         kw: dict[str, Any] = {
             "max_new_tokens": sampling.max_tokens,
@@ -155,8 +159,8 @@ class HFEngine(Engine):
         from transformers.generation.streamers import BaseStreamer
 
         n = len(prompts)
-        rows = RowTexts(self.tokenizer, samplings, set() if samplings[0].ignore_eos else set(self._eos_ids()), first,
-                        stream)  # rows of one batch share their sampling's ignore_eos (Engine.batch_key)
+        # rows of one batch share their sampling's ignore_eos (Engine.batch_key)
+        rows = RowTexts(self.tokenizer, samplings, self._ends(samplings[0]), first, stream)
         steps: queue.Queue = queue.Queue()
         errors: list[BaseException] = []
         cancel = threading.Event()

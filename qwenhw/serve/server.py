@@ -41,7 +41,6 @@ MAX_BODY = 16 * 2**20  # bytes of a request body
 BODY_TIMEOUT = 60.0  # seconds a client has to send its whole body
 KEEP_ALIVE = 5  # seconds an idle keep-alive connection stays open
 DISCONNECT_POLL = 0.1  # seconds between checks that a non-streaming request's client is still there
-ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
 
 
 class OpenAIServer:
@@ -142,7 +141,8 @@ def _app(server: OpenAIServer) -> Starlette:
         if status == 405:
             error = APIError(405, f"{request.method} is not allowed on {path}.", code="method_not_allowed")
         elif status == 404:
-            error = APIError(404, f"Unknown route {path}; this server has {', '.join(sorted(ROUTES))}.",
+            known = ", ".join(sorted(r.path for r in routes))
+            error = APIError(404, f"Unknown route {path}; this server has {known}.",
                              code="not_found")
         else:
             error = APIError(status, str(getattr(exc, "detail", exc)))

