@@ -389,15 +389,27 @@ def test_queue_is_bounded(engine):
 @pytest.fixture(scope="module")
 def batching(tiny_moe):
     """A server over the lean runtime planned for 4 concurrent sequences, its batched runtime's calls
-    recorded (how many prompts each batch decoded). fp32: the random model's logits are nearly flat, and
-    bf16 sums in another order (a batch of 4 against 1) would flip greedy picks."""
+    recorded: how many prompts each batch started with, then "+n" for n that joined it while it ran.
+    fp32: the random model's logits are nearly flat, and bf16 sums in another order (a batch of 4 against
+    1) would flip greedy picks."""
     plan = qwenhw.plan(str(tiny_moe), backend="native", engine="one-gpu", context=256, concurrency=4,
                        dtype="float32")
     with qwenhw.load(plan) as eng:
-        assert eng.max_batch == 4
-        batches: list[int] = []
+        assert eng.max_batch == 4 and eng.continuous
+        batches: list = []
         decode = eng.batched.stream_batch
-        eng.batched.stream_batch = lambda prompts, *a, **k: batches.append(len(prompts)) or decode(prompts, *a, **k)
+
+        def recorded(prompts, *a, join=None, **k):
+            def joining(free):
+                new = join(free) if join is not None else []
+                if new:
+                    batches.append(f"+{len(new)}")
+                return new
+
+            batches.append(len(prompts))
+            return decode(prompts, *a, join=joining, **k)
+
+        eng.batched.stream_batch = recorded
         s = make_server(eng, "127.0.0.1", 0, served_model_name=NAME)
         s.start()
         yield s, openai.OpenAI(base_url=s.url, api_key="none", max_retries=0, timeout=120), batches
@@ -417,8 +429,9 @@ def held_until_queued(server, n, calls):
 
 @slow
 def test_concurrent_requests_decode_together(batching):
-    """8 chat requests at once on a plan for 4 sequences: two batches of 4, each request with its own
-    max_tokens, stop string and stream mode, and each answer the one it gets alone (greedy)."""
+    """8 chat requests at once on a plan for 4 sequences: 4 start together and the other 4 take their rows
+    as they finish (continuous batching), each request with its own max_tokens, stop string and stream
+    mode, and each answer the one it gets alone (greedy)."""
     server, client, batches = batching
     jobs = [(f"Question number {i}: tell me about topic {i}.", 4 + i, i % 2 == 1) for i in range(8)]
     alone = [ask(client, text, n) for text, n, _ in jobs]
@@ -429,10 +442,36 @@ def test_concurrent_requests_decode_together(batching):
     batches.clear()
     together = held_until_queued(server, 8, [
         (lambda job=job, i=i: ask(client, *job, **({"stop": [stop]} if i == 5 else {}))) for i, job in enumerate(jobs)])
-    assert batches == [4, 4]
+    assert batches[0] == 4 and sum(int(b) for b in batches[1:]) == 4, batches  # one batch, 4 joined it
     for (text, n, stream), ref, got in zip(jobs, expect, together):
         assert got[:2] == ref[:2], (text, stream, got, ref)
         assert stream or ref[1] == "stop" or got[2] == n  # exact completion tokens from the batched runtime
+
+
+@slow
+def test_a_short_request_sent_while_a_long_one_decodes_finishes_first(batching):
+    """Continuous batching: a short request that arrives while a long one decodes joins the running batch
+    at the next step and finishes while the long one is still streaming, not after it."""
+    server, client, batches = batching
+    batches.clear()
+    done: dict[str, float] = {}
+    first_token = threading.Event()
+
+    def long() -> None:
+        chunks = client.completions.create(model=NAME, prompt="Count with me: one, two, three,", max_tokens=120,
+                                           temperature=0, stream=True, extra_body={"ignore_eos": True})
+        for chunk in chunks:
+            first_token.set()
+        done["long"] = time.monotonic()
+
+    thread = threading.Thread(target=long)
+    thread.start()
+    assert first_token.wait(60)
+    r = client.completions.create(model=NAME, prompt="Hi", max_tokens=3, temperature=0, extra_body={"ignore_eos": True})
+    done["short"] = time.monotonic()
+    thread.join(120)
+    assert r.usage.completion_tokens == 3 and done["short"] < done["long"]
+    assert batches == [1, "+1"]  # the short one joined the long one's batch
 
 
 @slow

@@ -135,3 +135,22 @@ def test_prefill_passes_follow_each_engine():
     long = speed.row_passes(2, 5000, 2048)
     assert [p.tokens for p in long] == [2048, 2048, 904] * 2
     assert long[1].pairs > long[0].pairs  # the second chunk attends to the first
+    native = speed.budget_passes(64, 1024, 2048, 32768)  # the native runtime: 32 whole prompts per pass
+    assert [p.tokens for p in native] == [32768, 32768]
+    assert speed.budget_passes(16, 2048, 2048, 32768) == own
+    assert speed.budget_passes(2, 5000, 2048, 32768) == long
+
+
+def test_native_activation_reserve_stops_growing_with_concurrency():
+    """The native runtime caps a prompt pass at PREFILL_TOKENS whatever the concurrency, so the memory its
+    plan keeps for activations stops growing there (it grew with every sequence before)."""
+    from qwenhw_native.limits import PREFILL_TOKENS
+
+    def overhead(concurrency: int) -> float:
+        plan = qwenhw.plan("Qwen3-30B-A3B", hardware="1xH200-141G", backend="native", engine="one-gpu",
+                           concurrency=concurrency, context=2048)
+        return plan.devices[0].overhead_gib
+
+    assert overhead(8) < overhead(16) * 0.6  # up to 16 sequences a pass holds each one's chunk
+    assert overhead(16) < overhead(128) < overhead(16) * 1.1  # past them, only the last tokens' logits grow
+    assert PREFILL_TOKENS == 16 * 2048  # 16 sequences' chunks: the largest pass measured on the H200

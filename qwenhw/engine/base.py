@@ -65,6 +65,11 @@ class ChatResult:
     token_ids: tuple[int, ...] = field(default=(), repr=False)
 
 
+# Continuous batching: asked between decode steps with the number of free rows, returns the (prompt,
+# sampling) pairs that take them (Engine.stream_batch)
+Join = Callable[[int], list[tuple[str, Sampling]]]
+
+
 class Engine:
     """Base engine. Thread-safe: one generation at a time (requests queue, never interleave)."""
 
@@ -138,15 +143,25 @@ class Engine:
             return object()
         return sampling.temperature, sampling.top_p, sampling.top_k, sampling.ignore_eos
 
+    @property
+    def continuous(self) -> bool:
+        """Whether stream_batch takes `join`: rows that join a running batch as others finish."""
+        return False
+
     def stream_batch(self, prompts: Sequence[str], samplings: Sequence[Sampling],
-                     alive: Callable[[int], bool] | None = None, stream: bool = True) -> Iterator[Piece]:
+                     alive: Callable[[int], bool] | None = None, stream: bool = True,
+                     join: Join | None = None) -> Iterator[Piece]:
         """Generate for several prompts, together where the engine can (`max_batch`), as pieces of text
         tagged with their prompt's row; each row ends with one piece that has `finish`. A row whose
         `alive(row)` turns false is dropped (its client left). stream=False: whole texts are enough, which
-        lets an engine without batched streaming give exact token counts."""
+        lets an engine without batched streaming give exact token counts. `join` (an engine that is
+        `continuous`; others never call it): asked between steps with the number of free rows, it returns
+        prompts (of this batch's `batch_key`) that join at once, their rows numbered on after the ones before."""
         self._check_open()
+        rest = {"join": join} if join is not None and self.continuous else {}
         with self._lock:
-            yield from self._stream_batch(list(prompts), list(samplings), alive or (lambda row: True), stream)
+            yield from self._stream_batch(list(prompts), list(samplings), alive or (lambda row: True), stream,
+                                          **rest)
 
     def _stream_batch(self, prompts: list[str], samplings: list[Sampling], alive: Callable[[int], bool],
                       stream: bool) -> Iterator[Piece]:

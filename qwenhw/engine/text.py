@@ -105,11 +105,20 @@ class RowTexts:
     `last` ("length"). Rows are numbered from `first` in the pieces."""
 
     def __init__(self, tokenizer: Any, samplings: list[Sampling], eos: set[int], first: int, stream: bool):
-        self.texts = [TextStream(tokenizer, s.stop, lazy=not stream) for s in samplings]
-        self.limits = [s.max_tokens for s in samplings]
-        self.counts = [0] * len(samplings)
-        self.ended = [False] * len(samplings)
+        self.tokenizer, self.stream = tokenizer, stream
+        self.texts: list[TextStream] = []
+        self.limits: list[int] = []
+        self.counts: list[int] = []
+        self.ended: list[bool] = []
         self.eos, self.first = eos, first
+        self.extend(samplings)
+
+    def extend(self, samplings: list[Sampling]) -> None:
+        """More rows, numbered on after the others (rows that joined a running batch)."""
+        self.texts += [TextStream(self.tokenizer, s.stop, lazy=not self.stream) for s in samplings]
+        self.limits += [s.max_tokens for s in samplings]
+        self.counts += [0] * len(samplings)
+        self.ended += [False] * len(samplings)
 
     def add(self, i: int, token: int, last: bool = False) -> Piece | None:
         """Row i's next token: its piece (None while a delta is held back, or after the row ended)."""

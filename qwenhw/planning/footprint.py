@@ -70,13 +70,17 @@ def cpu_dtype(spec: ModelSpec, node: Node, requested: str | None) -> str:
     return stored if stored in ("bf16", "fp16", "fp32") else "bf16"
 
 
-def activation_bytes(spec: ModelSpec, context: int, concurrency: int, chunk: int) -> float:
-    """Peak activation bytes of one forward pass over up to `chunk` prompt tokens per sequence.
+def activation_bytes(spec: ModelSpec, context: int, concurrency: int, chunk: int,
+                     pass_tokens: int | None = None) -> float:
+    """Peak activation bytes of one forward pass over up to `chunk` prompt tokens per sequence (and at most
+    `pass_tokens` in all, for an engine that cuts its passes there whatever the concurrency).
 
     Hidden states, q/k/v, the MLP or routed-expert intermediates, fp32 router logits and fp32 LM-head
     logits for the last position.
     """
     tokens = concurrency * min(context, chunk)
+    if pass_tokens is not None:
+        tokens = min(tokens, pass_tokens)
     h = spec.hidden_size
     attn = h + (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim * 2
     if spec.moe:
@@ -87,9 +91,10 @@ def activation_bytes(spec: ModelSpec, context: int, concurrency: int, chunk: int
     return tokens * (4 * h + attn + mlp) * 2 + logits
 
 
-def gpu_activation_bytes(spec: ModelSpec, context: int, concurrency: int, chunk: int) -> float:
+def gpu_activation_bytes(spec: ModelSpec, context: int, concurrency: int, chunk: int,
+                         pass_tokens: int | None = None) -> float:
     """What a GPU gives up for the activations of the largest prefill the plan allows."""
-    return activation_bytes(spec, context, concurrency, chunk) * CUDA_PREFILL_RESERVE
+    return activation_bytes(spec, context, concurrency, chunk, pass_tokens) * CUDA_PREFILL_RESERVE
 
 
 @dataclass(frozen=True)
@@ -107,16 +112,17 @@ class OneGpu:
 
 
 def one_gpu(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, context: int, kv_dtype: str,
-            chunk: int, sequences: int | None = None) -> OneGpu:
+            chunk: int, sequences: int | None = None, pass_tokens: int | None = None) -> OneGpu:
     """`sequences`: the KV cache's rows (the runtimes an engine builds), default the request's concurrency;
-    `chunk`: the prompt tokens per sequence one pass holds activations for."""
+    `chunk`: the prompt tokens per sequence one pass holds activations for (`pass_tokens`: in all)."""
     node = hw.node
     gpu = (node.gpus("nvidia") or node.gpus("intel"))[0]
     served = served_16bit(spec, dtype)
     return OneGpu(node=node, gpu=gpu, served=served, dtype=stored_dtype(served),
                   cap=gpu_budget(gpu.memory_bytes, req),
                   kv=kv_bytes(served, context, sequences or req.concurrency, kv_dtype),
-                  act=gpu_activation_bytes(served, context, req.concurrency, chunk), ram=ram_budget(node, req))
+                  act=gpu_activation_bytes(served, context, req.concurrency, chunk, pass_tokens),
+                  ram=ram_budget(node, req))
 
 
 def kv_bytes(spec: ModelSpec, context: int, concurrency: int, kv_dtype: str) -> float:

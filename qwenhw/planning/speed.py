@@ -118,6 +118,18 @@ def row_passes(prompts: int, tokens: int, chunk: int) -> list[Pass]:
     return out
 
 
+def budget_passes(prompts: int, tokens: int, chunk: int, budget: int) -> list[Pass]:
+    """qwenhw's native runtime: passes of as many whole prompts as `budget` tokens hold; a prompt longer
+    than `chunk` alone, chunk by chunk."""
+    if tokens > chunk:
+        return row_passes(prompts, tokens, chunk)
+    per, out = max(1, budget // tokens), []
+    for first in range(0, prompts, per):
+        k = min(per, prompts - first)
+        out.append(Pass(k * tokens, k * _causal(0, tokens)))
+    return out
+
+
 def expected_blocks(tokens_per_expert: float, block: int) -> float:
     """Blocks of `block` rows a grouped expert GEMM runs per touched expert (its tokens vary around the mean:
     on average half a block more than the mean needs), at least one."""

@@ -29,12 +29,16 @@ class Metrics:
                               registry=r)
         self.latency = Histogram("qwenhw:e2e_request_latency_seconds", "From a request's arrival to its last token",
                                  buckets=LATENCY_BUCKETS, registry=r)
-        self.batch = Histogram("qwenhw:batch_size", "Sequences the engine decoded together, per batch",
-                               buckets=BATCH_BUCKETS, registry=r)
+        self.batch = Histogram("qwenhw:batch_size", "Sequences decoding together, when a batch starts or rows "
+                               "join it", buckets=BATCH_BUCKETS, registry=r)
         self.cancelled = Counter("qwenhw:requests_cancelled", "Requests whose client left before the answer",
                                  registry=r)
-        running = Gauge("qwenhw:num_requests_active", "Requests waiting or decoding", registry=r)
-        running.set_function(lambda: scheduler.active)
+        active = Gauge("qwenhw:num_requests_active", "Requests waiting or decoding", registry=r)
+        active.set_function(lambda: scheduler.active)
+        running = Gauge("qwenhw:num_requests_running", "Sequences decoding now (the batch's occupancy)", registry=r)
+        running.set_function(lambda: scheduler.running)
+        waiting = Gauge("qwenhw:num_requests_waiting", "Sequences waiting for a row of the batch", registry=r)
+        waiting.set_function(lambda: scheduler.waiting)
         scheduler.on_batch = self.batch.observe
 
     def finished(self, arrived: float, first: float | None, end: float, prompt_tokens: int, tokens: int) -> None:

@@ -4,8 +4,10 @@ Why one thread: the tokenizer is not safe to use from two threads (HF fast token
 borrowed"), and an engine decodes one batch at a time anyway. The thread prepares each request (chat
 template, token counts, the context check) and then decodes the waiting sequences that may share a batch
 together: up to `engine.max_batch` of them with equal `engine.batch_key`. An engine that decodes one
-sequence at a time gets them one after another, in arrival order. A batch runs to its end; requests that
-arrive meanwhile form the next one.
+sequence at a time gets them one after another, in arrival order. On an engine that batches continuously
+(`engine.continuous`), requests that arrive while a batch runs join it as its rows free up, as long as the
+oldest waiting one shares its key (so a request of another sampling waits for the batch to drain, never
+longer); on others a batch runs to its end and requests that arrive meanwhile form the next one.
 """
 
 from __future__ import annotations
@@ -95,6 +97,8 @@ class Scheduler:
         self._new: list[Job] = []
         self._rows: list[tuple[Job, int]] = []  # prepared sequences waiting for a batch, in arrival order
         self.active = 0
+        self._running: list[tuple[Job, int]] = []  # the rows of the batch decoding now
+        self._ended: set[int] = set()  # indexes into _running of the rows whose last piece went out
         self._stopped = False
         threading.Thread(target=self._run, name="qwenhw-scheduler", daemon=True).start()
 
@@ -115,6 +119,16 @@ class Scheduler:
             self._new.append(job)
             self._cond.notify()
         return job
+
+    @property
+    def running(self) -> int:
+        """Sequences decoding now (the batch's occupancy)."""
+        return sum(1 for k, (job, _) in enumerate(list(self._running)) if k not in self._ended and not job.left)
+
+    @property
+    def waiting(self) -> int:
+        """Sequences prepared and waiting for a row, and requests not yet prepared."""
+        return len(self._rows) + len(self._new)
 
     def _finished(self, job: Job) -> None:
         with self._cond:
@@ -189,18 +203,49 @@ class Scheduler:
             self._rows = rest
             return group
 
+    def _joining(self, engine: Engine, key: Any, free: int) -> list[tuple[Job, int]]:
+        """Up to `free` sequences that join the running batch: the oldest waiting ones while they share its
+        key (one that does not waits at the head until the batch drains)."""
+        self._prepare(engine)
+        with self._cond:
+            self._rows = [r for r in self._rows if not r[0].left]
+            take = 0
+            while take < min(free, len(self._rows)):
+                job, i = self._rows[take]
+                if engine.batch_key(job.rows[i][1]) != key:
+                    break
+                take += 1
+            new, self._rows = self._rows[:take], self._rows[take:]
+        return new
+
     def _decode(self, engine: Engine, group: list[tuple[Job, int]]) -> None:
         prompts = [job.rows[i][0] for job, i in group]
         samplings = [job.rows[i][1] for job, i in group]
         stream = any(job.stream for job, _ in group)
+        key = engine.batch_key(samplings[0])
+        self._running, self._ended = group, set()
         self.batch_sizes[len(group)] += 1
         if self.on_batch is not None:
             self.on_batch(len(group))
+
+        def join(free: int) -> list[tuple[str, Sampling]]:  # between the engine's steps, on this thread
+            new = self._joining(engine, key, free)
+            if new:
+                group.extend(new)
+                if self.on_batch is not None:
+                    self.on_batch(self.running)
+            return [job.rows[i] for job, i in new]
+
         try:
-            for piece in engine.stream_batch(prompts, samplings, lambda row: not group[row][0].left, stream):
+            for piece in engine.stream_batch(prompts, samplings, lambda row: not group[row][0].left, stream,
+                                             join if engine.continuous else None):
                 job, i = group[piece.row]
                 job.put("piece", Piece(i, piece.text, piece.finish, piece.tokens))
+                if piece.finish is not None:
+                    self._ended.add(piece.row)
         except Exception as exc:  # an engine fault: every job of the batch reports it; the server goes on
             log.exception("generation failed")
             for job in {job for job, _ in group}:
                 job.put("error", exc)
+        finally:
+            self._running, self._ended = [], set()

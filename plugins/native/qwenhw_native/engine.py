@@ -6,7 +6,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from qwenhw.engine.base import Completion, Piece, Sampling
+from qwenhw.engine.base import Completion, Join, Piece, Sampling
 from qwenhw.engine.hf import HFEngine
 from qwenhw.engine.text import RowTexts, completion
 
@@ -17,8 +17,9 @@ from .sampling import SampleParams
 
 
 class RuntimeEngine(HFEngine):
-    """Prompts through the runtime's static cache: a list of prompts decodes `batched.batch` at a time when
-    the plan is for several concurrent sequences; single prompts and streams use the batch-1 runtime."""
+    """Prompts through the runtime's static cache: a list of prompts, or a server's concurrent requests,
+    decode continuously on `batched` (a finished row takes the next prompt) when the plan is for several
+    concurrent sequences; single prompts and streams use the batch-1 runtime."""
 
     def __init__(self, model: Any, tokenizer: Any, runtime: Runtime, plan: Any = None,
                  batched: Runtime | None = None):
@@ -37,20 +38,16 @@ class RuntimeEngine(HFEngine):
 
     def _complete(self, prompts: list[str], sampling: Sampling) -> list[Completion]:
         """Each prompt's tokens up to its EOS or max_tokens (capped by the cache): a list of prompts goes
-        `batched.batch` at a time through the batched runtime, one prompt through the batch-1 runtime."""
+        through the batched runtime, one prompt through the batch-1 runtime."""
         rt = self.batched if self.batched is not None and len(prompts) > 1 else self.runtime
         ids = [self._prompt_ids(p, rt) for p in prompts]
         params = SampleParams(sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed)
-        eos = self._ends(sampling)
-        generated: list[list[int]] = []
-        for k in range(0, len(ids), rt.batch):
-            rt.reset()
-            generated += rt.generate_batch(ids[k:k + rt.batch], sampling.max_tokens, params, eos)
-        return [completion(self.tokenizer, tokens, len(prompt_ids), eos, sampling.stop)
+        generated = rt.generate_batch(ids, sampling.max_tokens, params, self._ends(sampling))
+        return [completion(self.tokenizer, tokens, len(prompt_ids), self._ends(sampling), sampling.stop)
                 for tokens, prompt_ids in zip(generated, ids)]
 
     def _stream(self, prompt: str, sampling: Sampling) -> Iterator[str]:
-        for piece in self._decode_rows(self.runtime, [prompt], [sampling], lambda row: True, 0, True):
+        for piece in self._decode_rows(self.runtime, [prompt], [sampling], lambda row: True, True):
             if piece.text:
                 yield piece.text
 
@@ -58,31 +55,37 @@ class RuntimeEngine(HFEngine):
     def max_batch(self) -> int:
         return self.batched.batch if self.batched is not None else 1
 
+    @property
+    def continuous(self) -> bool:
+        return self.batched is not None
+
     def _stream_batch(self, prompts: list[str], samplings: list[Sampling], alive: Callable[[int], bool],
-                      stream: bool) -> Iterator[Piece]:
-        """Prompts decode together on the batched runtime, `batched.batch` at a time (one alone: the batch-1
-        runtime), each with its own max_tokens and stop strings, when they share their sampling; else one
-        after another."""
-        shared = {(0.0,) if s.greedy else (s.temperature, s.top_p, s.top_k, s.seed) for s in samplings}
-        rt = self.runtime if len(prompts) == 1 else self.batched
+                      stream: bool, join: Join | None = None) -> Iterator[Piece]:
+        """Prompts decode together on the batched runtime, continuously (one alone: the batch-1 runtime),
+        each with its own max_tokens and stop strings, when they share their sampling; else one after
+        another. `join`: see Engine.stream_batch."""
+        shared = {self.batch_key(s) for s in samplings}
+        rt = self.runtime if len(prompts) == 1 and join is None else self.batched
         if rt is None or len(shared) > 1:
             yield from super()._stream_batch(prompts, samplings, alive, stream)
             return
-        for k in range(0, len(prompts), rt.batch):
-            rows = range(k, min(k + rt.batch, len(prompts)))
-            yield from self._decode_rows(rt, [prompts[r] for r in rows], [samplings[r] for r in rows],
-                                         lambda i: alive(k + i), k, stream)
+        yield from self._decode_rows(rt, prompts, samplings, alive, stream, join)
 
     def _decode_rows(self, rt: Runtime, prompts: list[str], samplings: list[Sampling],
-                     alive: Callable[[int], bool], first: int, stream: bool) -> Iterator[Piece]:
+                     alive: Callable[[int], bool], stream: bool, join: Join | None = None) -> Iterator[Piece]:
         ids = [self._prompt_ids(p, rt) for p in prompts]
         s = samplings[0]
         params = SampleParams(s.temperature, s.top_p, s.top_k, s.seed)
         eos = self._ends(s)  # a batch shares it (Engine.batch_key)
-        rows = RowTexts(self.tokenizer, samplings, eos, first, stream)
-        rt.reset()
+        rows = RowTexts(self.tokenizer, samplings, eos, 0, stream)
+
+        def joining(free: int) -> list[tuple[list[int], int]]:
+            new = join(free) if join is not None else []
+            rows.extend([sampling for _, sampling in new])
+            return [(self._prompt_ids(prompt, rt), sampling.max_tokens) for prompt, sampling in new]
+
         for i, token, last in rt.stream_batch(ids, [x.max_tokens for x in samplings], params, eos,
-                                              lambda i: alive(i) and not rows.ended[i]):
+                                              lambda i: alive(i) and not rows.ended[i], join=joining):
             piece = rows.add(i, token, last)
             if piece is not None:
                 yield piece

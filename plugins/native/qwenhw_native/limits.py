@@ -9,9 +9,14 @@ from __future__ import annotations
 # routed experts as well (the MoE ones).
 ARCHITECTURES = ("qwen3", "qwen3_moe", "qwen2")
 
-# Prompt tokens one forward pass sees at most: longer prompts go one sequence and one chunk at a time, and
-# the planner reserves activations for this many tokens per sequence.
+# Prompts go in passes of as many whole ones as PREFILL_TOKENS hold (padding included); a prompt longer than
+# PREFILL_CHUNK goes alone, one chunk per pass. The planner reserves activations for the largest pass:
+# min(concurrency x PREFILL_CHUNK, PREFILL_TOKENS) tokens. While rows decode, one pass of at most
+# STEP_PREFILL_TOKENS runs between two decode steps (chunked prefill: a burst of prompts stalls them for
+# one such pass at a time, not for all of its prompts).
 PREFILL_CHUNK = 2048
+PREFILL_TOKENS = 32768
+STEP_PREFILL_TOKENS = 8192
 
 # The hybrid ships a layer's experts to the GPU for batches of at least this many tokens (at prefill sizes
 # the GPU's FLOPs win over the CPU's); smaller ones have their experts computed by the CPU.

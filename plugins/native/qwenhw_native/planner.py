@@ -1,7 +1,7 @@
 """Plans of the native backend: qwenhw's own engine on one GPU, tensor parallel, replicas, the MoE hybrid. Pure.
 
 Memory: qwenhw.planning.footprint, plus what the runtime holds (a KV cache per runtime it builds,
-limits.runtime_batches; activations for a prefill chunk, limits.PREFILL_CHUNK). Speed: the shared mechanisms
+limits.runtime_batches; activations for the largest prefill pass, limits.PREFILL_TOKENS). Speed: the shared mechanisms
 (qwenhw.planning.speed) with this engine's fitted constants (speed.py).
 """
 
@@ -21,7 +21,7 @@ from qwenhw.planning.workload import Workload, context_floor, default_context, e
 from . import speed
 from .engines import RANK_ENGINES, Engine
 from .config import NativeConfig
-from .limits import ARCHITECTURES, PREFILL_CHUNK, PREFILL_THRESHOLD, fuses_reduce, runtime_batches, split_counts
+from .limits import ARCHITECTURES, PREFILL_CHUNK, PREFILL_THRESHOLD, PREFILL_TOKENS, fuses_reduce, runtime_batches, split_counts
 
 # Routing statistics for the hybrid's static expert cache come from a short, varied prompt.
 CALIBRATION_PROMPT = (
@@ -76,7 +76,8 @@ def one_gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str,
                  kv_dtype: str) -> Plan:
     """Everything on one GPU: a static KV cache per runtime and one CUDA graph per decode step over
     transformers' modules, the decode projections, attention, router and experts on our Triton kernels."""
-    b = fp.one_gpu(spec, hw, req, dtype, context, kv_dtype, PREFILL_CHUNK, sum(runtime_batches(req.concurrency)))
+    b = fp.one_gpu(spec, hw, req, dtype, context, kv_dtype, PREFILL_CHUNK, sum(runtime_batches(req.concurrency)),
+                   PREFILL_TOKENS)
     node, gpu, served, cap, kv, act = b.node, b.gpu, b.served, b.cap, b.kv, b.act
     wb = mm.weight_bytes_split(served)
     dev = gpu.device_id
@@ -108,7 +109,7 @@ def one_gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str,
 def _one_gpu_estimate(spec: ModelSpec, gpu, w: Workload, kv_dtype: str) -> Estimate:
     rows = w.concurrency
     kv_read = rows * w.kv_tokens * mm.kv_bytes_per_token(spec, kv_dtype)
-    passes = mechanisms.row_passes(rows, w.prompt_tokens, PREFILL_CHUNK)
+    passes = mechanisms.budget_passes(rows, w.prompt_tokens, PREFILL_CHUNK, PREFILL_TOKENS)
     ttft = mechanisms.prefill(speed.PREFILL, spec, gpu.bf16_tflops, passes, rows)
     step = mechanisms.decode_step(speed.DECODE, gpu.bandwidth_gbs, spec.num_layers, rows,
                                   fp.stream_bytes(spec, rows) + kv_read)
@@ -119,7 +120,7 @@ def hybrid_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, 
     """MoE models on one GPU and the host: every routed expert lives in host RAM and the CPU computes the
     top-k of each token; attention, norms, router and embeddings stay on the GPU with one layer's experts as
     a staging buffer for prompts, and a cache of hot experts in what the GPU has left."""
-    b = fp.one_gpu(spec, hw, req, dtype, context, kv_dtype, PREFILL_CHUNK)
+    b = fp.one_gpu(spec, hw, req, dtype, context, kv_dtype, PREFILL_CHUNK, pass_tokens=PREFILL_TOKENS)
     node, gpu, served, dt, cap, kv, act, ram = b.node, b.gpu, b.served, b.dtype, b.cap, b.kv, b.act, b.ram
     wb = mm.weight_bytes_split(served)
     dev = gpu.device_id
@@ -175,7 +176,7 @@ def _hybrid_estimate(spec: ModelSpec, node: Node, gpu, w: Workload, kv_dtype: st
                      experts_total: float) -> Estimate:
     rows = w.concurrency
     kv_read = rows * w.kv_tokens * mm.kv_bytes_per_token(spec, kv_dtype)
-    passes = mechanisms.row_passes(rows, w.prompt_tokens, PREFILL_CHUNK)
+    passes = mechanisms.budget_passes(rows, w.prompt_tokens, PREFILL_CHUNK, PREFILL_TOKENS)
     ttft = mechanisms.prefill(speed.PREFILL, spec, gpu.bf16_tflops, passes, rows)
     gpu_bw = gpu.bandwidth_gbs * 1e9 * speed.DECODE.bandwidth
     expert_stream = experts_touched(spec, rows) * mm.expert_bytes(spec) * spec.num_moe_layers
@@ -203,7 +204,8 @@ def cpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, con
     ram = fp.ram_budget(node, req)
     sequences = sum(runtime_batches(req.concurrency)) if engine == Engine.ONE_GPU else req.concurrency
     kv = fp.kv_bytes(served, context, sequences, kv_dtype)
-    act = fp.activation_bytes(served, context, req.concurrency, PREFILL_CHUNK) + fp.CPU_RUNTIME + fp.TOKENIZER
+    act = fp.activation_bytes(served, context, req.concurrency, PREFILL_CHUNK, PREFILL_TOKENS) + fp.CPU_RUNTIME \
+        + fp.TOKENIZER
     fits = wb.total + kv + act <= ram
     why = (f"{engine} on the CPU (forced): the lean runtime without CUDA graphs, {node.cpu.physical_cores} physical "
            f"cores, weights in {dt}" if fits else
@@ -272,7 +274,7 @@ def parallel_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str
     per_replica = -(-batch // dp)  # sequences one replica decodes at a time
     kv_share = max(1, spec.num_kv_heads // tp) / spec.num_kv_heads
     kv = fp.kv_bytes(served, context, sum(runtime_batches(per_replica)), kv_dtype) * kv_share
-    act = fp.gpu_activation_bytes(served, context, per_replica, PREFILL_CHUNK)
+    act = fp.gpu_activation_bytes(served, context, per_replica, PREFILL_CHUNK, PREFILL_TOKENS)
     weights = wb.embeddings + (wb.non_expert + wb.experts) / tp
     overhead = act + fp.CUDA_CONTEXT + (fp.NCCL_BUFFERS if tp > 1 else 0.0)
     asked, experts = experts, expert_split(spec, tp) if spec.is_moe and tp > 1 else None
@@ -333,7 +335,7 @@ def parallel_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str
         t += 2 * spec.num_layers * (latency + 2 * msg * (tp - 1) / tp / (bw * 1e9))
 
         def passes(prompts: int, tokens: int) -> list:
-            return mechanisms.row_passes(prompts, tokens, PREFILL_CHUNK)
+            return mechanisms.budget_passes(prompts, tokens, PREFILL_CHUNK, PREFILL_TOKENS)
 
         ttft = prefill_time(served, Parallel(tp=tp, dp=dp), gpu, node, batch, w.prompt_tokens, speed.PREFILL, passes)
         est = estimate(t, ttft, w, "GPU memory bandwidth and per-layer launches",

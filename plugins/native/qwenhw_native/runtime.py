@@ -14,25 +14,45 @@ mask, the graphs and the loop are here.
 
 from __future__ import annotations
 
-import sys
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
 
 from .config import KernelConfig
 from .graphs import Emulated, capture
-from .limits import ARCHITECTURES, PREFILL_CHUNK
+from .limits import ARCHITECTURES, PREFILL_CHUNK, PREFILL_TOKENS, STEP_PREFILL_TOKENS
 from .sampling import SampleParams, sample_rows
-from .step import NOTHING, LayerStep, rms_norm
+from .step import NOTHING, LayerStep, Rows, rms_norm
 
 
 def supported(model: Any) -> bool:
     return getattr(model.config, "model_type", "") in ARCHITECTURES
 
 
+@dataclass
+class Filling:
+    """A prompt going into its row of the cache: the tokens of it already in."""
+
+    row: int
+    ids: list[int]
+    done: int = 0
+
+
+@dataclass
+class _Sequence:
+    """A sequence in a row of the batch: its number in the pieces, tokens sampled and the most it may take."""
+
+    id: int
+    limit: int
+    count: int = 0
+
+
 class Runtime:
-    """Prefill + decode for `batch` sequences at a time (prompts left-padded to one length), with a static
-    cache of `max_len` tokens per sequence.
+    """Prefill + decode for up to `batch` sequences at a time, with a static cache of `max_len` tokens per
+    sequence. Each row of the batch is a slot with its own length: a sequence's keys fill its row from slot 0
+    and a decode step writes each row at its own position (`pos`, an input of the captured graphs, not a
+    shape), so a finished row takes the next prompt while the others go on (continuous batching).
 
     `moe_hook`, when given, replaces each MoE block: `moe_hook(i, h) -> h` eagerly, or in graph mode
     `moe_hook.route(i, h) -> (x, weights, idx)` inside layer i's graph and `moe_hook.experts(i, x, weights,
@@ -82,54 +102,73 @@ class Runtime:
         self.reducer = reducer
         self.step = LayerStep(model, self.k, self.v, self.kernels, self.device, reducer, lead,
                               emulated=graphs == "emulate", hybrid=moe_hook is not None)
-        # static buffers for captured decode steps
+        # static buffers for captured decode steps: each row's token, the slot it goes to and the first slot
+        # its query reads
         self.tok = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
-        self.pos = torch.zeros((1,), dtype=torch.long, device=self.device)
-        # prompts of a batch are left-padded to one length: sequence j's cache starts at slot start[j] (RoPE
-        # depends on relative positions only, so the shift changes nothing; the pad slots are masked)
-        self.start = self.step.start = torch.zeros((batch,), dtype=torch.long, device=self.device)
-        self._step_graph: Any = None
+        self._slots = torch.zeros((2, batch), dtype=torch.long, device=self.device)
+        self.pos, self.start = self._slots[0], self._slots[1]
+        self.step.start = self.start
+        # tokens in each row's cache, and whether the row decodes. A row that does not (free, or its prompt
+        # still going in) writes and reads only the cache's last slot, which no sequence reaches: a prompt
+        # holds at most max_len - 1 tokens and its answer's last token is never written
+        self.lengths = [0] * batch
+        self.active = [False] * batch
+        self.scratch = max_len - 1
+        # decode steps compute the rows up to the last busy one, rounded up to one of these sizes (a graph each)
+        self.sizes = [m for m in (1 << j for j in range(batch.bit_length())) if m < batch] + [batch]
+        self._step_graphs: dict[int, tuple[Any, torch.Tensor]] = {}
         self._layer_graphs: list[Any] = []
         self._graph_out: Any = None
-        self.length = 0
-        # prompts longer than this go one sequence and one chunk at a time (the planner reserves activations
-        # for this many tokens per sequence; LayerStep.row says which chunk a pass writes)
+        # prompt tokens one pass holds: in all, while no row decodes, and a longer prompt alone, chunk by chunk
+        # (limits.py; LayerStep.rows says where a pass writes)
+        self.prefill_tokens, self.step_prefill_tokens = PREFILL_TOKENS, STEP_PREFILL_TOKENS
         self.prefill_chunk = PREFILL_CHUNK
 
     # --- the forward pass ----------------------------------------------------------------------------
-    def _rope_and_mask(self, pos: torch.Tensor, causal_from_zero: bool = False, padded: bool = False):
-        cos, sin = self.model.model.rotary_emb(self.k, position_ids=pos[None, :])
-        if causal_from_zero and not padded:
+    def _decode_rope_and_mask(self, pos: torch.Tensor):
+        """cos/sin at each row's own position [batch, 1, head_dim], and (where the torch path reads the
+        static cache through SDPA) the mask of the slots up to it."""
+        cos, sin = self.model.model.rotary_emb(self.k, position_ids=pos[:, None])
+        if self.step.fused:  # the attention kernel reads slots start[j]..pos[j] by itself
             return cos, sin, None
-        # query t of sequence j sees the cache slots from start[j] up to its own position; the rest of the
-        # static cache is masked. A pad query sees itself only (no row may be fully masked: NaN)
-        slots, start = self.arange[None, None, :], self.start[:, None, None]
-        allowed = (slots <= pos[None, :, None]) & (slots >= start)
-        allowed |= (slots == pos[None, :, None]) & (pos[None, :, None] < start)
+        slots, start = self.arange[None, :], self.start[:len(pos), None]
+        allowed = (slots <= pos[:, None]) & (slots >= start)
         mask = torch.zeros(allowed.shape, dtype=self.k.dtype, device=self.device)
-        return cos, sin, mask.masked_fill(~allowed, float("-inf"))[:, None]
+        return cos, sin, mask.masked_fill(~allowed, float("-inf"))[:, None, None]
 
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, from_zero: bool = False,
-                 padded: bool = False) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of a decode step (ids [batch, 1], pos [batch]), or of a prompt pass's tokens at `last` (ids
+        [rows, t] at positions pos [t]; LayerStep.rows says which rows of the cache they are)."""
         if self.reducer is not None:
             self.reducer.restart()
         h, ahead = self.model.model.embed_tokens(ids), NOTHING
-        cos, sin, mask = self._rope_and_mask(pos, causal_from_zero=from_zero, padded=padded)
+        if last is None:
+            cos, sin, mask = self._decode_rope_and_mask(pos)
+        else:
+            (cos, sin), mask = self.model.model.rotary_emb(self.k, position_ids=pos[None, :]), None
         for i in range(len(self.layers)):
             h, ahead = self.step.attention(i, h, ahead, pos, cos, sin, mask)
             if self.moe_hook is not None and self._is_moe(i):
                 h, ahead = self.moe_hook(i, h), NOTHING
             else:
                 h, ahead = self.step.mlp(i, h, ahead)
-        last = h if h.shape[1] == 1 else h[:, -1:]
-        return self.model.lm_head(self.step.norm(self.model.model.norm, last, ahead))[:, -1].float()
+        if last is not None:
+            h, ahead = h[torch.arange(h.shape[0], device=h.device), last][:, None], NOTHING
+        return self.model.lm_head(self.step.norm(self.model.model.norm, h, ahead))[:, -1].float()
 
     def _is_moe(self, i: int) -> bool:
         return hasattr(self.layers[i].mlp, "experts")
 
     # --- prefill and decode ---------------------------------------------------------------------------
     def reset(self) -> None:
-        self.length = 0
+        """Every row free."""
+        self.lengths = [0] * self.batch
+        self.active = [False] * self.batch
+
+    def release(self, row: int) -> None:
+        """The row's sequence is done: from the next step on its row is free for another prompt."""
+        self.lengths[row] = 0
+        self.active[row] = False
 
     @torch.inference_mode()
     def warm(self) -> None:
@@ -139,67 +178,126 @@ class Runtime:
         rank of a tensor-parallel group calls it at the same point (the step has collectives)."""
         if not self.graphs or self.device.type != "cuda":
             return
-        self.prefill([[0]] * self.batch)
-        self.decode(torch.zeros(self.batch, dtype=torch.long, device=self.device))
+        for m in ([self.batch] if self._whole_batch else self.sizes):
+            self.prefill([[0]] * m)
+            self.decode(torch.zeros(self.batch, dtype=torch.long, device=self.device))
         self.reset()
 
     @torch.inference_mode()
     def prefill(self, ids: list[int] | list[list[int]]) -> torch.Tensor:
-        """Prompt(s) from position 0: one list of ids, or `batch` lists (left-padded to the longest).
-        Returns the logits of each sequence's last token."""
+        """Prompt(s) from an empty cache: one list of ids, or up to `batch` lists (rows 0, 1, ...; the rest
+        stay free), in as many passes as `fill` makes. Returns the logits of each prompt's last token
+        [prompts, vocab]."""
         rows = ids if ids and isinstance(ids[0], list) else [ids]
-        if len(rows) != self.batch or not all(rows):
-            raise ValueError(f"this runtime decodes {self.batch} non-empty sequence(s) at a time")
-        n = max(len(r) for r in rows)
+        self.reset()
+        filling = [Filling(r, p) for r, p in enumerate(rows)]
+        self._check(filling)
+        logits: list[Any] = [None] * len(rows)
+        while filling:
+            done, out = self.fill(filling)
+            for r, row_logits in zip(done, out if out is not None else []):
+                logits[r] = row_logits
+        return torch.stack(logits)
+
+    def _check(self, filling: list["Filling"]) -> None:
+        if not 0 < len(filling) <= self.batch or not all(f.ids for f in filling):
+            raise ValueError(f"this runtime decodes up to {self.batch} non-empty sequence(s) at a time")
+        n = max(len(f.ids) for f in filling)
         if n + 1 > self.max_len:
             raise ValueError(f"prompt of {n} tokens does not fit the {self.max_len}-token cache")
+
+    @torch.inference_mode()
+    def fill(self, filling: list["Filling"]) -> tuple[list[int], torch.Tensor | None]:
+        """One prefill pass over the prompts in `filling` (in the order they came; each into its free row,
+        from slot 0): the next chunk of the first one when it is longer than `prefill_chunk`, else the
+        first ones whole, right-padded to the longest, as many as `prefill_tokens` hold (`step_prefill_tokens`
+        while rows decode). Causal attention keeps the pads out of every real token, and a decode step
+        overwrites each pad slot before any query reads it. Returns the rows whose prompts are now
+        complete, which decode from the next step on, and their last tokens' logits (None if none)."""
         self._use_experts(self.prefill_experts)
         self.step.decoding = False
-        pads = [n - len(r) for r in rows]
-        self.start.copy_(torch.tensor(pads))
-        self.length = n
-        if n > self.prefill_chunk:
-            return self._prefill_rows(rows, pads)
-        t = torch.tensor([[r[0]] * p + r for r, p in zip(rows, pads)], dtype=torch.long, device=self.device)
-        pos = torch.arange(n, device=self.device)
-        return self._forward(t, pos, from_zero=True, padded=any(pads))
+        budget = self.step_prefill_tokens if any(self.active) else self.prefill_tokens
+        head = filling[0]
+        if head.done == 0 and len(head.ids) <= self.prefill_chunk:
+            take, longest = 0, 0
+            for f in filling:
+                if len(f.ids) > self.prefill_chunk or take and max(longest, len(f.ids)) * (take + 1) > budget:
+                    break
+                take, longest = take + 1, max(longest, len(f.ids))
+            passing, filling[:] = filling[:take], filling[take:]
+            logits = self._prefill_pass([f.row for f in passing], [f.ids for f in passing])
+            complete = passing
+        else:
+            chunk = head.ids[head.done:head.done + self.prefill_chunk]
+            logits = self._prefill_chunk(head.row, chunk, head.done)
+            head.done += len(chunk)
+            self.lengths[head.row] = head.done
+            if head.done < len(head.ids):
+                return [], None
+            complete = [filling.pop(0)]
+        for f in complete:
+            self.lengths[f.row], self.active[f.row] = len(f.ids), True
+        return [f.row for f in complete], logits
 
-    def _prefill_rows(self, rows: list[list[int]], pads: list[int]) -> torch.Tensor:
-        """Long prompts: each sequence on its own, `prefill_chunk` tokens per forward pass, into its row of
-        the cache at the slots the left-padded layout gives it (so decode steps find it where they look).
-        A whole batch of 32k-token prompts in one pass would hold activations for all of them at once."""
-        last = []
+    def _prefill_pass(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        n = max(len(p) for p in prompts)
+        ids = torch.tensor([p + [p[-1]] * (n - len(p)) for p in prompts], dtype=torch.long, device=self.device)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        every = rows == list(range(self.batch))
+        self.step.rows = Rows(slice(None) if every else torch.tensor(rows, device=self.device))
         try:
-            for row, (ids, pad) in enumerate(zip(rows, pads)):
-                for lo in range(0, len(ids), self.prefill_chunk):
-                    chunk = ids[lo:lo + self.prefill_chunk]
-                    first, end = pad, pad + lo + len(chunk)
-                    self.step.row = (row, first, end)
-                    t = torch.tensor([chunk], dtype=torch.long, device=self.device)
-                    logits = self._forward(t, torch.arange(end - len(chunk), end, device=self.device),
-                                           from_zero=True)
-                last.append(logits)
+            return self._forward(ids, torch.arange(n, device=self.device), last)
         finally:
-            self.step.row = None
-        return torch.cat(last)
+            self.step.rows = Rows()
+
+    def _prefill_chunk(self, row: int, chunk: list[int], lo: int) -> torch.Tensor:
+        """A chunk of a long prompt at slots [lo, lo + len(chunk)) of its row, attending to the slots the
+        earlier chunks wrote. A whole batch of 32k-token prompts in one pass would hold activations for all
+        of them at once."""
+        self.step.rows = Rows(slice(row, row + 1), lo)
+        try:
+            t = torch.tensor([chunk], dtype=torch.long, device=self.device)
+            return self._forward(t, torch.arange(lo, lo + len(chunk), device=self.device),
+                                 torch.tensor([len(chunk) - 1], device=self.device))
+        finally:
+            self.step.rows = Rows()
+
+    @property
+    def _whole_batch(self) -> bool:
+        """Decode steps always compute every row: tensor-parallel ranks (each must take the same collectives
+        whatever it sampled) and the hybrid (one graph per layer, between the CPU's experts)."""
+        return self.group is not None or self.moe_hook is not None
+
+    def busy_rows(self) -> int:
+        """Rows the next decode step computes: up to the last busy one, rounded up to a captured size (a
+        lone request decodes at batch 1's cost, not the batch's)."""
+        if self._whole_batch:
+            return self.batch
+        busy = max((r + 1 for r, on in enumerate(self.active) if on), default=1)
+        return next(m for m in self.sizes if m >= busy)
 
     @torch.inference_mode()
     def decode(self, token: int | torch.Tensor) -> torch.Tensor:
-        """One step for every sequence: `token` is an int (batch 1) or a tensor of `batch` token ids."""
-        if self.length >= self.max_len:
+        """One step for the busy rows (`busy_rows()` of them; those among them that do not decode compute on
+        the scratch slot): `token` is an int (batch 1) or a tensor of a token id per row (at least that
+        many), each written at its row's next slot. Returns their logits [rows, vocab]."""
+        if any(on and n >= self.scratch for on, n in zip(self.active, self.lengths)):
             raise ValueError(f"the {self.max_len}-token cache is full")
         self._use_experts(self.decode_experts)
         self.step.decoding = True
+        m = self.busy_rows()
         if isinstance(token, int):
             self.tok.fill_(token)
         else:
-            self.tok.copy_(token.view(self.batch, 1))
-        self.pos.fill_(self.length)
-        self.length += 1
+            self.tok[:m].copy_(token.view(-1, 1)[:m])
+        on = self.active[:m]
+        self._slots[:, :m].copy_(torch.tensor([[n if a else self.scratch for n, a in zip(self.lengths, on)],
+                                               [0 if a else self.scratch for a in on]]))
+        self.lengths = [n + a for n, a in zip(self.lengths, self.active)]
         if not self.graphs:
-            return self._forward(self.tok, self.pos)
+            return self._forward(self.tok[:m], self.pos[:m])
         if self.moe_hook is None:
-            return self._replay_step()
+            return self._replay_step(m)
         return self._replay_layers()
 
     def _use_experts(self, name: str | None) -> None:
@@ -207,12 +305,13 @@ class Runtime:
             set_experts(self.model, name)
             self._experts_now = name
 
-    # whole step in one graph: everything on the GPU
-    def _replay_step(self) -> torch.Tensor:
-        if self._step_graph is None:
-            self._step_graph, self._graph_out = self._capture(lambda: self._forward(self.tok, self.pos))
-        self._step_graph.replay()
-        return self._graph_out
+    # whole step in one graph per row count: everything on the GPU
+    def _replay_step(self, m: int) -> torch.Tensor:
+        if m not in self._step_graphs:
+            self._step_graphs[m] = self._capture(lambda: self._forward(self.tok[:m], self.pos[:m]))
+        graph, out = self._step_graphs[m]
+        graph.replay()
+        return out
 
     # one graph per layer's attention (+ the embedding / head at the ends); experts on the CPU in between
     def _replay_layers(self) -> torch.Tensor:
@@ -237,7 +336,7 @@ class Runtime:
 
         def embed():
             self._h0.copy_(self.model.model.embed_tokens(self.tok))
-            rope["cos"], rope["sin"], rope["mask"] = self._rope_and_mask(self.pos)
+            rope["cos"], rope["sin"], rope["mask"] = self._decode_rope_and_mask(self.pos)
             return self._h0
 
         g_embed, _ = self._capture(embed)
@@ -262,46 +361,85 @@ class Runtime:
     @torch.inference_mode()
     def generate_batch(self, prompts: list[list[int]], max_new: int, params: SampleParams,
                        eos: set[int]) -> list[list[int]]:
-        """Up to `batch` prompts decoded together; each sequence's tokens up to its EOS (kept) or `max_new`."""
+        """Prompts decoded `batch` at a time, continuously (a finished row takes the next prompt); each
+        sequence's tokens up to its EOS (kept) or `max_new`."""
         out: list[list[int]] = [[] for _ in prompts]
-        for row, token, _ in self.stream_batch(prompts, [max_new] * len(prompts), params, eos):
-            out[row].append(token)
+        for seq, token, _ in self.stream_batch(prompts, [max_new] * len(prompts), params, eos):
+            out[seq].append(token)
         return out
 
     @torch.inference_mode()
     def stream_batch(self, prompts: list[list[int]], max_new: list[int], params: SampleParams, eos: set[int],
-                     alive: Callable[[int], bool] | None = None) -> Iterator[tuple[int, int, bool]]:
-        """Up to `batch` prompts decoded together (rows past them repeat the first prompt and are dropped):
-        (row, token, last) as each step samples. A row ends at its EOS (yielded, last), after its own
-        max_new tokens or when the cache is full (last), or when `alive(row)` turns false (nothing more)."""
-        n = len(prompts)
-        if not 0 < n <= self.batch:
-            raise ValueError(f"this runtime decodes up to {self.batch} sequences at a time, not {n}")
+                     alive: Callable[[int], bool] | None = None,
+                     join: Callable[[int], list[tuple[list[int], int]]] | None = None,
+                     ) -> Iterator[tuple[int, int, bool]]:
+        """Prompts decoded together, `batch` rows at a time: (sequence, token, last) as each step samples,
+        sequences numbered in the order they came. A sequence ends at its EOS (yielded, last), after its own
+        max_new tokens or when its row of the cache is full (last), or when `alive(sequence)` turns false
+        (nothing more); its row then takes the next prompt: the prompts past the first `batch`, then what
+        `join(free rows)` returns, (prompt, max_new) pairs numbered on after them (a server's requests that
+        arrived meanwhile). Each step runs one prefill pass of the prompts going in (`fill`: a burst of
+        prompts or a long one stalls the rows decoding one bounded pass at a time), then one decode step. The
+        loop ends when no row is busy and nothing joins."""
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
-        logits = self.prefill(list(prompts) + [prompts[0]] * (self.batch - n))
-        room = self.max_len - self.length
-        limit = [min(m, room) for m in max_new]
-        count = [0] * n
-        live = {row for row in range(n) if limit[row] > 0}
-        while live:
-            tokens = sample_rows(logits, params, gen)
-            for row, token in enumerate(tokens.tolist()[:n]):
-                if row not in live:
+        waiting = list(zip(prompts, max_new))
+        seqs: list[_Sequence | None] = [None] * self.batch
+        filling: list[Filling] = []
+        numbered = 0
+        tokens = torch.zeros(self.batch, dtype=torch.long, device=self.device)
+        self.reset()
+
+        def leave(r: int) -> None:
+            seqs[r] = None
+            self.release(r)
+            filling[:] = [f for f in filling if f.row != r]
+
+        def emit(rows: list[int], logits: torch.Tensor) -> Iterator[tuple[int, int, bool]]:
+            sampled = sample_rows(logits, params, gen)
+            for r, token in zip(rows, sampled.tolist()):
+                s = seqs[r]
+                if s is None or not self.active[r]:  # a row of a decode step that does not decode
                     continue
-                if alive is not None and not alive(row):
-                    live.discard(row)
+                if alive is not None and not alive(s.id):
+                    leave(r)
                     continue
-                count[row] += 1
-                last = token in eos or count[row] >= limit[row]
+                s.count += 1
+                last = token in eos or s.count >= s.limit
                 if last:
-                    live.discard(row)
-                yield row, token, last
-            if live and alive is not None:
-                live = {row for row in live if alive(row)}
-            if live:
+                    leave(r)
+                yield s.id, token, last
+            if rows == list(range(len(rows))):  # a decode step's
+                tokens[:len(rows)] = sampled
+            else:  # prompts that went in
+                tokens[torch.tensor(rows, device=self.device)] = sampled
+
+        while True:
+            free = [r for r, s in enumerate(seqs) if s is None]
+            new: list[tuple[list[int], int]] = []
+            if free and waiting:
+                new, waiting = waiting[:len(free)], waiting[len(free):]
+            elif free and join is not None:
+                new = join(len(free))
+            for r, (ids, most) in zip(free, new):
+                seqs[r] = _Sequence(numbered, min(most, self.max_len - len(ids)))
+                filling.append(Filling(r, ids))
+                numbered += 1
+            if not filling and not any(self.active):
+                return
+            if new:
+                self._check(filling)
+            if filling:
+                rows, logits = self.fill(filling)
+                if rows:
+                    yield from emit(rows, logits)
+            for r, s in enumerate(seqs):  # clients that left while the step's tokens went out
+                if s is not None and alive is not None and not alive(s.id):
+                    leave(r)
+            if any(self.active):
                 logits = self.decode(tokens)
+                yield from emit(list(range(len(logits))), logits)
 
     def generate(self, ids: list[int], max_new: int, params: SampleParams, eos: set[int]) -> Iterator[int]:
         """One sequence's tokens, up to its EOS (yielded) or `max_new` or a full cache."""

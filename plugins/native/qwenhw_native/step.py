@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,6 +35,16 @@ class Ahead:
 
 NOTHING = Ahead()
 
+
+@dataclass(frozen=True)
+class Rows:
+    """Where a prompt pass writes its keys: rows `rows` of the cache (a slice, or a tensor of row numbers for
+    prompts joining a running batch), from slot `first` (a long prompt's later chunks follow its earlier ones,
+    and attend to them)."""
+
+    rows: Any = field(default_factory=lambda: slice(None))
+    first: int = 0
+
 # attention module -> its merged q/k/v weight and bias (LayerStep._merge_qkv), kept beside the model, not on it
 _MERGED: "weakref.WeakKeyDictionary[Any, tuple[torch.Tensor, torch.Tensor | None]]" = weakref.WeakKeyDictionary()
 
@@ -42,9 +52,8 @@ _MERGED: "weakref.WeakKeyDictionary[Any, tuple[torch.Tensor, torch.Tensor | None
 class LayerStep:
     """The layers' arithmetic for one runtime: its caches, its reducer and which kernels it may use.
 
-    `decoding` is set by the runtime: decode steps (one new token per sequence) take the fused kernels,
-    prompts transformers' modules. `row` = (sequence, first slot, end) while a long prompt is prefilled one
-    sequence and one chunk at a time.
+    `decoding` is set by the runtime: decode steps (one new token per sequence, each at its own position)
+    take the fused kernels, prompts transformers' modules. `rows` says where a prompt pass writes.
     """
 
     def __init__(self, model: Any, k: torch.Tensor, v: torch.Tensor, kernels: KernelConfig, device: torch.device,
@@ -63,8 +72,8 @@ class LayerStep:
         self.fused = kernels.triton and common.available(device) and not emulated
         self.pdl = self.fused and kernels.pdl and common.pdl_supported(device)
         self.decoding = False
-        self.row: tuple[int, int, int] | None = None
-        self.start: torch.Tensor | None = None  # each sequence's first cache slot (set by the runtime)
+        self.rows = Rows()
+        self.start: torch.Tensor | None = None  # each row's first slot a decode query reads (the runtime's)
         self.qkv = self._merge_qkv() if self.fused else []
 
     # --- attention ------------------------------------------------------------------------------------
@@ -84,24 +93,23 @@ class LayerStep:
             q, k = rms_norm(a.q_norm, q), rms_norm(a.k_norm, k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = self.rope(q, k, cos, sin)
-        # the cache rows this forward writes: every sequence's, or one chunk of one sequence's prompt
-        seqs = slice(self.row[0], self.row[0] + 1) if self.row is not None else slice(None)
-        kc, vc = self.k[i][seqs], self.v[i][seqs]
-        kc.index_copy_(2, pos, k)
-        vc.index_copy_(2, pos, v)
-        if self.row is not None:
-            # the chunk's queries see the sequence's earlier slots and, causally, their own: the causal mask
-            # aligned to the lower right, never materialised (flash / memory-efficient kernels)
-            _, first, end = self.row
-            span = end - first
-            bias = causal_lower_right(t, span) if span > t else None
-            out = F.scaled_dot_product_attention(q, kc[:, :, first:end], vc[:, :, first:end], attn_mask=bias,
-                                                 is_causal=bias is None, scale=a.scaling, enable_gqa=True)
-        elif mask is None:  # a prompt from position 0: plain causal attention over its own keys (flash kernels)
-            out = F.scaled_dot_product_attention(q, kc[:, :, :t], vc[:, :, :t], is_causal=True, scale=a.scaling,
-                                                 enable_gqa=True)
-        else:
+        if self.decoding:  # each row's key at its own position, attention over the static cache (masked)
+            kc, vc, rows = self.k[i][:b], self.v[i][:b], torch.arange(b, device=h.device)
+            kc[rows, :, pos] = k[:, :, 0]
+            vc[rows, :, pos] = v[:, :, 0]
             out = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=a.scaling, enable_gqa=True)
+        else:
+            rows, first = self.rows.rows, self.rows.first
+            self.k[i][rows, :, first:first + t] = k
+            self.v[i][rows, :, first:first + t] = v
+            if first == 0:  # a prompt from slot 0: plain causal attention over its own keys (flash kernels)
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=a.scaling, enable_gqa=True)
+            else:  # a later chunk: its queries see the earlier slots and, causally, their own (the causal
+                # mask aligned to the lower right, never materialised)
+                end = first + t
+                out = F.scaled_dot_product_attention(q, self.k[i][rows, :, :end], self.v[i][rows, :, :end],
+                                                     attn_mask=causal_lower_right(t, end), scale=a.scaling,
+                                                     enable_gqa=True)
         out = a.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         return self._reduce(out, h)
 

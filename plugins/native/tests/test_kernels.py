@@ -139,7 +139,7 @@ def test_decode_gemm_kernels_compile_for_hopper():
         (linear._qkv_rope, {"x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "qw_ptr": "*bf16", "kw_ptr": "*bf16",
                            "cos_ptr": "*bf16", "sin_ptr": "*bf16", "pos_ptr": "*i64", "part_ptr": "*fp32",
                            "cnt_ptr": "*i32", "qo_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16", "N": "i32",
-                           "HQ": "i32", "HK": "i32", "MAX_LEN": "i32", "sc_b": "i32", "eps": "fp32"},
+                           "HQ": "i32", "HK": "i32", "MAX_LEN": "i32", "sc_b": "i32", "POS_B": "i32", "eps": "fp32"},
          [{"H": 2048, "HALF": 64, "BT": 16, "BK": 128, "SPLIT": split, "NORM": True, "BIAS": False, "EXACT": False,
            "PDL": pdl, "LINE": 64, "LINES": 8} for split, pdl in ((1, False), (4, True))]),
         (linear._linear_residual, {"x_ptr": "*bf16", "w_ptr": "*bf16", "res_ptr": "*bf16", "out_ptr": "*bf16",

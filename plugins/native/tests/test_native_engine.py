@@ -57,7 +57,7 @@ def test_lean_runtime_engines_match_transformers(tiny_moe, hf_reference, engine,
             if extra.get("prefill_threshold"):
                 assert stats["streamed_layers"] > 0
         if extra.get("cuda_graphs") == "emulate":
-            assert eng.runtime._step_graph is not None or eng.runtime._layer_graphs
+            assert eng.runtime._step_graphs or eng.runtime._layer_graphs
         streamed = "".join(eng.stream(hf_reference["prompt"], max_tokens=8, temperature=0))
         assert streamed == eng.generate(hf_reference["prompt"], max_tokens=8, temperature=0)[0].text
 
@@ -97,25 +97,72 @@ def test_hybrid_cache_serves_decode_sized_calls_only(tiny_moe):
 
 
 @pytest.mark.parametrize("graphs", [False, "emulate"])
-def test_fast_path_decodes_a_list_of_prompts_together_like_one_at_a_time(tiny_moe, graphs):
-    """A plan for several concurrent sequences decodes prompt lists `concurrency` at a time, prompts of
-    different lengths left-padded with the pad slots masked: each prompt gets the tokens it gets alone."""
+def test_fast_path_decodes_prompts_continuously_like_one_at_a_time(tiny_moe, graphs):
+    """A plan for several concurrent sequences decodes prompt lists continuously on `concurrency` rows: a
+    row whose sequence ends takes the next prompt while the others go on, each row at its own length. Every
+    prompt (different lengths, different max_tokens) gets the tokens it gets alone."""
+    from qwenhw.engine.base import Sampling
+    from qwenhw_native.sampling import SampleParams
+
     plan = qwenhw.plan(str(tiny_moe), backend="native", engine="one-gpu", context=256, concurrency=3)
     prompts = ["The capital of France is", "1, 2, 3, 4, 5,", "Hi", "def add(a, b):\n    return", "Qwen"]
+    most = [9, 2, 6, 3, 7]
     with qwenhw.load(plan.replace(config={**plan.config, "cuda_graphs": graphs})) as eng:
-        assert eng.batched is not None and eng.batched.batch == 3
-        together = eng.generate(prompts, max_tokens=8, temperature=0)
-        alone = [eng.generate(p, max_tokens=8, temperature=0)[0] for p in prompts]
-        assert int(eng.batched.start.max()) > 0  # the last batch was padded
-    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
-    assert [c.finish_reason for c in together] == [c.finish_reason for c in alone]
+        rt = eng.batched
+        assert rt is not None and rt.batch == 3 and eng.continuous
+        admitted, real = [], rt._prefill_pass
+
+        def spy(rows, ids):  # which rows took a prompt, and which rows were decoding then
+            admitted.append((list(rows), list(rt.active)))
+            return real(rows, ids)
+
+        rt._prefill_pass = spy
+        samplings = [Sampling(max_tokens=m, temperature=0, ignore_eos=True) for m in most]
+        pieces = list(eng.stream_batch(prompts, samplings, stream=False))
+        del rt._prefill_pass
+        alone = [eng.runtime.generate_batch([eng.tokenizer(p).input_ids], m, SampleParams(), set())[0]
+                 for p, m in zip(prompts, most)]
+    ends = {p.row: p for p in pieces if p.finish}
+    assert [ends[r].tokens for r in range(5)] == most  # ignore_eos: each row to its own max_tokens
+    texts = ["".join(p.text for p in pieces if p.row == r) for r in range(5)]
+    assert texts == [eng.tokenizer.decode(t, skip_special_tokens=True) for t in alone]
+    # the first three together, then rows 1 (2 tokens) and 2 or 1 again taken over one at a time by the
+    # waiting prompts while row 0 (9 tokens) kept decoding at its own length
+    assert admitted[0][0] == [0, 1, 2] and len(admitted) == 3
+    assert all(len(rows) == 1 and active[0] and not active[rows[0]] for rows, active in admitted[1:])
+
+
+def test_a_long_prompt_goes_in_chunk_by_chunk_between_decode_steps(tiny_moe):
+    """Chunked prefill: a prompt longer than a pass holds goes in one chunk per step while the other rows
+    keep decoding (a decode step between every two chunks), and both get the tokens they get alone."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qwenhw_native.runtime import Runtime, SampleParams
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32)
+    short, long = list(range(100, 104)), list(range(300, 323))  # 4 tokens; 23: 5 chunks of 5
+    rt = Runtime(model, 64, "cpu", graphs=False, batch=2)
+    rt.prefill_chunk = 5
+    events: list[str] = []
+    for name in ("_prefill_pass", "_prefill_chunk", "decode"):
+        real = getattr(rt, name)
+        setattr(rt, name, lambda *a, _real=real, _name=name: events.append(_name) or _real(*a))
+    got: dict[int, list[int]] = {0: [], 1: []}
+    for seq, token, _ in rt.stream_batch([short, long], [12, 4], SampleParams(), set()):
+        got[seq].append(token)
+    alone = Runtime(model, 64, "cpu", graphs=False)
+    assert got == {0: alone.generate_batch([short], 12, SampleParams(), set())[0],
+                   1: alone.generate_batch([long], 4, SampleParams(), set())[0]}
+    order = ",".join(e.strip("_").split("_")[-1] for e in events)
+    assert order.startswith("pass,decode,chunk,decode,chunk,decode,chunk,decode,chunk,decode,chunk,decode"), order
 
 
 @pytest.mark.parametrize("graphs", [False, "emulate"])
 def test_long_prompts_prefill_one_sequence_one_chunk_at_a_time(tiny_moe, graphs):
     """Prompts longer than the runtime's prefill chunk (the planner reserves activations for that many
     tokens per sequence) go one sequence and one chunk at a time, each chunk attending to the sequence's
-    earlier slots: the same last-token logits and greedy tokens as one pass over the padded batch (fp32)."""
+    earlier slots: the same last-token logits, keys and greedy tokens as one pass over the batch (fp32)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -127,13 +174,14 @@ def test_long_prompts_prefill_one_sequence_one_chunk_at_a_time(tiny_moe, graphs)
     chunked.prefill_chunk = 5
     a, b = whole.prefill(prompts), chunked.prefill(prompts)
     assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
-    # the same keys in every slot a sequence owns (row 1's first 12 slots are left padding)
+    # the same keys in every slot a sequence owns: each row from slot 0
     assert torch.allclose(whole.k[:, 0, :, :23], chunked.k[:, 0, :, :23], atol=1e-5)
-    assert torch.allclose(whole.k[:, 1, :, 12:23], chunked.k[:, 1, :, 12:23], atol=1e-5)
+    assert torch.allclose(whole.k[:, 1, :, :11], chunked.k[:, 1, :, :11], atol=1e-5)
+    assert whole.lengths == chunked.lengths == [23, 11]
     tokens = [whole.generate_batch(prompts, 6, SampleParams(), set()),
               chunked.generate_batch(prompts, 6, SampleParams(), set())]
     assert tokens[0] == tokens[1] and all(len(t) == 6 for t in tokens[1])
-    assert chunked.step.row is None and int(chunked.start[1]) == 12  # the left-padded layout decode steps expect
+    assert chunked.lengths == [0, 0]  # every row free again
 
 
 def test_fast_path_refuses_a_prompt_longer_than_the_planned_context(tiny_moe):

@@ -1,6 +1,6 @@
 """Decode attention: one new token per sequence over the static KV cache, split-KV (flash-decoding).
 
-Programs over CHUNK-position slices of the cache, each reading only slots start[j]..pos of its sequence,
+Programs over CHUNK-position slices of the cache, each reading only slots start[j]..pos[j] of its sequence,
 then one kernel combines the slices. SDPA over the static cache with a mask reads all max_len positions.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import tiles
-from .common import _after_previous, _dot, jit, launch, tl, triton
+from .common import _after_previous, _dot, jit, launch, row_stride, tl, triton
 
 CHUNK = 256  # cache positions per program: a 32k cache is 128 splits, a short prompt one or two
 
@@ -35,7 +35,7 @@ def _attn_block(q, k_ptr, v_ptr, base, n0, lo, end, m, den, acc, scale, D: tl.co
 
 
 @jit
-def _attn_split(q_ptr, k_ptr, v_ptr, pos_ptr, start_ptr, acc_ptr, ml_ptr, HQ, HK, L, S, scale,
+def _attn_split(q_ptr, k_ptr, v_ptr, pos_ptr, start_ptr, acc_ptr, ml_ptr, HQ, HK, L, S, POS_B, scale,
                 G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr,
                 EXACT: tl.constexpr, RUNTIME_BOUNDS: tl.constexpr, PDL: tl.constexpr):
     """One KV head's G query heads over cache positions [s*CHUNK, (s+1)*CHUNK), from the sequence's
@@ -54,7 +54,7 @@ def _attn_split(q_ptr, k_ptr, v_ptr, pos_ptr, start_ptr, acc_ptr, ml_ptr, HQ, HK
     den = tl.zeros([BG], dtype=tl.float32)
     acc = tl.zeros([BG, D], dtype=tl.float32)
     base = (bi * HK + kh).to(tl.int64) * L * D
-    end = tl.minimum(tl.load(pos_ptr) + 1, (sp + 1) * CHUNK)
+    end = tl.minimum(tl.load(pos_ptr + bi * POS_B) + 1, (sp + 1) * CHUNK)
     lo = tl.maximum(sp * CHUNK, tl.load(start_ptr + bi))
     # slots before the sequence's start (left padding) or past the current one are never read
     if RUNTIME_BOUNDS:  # GPUs: a for loop over the filled slots only, its loads pipelined
@@ -88,10 +88,11 @@ def _attn_combine(acc_ptr, ml_ptr, out_ptr, S, D: tl.constexpr, BS: tl.constexpr
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                      scale: float, start: torch.Tensor | None = None,
                      block: tuple[int, int, int] | None = None, pdl: bool = False) -> torch.Tensor:
-    """Attention of one new token per sequence over the static cache, reading slots start[j]..pos only.
+    """Attention of one new token per sequence over the static cache, reading slots start[j]..pos[j] only.
 
-    q [b, hq, 1, d] contiguous; caches [b, hk, max_len, d]; pos a 1-element tensor and start [b] (each
-    sequence's first slot; zeros if None), read on the device, so a captured graph serves every step.
+    q [b, hq, 1, d] contiguous; caches [b, hk, max_len, d]; pos [b] (each sequence's current slot; a
+    1-element tensor: one for all) and start [b] (each sequence's first slot; zeros if None), read on the
+    device, so a captured graph serves every step whatever the positions.
     Returns [b, 1, hq * d], the layout o_proj takes. `block` = (BN, warps, stages) overrides the tiles
     (bench/multi_gpu.py sweeps a few); `pdl`: launched dependent on the kernel before. Split-KV
     (flash-decoding): programs over 256-position chunks, then one kernel combines them. SDPA over the
@@ -109,8 +110,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         start = torch.zeros((b,), dtype=torch.long, device=q.device)
     bn, warps, stages = block or (tiles.for_device(q.device).attn_block if q.is_cuda else (16, 4, 1))
     _attn_split[(b * hk, splits)](q, k_cache, v_cache, pos, start, acc, ml, hq, hk, max_len, splits,
-                                  float(scale), G=g, BG=max(16, triton.next_power_of_2(g)), D=d, BN=bn,
-                                  CHUNK=CHUNK, EXACT=exact, RUNTIME_BOUNDS=q.is_cuda, num_warps=warps,
+                                  row_stride(pos, b), float(scale), G=g, BG=max(16, triton.next_power_of_2(g)),
+                                  D=d, BN=bn, CHUNK=CHUNK, EXACT=exact, RUNTIME_BOUNDS=q.is_cuda, num_warps=warps,
                                   num_stages=stages, **launch(pdl))
     _attn_combine[(b * hq,)](acc, ml, out, splits, D=d, BS=max(2, triton.next_power_of_2(splits)), **launch(pdl))
     return out

@@ -33,6 +33,12 @@ def available(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def row_stride(pos: torch.Tensor, rows: int) -> int:
+    """How far apart the decode kernels read each sequence's position in `pos`: 1 for one position per
+    sequence (continuous batching: each row at its own length), 0 for one position shared by all."""
+    return 1 if rows > 1 and pos.numel() == rows else 0
+
+
 def pdl_supported(device: torch.device) -> bool:
     """Programmatic dependent launch (CUDA, compute capability 9.0 and later, Triton 3.3 and later): a decode
     kernel's programs may start while the kernel before it is finishing, and wait (griddepcontrol.wait)

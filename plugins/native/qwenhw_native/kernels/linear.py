@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .common import _after_previous, _dot, _prefetch_l2, _round, counts, jit, launch, tl, triton
+from .common import _after_previous, _dot, _prefetch_l2, _round, counts, jit, launch, row_stride, tl, triton
 from .rope_cache import _norm_rope
 from .tiles import DEFAULT, Tiles, for_device
 
@@ -65,7 +65,7 @@ def _split_k_sum(part_ptr, slot, slots, rows, cols, BT: tl.constexpr, BN: tl.con
 
 @jit
 def _qkv_rope(x_ptr, w_ptr, bias_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr, part_ptr, cnt_ptr, qo_ptr,
-              kc_ptr, vc_ptr, N, HQ, HK, MAX_LEN, sc_b, eps, H: tl.constexpr, HALF: tl.constexpr,
+              kc_ptr, vc_ptr, N, HQ, HK, MAX_LEN, sc_b, POS_B, eps, H: tl.constexpr, HALF: tl.constexpr,
               BT: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, NORM: tl.constexpr, BIAS: tl.constexpr,
               EXACT: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr):
     """A decode step's q/k/v projection and `_qk_rope_cache` in one kernel (one new token per sequence,
@@ -93,8 +93,8 @@ def _qkv_rope(x_ptr, w_ptr, bias_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr,
             y1 += tl.load(bias_ptr + c * D + o)[None, :].to(tl.float32)
             y2 += tl.load(bias_ptr + c * D + HALF + o)[None, :].to(tl.float32)
         y1, y2 = _round(y1, ty), _round(y2, ty)
-        pos = tl.load(pos_ptr)
         seq = t[:, None]
+        pos = tl.load(pos_ptr + seq * POS_B, mask=seq < N, other=0)
         if c < HQ + HK:  # a query or key head: normalised and rotated
             co = seq * sc_b + o[None, :]
             is_q = c < HQ
@@ -186,8 +186,8 @@ def qkv_rope(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h
              v_cache: torch.Tensor, slices: int | None = None, shape: tuple[int, int, int] | None = None,
              pdl: bool = False) -> torch.Tensor:
     """q/k/v = x @ weight.T (+ bias) for one new token per sequence (x [b, hidden], the merged weight of
-    `heads` = [q, k, v] heads), then the rope_cache arithmetic: writes k and v into the caches at `pos` and
-    returns q as [b, q heads, 1, head_dim]. One kernel (`_qkv_rope`). `slices` / `shape` = (BK, warps,
+    `heads` = [q, k, v] heads), then the rope_cache arithmetic: writes k and v into the caches at `pos` ([b]:
+    each sequence's own slot; one element: shared) and returns q as [b, q heads, 1, head_dim]. One kernel (`_qkv_rope`). `slices` / `shape` = (BK, warps,
     stages) override the hidden slices and tile shape (bench/decode_linear.py sweeps them)."""
     b, hidden = x.shape
     hq, hk, _ = heads
@@ -205,9 +205,9 @@ def qkv_rope(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h
     _qkv_rope[(n, slices)](
         x, weight, bias if bias is not None else weight, q_norm.weight if norm else x, k_norm.weight if norm else x,
         cos, sin, pos, part, counts(x.device, n, "qkv"), q_out, k_cache, v_cache, b, hq, hk, k_cache.shape[2],
-        cos_b, float(q_norm.variance_epsilon) if norm else 0.0, H=hidden, HALF=d // 2, SPLIT=slices, NORM=norm,
-        BIAS=bias is not None, LINE=128 // weight.element_size(), LINES=_prefetch_lines(t, weight, hidden // slices),
-        **cfg, **launch(pdl))
+        cos_b, row_stride(pos, b), float(q_norm.variance_epsilon) if norm else 0.0, H=hidden, HALF=d // 2,
+        SPLIT=slices, NORM=norm, BIAS=bias is not None, LINE=128 // weight.element_size(),
+        LINES=_prefetch_lines(t, weight, hidden // slices), **cfg, **launch(pdl))
     return q_out
 
 

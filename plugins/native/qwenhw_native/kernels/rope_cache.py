@@ -29,7 +29,7 @@ def _norm_rope(x1, x2, w_ptr, c1, c2, s1, s2, eps, HALF: tl.constexpr, NORM: tl.
 
 @jit
 def _qk_rope_cache(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr, qo_ptr, kc_ptr, vc_ptr,
-                   T, HQ, HK, MAX_LEN, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sc_b, sc_t,
+                   T, HQ, HK, MAX_LEN, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sc_b, sc_t, sp_b,
                    eps, HALF: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr):
     """One (token, head) per program: heads < HQ are query heads, the rest key heads (+ their values)."""
     _after_previous(PDL)
@@ -43,7 +43,7 @@ def _qk_rope_cache(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_pt
     c2 = tl.load(cos_ptr + b * sc_b + t * sc_t + HALF + o).to(tl.float32)
     s1 = tl.load(sin_ptr + b * sc_b + t * sc_t + o).to(tl.float32)
     s2 = tl.load(sin_ptr + b * sc_b + t * sc_t + HALF + o).to(tl.float32)
-    pos = tl.load(pos_ptr + t)
+    pos = tl.load(pos_ptr + b * sp_b + t)
     is_q = h < HQ
     hk = h - HQ
     src = tl.where(is_q, q_ptr + b * sq_b + t * sq_t + h * sq_h, k_ptr + b * sk_b + t * sk_t + hk * sk_h)
@@ -63,7 +63,8 @@ def _qk_rope_cache(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_pt
 def qk_rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm: Any, k_norm: Any,
                   cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, pdl: bool = False) -> torch.Tensor:
-    """q, k, v [b, t, heads, d] (last dim contiguous); caches [b, kv_heads, max_len, d]; cos/sin [1 or b, t, d].
+    """q, k, v [b, t, heads, d] (last dim contiguous); caches [b, kv_heads, max_len, d]; cos/sin [1 or b, t, d];
+    pos [t] (shared by the sequences) or [b, t] (each sequence's own).
 
     Writes k (normalised, rotated) and v into the caches at `pos` and returns q as [b, heads, t, d].
     """
@@ -75,8 +76,9 @@ def qk_rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm: Any
     qw = q_norm.weight if norm else q
     kw = k_norm.weight if norm else k
     cos_b = cos.stride(0) if cos.shape[0] > 1 else 0
+    pos_b = t if b > 1 and pos.numel() == b * t else 0  # one position per (sequence, token), or shared
     _qk_rope_cache[(b * t, hq + hk)](
         q, k, v, qw, kw, cos, sin, pos, q_out, k_cache, v_cache, t, hq, hk, k_cache.shape[2],
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), cos_b, cos.stride(1), eps, HALF=d // 2, NORM=norm, **launch(pdl))
+        v.stride(0), v.stride(1), v.stride(2), cos_b, cos.stride(1), pos_b, eps, HALF=d // 2, NORM=norm, **launch(pdl))
     return q_out

@@ -34,3 +34,20 @@ def test_decode_attention_reads_the_filled_cache_only(dtype, tol, pos, rel):
                                               scale=0.125, enable_gqa=True).transpose(1, 2).reshape(1, 1, -1)
         got1 = attention.decode_attention(q, kc, vc, torch.tensor([pos]), 0.125, torch.tensor([0, first]))[1:]
         assert rel(got1, ref1) < tol
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_decode_attention_reads_each_sequence_up_to_its_own_position(dtype, tol, rel):
+    """Continuous batching: every sequence of the batch at its own length (pos [b])."""
+    g = torch.Generator().manual_seed(1)
+    b, hq, hk, d, length = 3, 8, 2, 64, 600
+    pos = [0, 300, 17]
+    q = torch.randn(b, hq, 1, d, generator=g).to(dtype)
+    kc, vc = (torch.randn(b, hk, length, d, generator=g).to(dtype) for _ in range(2))
+    mask = torch.zeros(b, 1, 1, length, dtype=dtype)
+    for j, p in enumerate(pos):
+        kc[j, :, p + 1:] = vc[j, :, p + 1:] = float("nan")
+        mask[j, ..., p + 1:] = float("-inf")
+    ref = F.scaled_dot_product_attention(q, kc.nan_to_num(), vc.nan_to_num(), attn_mask=mask, scale=0.125,
+                                         enable_gqa=True).transpose(1, 2).reshape(b, 1, -1)
+    assert rel(attention.decode_attention(q, kc, vc, torch.tensor(pos), 0.125), ref) < tol

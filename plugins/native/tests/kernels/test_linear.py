@@ -49,6 +49,27 @@ def test_qkv_rope_follows_cublas_and_the_rope_kernel(dtype, tol, qwen3, slices, 
     assert int(common._COUNTS[(x.device, "qkv")].count_nonzero()) == 0  # left at zero for the next call
 
 
+def test_qkv_rope_writes_each_sequence_at_its_own_position(rel):
+    """Continuous batching: pos [b] and cos/sin [b, 1, d]; the same as the rope kernel after cuBLAS."""
+    g = torch.Generator().manual_seed(3)
+    b, hidden, hq, hk, d, length = 3, 128, 4, 2, 64, 16
+    pos = torch.tensor([5, 0, 11])
+    qn, kn = Qwen3MoeRMSNorm(d), Qwen3MoeRMSNorm(d)
+    w = torch.randn((hq + 2 * hk) * d, hidden, generator=g) * 0.1
+    x = torch.randn(b, hidden, generator=g)
+    ang = torch.randn(b, 1, d // 2, generator=g)
+    cos, sin = (torch.cat([f(ang), f(ang)], -1) for f in (torch.cos, torch.sin))
+    with torch.no_grad():
+        kr, vr, kc, vc = (torch.full((b, hk, length, d), float("nan")) for _ in range(4))
+        q, k, v = F.linear(x, w).view(b, 1, -1, d).split([hq, hk, hk], dim=2)
+        qr = rope_cache.qk_rope_cache(q, k, v, qn, kn, cos, sin, pos, kr, vr)
+        qo = linear.qkv_rope(x, w, None, [hq, hk, hk], qn, kn, cos, sin, pos, kc, vc, slices=2)
+    assert rel(qo, qr) < 1e-5
+    for j, p in enumerate(pos.tolist()):
+        assert rel(kc[j, :, p], kr[j, :, p]) < 1e-5 and rel(vc[j, :, p], vr[j, :, p]) < 1e-5
+    assert int(kc.isnan().sum()) == int(kr.isnan().sum()) == b * hk * (length - 1) * d
+
+
 @pytest.mark.parametrize("dtype, tol", CASES)
 @pytest.mark.parametrize("slices", [1, 2, 8])
 def test_o_proj_with_the_residual(dtype, tol, slices, rel):

@@ -27,3 +27,21 @@ def test_norm_rope_and_cache_write_follow_transformers(dtype, tol, rel):
     assert rel(qo, qr) < tol and rel(kc[:, :, p:p + 1], kr) < tol
     assert torch.equal(vc[:, :, p], v[:, 0])
     assert kc[:, :, :p].isnan().all()  # only the step's slot is written
+
+
+def test_each_sequence_written_at_its_own_position(rel):
+    """Continuous batching: pos [b] and cos/sin [b, 1, d], one slot per sequence."""
+    g = torch.Generator().manual_seed(2)
+    b, hq, hk, d, length = 3, 4, 2, 64, 16
+    pos = [5, 0, 11]
+    q, k, v = (torch.randn(b, 1, n, d, generator=g) for n in (hq, hk, hk))
+    ang = torch.randn(b, 1, d // 2, generator=g)
+    cos, sin = (torch.cat([f(ang), f(ang)], -1) for f in (torch.cos, torch.sin))
+    kc = torch.full((b, hk, length, d), float("nan"))
+    vc = kc.clone()
+    qr, kr = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    qo = rope_cache.qk_rope_cache(q, k, v, None, None, cos, sin, torch.tensor(pos), kc, vc)
+    assert rel(qo, qr) < 1e-5
+    for j, p in enumerate(pos):
+        assert rel(kc[j, :, p], kr[j, :, 0]) < 1e-5 and torch.equal(vc[j, :, p], v[j, 0])
+        assert kc[j].isnan().sum() == hk * (length - 1) * d  # nothing but its own slot

@@ -44,7 +44,7 @@ def test_runtime_decodes_through_the_kernels(tiny_moe, calls):
     short = list(rt.generate(prompt[2:], 8, SampleParams(), set()))
     pair = Runtime(model, 64, "cpu", graphs=False, batch=2).generate_batch([prompt, prompt[2:]], 8, SampleParams(),
                                                                             set())
-    assert pair == [tokens, short]  # two prompts of different lengths decoded together (left padding)
+    assert pair == [tokens, short]  # two prompts of different lengths decoded together, each row at its own position
 
 
 def test_kernels_switched_off_by_the_config(tiny_moe, calls):
