@@ -303,7 +303,8 @@ def test_metrics_count_requests_tokens_and_latencies(server, client):
     assert _metric(server, "qwenhw:time_to_first_token_seconds_count") >= 1
     assert _metric(server, "qwenhw:time_per_output_token_seconds_count") >= 1
     assert _metric(server, "qwenhw:batch_size_count") >= 1
-    assert "qwenhw:num_requests_active" in text
+    assert all(f"qwenhw:num_requests_{g}" in text for g in ("active", "running", "waiting"))
+    assert _metric(server, "qwenhw:num_requests_running") == 0  # nothing decodes between requests
 
 
 def _metrics_text(server) -> str:
