@@ -1,9 +1,11 @@
 """A load client with the standard library only, for machines without vLLM's (bench/serving.py uses vLLM's):
-N streaming /v1/completions requests sent at once to a running server, each a prompt of about P tokens and
-an answer of exactly M (ignore_eos); time to first token per request, output tokens/s over the batch, and
-the server's /metrics afterwards.
+N streaming /v1/completions requests to a running server, all at once or arriving at a rate (Poisson, as
+`vllm bench serve --request-rate`), each a prompt of about P tokens and an answer of exactly M (ignore_eos);
+time to first token and time per output token per request (medians and p99), output tokens/s from the
+first request to the last answer, and the server's /metrics afterwards.
 
     python bench/http_load.py http://127.0.0.1:8000 --requests 32 --prompt-words 700 --max-tokens 128
+    python bench/http_load.py http://127.0.0.1:8000 --requests 64 --rate 4
 """
 
 from __future__ import annotations
@@ -32,7 +34,16 @@ def one(base: str, model: str, prompt: str, max_tokens: int, out: list, i: int) 
                 first = time.perf_counter() - start
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-    out[i] = {"ttft_s": first, "tokens": tokens, "latency_s": time.perf_counter() - start}
+    end = time.perf_counter()
+    out[i] = {"ttft_s": first, "tokens": tokens, "latency_s": end - start, "end": end,
+              "tpot_s": (end - start - first) / (tokens - 1) if first is not None and tokens > 1 else None}
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
 
 
 def main() -> None:
@@ -40,8 +51,10 @@ def main() -> None:
     ap.add_argument("base", help="the server, e.g. http://127.0.0.1:8000")
     ap.add_argument("--model", default="m")
     ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--prompt-words", type=int, default=700, help="random words per prompt (~1.4 tokens each)")
+    ap.add_argument("--prompt-words", type=int, default=700,
+                    help="random words per prompt (one token each with Qwen's tokenizer)")
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--rate", type=float, default=0.0, help="requests per second (Poisson arrivals); 0: all at once")
     args = ap.parse_args()
     rng = random.Random(0)
     words = ["alpha", "river", "stone", "quantum", "garden", "seven", "marble", "orbit", "lantern", "violet"]
@@ -52,14 +65,21 @@ def main() -> None:
     start = time.perf_counter()
     for t in threads:
         t.start()
+        if args.rate > 0:
+            time.sleep(rng.expovariate(args.rate))
     for t in threads:
         t.join()
-    wall = time.perf_counter() - start
-    ttfts = [o["ttft_s"] for o in out if o and o["ttft_s"] is not None]
-    result = {"requests": args.requests, "completed": sum(1 for o in out if o), "wall_s": wall,
-              "output_tok_s": sum(o["tokens"] for o in out if o) / wall,
-              "ttft_median_s": statistics.median(ttfts) if ttfts else None, "ttft_max_s": max(ttfts, default=None),
-              "tokens_each": sorted({o["tokens"] for o in out if o})}
+    done = [o for o in out if o]
+    wall = max((o["end"] for o in done), default=start) - start
+    ttfts = [o["ttft_s"] for o in done if o["ttft_s"] is not None]
+    tpots = [o["tpot_s"] for o in done if o["tpot_s"] is not None]
+    result = {"requests": args.requests, "rate": args.rate or "inf", "completed": len(done), "wall_s": wall,
+              "output_tok_s": sum(o["tokens"] for o in done) / wall if wall else None,
+              "median_ttft_ms": 1e3 * statistics.median(ttfts) if ttfts else None,
+              "p99_ttft_ms": 1e3 * percentile(ttfts, 99) if ttfts else None,
+              "median_tpot_ms": 1e3 * statistics.median(tpots) if tpots else None,
+              "p99_tpot_ms": 1e3 * percentile(tpots, 99) if tpots else None,
+              "tokens_each": sorted({o["tokens"] for o in done})}
     with urlopen(args.base + "/metrics", timeout=30) as r:
         result["metrics"] = [line for line in r.read().decode().splitlines()
                              if line.startswith(("qwenhw:batch_size_count", "qwenhw:batch_size_sum",
