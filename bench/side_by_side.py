@@ -587,6 +587,24 @@ def predict(backend: str | None, layers: int = 48, engine: str | None = None, **
     return qwenhw.plan(spec, hardware=PROFILE, backend=backend, engine=engine, **{"dtype": "bf16", **request})
 
 
+PROMPT_KERNELS_DATE = "2026-12-07"  # the native engine's prompt passes on its kernels from this day on
+
+
+def _without_prompt_kernels(layers: int, rows: int, tokens: int, profile: str = PROFILE) -> float:
+    """What a one-GPU plan's TTFT gains without the prompt kernels (transformers' modules for the prompt
+    passes, as the engine measured before PROMPT_KERNELS_DATE ran them): the two prefill fits' difference."""
+    from qwenhw.hardware.bundled import load_bundled
+    from qwenhw.models import get as catalog
+    from qwenhw.planning import speed as mechanisms
+    from qwenhw_native import limits, speed
+
+    spec = catalog(MODEL).with_(num_layers=layers)
+    tflops = load_bundled(profile).nodes[0].gpus()[0].bf16_tflops
+    passes = mechanisms.budget_passes(rows, tokens, limits.PREFILL_CHUNK, limits.PREFILL_TOKENS)
+    return (mechanisms.prefill(speed.PREFILL, spec, tflops, passes, rows)
+            - mechanisms.prefill(speed.PROMPT_KERNELS_PREFILL, spec, tflops, passes, rows))
+
+
 def report_rows(folder: str) -> list[dict]:
     """Every measured figure of a results folder next to what the planner predicts for it today."""
     res = {p.stem: json.loads(p.read_text()) for p in Path(folder).glob("*.json")}
@@ -608,8 +626,10 @@ def report_rows(folder: str) -> list[dict]:
         for r in res[name]["ttft"]:
             plan = predict(backend, layers, engine, concurrency=r["rows"], prompt_tokens=r["prompt_tokens"],
                            output_tokens=1, context=16384)
-            add("ttft", f"{label} TTFT {r['rows']} x {r['prompt_tokens']} tokens (s)", r["engine_generate"]["s"],
-                plan.estimate.ttft_s)
+            ttft = plan.estimate.ttft_s
+            if backend == "native" and res[name]["info"]["date"] < PROMPT_KERNELS_DATE:
+                ttft += _without_prompt_kernels(layers, r["rows"], r["prompt_tokens"])
+            add("ttft", f"{label} TTFT {r['rows']} x {r['prompt_tokens']} tokens (s)", r["engine_generate"]["s"], ttft)
     if "vllm" in res:
         log_ = res["vllm"]["vllm_log"]
         plan = predict("vllm", context=16384)

@@ -394,12 +394,14 @@ def chat(model: str, think: bool | None, max_tokens: int, temperature: float | N
 @click.option("--api-key", default=lambda: settings.get("QWENHW_API_KEY"),
               help="Require `Authorization: Bearer KEY` (default: QWENHW_API_KEY).")
 @click.option("--served-model-name", help="The model name clients send (default: MODEL as given).")
+@click.option("--max-queue", type=click.IntRange(min=1),
+              help="Requests waiting or decoding at most, more are answered 503 (qwenhw's server; default 1024).")
 @click.option("--qwenhw-server", is_flag=True,
               help="Serve with qwenhw's own server even where the plan's engine has one (vLLM's).")
 @request_options
 @friendly
 def serve(model: str, host: str, port: int, api_key: str | None, served_model_name: str | None,
-          qwenhw_server: bool, hardware: str | None, **kw: Any) -> None:
+          max_queue: int | None, qwenhw_server: bool, hardware: str | None, **kw: Any) -> None:
     """An OpenAI-compatible server for MODEL: /v1/chat/completions, /v1/completions, /v1/models, /health,
     /metrics. A plan whose engine has a server of its own (vLLM) is served by that server."""
     import logging
@@ -413,7 +415,8 @@ def serve(model: str, host: str, port: int, api_key: str | None, served_model_na
         if handover is not None:
             return _run_engine_server(*handover)
     try:  # bind before the (long) load, so a taken port fails at once
-        server = make_server(None, host, port, api_key, served_model_name or model, access_log=True)
+        queue = {"max_queue": max_queue} if max_queue else {}  # else the scheduler's MAX_QUEUE
+        server = make_server(None, host, port, api_key, served_model_name or model, access_log=True, **queue)
     except OSError as exc:
         raise BadInput(f"Cannot listen on {host}:{port}: {exc.strerror or exc}. Pick another --port.") from exc
     logging.basicConfig(level=logging.INFO, format="%(message)s")

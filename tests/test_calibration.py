@@ -106,3 +106,23 @@ def test_decode_against_measurements_it_was_not_fitted_to(backend, source, batch
     plan = qwenhw.plan("Qwen3-30B-A3B", hardware="1xH200-141G", backend=backend, concurrency=batch,
                        prompt_tokens=32, output_tokens=32, context=1024)
     assert plan.estimate.throughput_tok_s == pytest.approx(measured, rel=0.15)
+
+
+def test_prompt_kernels_fit_holds_on_another_gpu():
+    """The one-GPU prefill fit with the prompt kernels (the H200 fit scaled by an A/B on an H100) against that
+    H100 run's time to first token, kernels on and off (2048-token prompts alone and 16 at once)."""
+    from qwenhw.models import get as catalog
+
+    side_by_side._register_plugins()
+    folder = ROOT / "docs" / "results" / "serving_h100"
+    for kernels in ("on", "off"):
+        measured = json.loads((folder / f"prompt_kernels_{kernels}.json").read_text())
+        assert measured["info"]["gpu"].startswith("NVIDIA H100")
+        for r in measured["ttft"]:
+            plan = qwenhw.plan(catalog(side_by_side.MODEL), hardware="1xH100-80G", backend="native", engine="one-gpu",
+                               dtype="bf16", concurrency=r["rows"], prompt_tokens=r["prompt_tokens"], output_tokens=1,
+                               context=4096)
+            ttft = plan.estimate.ttft_s
+            if kernels == "off":
+                ttft += side_by_side._without_prompt_kernels(48, r["rows"], r["prompt_tokens"], "1xH100-80G")
+            assert abs(ttft / r["engine_generate"]["s"] - 1) < side_by_side.TOLERANCE["ttft"], (kernels, r["rows"], ttft)

@@ -81,10 +81,15 @@ class Job:
             self._done(self)
 
 
+# requests waiting or decoding at most (the rest get a 503): a waiting request holds only its prompt's ids,
+# and a load benchmark sends a burst of hundreds at once (vLLM queues them all)
+MAX_QUEUE = 1024
+
+
 class Scheduler:
     """Jobs in, batches out. `max_queue` bounds the jobs waiting or running (the rest get a 503)."""
 
-    def __init__(self, server: Any, max_queue: int = 64, window: float = 0.01, max_wait: float = 0.05):
+    def __init__(self, server: Any, max_queue: int = MAX_QUEUE, window: float = 0.01, max_wait: float = 0.05):
         self.server = server  # its .engine may be attached after the scheduler starts
         self.max_queue = max_queue
         # requests sent together arrive spread over a few ms (and a worker engine takes a round trip to

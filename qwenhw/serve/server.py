@@ -34,7 +34,7 @@ from ..planning.workload import DUMMY_WARNING
 from . import protocol as p
 from .metrics import Metrics
 from .protocol import APIError
-from .scheduler import ClientGone, Job, Scheduler
+from .scheduler import MAX_QUEUE, ClientGone, Job, Scheduler
 
 log = logging.getLogger("qwenhw.serve")
 MAX_BODY = 16 * 2**20  # bytes of a request body
@@ -48,7 +48,7 @@ class OpenAIServer:
 
     def __init__(self, engine: Engine | None, host: str, port: int, api_key: str | None = None,
                  served_model_name: str | list[str] | None = None, max_context: int | None = None,
-                 max_queue: int = 64, access_log: bool = False):
+                 max_queue: int = MAX_QUEUE, access_log: bool = False):
         self.engine = engine  # may be attached after binding: the CLI binds first, then loads
         self.api_key = api_key or None
         names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [])

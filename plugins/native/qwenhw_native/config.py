@@ -27,6 +27,7 @@ class KernelConfig:
     moe: bool = True  # the routed experts in Triton (off: transformers' experts kernels)
     norm: bool = True  # one GPU: the RMSNorms inside the router and MoE-sum kernels
     moe_slots: bool = True  # a MoE program per expert the batch can touch (off: one per local expert)
+    prompt: bool = True  # prompt passes: rope/cache kernel, the experts around grouped GEMMs (off: transformers')
     pdl: bool = True  # dependent launches on Hopper and later
     symm_mem: bool = True  # TP: all-reduce over symmetric memory (off: torch.distributed)
     fused_reduce: bool = True  # TP: the all-reduce and the next RMSNorm in one kernel
@@ -44,7 +45,7 @@ class KernelConfig:
 
 # KernelConfig field -> the variable that gives its default
 _SETTINGS = {"triton": "QWENHW_FUSED", "linear": "QWENHW_FUSED_LINEAR", "moe": "QWENHW_FUSED_MOE",
-             "norm": "QWENHW_FUSED_NORM", "moe_slots": "QWENHW_MOE_SLOTS", "pdl": "QWENHW_PDL",
+             "norm": "QWENHW_FUSED_NORM", "moe_slots": "QWENHW_MOE_SLOTS", "prompt": "QWENHW_PROMPT_KERNELS", "pdl": "QWENHW_PDL",
              "symm_mem": "QWENHW_SYMM_MEM", "fused_reduce": "QWENHW_FUSED_REDUCE",
              "push_reduce": "QWENHW_PUSH_REDUCE", "cpu_kernel": "QWENHW_CPU_KERNEL"}
 

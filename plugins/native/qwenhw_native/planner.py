@@ -110,10 +110,10 @@ def _one_gpu_estimate(spec: ModelSpec, gpu, w: Workload, kv_dtype: str) -> Estim
     rows = w.concurrency
     kv_read = rows * w.kv_tokens * mm.kv_bytes_per_token(spec, kv_dtype)
     passes = mechanisms.budget_passes(rows, w.prompt_tokens, PREFILL_CHUNK, PREFILL_TOKENS)
-    ttft = mechanisms.prefill(speed.PREFILL, spec, gpu.bf16_tflops, passes, rows)
+    ttft = mechanisms.prefill(speed.PROMPT_KERNELS_PREFILL, spec, gpu.bf16_tflops, passes, rows)
     step = mechanisms.decode_step(speed.DECODE, gpu.bandwidth_gbs, spec.num_layers, rows,
                                   fp.stream_bytes(spec, rows) + kv_read)
-    return estimate(step, ttft, w, "GPU memory bandwidth", (speed.DECODE.source, speed.PREFILL.source))
+    return estimate(step, ttft, w, "GPU memory bandwidth", (speed.DECODE.source, speed.PROMPT_KERNELS_PREFILL.source))
 
 
 def hybrid_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, context: int, kv_dtype: str) -> Plan:

@@ -15,6 +15,7 @@ mask, the graphs and the loop are here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any, Callable, Iterator
 
 import torch
@@ -23,7 +24,7 @@ from .config import KernelConfig
 from .graphs import Emulated, capture
 from .limits import ARCHITECTURES, PREFILL_CHUNK, PREFILL_TOKENS, STEP_PREFILL_TOKENS
 from .sampling import SampleParams, sample_rows
-from .step import NOTHING, LayerStep, Rows, rms_norm
+from .step import NOTHING, LayerStep, Packed, Rows, rms_norm
 
 
 def supported(model: Any) -> bool:
@@ -152,8 +153,9 @@ class Runtime:
                 h, ahead = self.moe_hook(i, h), NOTHING
             else:
                 h, ahead = self.step.mlp(i, h, ahead)
-        if last is not None:
-            h, ahead = h[torch.arange(h.shape[0], device=h.device), last][:, None], NOTHING
+        if last is not None:  # each prompt's last token: one per row, or (packed) along the one sequence
+            h = h[0, last] if isinstance(self.step.rows, Packed) else h[torch.arange(h.shape[0], device=h.device), last]
+            h, ahead = h[:, None], NOTHING
         return self.model.lm_head(self.step.norm(self.model.model.norm, h, ahead))[:, -1].float()
 
     def _is_moe(self, i: int) -> bool:
@@ -210,20 +212,19 @@ class Runtime:
     def fill(self, filling: list["Filling"]) -> tuple[list[int], torch.Tensor | None]:
         """One prefill pass over the prompts in `filling` (in the order they came; each into its free row,
         from slot 0): the next chunk of the first one when it is longer than `prefill_chunk`, else the
-        first ones whole, right-padded to the longest, as many as `prefill_tokens` hold (`step_prefill_tokens`
-        while rows decode). Causal attention keeps the pads out of every real token, and a decode step
-        overwrites each pad slot before any query reads it. Returns the rows whose prompts are now
-        complete, which decode from the next step on, and their last tokens' logits (None if none)."""
+        first ones whole, packed into one sequence (no padding), as many as `prefill_tokens` hold
+        (`step_prefill_tokens` while rows decode). Returns the rows whose prompts are now complete, which
+        decode from the next step on, and their last tokens' logits (None if none)."""
         self._use_experts(self.prefill_experts)
         self.step.decoding = False
         budget = self.step_prefill_tokens if any(self.active) else self.prefill_tokens
         head = filling[0]
         if head.done == 0 and len(head.ids) <= self.prefill_chunk:
-            take, longest = 0, 0
+            take, tokens = 0, 0
             for f in filling:
-                if len(f.ids) > self.prefill_chunk or take and max(longest, len(f.ids)) * (take + 1) > budget:
+                if len(f.ids) > self.prefill_chunk or take and tokens + len(f.ids) > budget:
                     break
-                take, longest = take + 1, max(longest, len(f.ids))
+                take, tokens = take + 1, tokens + len(f.ids)
             passing, filling[:] = filling[:take], filling[take:]
             logits = self._prefill_pass([f.row for f in passing], [f.ids for f in passing])
             complete = passing
@@ -240,13 +241,24 @@ class Runtime:
         return [f.row for f in complete], logits
 
     def _prefill_pass(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
-        n = max(len(p) for p in prompts)
-        ids = torch.tensor([p + [p[-1]] * (n - len(p)) for p in prompts], dtype=torch.long, device=self.device)
-        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-        every = rows == list(range(self.batch))
-        self.step.rows = Rows(slice(None) if every else torch.tensor(rows, device=self.device))
+        """Whole prompts into their rows from slot 0 in one pass: as a batch [rows, tokens] when they are of
+        one length, else packed into one sequence (LayerStep's `Packed`: no pad computed)."""
+        n = len(prompts[0])
+        if all(len(p) == n for p in prompts):
+            every = rows == list(range(self.batch))
+            self.step.rows = Rows(slice(None) if every else torch.tensor(rows, device=self.device))
+            ids, pos = torch.tensor(prompts, device=self.device), torch.arange(n, device=self.device)
+            last = torch.full((len(prompts),), n - 1, device=self.device)
+        else:
+            lengths = [len(p) for p in prompts]
+            bounds = [0] + list(accumulate(lengths))
+            to = lambda xs, dtype=torch.long: torch.tensor(xs, dtype=dtype, device=self.device)  # noqa: E731
+            pos = torch.cat([self.arange[:m] for m in lengths])
+            self.step.rows = Packed(to([r for r, m in zip(rows, lengths) for _ in range(m)]), pos,
+                                    to(bounds, torch.int32), bounds)
+            ids, last = to([t for p in prompts for t in p])[None], to(bounds[1:]) - 1
         try:
-            return self._forward(ids, torch.arange(n, device=self.device), last)
+            return self._forward(ids, pos, last)
         finally:
             self.step.rows = Rows()
 

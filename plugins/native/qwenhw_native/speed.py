@@ -23,8 +23,19 @@ DECODE = DecodeFit(step_s=123.0e-6, layer_s=37.27e-6, bandwidth=0.89, row_layer_
                    source=f"qwenhw decode at 1-64 sequences ({MEASURED})")
 
 # Prompts: transformers' modules as this engine runs them (the fit lives with the mechanisms, since the
-# offload backend's engines run the same modules)
+# offload backend's engines run the same modules); tensor-parallel ranks and the hybrid run their experts so
 PREFILL = TRANSFORMERS_PREFILL
+
+# One GPU with the prompt kernels (KernelConfig.prompt: q/k norms + RoPE + cache write in one kernel, the
+# experts' element-wise work in two): the same mechanisms, the per-pass layer cost x0.71 (fewer launches) and
+# the matrix throughput x1.33, the change each made in one A/B run (2048-token prompts alone and 16 at once,
+# kernels off then on, one H100, 2026-12-07, docs/results/serving_h100/prompt_kernels_*.json), applied to the
+# H200 fit above
+PROMPT_KERNELS_PREFILL = dataclasses.replace(
+    TRANSFORMERS_PREFILL, pass_layer_s=TRANSFORMERS_PREFILL.pass_layer_s * 0.708,
+    flops=TRANSFORMERS_PREFILL.flops * 1.332,
+    source="qwenhw time to first token with its prompt kernels (the H200 fit of 2026-12-04 scaled by an A/B on "
+           "one H100, 2026-12-07, docs/results/serving_h100)")
 
 # The MoE hybrid (routed experts in host RAM, computed by cpu_moe.c): the CPU streams a token's experts at
 # 0.72 of the profile's RAM bandwidth (92 GB/s on a 16-core host estimated at 128), and a token pays 310 us

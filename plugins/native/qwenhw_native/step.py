@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from .config import KernelConfig
-from .kernels import attention, common, linear, moe, rope_cache, router
+from .kernels import attention, common, linear, moe, moe_prompt, rope_cache, router
 from .sharding import expert_parallel_moe, share_of
 
 
@@ -44,6 +44,17 @@ class Rows:
 
     rows: Any = field(default_factory=lambda: slice(None))
     first: int = 0
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Prompts of different lengths packed into one sequence of a pass (no padding): token j goes to slot
+    `slots[j]` of cache row `rows[j]`; prompt p is tokens cu[p]..cu[p + 1] (`bounds`, the same on the host)."""
+
+    rows: torch.Tensor
+    slots: torch.Tensor
+    cu: torch.Tensor  # int32 [prompts + 1], what the varlen attention kernel reads
+    bounds: list[int]
 
 # attention module -> its merged q/k/v weight and bias (LayerStep._merge_qkv), kept beside the model, not on it
 _MERGED: "weakref.WeakKeyDictionary[Any, tuple[torch.Tensor, torch.Tensor | None]]" = weakref.WeakKeyDictionary()
@@ -72,7 +83,7 @@ class LayerStep:
         self.fused = kernels.triton and common.available(device) and not emulated
         self.pdl = self.fused and kernels.pdl and common.pdl_supported(device)
         self.decoding = False
-        self.rows = Rows()
+        self.rows: Rows | Packed = Rows()
         self.start: torch.Tensor | None = None  # each row's first slot a decode query reads (the runtime's)
         self.qkv = self._merge_qkv() if self.fused else []
 
@@ -82,6 +93,8 @@ class LayerStep:
         """h + attention(input_layernorm(h)) and what its last kernel computed for the next op."""
         if self.fused and self.decoding:
             return self._attention_decode(i, h, ahead, pos, cos, sin)
+        if self.fused and self.kernels.prompt:
+            return self._attention_prompt(i, h, ahead, pos, cos, sin)
         layer = self.layers[i]
         a = layer.self_attn
         b, t, _ = h.shape
@@ -98,6 +111,11 @@ class LayerStep:
             kc[rows, :, pos] = k[:, :, 0]
             vc[rows, :, pos] = v[:, :, 0]
             out = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=a.scaling, enable_gqa=True)
+        elif isinstance(self.rows, Packed):  # prompts packed in one sequence: each attends to its own keys
+            p = self.rows
+            self.k[i][p.rows, :, p.slots] = k[0].transpose(0, 1)
+            self.v[i][p.rows, :, p.slots] = v[0].transpose(0, 1)
+            out = packed_attention(q, k, v, p, a.scaling)
         else:
             rows, first = self.rows.rows, self.rows.first
             self.k[i][rows, :, first:first + t] = k
@@ -110,6 +128,39 @@ class LayerStep:
                 out = F.scaled_dot_product_attention(q, self.k[i][rows, :, :end], self.v[i][rows, :, :end],
                                                      attn_mask=causal_lower_right(t, end), scale=a.scaling,
                                                      enable_gqa=True)
+        out = a.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return self._reduce(out, h)
+
+    def _attention_prompt(self, i: int, h: torch.Tensor, ahead: Ahead, pos: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor) -> tuple[torch.Tensor, Ahead]:
+        """A prompt pass's attention on CUDA: one q/k/v GEMM, then the q/k norms, RoPE and the cache write in
+        one kernel (transformers' modules take ~14 element-wise kernels there), then attention over the
+        keys as the cache holds them."""
+        layer = self.layers[i]
+        a = layer.self_attn
+        b, t, _ = h.shape
+        x = self.norm(layer.input_layernorm, h, ahead)
+        w, bias, heads = self.qkv[i]
+        q, k, v = F.linear(x, w, bias).view(b, t, -1, self.head_dim).split(heads, dim=2)
+        norms = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
+        where = self.rows
+        if isinstance(where, Packed):
+            rows = where.rows
+        elif isinstance(where.rows, slice):
+            rows = None if where.rows == slice(None) else torch.full((1,), where.rows.start, device=h.device)
+        else:
+            rows = where.rows
+        q = rope_cache.qk_rope_cache(q, k, v, *norms, cos, sin, pos, self.k[i], self.v[i], rows=rows)
+        kc, vc = self.k[i], self.v[i]
+        if isinstance(where, Packed):
+            keys, values = (c[where.rows, :, where.slots].transpose(0, 1)[None] for c in (kc, vc))
+            out = packed_attention(q, keys, values, where, a.scaling)
+        else:
+            end = where.first + t
+            keys, values = kc[where.rows, :, :end], vc[where.rows, :, :end]
+            mask = None if where.first == 0 else causal_lower_right(t, end)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=where.first == 0,
+                                                 scale=a.scaling, enable_gqa=True)
         out = a.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         return self._reduce(out, h)
 
@@ -223,6 +274,8 @@ class LayerStep:
         if route is not None and experts is not None and not hasattr(layer.mlp, "shared_expert"):
             flat = x.reshape(-1, x.shape[-1])
             weights, idx = route(layer.mlp.gate, flat)
+            if self.reducer is None and self.kernels.prompt and moe.supported(experts):  # many tokens, one GPU
+                return moe_prompt.experts(flat, experts, idx, weights, residual=h.view_as(flat)).view_as(h), NOTHING
             return self._reduce(experts(flat, idx, weights).view_as(x), h)
         return self._reduce(layer.mlp(x), h)
 
@@ -283,6 +336,21 @@ class LayerStep:
     def next_norm(self, i: int) -> Any:
         """The RMSNorm that reads layer i's output: the next layer's input norm, or the final one."""
         return self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.model.model.norm
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Packed, scale: float) -> torch.Tensor:
+    """Causal attention of packed prompts [1, heads, tokens, head_dim], each over its own keys: FlashAttention's
+    variable-length kernel on CUDA (one launch, grouped kv heads as they are), a causal SDPA per prompt
+    elsewhere."""
+    if q.is_cuda:
+        longest = max(b - a for a, b in zip(p.bounds, p.bounds[1:]))
+        out = torch.ops.aten._flash_attention_forward(
+            q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), p.cu, p.cu, longest, longest, 0.0,
+            True, False, scale=scale)[0]
+        return out.transpose(0, 1)[None]
+    return torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True,
+                                                     scale=scale, enable_gqa=True)
+                      for a, b in zip(p.bounds, p.bounds[1:])], dim=2)
 
 
 def is_rms(module: Any) -> bool:

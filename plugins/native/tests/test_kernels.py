@@ -191,3 +191,25 @@ def test_tiles_per_gpu_files(tmp_path):
     with pytest.raises(ValueError, match="moe_blok"):
         tiles.from_json({"moe_blok": [1, 2, 3, 4]})
     assert tiles.for_device(torch.device("cpu")) == tiles.DEFAULT
+
+
+def test_prompt_kernels_compile_for_hopper():
+    """The prompt pass's kernels for sm_90 ahead of time: SiLU x up and the experts' combine (+ the residual),
+    the rope/cache kernel writing each token to the cache row it is given (packed prompts)."""
+    from qwenhw_native.kernels import moe_prompt, rope_cache
+
+    ptx = _hopper_ptx(moe_prompt._silu_mul, {"gu_ptr": "*bf16", "out_ptr": "*bf16", "I": "i32"}, {"BLOCK": 1024})
+    assert "ex2.approx" in ptx  # the sigmoid's exp
+    ptx = _hopper_ptx(moe_prompt._combine, {"down_ptr": "*bf16", "at_ptr": "*i64", "w_ptr": "*bf16", "res_ptr": "*bf16",
+                                            "out_ptr": "*bf16", "H": "i32"}, {"K": 8, "BLOCK": 1024, "RESIDUAL": True})
+    assert ptx.count("ld.global.b64") + ptx.count("ld.global.u64") >= 8  # the 8 pairs' rows, unrolled
+    sig = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "qw_ptr", "kw_ptr", "cos_ptr", "sin_ptr", "qo_ptr",
+                                       "kc_ptr", "vc_ptr")}
+    sig.update({"pos_ptr": "*i64", "row_ptr": "*i64"})
+    sig.update(dict.fromkeys(("T", "HQ", "HK", "MAX_LEN", "sq_b", "sq_t", "sq_h", "sk_b", "sk_t", "sk_h", "sv_b", "sv_t",
+                              "sv_h", "sc_b", "sc_t", "sp_b", "sr_b", "sr_t"), "i32"))
+    sig["eps"] = "fp32"
+    sig = {a: sig[a] for a in rope_cache._qk_rope_cache.arg_names if a in sig}
+    for rows in (False, True):
+        ptx = _hopper_ptx(rope_cache._qk_rope_cache, sig, {"HALF": 64, "NORM": True, "ROWS": rows, "PDL": False})
+        assert ptx.count("ld.global.b64") + ptx.count("ld.global.u64") == 1 + rows  # pos, and the row if given

@@ -16,11 +16,15 @@ def main(argv: list[str]) -> None:
     import vllm.entrypoints.cli.serve as serve
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    try:  # where vLLM keeps the environment setup its CLI does first (it moved between releases)
-        from vllm.entrypoints.cli.main import cli_env_setup
-    except ImportError:
-        from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
-    cli_env_setup()
+    import importlib
+
+    # the environment setup vLLM's CLI does first (it moved between releases)
+    for where in ("vllm.entrypoints.cli.main", "vllm.entrypoints.utils", "vllm.entrypoints.serve.utils.api_utils"):
+        try:
+            getattr(importlib.import_module(where), "cli_env_setup")()
+            break
+        except (ImportError, AttributeError):
+            continue
     parser = FlexibleArgumentParser(prog="vllm")
     sub = parser.add_subparsers(dest="subparser")
     cmd = serve.cmd_init()[0]

@@ -45,3 +45,31 @@ def test_each_sequence_written_at_its_own_position(rel):
     for j, p in enumerate(pos):
         assert rel(kc[j, :, p], kr[j, :, 0]) < 1e-5 and torch.equal(vc[j, :, p], v[j, 0])
         assert kc[j].isnan().sum() == hk * (length - 1) * d  # nothing but its own slot
+
+
+def test_prompt_tokens_go_to_the_rows_they_are_given(rel):
+    """Prompt passes: sequences into chosen cache rows (prompts joining a running batch), and prompts packed
+    into one sequence, each token to its own (row, slot)."""
+    g = torch.Generator().manual_seed(3)
+    hq, hk, d, length, rows_n = 4, 2, 64, 16, 4
+    t = 5
+    q, k, v = (torch.randn(2, t, n, d, generator=g) for n in (hq, hk, hk))
+    ang = torch.randn(1, t, d // 2, generator=g)
+    cos, sin = (torch.cat([f(ang), f(ang)], -1) for f in (torch.cos, torch.sin))
+    kc = torch.full((rows_n, hk, length, d), float("nan"))
+    vc = kc.clone()
+    qr, kr = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    qo = rope_cache.qk_rope_cache(q, k, v, None, None, cos, sin, torch.arange(t), kc, vc, rows=torch.tensor([3, 1]))
+    assert rel(qo, qr) < 1e-5
+    assert rel(kc[[3, 1], :, :t], kr) < 1e-5 and torch.equal(vc[[3, 1], :, :t], v.transpose(1, 2))
+    assert kc[[0, 2]].isnan().all()
+    # packed: 3 tokens of a prompt for row 2, then 2 of one for row 0, positions restarting per prompt
+    rows, slots = torch.tensor([2, 2, 2, 0, 0]), torch.tensor([0, 1, 2, 0, 1])
+    kc2, vc2 = torch.full_like(kc, float("nan")), torch.full_like(vc, float("nan"))
+    c, s = cos[:, slots], sin[:, slots]
+    qr, kr = apply_rotary_pos_emb(q[:1].transpose(1, 2), k[:1].transpose(1, 2), c, s)
+    qo = rope_cache.qk_rope_cache(q[:1], k[:1], v[:1], None, None, c, s, slots, kc2, vc2, rows=rows)
+    assert rel(qo, qr) < 1e-5
+    assert rel(kc2[rows, :, slots], kr[0].transpose(0, 1)) < 1e-5
+    assert torch.equal(vc2[rows, :, slots], v[0])
+    assert kc2[1].isnan().all() and kc2[3].isnan().all()

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from qwenhw_native import step
-from qwenhw_native.runtime import Runtime, SampleParams
+from qwenhw_native.runtime import Filling, Runtime, SampleParams
 
 
 @pytest.fixture
@@ -17,7 +17,8 @@ def calls(monkeypatch):
     seen: list[str] = []
     for module, name, label in ((step.moe, "experts", "moe"), (step.attention, "decode_attention", "attention"),
                                 (step.linear, "qkv_rope", "qkv"), (step.linear, "linear_residual", "o_proj"),
-                                (step.router, "router", None)):
+                                (step.router, "router", None), (step.moe_prompt, "experts", "moe_prompt"),
+                                (step.rope_cache, "qk_rope_cache", "rope_cache")):
         real = getattr(module, name)
 
         def wrapped(*a, _real=real, _label=label, **k):
@@ -41,6 +42,8 @@ def test_runtime_decodes_through_the_kernels(tiny_moe, calls):
     # router applying the post-attention RMSNorm from the sums of squares o_proj left
     for name in ("moe", "attention", "qkv", "o_proj", "router_norm"):
         assert calls.count(name) == 2 * 7, name
+    # the prompt pass: one rope/cache kernel and the prompt experts per layer
+    assert calls.count("rope_cache") == calls.count("moe_prompt") == 2
     short = list(rt.generate(prompt[2:], 8, SampleParams(), set()))
     pair = Runtime(model, 64, "cpu", graphs=False, batch=2).generate_batch([prompt, prompt[2:]], 8, SampleParams(),
                                                                             set())
@@ -56,8 +59,36 @@ def test_kernels_switched_off_by_the_config(tiny_moe, calls):
     prompt = [785, 6722, 315, 9625, 374, 264]
     with torch.no_grad():
         ref = model.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False)[0, len(prompt):].tolist()
-    rt = Runtime(model, 64, "cpu", graphs=False, kernels=KernelConfig(moe=False, linear=False))
+    rt = Runtime(model, 64, "cpu", graphs=False, kernels=KernelConfig(moe=False, linear=False, prompt=False))
     assert list(rt.generate(prompt, 4, SampleParams(), set())) == ref
-    assert calls.count("moe") == calls.count("qkv") == calls.count("o_proj") == 0
+    assert calls.count("moe") == calls.count("qkv") == calls.count("o_proj") == calls.count("moe_prompt") == 0
     # still on: attention in the 3 decode steps, the router kernel in them and in the prompt pass
     assert calls.count("attention") == 2 * 3 and calls.count("router") == 2 * 4
+
+
+def test_prompt_passes_on_the_kernels_chunked_packed_and_joining(tiny_moe):
+    """The prompt kernels (rope/cache per token row, the experts around grouped GEMMs) in every kind of pass:
+    a long prompt chunk by chunk attending to its earlier slots, prompts of different lengths packed, and
+    prompts into chosen rows: each prompt's last-token logits and its keys as one whole pass gives them."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32).eval()
+    prompts = [list(range(100, 123)), list(range(300, 311)), list(range(500, 511))]  # 23, 11, 11 tokens
+    alone = Runtime(model, 64, "cpu", graphs=False)
+    assert alone.step.fused and alone.step.kernels.prompt
+    ref, keys = [], []
+    for p in prompts:
+        ref.append(alone.prefill(p)[0])
+        keys.append(alone.k[:, 0, :, :len(p)].clone())
+    for chunk in (5, 64):  # chunks of 5 (one prompt at a time), then whole prompts: 23 + 11 packed, 11 joining
+        rt = Runtime(model, 64, "cpu", graphs=False, batch=3)
+        rt.prefill_chunk = chunk
+        got = rt.prefill(prompts)
+        for j, p in enumerate(prompts):
+            assert torch.allclose(got[j], ref[j], atol=1e-4, rtol=1e-4), (chunk, j)
+            assert torch.allclose(rt.k[:, j, :, :len(p)], keys[j], atol=1e-5), (chunk, j)
+    # two prompts of one length into rows 2 and 1 (prompts joining a batch): a batch pass on chosen rows
+    rt.reset()
+    done, got = rt.fill([Filling(2, prompts[1]), Filling(1, prompts[2])])
+    assert done == [2, 1]
+    for row, j in ((2, 1), (1, 2)):
+        assert torch.allclose(got[done.index(row)], ref[j], atol=1e-4, rtol=1e-4)
+        assert torch.allclose(rt.k[:, row, :, :len(prompts[j])], keys[j], atol=1e-5)

@@ -1,0 +1,71 @@
+"""GPU checks of the native runtime that the CPU tests cannot make (they run torch's paths, not the CUDA
+kernels and graphs): random bf16 weights of the model directory's shape, a few layers.
+
+- packed prefill (FlashAttention's variable-length kernel): prompts of different lengths in one pass give
+  the last-token logits each gives alone;
+- continuous batching under CUDA graphs: prompts joining rows while others decode get the greedy tokens
+  they get alone.
+
+    python bench/check_runtime.py DIR --layers 4      # DIR: side_by_side.py prepare's folder
+
+Prints one line per check and exits 1 if one fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from side_by_side import random_model  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("--layers", type=int, default=4)
+    args = ap.parse_args()
+
+    import torch
+
+    from qwenhw_native.runtime import Runtime, SampleParams
+
+    model = random_model(args.model, "cuda", args.layers)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1000, 150000, (n,), generator=g).tolist() for n in (700, 33, 1500, 5, 260)]
+    failed = False
+
+    rt = Runtime(model, max_len=2048, device="cuda", batch=len(prompts))
+    packed = rt.prefill(prompts).float()
+    alone = torch.stack([rt.prefill([p])[0] for p in prompts]).float()
+    err = ((packed - alone).norm(dim=-1) / alone.norm(dim=-1)).max().item()
+    same = (packed.argmax(-1) == alone.argmax(-1)).all().item()
+    ok = err < 2e-2 and same
+    failed |= not ok
+    print(f"packed prefill of {[len(p) for p in prompts]} tokens vs one at a time: max relative L2 {err:.2e}, "
+          f"argmax {'equal' if same else 'DIFFERENT'}: {'ok' if ok else 'FAILED'}")
+
+    rt = Runtime(model, max_len=2048, device="cuda", batch=2)
+    rt.warm()
+    most = [40, 5, 17, 9, 3]
+    together = [[] for _ in prompts]
+    for seq, token, _ in rt.stream_batch(prompts, most, SampleParams(), set()):
+        together[seq].append(token)
+    one = Runtime(model, max_len=2048, device="cuda", batch=1)
+    one.warm()
+    each = [one.generate_batch([p], m, SampleParams(), set())[0] for p, m in zip(prompts, most)]
+    # tokens equal before each sequence's first difference (random weights: near-ties in bf16 may flip one
+    # token between batch sizes, and the rest follow it; a wrong position or slot flips all of them)
+    prefix = [next((j for j, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(together, each)]
+    agree, total = sum(prefix), sum(most)
+    ok = [len(t) for t in together] == most and agree >= 0.5 * total
+    failed |= not ok
+    print(f"continuous batching (2 rows, 5 prompts joining) vs alone: {agree}/{total} greedy tokens equal "
+          f"before a first difference {prefix}: "
+          f"{'ok' if ok else 'FAILED'}")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
