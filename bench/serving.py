@@ -107,6 +107,9 @@ def run(args) -> None:
                                             "median_itl_ms", "median_e2el_ms", "p99_e2el_ms")}}
             summary["rows"].append(row)
             log(json.dumps(row))
+            if not r.get("completed"):  # every request failed: the server is broken, the other rates would be too
+                raise RuntimeError(f"no request completed at rate {rate} ({r.get('failed')} failed): see the "
+                                   "server's log above")
     finally:
         proc.send_signal(signal.SIGINT)
         try:
