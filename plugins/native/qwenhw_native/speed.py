@@ -23,7 +23,7 @@ DECODE = DecodeFit(step_s=123.0e-6, layer_s=37.27e-6, bandwidth=0.89, row_layer_
                    source=f"qwenhw decode at 1-64 sequences ({MEASURED})")
 
 # Prompts: transformers' modules as this engine runs them (the fit lives with the mechanisms, since the
-# offload backend's engines run the same modules); tensor-parallel ranks and the hybrid run their experts so
+# offload backend's engines run the same modules); what tensor-parallel ranks and the hybrid are priced with
 PREFILL = TRANSFORMERS_PREFILL
 
 # One GPU with the prompt kernels (KernelConfig.prompt: q/k norms + RoPE + cache write in one kernel, the

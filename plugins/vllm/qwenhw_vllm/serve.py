@@ -19,12 +19,16 @@ def main(argv: list[str]) -> None:
     import importlib
 
     # the environment setup vLLM's CLI does first (it moved between releases)
-    for where in ("vllm.entrypoints.cli.main", "vllm.entrypoints.utils", "vllm.entrypoints.serve.utils.api_utils"):
+    places = ("vllm.entrypoints.cli.main", "vllm.entrypoints.utils", "vllm.entrypoints.serve.utils.api_utils")
+    for where in places:
         try:
-            getattr(importlib.import_module(where), "cli_env_setup")()
+            cli_env_setup = importlib.import_module(where).cli_env_setup
             break
         except (ImportError, AttributeError):
             continue
+    else:
+        raise ImportError(f"this vLLM has no cli_env_setup in {', '.join(places)}")
+    cli_env_setup()
     parser = FlexibleArgumentParser(prog="vllm")
     sub = parser.add_subparsers(dest="subparser")
     cmd = serve.cmd_init()[0]
