@@ -238,19 +238,33 @@ def per_gpu_overhead(spec: ModelSpec, layout: Parallel, cuda_graphs: bool = True
     return NON_TORCH + (COMM_BUFFERS if layout.world > 1 or layout.ep > 1 else 0.0) + graphs
 
 
-def kv_need(spec: ModelSpec, layout: Parallel, kv_dtype: str, context: int, seqs: int) -> float:
-    """KV pages (and Qwen3-Next recurrent state) one rank needs for `seqs` sequences of `context` tokens."""
+def kv_need(spec: ModelSpec, layout: Parallel, kv_dtype: str, context: int, seqs: int,
+            reach: int | None = None) -> float:
+    """KV pages (and Qwen3-Next recurrent state) one rank needs for `seqs` sequences of `context` tokens, or
+    (`reach`: the most tokens one of the workload's requests holds, prompt + answer) for `seqs` sequences of
+    that many: vLLM hands a sequence pages as it grows, so one short of max_model_len holds only what it
+    uses; it still needs one whole `context` sequence's pages to start."""
     sh = shard(spec, layout, kv_dtype)
-    tokens = math.ceil(context / BLOCK_TOKENS) * BLOCK_TOKENS
-    return seqs * (tokens * sh.kv_per_token + sh.state_per_seq)
+
+    def one(tokens: int) -> float:
+        return math.ceil(tokens / BLOCK_TOKENS) * BLOCK_TOKENS * sh.kv_per_token + sh.state_per_seq
+
+    if reach is None:
+        return seqs * one(context)
+    return max(one(context), seqs * one(min(reach, context)))
 
 
-def fitting_context(spec: ModelSpec, layout: Parallel, kv_dtype: str, pool: float, seqs: int) -> int:
+def fitting_context(spec: ModelSpec, layout: Parallel, kv_dtype: str, pool: float, seqs: int,
+                    reach: int | None = None) -> int:
+    """The longest context whose KV pages `pool` holds: `seqs` sequences of it, or (`reach`, as `kv_need`) one
+    of it beside `seqs` requests of `reach` tokens when those fit (else `seqs` of it, as short as it takes)."""
     sh = shard(spec, layout, kv_dtype)
     if sh.kv_per_token <= 0:
         return spec.max_position
-    room = pool / seqs - sh.state_per_seq
-    tokens = int(room / sh.kv_per_token) // BLOCK_TOKENS * BLOCK_TOKENS
+    each = pool / seqs
+    if reach is not None and kv_need(spec, layout, kv_dtype, reach, seqs, reach) <= pool:
+        each = pool
+    tokens = int((each - sh.state_per_seq) / sh.kv_per_token) // BLOCK_TOKENS * BLOCK_TOKENS
     return max(0, min(spec.max_position, tokens))
 
 
@@ -332,20 +346,23 @@ def layout_plan(spec: ModelSpec, prec: Precision, hw: HardwareProfile, gpu: Acce
     want_kv = (req.kv_dtype or "auto").lower()
     kv_options = ["fp8"] if want_kv == "fp8" else ["auto"] + (["fp8"] if gpu.fp8 and want_kv == "auto" else [])
     w = workload(req)
+    reach = w.prompt_tokens + w.output_tokens  # the most KV pages one request of the workload holds
     context = req.context or default_context(served.max_position, w)
     chosen = None
     for kv_dtype in kv_options:
-        need = kv_need(served, layout, _kv_bytes_dtype(kv_dtype, served), context, seqs)
+        need = kv_need(served, layout, _kv_bytes_dtype(kv_dtype, served), context, seqs, reach)
         if pool >= need:
             chosen = (kv_dtype, context)
             break
         if req.context is None:
-            fit = fitting_context(served, layout, _kv_bytes_dtype(kv_dtype, served), pool, seqs) // 1024 * 1024
+            fit = fitting_context(served, layout, _kv_bytes_dtype(kv_dtype, served), pool, seqs, reach) // 1024 * 1024
             if fit >= context_floor(served.max_position, w):
                 chosen = (kv_dtype, fit)
-                reasons.append(f"max_model_len {fit} (not {context}): the largest that leaves KV pages for "
-                               f"{seqs} full-length sequence{'s' if seqs > 1 else ''} per replica; pass --context "
-                               f"to insist")
+                many = f"{seqs} sequence{'s' if seqs > 1 else ''}"
+                held = (f"the longest one sequence's KV pages fit ({many} of {reach} tokens fit them too)"
+                        if kv_need(served, layout, _kv_bytes_dtype(kv_dtype, served), reach, seqs, reach) <= pool
+                        else f"the largest that leaves KV pages for {many} of that length")
+                reasons.append(f"max_model_len {fit} (not {context}): {held} per replica; pass --context to insist")
                 break
     if chosen and chosen[0] == "fp8" and "auto" in kv_options:
         reasons.append(f"fp8 KV cache (kv_cache_dtype=fp8): halves KV bytes so context {chosen[1]} fits "
@@ -354,14 +371,14 @@ def layout_plan(spec: ModelSpec, prec: Precision, hw: HardwareProfile, gpu: Acce
         # not even the shortest context keeps the weights on the GPU: plan that one, so the least crosses PCIe
         floor = context_floor(served.max_position, w)
         if floor < context:
-            long_need = kv_need(served, layout, _kv_bytes_dtype(kv_options[0], served), context, seqs)
+            long_need = kv_need(served, layout, _kv_bytes_dtype(kv_options[0], served), context, seqs, reach)
             reasons.append(f"max_model_len {floor} (not {context}): no context keeps the weights on the GPU, and "
                            f"the shortest offloads the least ({long_need / GiB:.1f} GiB more KV pages at {context} "
                            f"tokens would move as many weights to host RAM); pass --context to insist")
             context = floor
     kv_dtype, context = chosen or (kv_options[0], context)
     kvb = _kv_bytes_dtype(kv_dtype, served)
-    need = kv_need(served, layout, kvb, context, seqs)
+    need = kv_need(served, layout, kvb, context, seqs, reach)
     shortfall = weights + overhead + need - budget
     offload_per_gpu = 0.0
     if chosen is None and shortfall > 0 and not rule:
@@ -382,14 +399,14 @@ def layout_plan(spec: ModelSpec, prec: Precision, hw: HardwareProfile, gpu: Acce
         else:
             advice = _fit_advice(spec, served, prec, layout, weights, shortfall, off, gpus_per_node, ram, gpu)
             rule = (f"per GPU: weights {weights / GiB:.1f} GiB + activations/overhead {overhead / GiB:.1f} GiB + KV "
-                    f"{need / GiB:.1f} GiB ({seqs} x {context} tokens) exceed {budget / GiB:.1f} GiB "
+                    f"{need / GiB:.1f} GiB ({seqs} x {min(reach, context)} tokens) exceed {budget / GiB:.1f} GiB "
                     f"({util:g} x {gpu.memory_bytes / GiB:.1f} GiB) by {shortfall / GiB:.1f} GiB; {advice}")
     fits = rule is None
     if not fits:
         reasons.insert(0, rule)
     w_gpu = weights - offload_per_gpu
     kv_pool = max(budget - w_gpu - overhead, need) if fits else need
-    max_context = fitting_context(served, layout, kvb, budget - w_gpu - overhead, seqs) if fits else 0
+    max_context = fitting_context(served, layout, kvb, budget - w_gpu - overhead, seqs, reach) if fits else 0
     for note in (kv_waste_warning(served, layout, kvb), int4_kernel_warning(served, layout, prec)):
         if note:
             warnings.append(note)

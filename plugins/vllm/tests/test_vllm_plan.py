@@ -84,9 +84,9 @@ def test_235b_on_8xh200():
 
 
 def test_235b_on_two_nodes_uses_pp_across_nodes_and_ray():
-    # 32 sequences of 32K tokens need more KV than one node holds: PP over both nodes, TP inside each
-    plan = qwenhw.plan("Qwen3-235B-A22B", "2x8xH100-80G", backend="vllm", context=32768, concurrency=32,
-                       kv_dtype="bf16")
+    # 32 requests of 32K tokens need more KV than one node holds: PP over both nodes, TP inside each
+    long = dict(context=32768, prompt_tokens=30720, output_tokens=2048)
+    plan = qwenhw.plan("Qwen3-235B-A22B", "2x8xH100-80G", backend="vllm", concurrency=32, kv_dtype="bf16", **long)
     assert plan.fits, plan.explain()
     p = plan.parallel
     assert p.world == 16 and p.pp >= 2 and p.pp % 2 == 0 and p.tp <= 8 and p.dp == 1
@@ -101,8 +101,8 @@ def test_235b_on_two_nodes_uses_pp_across_nodes_and_ray():
     assert argv[argv.index("--distributed-executor-backend") + 1] == "ray"
     assert argv[argv.index("--pipeline-parallel-size") + 1] == str(p.pp)
     # one node alone cannot hold that KV: without offloading weights to host RAM it does not fit
-    single = [q for q in vllm_plans("Qwen3-235B-A22B", "2x8xH100-80G", context=32768, concurrency=32,
-                                    kv_dtype="bf16", allow_offload=False) if q.parallel == Parallel(tp=8)][0]
+    single = [q for q in vllm_plans("Qwen3-235B-A22B", "2x8xH100-80G", concurrency=32, kv_dtype="bf16",
+                                    allow_offload=False, **long) if q.parallel == Parallel(tp=8)][0]
     assert not single.fits and "exceed" in single.reasons[0]
 
 
@@ -172,15 +172,24 @@ def test_heads_rule_and_kv_per_rank():
 
 def test_kv_cache_must_hold_the_requested_context():
     # one H100 with 30B-A3B bf16: 57 GiB of weights leave ~12 GiB of KV, about 130K tokens
-    plans = {p.parallel: p for p in vllm_plans("Qwen3-30B-A3B", "1xH100-80G", context=40960, concurrency=4)}
+    long = dict(context=40960, prompt_tokens=36864, output_tokens=4096)  # requests as long as the context
+    plans = {p.parallel: p for p in vllm_plans("Qwen3-30B-A3B", "1xH100-80G", concurrency=4, **long)}
     one = plans[Parallel()]
     assert one.fits and one.kv_dtype == "fp8"  # bf16 KV would hold only ~3 such sequences: fp8 makes room
     assert any("fp8 KV cache" in r for r in one.reasons)
-    tight = vllm_plans("Qwen3-30B-A3B", "1xH100-80G", context=40960, concurrency=8, kv_dtype="bf16")[0]
+    tight = vllm_plans("Qwen3-30B-A3B", "1xH100-80G", concurrency=8, kv_dtype="bf16", **long)[0]
     assert tight.config["engine_args"]["cpu_offload_gb"] > 0 or not tight.fits
-    # the context is left open: the planner shrinks max_model_len rather than refuse
-    open_ctx = vllm_plans("Qwen3-30B-A3B", "1xH100-80G", concurrency=16, kv_dtype="bf16")[0]
+    # vLLM's pages go to a sequence as it grows: 16 chat requests (1024 + 256 tokens) hold ~20K tokens of
+    # pages whatever max_model_len is, which only one sequence must fit; 128 of them need fp8 pages here
+    chat = vllm_plans("Qwen3-30B-A3B", "1xH100-80G", context=40960, concurrency=16)[0]
+    assert chat.fits and chat.kv_dtype == "bf16" and chat.context == 40960
+    busy = vllm_plans("Qwen3-30B-A3B", "1xH100-80G", context=2048, concurrency=128)[0]
+    assert busy.fits and busy.kv_dtype == "fp8" and not busy.offload.cpu_gib
+    # the context is left open and one sequence of the default does not fit the pages (Qwen3-32B's 61 GiB of
+    # bf16 weights leave ~5.5 GiB): the planner shrinks max_model_len rather than refuse
+    open_ctx = vllm_plans("Qwen3-32B", "1xH100-80G", concurrency=16, kv_dtype="bf16")[0]
     assert open_ctx.fits and 4096 <= open_ctx.context < 32768 and "max_model_len" in open_ctx.reasons[0]
+    assert "16 sequences of 1280 tokens fit them too" in open_ctx.reasons[0]
 
 
 def test_precision_choices():
@@ -310,3 +319,16 @@ def test_swift_command_mirrors_the_serve_command(model, hardware, request_):
     extra = json.loads(argv[argv.index("--vllm_engine_kwargs") + 1]) if "--vllm_engine_kwargs" in argv else {}
     assert extra.get("cpu_offload_gb", 0) == args.get("cpu_offload_gb", 0)
     assert ("--vllm_enable_expert_parallel" in argv) == bool(args["enable_expert_parallel"])
+
+
+def test_the_vllm_server_handoff_refuses_fastapi_that_breaks_its_metrics():
+    """fastapi >= 0.137 with prometheus-fastapi-instrumentator < 8 makes every request of vLLM's server fail
+    (seen with vLLM 0.20): `qwenhw serve` says so, with the fix, before vLLM loads the model."""
+    from qwenhw_vllm.serve import broken_metrics
+
+    bad = broken_metrics({"fastapi": "0.142.2", "prometheus-fastapi-instrumentator": "7.1.0"})
+    assert bad and "fastapi 0.142.2" in bad and "fastapi<0.137" in bad
+    for fine in ({"fastapi": "0.136.3", "prometheus-fastapi-instrumentator": "7.1.0"},
+                 {"fastapi": "0.142.2", "prometheus-fastapi-instrumentator": "8.1.0"},
+                 {"fastapi": None, "prometheus-fastapi-instrumentator": "7.1.0"}):
+        assert broken_metrics(fine) is None
