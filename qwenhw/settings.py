@@ -64,6 +64,8 @@ _DECLARED = (
             "native: a MoE program per expert the batch can touch (0: one per local expert, for A/B runs)"),
     Setting("QWENHW_PROMPT_KERNELS", _flag, True,
             "native: prompt passes' q/k norms + RoPE + cache write and the experts' element-wise work in Triton"),
+    Setting("QWENHW_MIXED_PASSES", _flag, True,
+            "native, one GPU: a pass of whole prompts carries the decoding rows' tokens too (0: a pass, then a step)"),
     Setting("QWENHW_PDL", _flag, True, "native: launch decode kernels dependent on the one before (Hopper+)"),
     Setting("QWENHW_SYMM_MEM", _flag, True, "native TP: all-reduce over symmetric memory (0: torch.distributed)"),
     Setting("QWENHW_FUSED_REDUCE", _flag, True, "native TP: the all-reduce and the next RMSNorm in one kernel"),

@@ -214,3 +214,23 @@ def test_tensor_parallel_plans_split_experts_only_where_whole_ones_do_not_divide
     assert not planner.parallel_plan(neither, hw, req, "auto", 1024, "bf16", 4, 4).fits
     assert planner.parallel_plan(spec, hw, make_request(context=1024, concurrency=4), "auto", 1024, "bf16", 4,
                                  1).config.get("experts") is None  # replicas of one GPU split nothing
+
+
+def test_one_gpu_takes_smaller_prompt_passes_before_it_gives_up_rows():
+    """64 sequences' KV cache of Qwen3-30B-A3B fits one H100 beside the weights only with the activations of
+    8192-token prompt passes (32768 would leave 73.3 GiB short of ~76.6): the one-GPU engine then plans those
+    passes (more of them for a burst of prompts, priced so) rather than fall back to the hybrid, which decodes
+    at a third of the speed; 16 sequences keep the largest passes."""
+    from qwenhw_native.limits import PREFILL_TOKENS, STEP_PREFILL_TOKENS, pass_budgets
+
+    assert pass_budgets() == [PREFILL_TOKENS, PREFILL_TOKENS // 2, STEP_PREFILL_TOKENS]
+    ask = dict(hardware="1xH100-80G", backend="native", context=2048, prompt_tokens=1024, output_tokens=256)
+    many = qwenhw.plan("Qwen3-30B-A3B", concurrency=64, **ask)
+    assert many.engine == "one-gpu" and many.fits and many.config["prefill_tokens"] == STEP_PREFILL_TOKENS
+    assert "prompt passes of at most 8192 tokens" in many.reasons[0]
+    gpu = many.devices[0]
+    assert gpu.total_gib <= gpu.capacity_gib
+    few = qwenhw.plan("Qwen3-30B-A3B", concurrency=16, **ask)
+    assert few.engine == "one-gpu" and "prefill_tokens" not in few.config
+    hybrid = qwenhw.plan("Qwen3-30B-A3B", concurrency=64, engine="hybrid", **ask)
+    assert many.estimate.throughput_tok_s > 1.5 * hybrid.estimate.throughput_tok_s

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 from qwenhw import settings
 from qwenhw.errors import BadInput
 
-from .limits import PREFILL_THRESHOLD
+from .limits import PREFILL_THRESHOLD, PREFILL_TOKENS
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class KernelConfig:
     norm: bool = True  # one GPU: the RMSNorms inside the router and MoE-sum kernels
     moe_slots: bool = True  # a MoE program per expert the batch can touch (off: one per local expert)
     prompt: bool = True  # prompt passes: rope/cache kernel, the experts around grouped GEMMs (off: transformers')
+    mixed: bool = True  # one GPU: prompt passes carry the decoding rows' tokens (Runtime.fill_and_decode)
     pdl: bool = True  # dependent launches on Hopper and later
     symm_mem: bool = True  # TP: all-reduce over symmetric memory (off: torch.distributed)
     fused_reduce: bool = True  # TP: the all-reduce and the next RMSNorm in one kernel
@@ -45,7 +46,8 @@ class KernelConfig:
 
 # KernelConfig field -> the variable that gives its default
 _SETTINGS = {"triton": "QWENHW_FUSED", "linear": "QWENHW_FUSED_LINEAR", "moe": "QWENHW_FUSED_MOE",
-             "norm": "QWENHW_FUSED_NORM", "moe_slots": "QWENHW_MOE_SLOTS", "prompt": "QWENHW_PROMPT_KERNELS", "pdl": "QWENHW_PDL",
+             "norm": "QWENHW_FUSED_NORM", "moe_slots": "QWENHW_MOE_SLOTS", "prompt": "QWENHW_PROMPT_KERNELS", "mixed": "QWENHW_MIXED_PASSES",
+             "pdl": "QWENHW_PDL",
              "symm_mem": "QWENHW_SYMM_MEM", "fused_reduce": "QWENHW_FUSED_REDUCE",
              "push_reduce": "QWENHW_PUSH_REDUCE", "cpu_kernel": "QWENHW_CPU_KERNEL"}
 
@@ -57,6 +59,7 @@ class NativeConfig:
     threads: int | None = None  # torch's CPU threads (the host's physical cores)
     cuda_graphs: bool | str = True  # one graph per decode step; "emulate": the graph code paths, eagerly
     decode_experts: str | None = "grouped_mm"  # transformers' experts kernel where the Triton one does not run
+    prefill_tokens: int = PREFILL_TOKENS  # prompt tokens a pass holds while no row decodes (the plan's reserve)
     load_format: str = "auto"  # "dummy": random weights from config.json
     # the hybrid: routed experts in host RAM
     expert_cache_bytes: int = 0  # GPU cache of hot experts

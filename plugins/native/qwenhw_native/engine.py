@@ -132,7 +132,8 @@ def runtime_engine(model: Any, tokenizer: Any, plan: Any, device: str, sequences
     cfg = NativeConfig.of(plan)
     kernels = cfg.kernel_config()
     runtimes = [Runtime(model, max_len=int(plan.context), device=device, batch=b, graphs=cfg.cuda_graphs,
-                        decode_experts=cfg.decode_experts, group=group, kernels=kernels)
+                        decode_experts=cfg.decode_experts, group=group, kernels=kernels,
+                        prefill_tokens=cfg.prefill_tokens)
                 for b in runtime_batches(sequences)]
     for rt in runtimes:
         rt.warm()

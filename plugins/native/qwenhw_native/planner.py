@@ -21,7 +21,8 @@ from qwenhw.planning.workload import Workload, context_floor, default_context, e
 from . import speed
 from .engines import RANK_ENGINES, Engine
 from .config import NativeConfig
-from .limits import ARCHITECTURES, PREFILL_CHUNK, PREFILL_THRESHOLD, PREFILL_TOKENS, fuses_reduce, runtime_batches, split_counts
+from .limits import (ARCHITECTURES, PREFILL_CHUNK, PREFILL_THRESHOLD, PREFILL_TOKENS, fuses_reduce, pass_budgets,
+                     runtime_batches, split_counts)
 
 # Routing statistics for the hybrid's static expert cache come from a short, varied prompt.
 CALIBRATION_PROMPT = (
@@ -75,13 +76,17 @@ def _without_dummy(p: Plan) -> Plan:
 def one_gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, context: int,
                  kv_dtype: str) -> Plan:
     """Everything on one GPU: a static KV cache per runtime and one CUDA graph per decode step over
-    transformers' modules, the decode projections, attention, router and experts on our Triton kernels."""
-    b = fp.one_gpu(spec, hw, req, dtype, context, kv_dtype, PREFILL_CHUNK, sum(runtime_batches(req.concurrency)),
-                   PREFILL_TOKENS)
+    transformers' modules, the decode projections, attention, router and experts on our Triton kernels. The
+    largest prompt pass whose activations fit beside the weights and KV (limits.pass_budgets)."""
+    for budget in pass_budgets():
+        b = fp.one_gpu(spec, hw, req, dtype, context, kv_dtype, PREFILL_CHUNK, sum(runtime_batches(req.concurrency)),
+                       budget)
+        wb = mm.weight_bytes_split(b.served)
+        room = b.cap - b.kv - b.act - fp.CUDA_CONTEXT
+        if room > 0 and wb.total <= room:
+            break
     node, gpu, served, cap, kv, act = b.node, b.gpu, b.served, b.cap, b.kv, b.act
-    wb = mm.weight_bytes_split(served)
     dev = gpu.device_id
-    room = cap - kv - act - fp.CUDA_CONTEXT
     fits = room > 0 and wb.total <= room
     if room <= 0:
         why = (f"KV cache ({kv / GiB:.1f} GiB) and activations ({act / GiB:.1f} GiB) alone exceed the "
@@ -92,6 +97,9 @@ def one_gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str,
     else:
         why = (f"everything fits on {dev} ({wb.total / GiB:.1f} GiB of weights): static KV cache and one CUDA graph "
                "per decode step over transformers' modules, decode on qwenhw's Triton kernels")
+        if budget < PREFILL_TOKENS:
+            why += (f"; prompt passes of at most {budget} tokens (activations {act / GiB:.1f} GiB), so that "
+                    f"{req.concurrency or 1} sequences' KV cache fits")
     per_token = mm.kv_bytes_per_token(served, kv_dtype)
     return Plan(
         model=spec.name, backend="native", engine=Engine.ONE_GPU, fits=fits, parallel=Parallel(),
@@ -101,15 +109,16 @@ def one_gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str,
         max_context=fp.context_fit(wb.total + act + fp.CUDA_CONTEXT, per_token, cap, served,
                                    sum(runtime_batches(req.concurrency))),
         concurrency=req.concurrency, dtype=stored_dtype(served), kv_dtype=kv_dtype,
-        estimate=_one_gpu_estimate(served, gpu, workload(req), kv_dtype) if fits else Estimate(), reasons=(why,),
-        config=NativeConfig(dtype=stored_dtype(served), main_device=dev, threads=node.cpu.physical_cores).to_dict(),
+        estimate=_one_gpu_estimate(served, gpu, workload(req), kv_dtype, budget) if fits else Estimate(),
+        reasons=(why,), config=NativeConfig(dtype=stored_dtype(served), main_device=dev, threads=node.cpu.physical_cores,
+                                            prefill_tokens=budget).to_dict(),
     )
 
 
-def _one_gpu_estimate(spec: ModelSpec, gpu, w: Workload, kv_dtype: str) -> Estimate:
+def _one_gpu_estimate(spec: ModelSpec, gpu, w: Workload, kv_dtype: str, budget: int = PREFILL_TOKENS) -> Estimate:
     rows = w.concurrency
     kv_read = rows * w.kv_tokens * mm.kv_bytes_per_token(spec, kv_dtype)
-    passes = mechanisms.budget_passes(rows, w.prompt_tokens, PREFILL_CHUNK, PREFILL_TOKENS)
+    passes = mechanisms.budget_passes(rows, w.prompt_tokens, PREFILL_CHUNK, budget)
     ttft = mechanisms.prefill(speed.PROMPT_KERNELS_PREFILL, spec, gpu.bf16_tflops, passes, rows)
     step = mechanisms.decode_step(speed.DECODE, gpu.bandwidth_gbs, spec.num_layers, rows,
                                   fp.stream_bytes(spec, rows) + kv_read)

@@ -63,7 +63,7 @@ class Runtime:
 
     def __init__(self, model: Any, max_len: int, device: str | torch.device, graphs: bool = True,
                  moe_hook: Callable | None = None, decode_experts: str | None = None, batch: int = 1,
-                 group: Any = None, kernels: KernelConfig | None = None):
+                 group: Any = None, kernels: KernelConfig | None = None, prefill_tokens: int = PREFILL_TOKENS):
         self.model = model
         self.batch = batch
         self.group = group  # tensor/expert-parallel process group (see sharding.py); None = one device
@@ -109,6 +109,7 @@ class Runtime:
         self._slots = torch.zeros((2, batch), dtype=torch.long, device=self.device)
         self.pos, self.start = self._slots[0], self._slots[1]
         self.step.start = self.start
+        self.step.idle = (self.pos, max_len - 1)  # the scratch slot (below)
         # tokens in each row's cache, and whether the row decodes. A row that does not (free, or its prompt
         # still going in) writes and reads only the cache's last slot, which no sequence reaches: a prompt
         # holds at most max_len - 1 tokens and its answer's last token is never written
@@ -122,7 +123,7 @@ class Runtime:
         self._graph_out: Any = None
         # prompt tokens one pass holds: in all, while no row decodes, and a longer prompt alone, chunk by chunk
         # (limits.py; LayerStep.rows says where a pass writes)
-        self.prefill_tokens, self.step_prefill_tokens = PREFILL_TOKENS, STEP_PREFILL_TOKENS
+        self.prefill_tokens, self.step_prefill_tokens = prefill_tokens, min(STEP_PREFILL_TOKENS, prefill_tokens)
         self.prefill_chunk = PREFILL_CHUNK
 
     # --- the forward pass ----------------------------------------------------------------------------
@@ -184,6 +185,24 @@ class Runtime:
             self.prefill([[0]] * m)
             self.decode(torch.zeros(self.batch, dtype=torch.long, device=self.device))
         self.reset()
+        if self.group is None and self.moe_hook is None:
+            self.warm_prompts()
+
+    @torch.inference_mode()
+    def warm_prompts(self) -> None:
+        """Run each kind of prompt pass a server runs once, so that its kernels compile now (Triton compiles a
+        kernel per kind of integer argument: 1, a multiple of 16, other), not in the first requests (measured:
+        the first of 32 requests at 1/s waited 3.5 s for its first token, the median 115 ms): a prompt alone,
+        prompts packed, and (batch > 1) prompts going in beside a decoding row. Leaves every row free."""
+        n, m = (min(k, self.max_len - 2) for k in (17, 16))  # a cache holds max_len - 1 prompt tokens
+        for prompts in ([[0] * n], [[0] * m, [0] * n]) if self.batch > 1 else ([[0] * n], [[0] * m]):
+            self.prefill(prompts)
+        if self.batch > 1 and self.mixes:
+            tokens = torch.zeros(self.batch, dtype=torch.long, device=self.device)
+            for length in (n, m - 1):  # beside one decoding row: 18 tokens in the pass, then 16
+                self.prefill([[0] * m])
+                self.fill_and_decode([Filling(1, [0] * length)], tokens)
+        self.reset()
 
     @torch.inference_mode()
     def prefill(self, ids: list[int] | list[list[int]]) -> torch.Tensor:
@@ -217,15 +236,9 @@ class Runtime:
         decode from the next step on, and their last tokens' logits (None if none)."""
         self._use_experts(self.prefill_experts)
         self.step.decoding = False
-        budget = self.step_prefill_tokens if any(self.active) else self.prefill_tokens
         head = filling[0]
         if head.done == 0 and len(head.ids) <= self.prefill_chunk:
-            take, tokens = 0, 0
-            for f in filling:
-                if len(f.ids) > self.prefill_chunk or take and tokens + len(f.ids) > budget:
-                    break
-                take, tokens = take + 1, tokens + len(f.ids)
-            passing, filling[:] = filling[:take], filling[take:]
+            passing = self._whole_prompts(filling)
             logits = self._prefill_pass([f.row for f in passing], [f.ids for f in passing])
             complete = passing
         else:
@@ -240,11 +253,67 @@ class Runtime:
             self.lengths[f.row], self.active[f.row] = len(f.ids), True
         return [f.row for f in complete], logits
 
-    def _prefill_pass(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
+    def _whole_prompts(self, filling: list["Filling"]) -> list["Filling"]:
+        """The first whole prompts of `filling` (taken out of it) that one pass holds: as many as
+        `prefill_tokens` hold (`step_prefill_tokens` while rows decode), none longer than a chunk."""
+        budget = self.step_prefill_tokens if any(self.active) else self.prefill_tokens
+        take, tokens = 0, 0
+        for f in filling:
+            if len(f.ids) > self.prefill_chunk or take and tokens + len(f.ids) > budget:
+                break
+            take, tokens = take + 1, tokens + len(f.ids)
+        passing, filling[:] = filling[:take], filling[take:]
+        return passing
+
+    @property
+    def mixes(self) -> bool:
+        """Whether a prompt pass can carry the decoding rows' next tokens (`fill_and_decode`): one device,
+        the prompt kernels (the decode rows' attention is the decode-attention kernel over the cache)."""
+        return (self.kernels.mixed and self.step.fused and self.kernels.prompt and self.reducer is None
+                and self.moe_hook is None)
+
+    @torch.inference_mode()
+    def fill_and_decode(self, filling: list["Filling"], tokens: torch.Tensor) -> tuple[list[int], torch.Tensor, bool]:
+        """`fill` and a decode step in one pass where rows decode and whole prompts go in (vLLM's chunked
+        prefill mixes them so: the weights are read once for both, where a pass and a step read them twice):
+        each decoding row's next token (`tokens` [batch], as `decode` takes) goes first, then the prompts,
+        packed. Returns the rows that sampled (the decoding ones, then those whose prompts are complete),
+        their logits, and whether the rows decoded (False: `fill` alone ran, a long prompt's chunk or no row
+        decoding; the decode step is still to come)."""
+        if not (self.mixes and any(self.active) and filling[0].done == 0
+                and len(filling[0].ids) <= self.prefill_chunk):
+            rows, logits = self.fill(filling)
+            return rows, logits, False
+        self._use_experts(self.prefill_experts)
+        self.step.decoding = False
+        passing = self._whole_prompts(filling)
+        m = self.busy_rows()
+        decoding = [r for r in range(m) if self.active[r]]
+        self._advance(m)
+        logits = self._prefill_pass([f.row for f in passing], [f.ids for f in passing], tokens[:m])
+        for f in passing:
+            self.lengths[f.row], self.active[f.row] = len(f.ids), True
+        sampled = decoding + list(range(m, m + len(passing)))
+        return decoding + [f.row for f in passing], logits[torch.tensor(sampled, device=self.device)], True
+
+    def _prefill_pass(self, rows: list[int], prompts: list[list[int]],
+                      decode: torch.Tensor | None = None) -> torch.Tensor:
         """Whole prompts into their rows from slot 0 in one pass: as a batch [rows, tokens] when they are of
-        one length, else packed into one sequence (LayerStep's `Packed`: no pad computed)."""
+        one length, else packed into one sequence (LayerStep's `Packed`: no pad computed). `decode`: the next
+        token of each of rows 0..m-1 (their slots set by `_advance`), packed first. Returns the logits of
+        each decode row's token, then of each prompt's last."""
         n = len(prompts[0])
-        if all(len(p) == n for p in prompts):
+        if decode is not None:
+            m = decode.numel()
+            lengths = [len(p) for p in prompts]
+            bounds = [0] + list(accumulate(lengths))
+            to = lambda xs, dtype=torch.long: torch.tensor(xs, dtype=dtype, device=self.device)  # noqa: E731
+            pos = torch.cat([self.pos[:m]] + [self.arange[:k] for k in lengths])
+            rows_t = torch.cat([self.arange[:m], to([r for r, k in zip(rows, lengths) for _ in range(k)])])
+            self.step.rows = Packed(rows_t, pos, to(bounds, torch.int32), bounds, decode=m, start=self.start[:m])
+            ids = torch.cat([decode.view(-1), to([t for p in prompts for t in p])])[None]
+            last = torch.cat([self.arange[:m], m + to(bounds[1:]) - 1])
+        elif all(len(p) == n for p in prompts):
             every = rows == list(range(self.batch))
             self.step.rows = Rows(slice(None) if every else torch.tensor(rows, device=self.device))
             ids, pos = torch.tensor(prompts, device=self.device), torch.arange(n, device=self.device)
@@ -302,15 +371,20 @@ class Runtime:
             self.tok.fill_(token)
         else:
             self.tok[:m].copy_(token.view(-1, 1)[:m])
-        on = self.active[:m]
-        self._slots[:, :m].copy_(torch.tensor([[n if a else self.scratch for n, a in zip(self.lengths, on)],
-                                               [0 if a else self.scratch for a in on]]))
-        self.lengths = [n + a for n, a in zip(self.lengths, self.active)]
+        self._advance(m)
         if not self.graphs:
             return self._forward(self.tok[:m], self.pos[:m])
         if self.moe_hook is None:
             return self._replay_step(m)
         return self._replay_layers()
+
+    def _advance(self, m: int) -> None:
+        """Rows 0..m-1 take a token: each decoding row's slot (pos) and first slot it reads (start) into the
+        graphs' buffers, the others' the scratch slot; the decoding rows' lengths grow by one."""
+        on = self.active[:m]
+        self._slots[:, :m].copy_(torch.tensor([[n if a else self.scratch for n, a in zip(self.lengths, on)],
+                                               [0 if a else self.scratch for a in on]]))
+        self.lengths = [n + a for n, a in zip(self.lengths, self.active)]
 
     def _use_experts(self, name: str | None) -> None:
         if name and name != self._experts_now and hasattr(self.layers[0].mlp, "experts"):
@@ -391,8 +465,9 @@ class Runtime:
         (nothing more); its row then takes the next prompt: the prompts past the first `batch`, then what
         `join(free rows)` returns, (prompt, max_new) pairs numbered on after them (a server's requests that
         arrived meanwhile). Each step runs one prefill pass of the prompts going in (`fill`: a burst of
-        prompts or a long one stalls the rows decoding one bounded pass at a time), then one decode step. The
-        loop ends when no row is busy and nothing joins."""
+        prompts or a long one stalls the rows decoding one bounded pass at a time), then one decode step; on
+        one GPU a pass of whole prompts carries the decode step's tokens too (`fill_and_decode`). The loop
+        ends when no row is busy and nothing joins."""
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -442,14 +517,15 @@ class Runtime:
                 return
             if new:
                 self._check(filling)
+            decoded = False
             if filling:
-                rows, logits = self.fill(filling)
+                rows, logits, decoded = self.fill_and_decode(filling, tokens)
                 if rows:
                     yield from emit(rows, logits)
             for r, s in enumerate(seqs):  # clients that left while the step's tokens went out
                 if s is not None and alive is not None and not alive(s.id):
                     leave(r)
-            if any(self.active):
+            if any(self.active) and not decoded:
                 logits = self.decode(tokens)
                 yield from emit(list(range(len(logits))), logits)
 

@@ -21,6 +21,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from .config import KernelConfig
 from .kernels import attention, common, linear, moe, moe_prompt, rope_cache, router
+from .kernels.tiles import for_device
 from .sharding import expert_parallel_moe, share_of
 
 
@@ -49,12 +50,17 @@ class Rows:
 @dataclass(frozen=True)
 class Packed:
     """Prompts of different lengths packed into one sequence of a pass (no padding): token j goes to slot
-    `slots[j]` of cache row `rows[j]`; prompt p is tokens cu[p]..cu[p + 1] (`bounds`, the same on the host)."""
+    `slots[j]` of cache row `rows[j]`; prompt p is tokens cu[p]..cu[p + 1] (`bounds`, the same on the host)
+    of the prompt part. A mixed pass (`decode` > 0) starts with the next token of each of the cache's rows
+    0..decode-1, as a decode step computes them: each attends to its row's slots start[j]..slots[j] (the
+    decode-attention kernel), a row that does not decode to the scratch slot only."""
 
     rows: torch.Tensor
     slots: torch.Tensor
     cu: torch.Tensor  # int32 [prompts + 1], what the varlen attention kernel reads
     bounds: list[int]
+    decode: int = 0
+    start: torch.Tensor | None = None  # [decode]: each decoding row's first slot
 
 # attention module -> its merged q/k/v weight and bias (LayerStep._merge_qkv), kept beside the model, not on it
 _MERGED: "weakref.WeakKeyDictionary[Any, tuple[torch.Tensor, torch.Tensor | None]]" = weakref.WeakKeyDictionary()
@@ -85,6 +91,9 @@ class LayerStep:
         self.decoding = False
         self.rows: Rows | Packed = Rows()
         self.start: torch.Tensor | None = None  # each row's first slot a decode query reads (the runtime's)
+        # (each row's slot, the scratch slot): a decode step's rows at the scratch slot do not decode, and the
+        # router gives them no experts (their tokens would bring experts of their own to read)
+        self.idle: tuple[torch.Tensor, int] | None = None
         self.qkv = self._merge_qkv() if self.fused else []
 
     # --- attention ------------------------------------------------------------------------------------
@@ -152,6 +161,14 @@ class LayerStep:
             rows = where.rows
         q = rope_cache.qk_rope_cache(q, k, v, *norms, cos, sin, pos, self.k[i], self.v[i], rows=rows)
         kc, vc = self.k[i], self.v[i]
+        if isinstance(where, Packed) and where.decode:  # a mixed pass: the decode rows, then the prompts
+            d = where.decode
+            rows_out = attention.decode_attention(q[0, :, :d].transpose(0, 1)[:, :, None].contiguous(), kc, vc,
+                                                  where.slots[:d], a.scaling, where.start)
+            keys, values = (c[where.rows[d:], :, where.slots[d:]].transpose(0, 1)[None] for c in (kc, vc))
+            out = packed_attention(q[:, :, d:], keys, values, where, a.scaling)
+            out = torch.cat([rows_out.view(1, d, -1), out.transpose(1, 2).reshape(1, t - d, -1)], dim=1)
+            return self._reduce(a.o_proj(out), h)
         if isinstance(where, Packed):
             keys, values = (c[where.rows, :, where.slots].transpose(0, 1)[None] for c in (kc, vc))
             out = packed_attention(q, keys, values, where, a.scaling)
@@ -279,8 +296,9 @@ class LayerStep:
             return self._reduce(experts(flat, idx, weights).view_as(x), h)
         return self._reduce(layer.mlp(x), h)
 
-    def _gate_route(self, gate: Any, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return router.gate_route(gate, flat, pdl=self.pdl)
+    def _gate_route(self, gate: Any, flat: torch.Tensor,
+                    skip: tuple[torch.Tensor, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return router.gate_route(gate, flat, pdl=self.pdl, skip=skip)
 
     def _norm_route(self, layer: Any, h: torch.Tensor, ahead: Ahead) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x, weights, ids) of a decode step's MoE block: x = the post-attention RMSNorm of h [tokens,
@@ -292,10 +310,11 @@ class LayerStep:
         if ahead.row_sq is not None and router.router_fits(gate, flat):
             x = torch.empty_like(flat)
             weights, idx = router.router(flat, gate.weight, gate.top_k, bool(gate.norm_topk_prob),
-                                         norm=(norm.weight, norm.variance_epsilon, ahead.row_sq), xn=x, pdl=self.pdl)
+                                         norm=(norm.weight, norm.variance_epsilon, ahead.row_sq), xn=x, pdl=self.pdl,
+                                         skip=self.idle)
             return x, weights, idx
         x = self.norm(norm, h, ahead).reshape(-1, h.shape[-1])
-        return (x, *self._gate_route(gate, x))
+        return (x, *self._gate_route(gate, x, self.idle))
 
     def _norm_in_kernels(self, norm: Any) -> bool:
         return self.reducer is None and not self.hybrid and self.kernels.norm and is_rms(norm)
@@ -303,9 +322,11 @@ class LayerStep:
     def fused_moe(self, mlp: Any, x: torch.Tensor) -> bool:
         """Whether a decode step's routed experts take the Triton kernels (the hybrid's hook runs them
         elsewhere)."""
+        if not (self.fused and self.decoding and self.kernels.moe and not self.hybrid
+                and not hasattr(mlp, "shared_expert") and moe.supported(mlp.experts)):
+            return False
         pairs = x.numel() // x.shape[-1] * getattr(mlp.gate, "top_k", 1 << 30)
-        return (self.fused and self.decoding and self.kernels.moe and not self.hybrid
-                and not hasattr(mlp, "shared_expert") and pairs <= moe.MAX_PAIRS and moe.supported(mlp.experts))
+        return pairs <= min(moe.MAX_PAIRS, for_device(x.device).moe_max_pairs)  # past it: grouped GEMMs (`mlp`)
 
     # --- norms and the tensor-parallel sum --------------------------------------------------------------
     def _reduce(self, out: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, Ahead]:

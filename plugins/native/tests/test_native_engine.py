@@ -194,6 +194,20 @@ def test_fast_path_refuses_a_prompt_longer_than_the_planned_context(tiny_moe):
                 eng.generate(prompts, max_tokens=2, temperature=0)
 
 
+def test_the_plans_prompt_pass_budget_reaches_the_runtimes(tiny_moe):
+    """NativeConfig.prefill_tokens (the planner lowers it where a larger pass's activations would keep rows off
+    the GPU): the runtimes take no more prompt tokens per pass, idle or while rows decode."""
+    plan = qwenhw.plan(str(tiny_moe), backend="native", engine="one-gpu", context=64, concurrency=3)
+    with qwenhw.load(plan.replace(config={**plan.config, "prefill_tokens": 16})) as eng:
+        rt = eng.batched
+        assert rt.prefill_tokens == rt.step_prefill_tokens == eng.runtime.prefill_tokens == 16
+        passes: list[int] = []
+        real = rt._prefill_pass
+        rt._prefill_pass = lambda rows, prompts, *a: passes.append(sum(map(len, prompts))) or real(rows, prompts, *a)
+        rt.prefill([list(range(100, 110)), list(range(200, 210)), list(range(300, 305))])
+    assert passes == [10, 15]  # 10 + 10 > 16: the first prompt alone, then the other two together
+
+
 def test_plan_config_is_typed_and_reported(tiny_moe):
     """A native plan's config is NativeConfig's JSON: read back whole, unknown keys refused with the closest
     name, and the kernels it switches reported by the loaded engine."""

@@ -48,11 +48,11 @@ def _route(logits_ptr, w_ptr, idx_ptr, E, K: tl.constexpr, BLOCK_E: tl.constexpr
 
 
 @jit
-def _router(x_ptr, g_ptr, part_ptr, cnt_ptr, w_ptr, idx_ptr, nw_ptr, xn_ptr, sq_ptr, N, E, SQ, eps,
+def _router(x_ptr, g_ptr, part_ptr, cnt_ptr, w_ptr, idx_ptr, nw_ptr, xn_ptr, sq_ptr, pos_ptr, N, E, SQ, eps, idle,
             H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr,
             SPLIT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
             PRENORM: tl.constexpr, BSQ: tl.constexpr, EXACT: tl.constexpr, PDL: tl.constexpr,
-            LINE: tl.constexpr, LINES: tl.constexpr):
+            LINE: tl.constexpr, LINES: tl.constexpr, SKIP: tl.constexpr):
     """The router GEMM and `_route` in one kernel, for up to BT tokens: program (b, s) sums hidden slice s
     of SPLIT for experts b*BE.. (fp32, into `part` [SPLIT, BT, BLOCK_E]); the last program to finish (an
     atomic count, put back to zero) adds the slices in order, rounds the logits to the model dtype as
@@ -60,7 +60,9 @@ def _router(x_ptr, g_ptr, part_ptr, cnt_ptr, w_ptr, idx_ptr, nw_ptr, xn_ptr, sq_
     PRENORM (one GPU, where no all-reduce normalises): x is the un-normalised hidden state and sq [N, SQ]
     the partial sums of its rows' squares that the kernel before left (`_linear_residual` with ROW_SQ);
     every program adds them up in order, normalises its slice (rounded once, as F.rms_norm), and the
-    programs of expert block 0 write the slices into xn for the experts' kernels."""
+    programs of expert block 0 write the slices into xn for the experts' kernels.
+    SKIP: tokens whose pos is `idle` (a decode step's rows that do not decode) get expert id -1, which the
+    experts' kernels skip: their garbage tokens would otherwise bring experts of their own to read."""
     ty = w_ptr.dtype.element_ty
     b = tl.program_id(0)
     s = tl.program_id(1)
@@ -99,6 +101,9 @@ def _router(x_ptr, g_ptr, part_ptr, cnt_ptr, w_ptr, idx_ptr, nw_ptr, xn_ptr, sq_
         p = tl.exp(x - tl.max(x, 1)[:, None])
         p = p / tl.sum(p, 1)[:, None]
         vals, idxs = _top_k(p, e, K, BLOCK_K, NORM)
+        if SKIP:
+            skip = tl.load(pos_ptr + t, mask=t < N, other=0) == idle
+            idxs = tl.where(skip[:, None], -1, idxs)
         ks = tl.arange(0, BLOCK_K)
         out = (t[:, None] < N) & (ks[None, :] < K)
         tl.store(w_ptr + t[:, None] * K + ks[None, :], vals.to(ty), mask=out)
@@ -124,11 +129,13 @@ def _router_tiles(x: torch.Tensor) -> tuple[int, int, int]:
 
 def router(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, normalise: bool,
            norm: tuple[torch.Tensor, float, torch.Tensor] | None = None,
-           xn: torch.Tensor | None = None, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+           xn: torch.Tensor | None = None, pdl: bool = False,
+           skip: tuple[torch.Tensor, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """route(x @ gate_weight.T, ...) in one kernel for up to Tiles.router_max_tokens rows of x [n, hidden].
     `norm` = (weight, eps, sq): x is the hidden state before the RMSNorm, which the kernel applies, with
     sq [n, parts] partial sums of its rows' squares (`linear_residual(row_sq=...)`), writing the
-    normalised rows into `xn` (the experts' input)."""
+    normalised rows into `xn` (the experts' input). `skip` = (pos [n], idle): rows at position `idle` get
+    expert ids -1 (for the decode experts' kernels, which skip them; not for torch's experts)."""
     n, hidden = x.shape
     experts = gate_weight.shape[0]
     be, bk, split = _router_tiles(x)
@@ -138,13 +145,14 @@ def router(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, normalise: bo
     idx = torch.empty((n, top_k), dtype=torch.int64, device=x.device)
     line = 128 // gate_weight.element_size()
     nw, eps, sq = norm or (x, 0.0, part)
+    pos, idle = skip or (idx, 0)
     _router[(triton.cdiv(experts, be), split)](
-        x, gate_weight, part, counts(x.device, 1, "router"), weights, idx, nw, xn if xn is not None else x, sq, n,
-        experts, sq.shape[-1], float(eps), H=hidden, K=top_k, BT=bt, BE=be, BK=bk, SPLIT=split, BLOCK_E=block_e,
-        BLOCK_K=triton.next_power_of_2(top_k), NORM=normalise, PRENORM=norm is not None,
+        x, gate_weight, part, counts(x.device, 1, "router"), weights, idx, nw, xn if xn is not None else x, sq, pos,
+        n, experts, sq.shape[-1], float(eps), idle, H=hidden, K=top_k, BT=bt, BE=be, BK=bk, SPLIT=split,
+        BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k), NORM=normalise, PRENORM=norm is not None,
         BSQ=triton.next_power_of_2(sq.shape[-1]),
         EXACT=not x.is_cuda or x.dtype == torch.float32, LINE=line,
-        LINES=triton.next_power_of_2(triton.cdiv(hidden // split, line)), **launch(pdl))
+        LINES=triton.next_power_of_2(triton.cdiv(hidden // split, line)), SKIP=skip is not None, **launch(pdl))
     return weights, idx
 
 
@@ -160,12 +168,16 @@ def router_fits(gate: Any, flat: torch.Tensor) -> bool:
             and flat.shape[1] % (bk * split) == 0 and gate.weight.is_contiguous() and gate.weight.dtype == flat.dtype)
 
 
-def gate_route(gate: Any, flat: torch.Tensor, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def gate_route(gate: Any, flat: torch.Tensor, pdl: bool = False,
+               skip: tuple[torch.Tensor, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights, ids) of a transformers MoE router: fused kernels for Qwen3-style top-k routers (the GEMM
-    too for decode-sized calls)."""
+    too for decode-sized calls). `skip`: as `router`'s."""
     if router_fits(gate, flat):
-        return router(flat, gate.weight, gate.top_k, bool(gate.norm_topk_prob), pdl=pdl)
+        return router(flat, gate.weight, gate.top_k, bool(gate.norm_topk_prob), pdl=pdl, skip=skip)
     if _qwen3_router(gate):
-        return route(torch.nn.functional.linear(flat, gate.weight), gate.top_k, bool(gate.norm_topk_prob), pdl)
-    _, weights, idx = gate(flat)
+        weights, idx = route(torch.nn.functional.linear(flat, gate.weight), gate.top_k, bool(gate.norm_topk_prob), pdl)
+    else:
+        _, weights, idx = gate(flat)
+    if skip is not None:
+        idx = idx.masked_fill(skip[0][:, None] == skip[1], -1)
     return weights, idx

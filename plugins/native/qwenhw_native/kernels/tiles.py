@@ -35,6 +35,9 @@ class Tiles:
     # under PDL the down kernel asks L2 for this many 128-byte lines of each weight row before its wait
     # (whole rows overran L2: -6% at batch 16)
     moe_down_prefetch: int = 2
+    # decode steps of up to this many (token, expert) pairs take the slot kernels above (at most
+    # moe.MAX_PAIRS); larger ones sort the pairs and take the grouped GEMMs of a prompt pass (moe_prompt)
+    moe_max_pairs: int = 512
     # decode GEMMs (q/k/v + RoPE + cache, o_proj + residual) in Triton up to this many rows (cuBLAS won at 64)
     linear_max_tokens: int = 16
     linear_bk: int = 128

@@ -50,6 +50,27 @@ def test_runtime_decodes_through_the_kernels(tiny_moe, calls):
     assert pair == [tokens, short]  # two prompts of different lengths decoded together, each row at its own position
 
 
+def test_decode_past_the_slot_kernels_pairs_takes_the_grouped_gemms(tiny_moe, calls, monkeypatch):
+    """Tiles.moe_max_pairs: a decode step routing more (token, expert) pairs than it takes the prompt pass's
+    experts (sorted pairs, grouped GEMMs); a smaller one the slot kernels, and both give transformers' tokens."""
+    from qwenhw_native.kernels import tiles
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32).eval()
+    prompts = [[785, 6722, 315, 9625, 374, 264], [785, 6722, 315]]
+    top_k = model.config.num_experts_per_tok
+    monkeypatch.setattr(tiles, "DEFAULT", tiles.DEFAULT.replace(moe_max_pairs=top_k))  # one row's pairs
+    with torch.no_grad():
+        ref = [model.generate(torch.tensor([p]), max_new_tokens=4, do_sample=False)[0, len(p):].tolist()
+               for p in prompts]
+    alone = Runtime(model, 64, "cpu", graphs=False)
+    assert list(alone.generate(prompts[0], 4, SampleParams(), set())) == ref[0]
+    assert calls.count("moe") == 2 * 3 and calls.count("moe_prompt") == 2  # decode steps: the slot kernels
+    calls.clear()
+    pair = Runtime(model, 64, "cpu", graphs=False, batch=2)
+    assert pair.generate_batch(prompts, 4, SampleParams(), set()) == ref
+    assert calls.count("moe") == 0 and calls.count("moe_prompt") == 2 * 4  # 2 rows: past the limit, grouped
+
+
 def test_kernels_switched_off_by_the_config(tiny_moe, calls):
     """KernelConfig: with the MoE and projection kernels off, decode steps take transformers' experts and
     cuBLAS, and the tokens stay transformers'."""
@@ -92,3 +113,87 @@ def test_prompt_passes_on_the_kernels_chunked_packed_and_joining(tiny_moe):
     for row, j in ((2, 1), (1, 2)):
         assert torch.allclose(got[done.index(row)], ref[j], atol=1e-4, rtol=1e-4)
         assert torch.allclose(rt.k[:, row, :, :len(prompts[j])], keys[j], atol=1e-5)
+
+
+def test_prompts_joining_decoding_rows_go_in_with_their_decode_step(tiny_moe):
+    """A pass of whole prompts while rows decode carries those rows' next tokens (one pass instead of a pass
+    and a decode step): every sequence gets the tokens it gets alone, and no decode step runs beside it."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32).eval()
+    prompts = [list(range(100, 104)), list(range(300, 311)), list(range(500, 507)), list(range(700, 709))]
+    limits = [2, 5, 2, 2]
+    rt = Runtime(model, 64, "cpu", graphs=False, batch=2)
+    assert rt.mixes
+    events: list[str] = []
+    real_decode, real_mix = rt.decode, rt.fill_and_decode
+
+    def mix(*a):
+        rows, logits, decoded = real_mix(*a)
+        events.append("mixed" if decoded else "pass")
+        return rows, logits, decoded
+
+    rt.decode = lambda *a: events.append("decode") or real_decode(*a)
+    rt.fill_and_decode = mix
+    got: dict[int, list[int]] = {}
+    for seq, token, _ in rt.stream_batch(prompts, limits, SampleParams(), set()):
+        got.setdefault(seq, []).append(token)
+    alone = Runtime(model, 64, "cpu", graphs=False)
+    assert got == {i: alone.generate_batch([p], n, SampleParams(), set())[0]
+                   for i, (p, n) in enumerate(zip(prompts, limits))}
+    # prompts 0 and 1 go in alone; 2 and 3 each take a freed row beside the decoding sequence 1 (its third and
+    # fifth tokens), with no decode step of their own
+    assert events == ["pass", "decode", "mixed", "decode", "mixed", "decode"], events
+    from qwenhw_native.config import KernelConfig
+
+    apart = Runtime(model, 64, "cpu", graphs=False, batch=2, kernels=KernelConfig(mixed=False))  # QWENHW_MIXED_PASSES=0
+    assert not apart.mixes
+    got = {}
+    for seq, token, _ in apart.stream_batch(prompts, limits, SampleParams(), set()):
+        got.setdefault(seq, []).append(token)
+    assert got == {i: t for i, t in enumerate(alone.generate_batch([p], n, SampleParams(), set())[0]
+                                              for p, n in zip(prompts, limits))}
+
+
+def test_rows_that_do_not_decode_route_to_no_expert(tiny_moe, monkeypatch):
+    """A decode step computes the rows up to the last busy one; the free rows among them (at the scratch slot)
+    get expert id -1 from the router kernel, so the experts' kernels read no expert for them, and the busy
+    rows' tokens stay what they are alone."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32).eval()
+    prompts = [list(range(100, 104)), list(range(300, 311)), list(range(500, 507)), list(range(700, 709))]
+    limits = [2, 4, 2, 4]
+    routed: list[torch.Tensor] = []
+    real = step.router.router
+
+    def router(*a, **k):
+        weights, idx = real(*a, **k)
+        routed.append(idx.clone())
+        return weights, idx
+
+    alone = Runtime(model, 64, "cpu", graphs=False)
+    ref = {i: alone.generate_batch([p], n, SampleParams(), set())[0] for i, (p, n) in enumerate(zip(prompts, limits))}
+    monkeypatch.setattr(step.router, "router", router)
+    rt = Runtime(model, 64, "cpu", graphs=False, batch=4)
+    got: dict[int, list[int]] = {}
+    for seq, token, _ in rt.stream_batch(prompts, limits, SampleParams(), set()):
+        got.setdefault(seq, []).append(token)
+    assert got == ref
+    routed = [idx for idx in routed if idx.shape[0] == 4]  # the decode steps' (the prompt pass routes 31 tokens)
+    layers = model.config.num_hidden_layers
+    first, later = routed[:layers], routed[-layers:]  # the first decode step: every row; the last: rows 1, 3
+    assert all((idx >= 0).all() for idx in first)
+    assert all((idx[[0, 2]] == -1).all() and (idx[[1, 3]] >= 0).all() for idx in later)
+
+
+def test_warming_the_prompt_passes_leaves_the_runtime_as_it_was(tiny_moe):
+    """Runtime.warm_prompts (on a GPU, at start: each kind of prompt pass once, so its kernels compile before
+    the first request) runs a pass alone, packed and beside a decoding row, and leaves every row free: what
+    runs next gets the tokens it gets without it."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32).eval()
+    prompts = [list(range(100, 104)), list(range(300, 311))]
+    cold = Runtime(model, 64, "cpu", graphs=False, batch=2).generate_batch(prompts, 3, SampleParams(), set())
+    rt = Runtime(model, 64, "cpu", graphs=False, batch=2)
+    mixed: list[bool] = []
+    real = rt.fill_and_decode
+    rt.fill_and_decode = lambda *a: (lambda out: mixed.append(out[2]) or out)(real(*a))
+    rt.warm_prompts()
+    assert mixed == [True, True] and not any(rt.active) and rt.lengths == [0, 0]
+    assert rt.generate_batch(prompts, 3, SampleParams(), set()) == cold
