@@ -66,6 +66,8 @@ _DECLARED = (
             "native: prompt passes' q/k norms + RoPE + cache write and the experts' element-wise work in Triton"),
     Setting("QWENHW_MIXED_PASSES", _flag, True,
             "native, one GPU: a pass of whole prompts carries the decoding rows' tokens too (0: a pass, then a step)"),
+    Setting("QWENHW_ASYNC_STEPS", _flag, True,
+            "native: a decode step launches before the last one's tokens go out (0: one step at a time)"),
     Setting("QWENHW_PDL", _flag, True, "native: launch decode kernels dependent on the one before (Hopper+)"),
     Setting("QWENHW_SYMM_MEM", _flag, True, "native TP: all-reduce over symmetric memory (0: torch.distributed)"),
     Setting("QWENHW_FUSED_REDUCE", _flag, True, "native TP: the all-reduce and the next RMSNorm in one kernel"),

@@ -40,6 +40,11 @@ class Filling:
     done: int = 0
 
 
+# a decode step in flight: its decoding rows, their sequences' numbers, their tokens (on the host once the
+# event says the step is done; None on the CPU, where they are already)
+_Step = tuple[list[int], list[int], torch.Tensor, Any]
+
+
 @dataclass
 class _Sequence:
     """A sequence in a row of the batch: its number in the pieces, tokens sampled and the most it may take."""
@@ -466,8 +471,10 @@ class Runtime:
         `join(free rows)` returns, (prompt, max_new) pairs numbered on after them (a server's requests that
         arrived meanwhile). Each step runs one prefill pass of the prompts going in (`fill`: a burst of
         prompts or a long one stalls the rows decoding one bounded pass at a time), then one decode step; on
-        one GPU a pass of whole prompts carries the decode step's tokens too (`fill_and_decode`). The loop
-        ends when no row is busy and nothing joins."""
+        one GPU a pass of whole prompts carries the decode step's tokens too (`fill_and_decode`). With
+        `KernelConfig.async_steps` a decode step launches before the tokens of the one before are handed out
+        (`launch`, `settle`): each sequence's tokens are the same, the sequences' pieces interleave differently.
+        The loop ends when no row is busy and nothing joins."""
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -489,20 +496,67 @@ class Runtime:
                 s = seqs[r]
                 if s is None or not self.active[r]:  # a row of a decode step that does not decode
                     continue
-                if alive is not None and not alive(s.id):
-                    leave(r)
-                    continue
-                s.count += 1
-                last = token in eos or s.count >= s.limit
-                if last:
-                    leave(r)
-                yield s.id, token, last
+                yield from take(r, s, token)
             if rows == list(range(len(rows))):  # a decode step's
                 tokens[:len(rows)] = sampled
             else:  # prompts that went in
                 tokens[torch.tensor(rows, device=self.device)] = sampled
 
+        def take(r: int, s: _Sequence, token: int) -> Iterator[tuple[int, int, bool]]:
+            if alive is not None and not alive(s.id):
+                leave(r)
+                return
+            s.count += 1
+            last = token in eos or s.count >= s.limit
+            if last:
+                leave(r)
+            yield s.id, token, last
+
+        def ending(step: _Step | None) -> list[int]:
+            """The rows whose token in `step` is their sequence's last by count."""
+            if step is None:
+                return []
+            return [r for r, sid in zip(*step[:2]) if (s := seqs[r]) is not None and s.id == sid
+                    and s.count + 1 >= s.limit]
+
+        def launch(before: _Step | None) -> _Step | None:
+            """The next decode step, sampled on the device into `tokens`, its tokens copied to the host as it
+            ends; the step before it still in flight (`before`): a row whose token there is its last by count
+            decodes no further (its cache may hold no more)."""
+            for r in ending(before):
+                self.active[r] = False
+            if not any(self.active):
+                return None
+            rows = [r for r, on in enumerate(self.active) if on]
+            logits = self.decode(tokens)
+            sampled = sample_rows(logits, params, gen)
+            tokens[:len(sampled)] = sampled
+            on = sampled[torch.tensor(rows, device=self.device)]
+            if not on.is_cuda:
+                return rows, [seqs[r].id for r in rows], on, None
+            host = on.to("cpu", non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            return rows, [seqs[r].id for r in rows], host, done
+
+        def settle(step: _Step | None) -> Iterator[tuple[int, int, bool]]:
+            """A decode step's tokens once it is done, to the sequences its rows held when it launched (a row
+            whose sequence ended meanwhile, at its EOS, computed a token that goes nowhere)."""
+            if step is None:
+                return
+            rows, ids, host, done = step
+            if done is not None:
+                done.synchronize()
+            for r, sid, token in zip(rows, ids, host.tolist()):
+                s = seqs[r]
+                if s is not None and s.id == sid:
+                    yield from take(r, s, token)
+
+        pending: _Step | None = None  # a decode step in flight (asynchronous steps)
         while True:
+            if (waiting or join is not None) and ending(pending):  # their rows take prompts in this pass, not
+                yield from settle(pending)                         # one step later
+                pending = None
             free = [r for r, s in enumerate(seqs) if s is None]
             new: list[tuple[list[int], int]] = []
             if free and waiting:
@@ -513,21 +567,32 @@ class Runtime:
                 seqs[r] = _Sequence(numbered, min(most, self.max_len - len(ids)))
                 filling.append(Filling(r, ids))
                 numbered += 1
-            if not filling and not any(self.active):
+            if not filling and not any(self.active) and pending is None:
                 return
             if new:
                 self._check(filling)
             decoded = False
             if filling:
+                yield from settle(pending)  # who decodes must be known before a pass that carries them
+                pending = None
                 rows, logits, decoded = self.fill_and_decode(filling, tokens)
                 if rows:
                     yield from emit(rows, logits)
             for r, s in enumerate(seqs):  # clients that left while the step's tokens went out
                 if s is not None and alive is not None and not alive(s.id):
                     leave(r)
-            if any(self.active) and not decoded:
+            if any(self.active) and not decoded and self.kernels.async_steps:
+                # the next step goes to the GPU before this one's tokens are handed out: the host's work
+                # (sampling's sync, text, the server) overlaps the next step's kernels
+                before, pending = pending, None
+                pending = launch(before)
+                yield from settle(before)
+            elif any(self.active) and not decoded:
                 logits = self.decode(tokens)
                 yield from emit(list(range(len(logits))), logits)
+            else:
+                yield from settle(pending)
+                pending = None
 
     def generate(self, ids: list[int], max_new: int, params: SampleParams, eos: set[int]) -> Iterator[int]:
         """One sequence's tokens, up to its EOS (yielded) or `max_new` or a full cache."""

@@ -132,6 +132,48 @@ def test_fast_path_decodes_prompts_continuously_like_one_at_a_time(tiny_moe, gra
     assert all(len(rows) == 1 and active[0] and not active[rows[0]] for rows, active in admitted[1:])
 
 
+def test_asynchronous_steps_give_what_one_step_at_a_time_gives(tiny_moe):
+    """KernelConfig.async_steps (QWENHW_ASYNC_STEPS): the next decode step launches before the last one's
+    tokens go out. A row whose sequence ends at its EOS then computes one token that goes nowhere; a row at its
+    last token by count launches no further step. Each sequence gets what one step at a time gives it (the
+    sequences' pieces interleave differently): sequences ending at an EOS, at their max_tokens and at a full
+    cache, rows taken over as they free up, a client that leaves."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qwenhw_native.config import KernelConfig
+    from qwenhw_native.runtime import Runtime, SampleParams
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32)
+    prompts = [list(range(100, 104)), list(range(300, 311)), list(range(500, 507)), list(range(700, 709)),
+               list(range(900, 950))]
+    most = [12, 3, 7, 30, 40]  # the last: 50 + 14 tokens fill its 64-slot row
+    first = Runtime(model, 64, "cpu", graphs=False).generate_batch([prompts[0]], 12, SampleParams(), set())[0]
+    eos = {first[5]}  # sequence 0 ends at its sixth token
+    runs = {}
+    for steps in (False, True):
+        rt = Runtime(model, 64, "cpu", graphs=False, batch=2, kernels=KernelConfig(async_steps=steps))
+        decodes: list[int] = []
+        real = rt.decode
+        rt.decode = lambda *a, _real=real: decodes.append(1) or _real(*a)
+        gone: set[int] = set()
+        out = []
+        for seq, token, last in rt.stream_batch(prompts, most, SampleParams(), eos, alive=lambda i: i not in gone):
+            out.append((seq, token, last))
+            if seq == 2 and len([o for o in out if o[0] == 2]) == 3:
+                gone.add(2)  # its client leaves after 3 tokens
+        per: dict[int, list[tuple[int, bool]]] = {}
+        for seq, token, last in out:
+            per.setdefault(seq, []).append((token, last))
+        runs[steps] = per, len(decodes)
+    (sync, sync_steps), (both, async_steps) = runs[False], runs[True]
+    assert both == sync and len(sync) == 5
+    ends = {seq: got[-1][0] for seq, got in sync.items() if got[-1][1]}
+    assert ends[0] in eos and len(sync[0]) == 6 and 2 not in ends and len(sync[2]) == 3
+    assert len(sync[1]) == 3 and len(sync[3]) == 30 and len(sync[4]) == 64 - 50
+    assert async_steps <= sync_steps + 1  # at most the EOS row's token that went nowhere (a step alone)
+
+
 def test_a_long_prompt_goes_in_chunk_by_chunk_between_decode_steps(tiny_moe):
     """Chunked prefill: a prompt longer than a pass holds goes in one chunk per step while the other rows
     keep decoding (a decode step between every two chunks), and both get the tokens they get alone."""
