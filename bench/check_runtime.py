@@ -4,7 +4,8 @@ kernels and graphs): random bf16 weights of the model directory's shape, a few l
 - packed prefill (FlashAttention's variable-length kernel): prompts of different lengths in one pass give
   the last-token logits each gives alone;
 - continuous batching under CUDA graphs: prompts joining rows while others decode get the greedy tokens
-  they get alone.
+  they get alone; with the engine's defaults (asynchronous decode steps, prompt passes that carry the
+  decoding rows' tokens) and with each of those switched off (KernelConfig.async_steps, .mixed).
 
     python bench/check_runtime.py DIR --layers 4      # DIR: side_by_side.py prepare's folder
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -29,6 +31,7 @@ def main() -> None:
 
     import torch
 
+    from qwenhw_native.config import KernelConfig
     from qwenhw_native.runtime import Runtime, SampleParams
 
     model = random_model(args.model, "cuda", args.layers)
@@ -46,24 +49,27 @@ def main() -> None:
     print(f"packed prefill of {[len(p) for p in prompts]} tokens vs one at a time: max relative L2 {err:.2e}, "
           f"argmax {'equal' if same else 'DIFFERENT'}: {'ok' if ok else 'FAILED'}")
 
-    rt = Runtime(model, max_len=2048, device="cuda", batch=2)
-    rt.warm()
     most = [40, 5, 17, 9, 3]
-    together = [[] for _ in prompts]
-    for seq, token, _ in rt.stream_batch(prompts, most, SampleParams(), set()):
-        together[seq].append(token)
     one = Runtime(model, max_len=2048, device="cuda", batch=1)
     one.warm()
     each = [one.generate_batch([p], m, SampleParams(), set())[0] for p, m in zip(prompts, most)]
-    # tokens equal before each sequence's first difference (random weights: near-ties in bf16 may flip one
-    # token between batch sizes, and the rest follow it; a wrong position or slot flips all of them)
-    prefix = [next((j for j, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(together, each)]
-    agree, total = sum(prefix), sum(most)
-    ok = [len(t) for t in together] == most and agree >= 0.5 * total
-    failed |= not ok
-    print(f"continuous batching (2 rows, 5 prompts joining) vs alone: {agree}/{total} greedy tokens equal "
-          f"before a first difference {prefix}: "
-          f"{'ok' if ok else 'FAILED'}")
+    defaults = KernelConfig.resolve()
+    for label, kernels in (("defaults", defaults), ("async_steps off", replace(defaults, async_steps=False)),
+                           ("mixed off", replace(defaults, mixed=False))):
+        rt = Runtime(model, max_len=2048, device="cuda", batch=2, kernels=kernels)
+        rt.warm()
+        together = [[] for _ in prompts]
+        for seq, token, _ in rt.stream_batch(prompts, most, SampleParams(), set()):
+            together[seq].append(token)
+        # tokens equal before each sequence's first difference (random weights: near-ties in bf16 may flip one
+        # token between batch sizes, and the rest follow it; a wrong position or slot flips all of them)
+        prefix = [next((j for j, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(together, each)]
+        agree, total = sum(prefix), sum(most)
+        ok = [len(t) for t in together] == most and agree >= 0.5 * total
+        failed |= not ok
+        print(f"continuous batching ({label}; 2 rows, 5 prompts joining) vs alone: {agree}/{total} greedy tokens "
+              f"equal before a first difference {prefix}: {'ok' if ok else 'FAILED'}")
+        del rt
     sys.exit(1 if failed else 0)
 
 
