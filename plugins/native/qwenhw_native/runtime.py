@@ -308,29 +308,22 @@ class Runtime:
         token of each of rows 0..m-1 (their slots set by `_advance`), packed first. Returns the logits of
         each decode row's token, then of each prompt's last."""
         n = len(prompts[0])
-        if decode is not None:
-            m = decode.numel()
+        if decode is None and all(len(p) == n for p in prompts):
+            every = rows == list(range(self.batch))
+            self.step.rows = Rows(slice(None) if every else torch.tensor(rows, device=self.device))
+            ids, pos = torch.tensor(prompts, device=self.device), torch.arange(n, device=self.device)
+            last = torch.full((len(prompts),), n - 1, device=self.device)
+        else:  # packed: the decode rows' tokens (if any) first, then each prompt from slot 0 of its row
+            m = decode.numel() if decode is not None else 0
             lengths = [len(p) for p in prompts]
             bounds = [0] + list(accumulate(lengths))
             to = lambda xs, dtype=torch.long: torch.tensor(xs, dtype=dtype, device=self.device)  # noqa: E731
             pos = torch.cat([self.pos[:m]] + [self.arange[:k] for k in lengths])
             rows_t = torch.cat([self.arange[:m], to([r for r, k in zip(rows, lengths) for _ in range(k)])])
             self.step.rows = Packed(rows_t, pos, to(bounds, torch.int32), bounds, decode=m, start=self.start[:m])
-            ids = torch.cat([decode.view(-1), to([t for p in prompts for t in p])])[None]
+            prompt_ids = to([t for p in prompts for t in p])
+            ids = (torch.cat([decode.view(-1), prompt_ids]) if m else prompt_ids)[None]
             last = torch.cat([self.arange[:m], m + to(bounds[1:]) - 1])
-        elif all(len(p) == n for p in prompts):
-            every = rows == list(range(self.batch))
-            self.step.rows = Rows(slice(None) if every else torch.tensor(rows, device=self.device))
-            ids, pos = torch.tensor(prompts, device=self.device), torch.arange(n, device=self.device)
-            last = torch.full((len(prompts),), n - 1, device=self.device)
-        else:
-            lengths = [len(p) for p in prompts]
-            bounds = [0] + list(accumulate(lengths))
-            to = lambda xs, dtype=torch.long: torch.tensor(xs, dtype=dtype, device=self.device)  # noqa: E731
-            pos = torch.cat([self.arange[:m] for m in lengths])
-            self.step.rows = Packed(to([r for r, m in zip(rows, lengths) for _ in range(m)]), pos,
-                                    to(bounds, torch.int32), bounds)
-            ids, last = to([t for p in prompts for t in p])[None], to(bounds[1:]) - 1
         try:
             return self._forward(ids, pos, last)
         finally:
@@ -528,16 +521,17 @@ class Runtime:
             if not any(self.active):
                 return None
             rows = [r for r, on in enumerate(self.active) if on]
+            ids = [seqs[r].id for r in rows]
             logits = self.decode(tokens)
             sampled = sample_rows(logits, params, gen)
             tokens[:len(sampled)] = sampled
             on = sampled[torch.tensor(rows, device=self.device)]
             if not on.is_cuda:
-                return rows, [seqs[r].id for r in rows], on, None
+                return rows, ids, on, None
             host = on.to("cpu", non_blocking=True)
             done = torch.cuda.Event()
             done.record()
-            return rows, [seqs[r].id for r in rows], host, done
+            return rows, ids, host, done
 
         def settle(step: _Step | None) -> Iterator[tuple[int, int, bool]]:
             """A decode step's tokens once it is done, to the sequences its rows held when it launched (a row

@@ -161,17 +161,15 @@ class LayerStep:
             rows = where.rows
         q = rope_cache.qk_rope_cache(q, k, v, *norms, cos, sin, pos, self.k[i], self.v[i], rows=rows)
         kc, vc = self.k[i], self.v[i]
-        if isinstance(where, Packed) and where.decode:  # a mixed pass: the decode rows, then the prompts
+        if isinstance(where, Packed):  # the prompts (after a mixed pass's decode rows) over their own keys
             d = where.decode
-            rows_out = attention.decode_attention(q[0, :, :d].transpose(0, 1)[:, :, None].contiguous(), kc, vc,
-                                                  where.slots[:d], a.scaling, where.start)
             keys, values = (c[where.rows[d:], :, where.slots[d:]].transpose(0, 1)[None] for c in (kc, vc))
             out = packed_attention(q[:, :, d:], keys, values, where, a.scaling)
-            out = torch.cat([rows_out.view(1, d, -1), out.transpose(1, 2).reshape(1, t - d, -1)], dim=1)
-            return self._reduce(a.o_proj(out), h)
-        if isinstance(where, Packed):
-            keys, values = (c[where.rows, :, where.slots].transpose(0, 1)[None] for c in (kc, vc))
-            out = packed_attention(q, keys, values, where, a.scaling)
+            if d:  # the decode rows over their rows of the cache, first
+                rows_out = attention.decode_attention(q[0, :, :d].transpose(0, 1)[:, :, None].contiguous(), kc, vc,
+                                                      where.slots[:d], a.scaling, where.start)
+                out = torch.cat([rows_out.view(1, d, -1), out.transpose(1, 2).reshape(1, t - d, -1)], dim=1)
+                return self._reduce(a.o_proj(out), h)
         else:
             end = where.first + t
             keys, values = kc[where.rows, :, :end], vc[where.rows, :, :end]
