@@ -4,8 +4,9 @@ kernels and graphs): random bf16 weights of the model directory's shape, a few l
 - packed prefill (FlashAttention's variable-length kernel): prompts of different lengths in one pass give
   the last-token logits each gives alone;
 - continuous batching under CUDA graphs: prompts joining rows while others decode get the greedy tokens
-  they get alone; with the engine's defaults (asynchronous decode steps, prompt passes that carry the
-  decoding rows' tokens) and with each of those switched off (KernelConfig.async_steps, .mixed).
+  they get alone; with the engine's defaults (asynchronous decode steps), with them off
+  (KernelConfig.async_steps) and with prompt passes that carry the decoding rows' tokens (.mixed, off by
+  default).
 
     python bench/check_runtime.py DIR --layers 4      # DIR: side_by_side.py prepare's folder
 
@@ -55,7 +56,7 @@ def main() -> None:
     each = [one.generate_batch([p], m, SampleParams(), set())[0] for p, m in zip(prompts, most)]
     defaults = KernelConfig.resolve()
     for label, kernels in (("defaults", defaults), ("async_steps off", replace(defaults, async_steps=False)),
-                           ("mixed off", replace(defaults, mixed=False))):
+                           ("mixed passes", replace(defaults, mixed=True))):
         rt = Runtime(model, max_len=2048, device="cuda", batch=2, kernels=kernels)
         rt.warm()
         together = [[] for _ in prompts]

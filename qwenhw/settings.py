@@ -64,7 +64,7 @@ _DECLARED = (
             "native: a MoE program per expert the batch can touch (0: one per local expert, for A/B runs)"),
     Setting("QWENHW_PROMPT_KERNELS", _flag, True,
             "native: prompt passes' q/k norms + RoPE + cache write and the experts' element-wise work in Triton"),
-    Setting("QWENHW_MIXED_PASSES", _flag, True,
+    Setting("QWENHW_MIXED_PASSES", _flag, False,
             "native, one GPU: a pass of whole prompts carries the decoding rows' tokens too (0: a pass, then a step)"),
     Setting("QWENHW_ASYNC_STEPS", _flag, True,
             "native: a decode step launches before the last one's tokens go out (0: one step at a time)"),

@@ -28,7 +28,9 @@ class KernelConfig:
     norm: bool = True  # one GPU: the RMSNorms inside the router and MoE-sum kernels
     moe_slots: bool = True  # a MoE program per expert the batch can touch (off: one per local expert)
     prompt: bool = True  # prompt passes: rope/cache kernel, the experts around grouped GEMMs (off: transformers')
-    mixed: bool = True  # one GPU: prompt passes carry the decoding rows' tokens (Runtime.fill_and_decode)
+    # one GPU: prompt passes carry the decoding rows' tokens (Runtime.fill_and_decode); off: serving at 4/s on an
+    # H100 had a decode step more in each new request's TTFT (123 vs 99 ms median) and the same TPOT
+    mixed: bool = False
     async_steps: bool = True  # the next decode step launches before the last one's tokens go out
     pdl: bool = True  # dependent launches on Hopper and later
     symm_mem: bool = True  # TP: all-reduce over symmetric memory (off: torch.distributed)
@@ -47,8 +49,8 @@ class KernelConfig:
 
 # KernelConfig field -> the variable that gives its default
 _SETTINGS = {"triton": "QWENHW_FUSED", "linear": "QWENHW_FUSED_LINEAR", "moe": "QWENHW_FUSED_MOE",
-             "norm": "QWENHW_FUSED_NORM", "moe_slots": "QWENHW_MOE_SLOTS", "prompt": "QWENHW_PROMPT_KERNELS", "mixed": "QWENHW_MIXED_PASSES", "async_steps": "QWENHW_ASYNC_STEPS",
-             "pdl": "QWENHW_PDL",
+             "norm": "QWENHW_FUSED_NORM", "moe_slots": "QWENHW_MOE_SLOTS", "prompt": "QWENHW_PROMPT_KERNELS",
+             "mixed": "QWENHW_MIXED_PASSES", "async_steps": "QWENHW_ASYNC_STEPS", "pdl": "QWENHW_PDL",
              "symm_mem": "QWENHW_SYMM_MEM", "fused_reduce": "QWENHW_FUSED_REDUCE",
              "push_reduce": "QWENHW_PUSH_REDUCE", "cpu_kernel": "QWENHW_CPU_KERNEL"}
 

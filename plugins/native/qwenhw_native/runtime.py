@@ -113,6 +113,12 @@ class Runtime:
         self.tok = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
         self._slots = torch.zeros((2, batch), dtype=torch.long, device=self.device)
         self.pos, self.start = self._slots[0], self._slots[1]
+        # the slots reach the GPU through two pinned buffers in turn: from pageable memory PyTorch's copy waits
+        # for every kernel queued before it (a stream sync), so the next step's launch would wait for the last
+        pinned = self.device.type == "cuda"
+        self._staging = [torch.zeros((2, batch), dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._staged = [torch.cuda.Event() if pinned else None for _ in range(2)]
+        self._turn = 0
         self.step.start = self.start
         self.step.idle = (self.pos, max_len - 1)  # the scratch slot (below)
         # tokens in each row's cache, and whether the row decodes. A row that does not (free, or its prompt
@@ -378,10 +384,19 @@ class Runtime:
 
     def _advance(self, m: int) -> None:
         """Rows 0..m-1 take a token: each decoding row's slot (pos) and first slot it reads (start) into the
-        graphs' buffers, the others' the scratch slot; the decoding rows' lengths grow by one."""
-        on = self.active[:m]
-        self._slots[:, :m].copy_(torch.tensor([[n if a else self.scratch for n, a in zip(self.lengths, on)],
-                                               [0 if a else self.scratch for a in on]]))
+        graphs' buffers, the others' the scratch slot; the decoding rows' lengths grow by one. Queued behind
+        the kernels before, without waiting for them."""
+        on = self.active  # rows past m never decode: their slots are the scratch slot's too
+        assert not any(on[m:])
+        self._turn ^= 1
+        stage, staged = self._staging[self._turn], self._staged[self._turn]
+        if staged is not None:
+            staged.synchronize()  # this buffer's copy of two steps back has left it
+        stage.copy_(torch.tensor([[n if a else self.scratch for n, a in zip(self.lengths, on)],
+                                  [0 if a else self.scratch for a in on]]))
+        self._slots.copy_(stage, non_blocking=staged is not None)  # whole rows: contiguous
+        if staged is not None:
+            staged.record()
         self.lengths = [n + a for n, a in zip(self.lengths, self.active)]
 
     def _use_experts(self, name: str | None) -> None:
@@ -463,10 +478,11 @@ class Runtime:
         (nothing more); its row then takes the next prompt: the prompts past the first `batch`, then what
         `join(free rows)` returns, (prompt, max_new) pairs numbered on after them (a server's requests that
         arrived meanwhile). Each step runs one prefill pass of the prompts going in (`fill`: a burst of
-        prompts or a long one stalls the rows decoding one bounded pass at a time), then one decode step; on
-        one GPU a pass of whole prompts carries the decode step's tokens too (`fill_and_decode`). With
-        `KernelConfig.async_steps` a decode step launches before the tokens of the one before are handed out
-        (`launch`, `settle`): each sequence's tokens are the same, the sequences' pieces interleave differently.
+        prompts or a long one stalls the rows decoding one bounded pass at a time), then one decode step; with
+        `KernelConfig.mixed` (one GPU) a pass of whole prompts carries the decode step's tokens too
+        (`fill_and_decode`). With `KernelConfig.async_steps` a decode step launches before the tokens of the one
+        before are handed out (`launch`, `settle`): each sequence's tokens are the same, the sequences' pieces
+        interleave differently.
         The loop ends when no row is busy and nothing joins."""
         gen = None
         if params.seed is not None:
@@ -525,10 +541,11 @@ class Runtime:
             logits = self.decode(tokens)
             sampled = sample_rows(logits, params, gen)
             tokens[:len(sampled)] = sampled
-            on = sampled[torch.tensor(rows, device=self.device)]
-            if not on.is_cuda:
-                return rows, ids, on, None
-            host = on.to("cpu", non_blocking=True)
+            if not sampled.is_cuda:
+                return rows, ids, sampled, None
+            # every computed row's token (picking the rows on the device would copy their numbers there from
+            # pageable memory: a stream sync, this step's launch waiting for it to end)
+            host = sampled.to("cpu", non_blocking=True)
             done = torch.cuda.Event()
             done.record()
             return rows, ids, host, done
@@ -541,7 +558,9 @@ class Runtime:
             rows, ids, host, done = step
             if done is not None:
                 done.synchronize()
-            for r, sid, token in zip(rows, ids, host.tolist()):
+            picked = host.tolist()  # one per computed row
+            for r, sid in zip(rows, ids):
+                token = picked[r]
                 s = seqs[r]
                 if s is not None and s.id == sid:
                     yield from take(r, s, token)

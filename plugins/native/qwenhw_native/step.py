@@ -324,7 +324,7 @@ class LayerStep:
                 and not hasattr(mlp, "shared_expert") and moe.supported(mlp.experts)):
             return False
         pairs = x.numel() // x.shape[-1] * getattr(mlp.gate, "top_k", 1 << 30)
-        return pairs <= min(moe.MAX_PAIRS, for_device(x.device).moe_max_pairs)  # past it: grouped GEMMs (`mlp`)
+        return moe.takes(pairs, for_device(x.device))  # past it: grouped GEMMs (`mlp`)
 
     # --- norms and the tensor-parallel sum --------------------------------------------------------------
     def _reduce(self, out: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, Ahead]:

@@ -4,7 +4,10 @@ parallelism): gate/up + SiLU, down x routing weight, and the sum (+ the residual
 RMSNorm).
 
 Each kernel's grid axis 0 is a slot, not an expert: slot j finds the j-th expert the batch touched
-(`_slot_expert`), so the grid follows the batch, not the expert count. Where every GPU holds every expert,
+(`_slot_expert`), so the grid follows the batch, not the expert count. Past Tiles.moe_index_pairs pairs a
+fourth kernel sorts the pairs by slot once (`_moe_index`) and the GEMM programs read their expert and pairs
+from it: finding them among all the pairs in every program grows with the pairs, and at 64 rows the
+programs outnumber the touched experts' column blocks 4 to 1. Where every GPU holds every expert,
 the touched experts are dealt out to the GPUs (`share`, `_dealt`). Expert ids are global; a module holding
 experts [ep_start, ep_start + E) skips the others (expert parallel).
 """
@@ -18,14 +21,15 @@ import torch
 from .common import _after_previous, _dot, _prefetch_l2, _round, counts, jit, launch, tl, triton
 from .tiles import for_device
 
-MAX_PAIRS = 512  # token-expert pairs per call (batch 64 at top-8); the selection is O(pairs) per program
+MAX_PAIRS = 512  # token-expert pairs per call (batch 64 at top-8) where each program selects its own pairs
+MAX_INDEXED_PAIRS = 2048  # with the index (batch 256 at top-8): one program sorts them all
 
 
 @jit
 def _pairs_of(ids_ptr, P, e, ep_start, c, BP: tl.constexpr, BM: tl.constexpr):
     """Rows c..c+BM of expert e's (token, slot) pairs, in pair order: (pair index, valid)."""
     p = tl.arange(0, BP)
-    mine = (tl.load(ids_ptr + p, mask=p < P, other=-1) - ep_start) == e
+    mine = (tl.load(ids_ptr + p, mask=p < P, other=-1, cache_modifier=".cg") - ep_start) == e  # see _touched
     rank = tl.cumsum(mine.to(tl.int32), 0) - 1
     m = c + tl.arange(0, BM)
     sel = mine[None, :] & (rank[None, :] == m[:, None])
@@ -101,10 +105,65 @@ def _count(ids_ptr, P, e, ep_start, BP: tl.constexpr):
 
 
 @jit
-def _moe_gate_up(x_ptr, w_ptr, ids_ptr, h_ptr, part_ptr, cnt_ptr, P, ep_start, E, rank, H: tl.constexpr,
-                 I: tl.constexpr, TOP_K: tl.constexpr, BP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                 BK: tl.constexpr, SPLIT: tl.constexpr, EXACT: tl.constexpr, SHARES: tl.constexpr,
-                 NW: tl.constexpr, PDL: tl.constexpr):
+def _moe_index(ids_ptr, index_ptr, P, ep_start, E, rank, S, SHARES: tl.constexpr, BP: tl.constexpr,
+               EB: tl.constexpr, SB: tl.constexpr, PDL: tl.constexpr):
+    """The step's pairs sorted by slot, once for both GEMM kernels: index[s] is slot s's local expert (-1:
+    none), index[S + s] its first place in the sorted pairs, index[2S + s] its pair count, index[3S + j]
+    the j-th pair (the experts of a slot in pair order; pairs of no slot of this rank at the end). Slots
+    as in `_slot_expert`: the (s * SHARES + rank)-th touched expert."""
+    _after_previous(PDL)  # the routing comes from the kernel before
+    p = tl.arange(0, BP)
+    loc = tl.load(ids_ptr + p, mask=p < P, other=-1) - ep_start
+    loc = tl.where((loc >= 0) & (loc < E), loc, -1).to(tl.int32)  # another rank's expert, an idle row's -1
+    cnt = tl.histogram(loc, EB, mask=loc >= 0)
+    touched = cnt > 0
+    order = tl.cumsum(touched.to(tl.int32), 0) - 1
+    mine = touched & (order % SHARES == rank)
+    slot = order // SHARES
+    n = tl.where(mine, cnt, 0)
+    e = tl.arange(0, EB)
+    tl.store(index_ptr + slot, e, mask=mine)
+    tl.store(index_ptr + S + slot, tl.cumsum(n, 0) - n, mask=mine)
+    tl.store(index_ptr + 2 * S + slot, cnt, mask=mine)
+    s = tl.arange(0, SB)
+    unused = (s >= tl.sum(mine.to(tl.int32), 0)) & (s < S)
+    tl.store(index_ptr + s, tl.full([SB], -1, tl.int32), mask=unused)
+    tl.store(index_ptr + 2 * S + s, tl.zeros([SB], tl.int32), mask=unused)
+    ours = (loc >= 0) & (tl.gather(mine.to(tl.int32), tl.maximum(loc, 0), 0) > 0)
+    key = tl.sort(tl.where(ours, loc, EB) * BP + p)  # (expert, pair) order: the slots' runs back to back
+    tl.store(index_ptr + 3 * S + p, key % BP, mask=p < P)
+
+
+@jit
+def _slot_pairs(index_ptr, ids_ptr, P, ep_start, E, rank, chunk, INDEXED: tl.constexpr, SHARES: tl.constexpr,
+                BP: tl.constexpr, BM: tl.constexpr, NW: tl.constexpr):
+    """The program's slot's local expert (-1: none), its pair count and its chunk's pairs (pair index, valid):
+    read from the index, or (not INDEXED) found among all the pairs. The pairs only where the chunk has any."""
+    if INDEXED:
+        S = tl.num_programs(0)
+        slot = tl.program_id(0)  # .cg: from L2; the down kernel reads the index before its wait
+        e = tl.load(index_ptr + slot, cache_modifier=".cg")
+        count = tl.load(index_ptr + 2 * S + slot, cache_modifier=".cg")
+        m = chunk * BM + tl.arange(0, BM)
+        valid = m < count
+        first = tl.load(index_ptr + S + slot, cache_modifier=".cg")
+        pair = tl.load(index_ptr + 3 * S + first + m, mask=valid & (chunk * BM < count), other=0,
+                       cache_modifier=".cg")
+    else:
+        e = _slot_expert(ids_ptr, P, ep_start, E, rank, SHARES, BP, NW)
+        count = tl.where(e >= 0, _count(ids_ptr, P, e, ep_start, BP), 0)
+        pair = tl.zeros([BM], tl.int32)
+        valid = pair > 0
+        if chunk * BM < count:
+            pair, valid = _pairs_of(ids_ptr, P, e, ep_start, chunk * BM, BP, BM)
+    return e, count, pair, valid
+
+
+@jit
+def _moe_gate_up(x_ptr, w_ptr, ids_ptr, index_ptr, h_ptr, part_ptr, cnt_ptr, P, ep_start, E, rank,
+                 H: tl.constexpr, I: tl.constexpr, TOP_K: tl.constexpr, BP: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, EXACT: tl.constexpr,
+                 SHARES: tl.constexpr, NW: tl.constexpr, INDEXED: tl.constexpr, PDL: tl.constexpr):
     """h[pair, n] = act(x[token] @ gate[e, n]) * (x[token] @ up[e, n]) for BM of expert e's pairs (chunk
     c of its pairs; programs past its count return at once, without reading a weight), BN columns; e is
     the expert of the program's slot (`_slot_expert`).
@@ -119,10 +178,9 @@ def _moe_gate_up(x_ptr, w_ptr, ids_ptr, h_ptr, part_ptr, cnt_ptr, P, ep_start, E
     chunk = tl.program_id(2) // SPLIT
     s = tl.program_id(2) % SPLIT
     n = tile * BN + tl.arange(0, BN)
-    e = _slot_expert(ids_ptr, P, ep_start, E, rank, SHARES, BP, NW)
-    count = tl.where(e >= 0, _count(ids_ptr, P, e, ep_start, BP), 0)
+    e, count, pair, valid = _slot_pairs(index_ptr, ids_ptr, P, ep_start, E, rank, chunk, INDEXED, SHARES, BP, BM,
+                                        NW)
     if chunk * BM < count:
-        pair, valid = _pairs_of(ids_ptr, P, e, ep_start, chunk * BM, BP, BM)
         tok = pair // TOP_K
         w_e = w_ptr + e.to(tl.int64) * 2 * I * H
         KS: tl.constexpr = H // SPLIT  # the wrapper checks that BK divides it
@@ -162,10 +220,10 @@ def _moe_gate_up(x_ptr, w_ptr, ids_ptr, h_ptr, part_ptr, cnt_ptr, P, ep_start, E
 
 
 @jit
-def _moe_down(h_ptr, w_ptr, ids_ptr, rw_ptr, y_ptr, P, ep_start, E, rank, H: tl.constexpr, I: tl.constexpr,
-              BP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EXACT: tl.constexpr,
-              SHARES: tl.constexpr, NW: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr,
-              LINES: tl.constexpr):
+def _moe_down(h_ptr, w_ptr, ids_ptr, index_ptr, rw_ptr, y_ptr, P, ep_start, E, rank, H: tl.constexpr,
+              I: tl.constexpr, BP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+              EXACT: tl.constexpr, SHARES: tl.constexpr, NW: tl.constexpr, INDEXED: tl.constexpr,
+              PDL: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr):
     """y[pair, n] = (h[pair] @ down[e, n]) * routing weight[pair], for BM of expert e's pairs (chunk c),
     BN columns.
 
@@ -176,8 +234,8 @@ def _moe_down(h_ptr, w_ptr, ids_ptr, rw_ptr, y_ptr, P, ep_start, E, rank, H: tl.
     ty = y_ptr.dtype.element_ty
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     chunk = tl.program_id(2)
-    e = _slot_expert(ids_ptr, P, ep_start, E, rank, SHARES, BP, NW)
-    count = tl.where(e >= 0, _count(ids_ptr, P, e, ep_start, BP), 0)
+    e, count, pair, valid = _slot_pairs(index_ptr, ids_ptr, P, ep_start, E, rank, chunk, INDEXED, SHARES, BP, BM,
+                                        NW)
     w_e = w_ptr + e.to(tl.int64) * H * I
     if PDL and LINES > 0:
         if chunk * BM < count:
@@ -185,7 +243,6 @@ def _moe_down(h_ptr, w_ptr, ids_ptr, rw_ptr, y_ptr, P, ep_start, E, rank, H: tl.
             _prefetch_l2(w_e + tl.minimum(n, H - 1)[:, None] * I + lines[None, :])
     _after_previous(PDL)
     if chunk * BM < count:
-        pair, valid = _pairs_of(ids_ptr, P, e, ep_start, chunk * BM, BP, BM)
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         for k0 in range(0, I, BK):
             k = k0 + tl.arange(0, BK)
@@ -228,6 +285,12 @@ def _moe_sum(y_ptr, ids_ptr, res_ptr, out_ptr, nw_ptr, xn_ptr, H, ep_start, E, P
         tl.store(xn_ptr + t * H + o, (h * rstd * w).to(ty), mask=o < H)
 
 
+def takes(pairs: int, tiles: Any) -> bool:
+    """Whether a decode step's (token, expert) pairs take these kernels (Tiles: moe_max_pairs, moe_index_pairs);
+    past that, moe_prompt's grouped GEMMs over the sorted pairs."""
+    return pairs <= min(MAX_INDEXED_PAIRS if pairs > tiles.moe_index_pairs else MAX_PAIRS, tiles.moe_max_pairs)
+
+
 def supported(experts: Any) -> bool:
     """transformers' fused-3D experts layout with a SiLU gate, no biases: what `experts` computes."""
     gu, dn = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
@@ -247,7 +310,7 @@ def experts(x: torch.Tensor, module: Any, idx: torch.Tensor, weights: torch.Tens
             residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
             down_block: tuple[int, ...] | None = None, share: tuple[int, int] = (0, 1),
             norm: tuple[torch.Tensor, float, torch.Tensor] | None = None, pdl: bool = False,
-            every_expert: bool = False) -> torch.Tensor:
+            every_expert: bool = False, indexed: bool | None = None) -> torch.Tensor:
     """The routed experts' output [tokens, hidden] for x [tokens, hidden], ids/weights [tokens, top_k].
 
     Experts are `module.gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I] (transformers' layout); ids are
@@ -260,8 +323,10 @@ def experts(x: torch.Tensor, module: Any, idx: torch.Tensor, weights: torch.Tens
     ranks): every rank holds every expert and computes the touched ones dealt to it (`_dealt`). `norm` =
     (weight, eps, xn) (a whole sum on one GPU): the last kernel also writes RMSNorm(out) * weight into xn.
     `every_expert`: a program per local expert, not per expert the batch can touch (the bench's A/B).
+    `indexed`: the pairs sorted by slot first, in a kernel of their own (None: past Tiles.moe_index_pairs).
     """
-    call = MoeCall(x, module, idx, weights, ep_start, block, down_block, residual, out, share, pdl, every_expert)
+    call = MoeCall(x, module, idx, weights, ep_start, block, down_block, residual, out, share, pdl, every_expert,
+                   indexed)
     call.gate_up()
     call.down()
     return call.sum(norm)
@@ -273,7 +338,8 @@ class MoeCall:
     def __init__(self, x: torch.Tensor, module: Any, idx: torch.Tensor, weights: torch.Tensor, ep_start: int = 0,
                  block: tuple[int, ...] | None = None, down_block: tuple[int, ...] | None = None,
                  residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                 share: tuple[int, int] = (0, 1), pdl: bool = False, every_expert: bool = False):
+                 share: tuple[int, int] = (0, 1), pdl: bool = False, every_expert: bool = False,
+                 indexed: bool | None = None):
         self.gu, self.dn = module.gate_up_proj, module.down_proj
         self.launch = launch(pdl)
         t = for_device(x.device)
@@ -306,7 +372,14 @@ class MoeCall:
             self.slots = self.n_exp
         self.dealt = dict(SHARES=shares, NW=triton.next_power_of_2(triton.cdiv(self.n_exp, 64)),
                           BP=max(16, triton.next_power_of_2(self.pairs)))
-        common = dict(BM=16, EXACT=exact, **self.dealt)
+        self.indexed = self.pairs > t.moe_index_pairs if indexed is None else indexed
+        if self.pairs > (MAX_INDEXED_PAIRS if self.indexed else MAX_PAIRS):
+            raise ValueError(f"{self.pairs} (token, expert) pairs: the decode kernels take at most "
+                             f"{MAX_PAIRS} ({MAX_INDEXED_PAIRS} indexed); larger batches take moe_prompt's")
+        # the index: each slot's expert, first place and count, then the pairs sorted by slot (`_moe_index`)
+        self.index = torch.empty(3 * self.slots + self.pairs, dtype=torch.int32, device=dev) if self.indexed \
+            else self.ids
+        common = dict(BM=16, EXACT=exact, INDEXED=self.indexed, **self.dealt)
         self.up_tiles = dict(BN=bn, BK=bk, num_warps=warps, num_stages=stages, **common)
         if down_block is None:  # an explicit `block` sets both kernels' tiles unless down_block is given too
             down_block = t.moe_down_block if block is None and x.is_cuda and t.moe_down_block else (bn, bk, warps, stages)
@@ -319,14 +392,20 @@ class MoeCall:
             self.cnt = counts(dev, self.n_exp * self.n_tiles * self.chunks, "moe")
 
     def gate_up(self) -> None:
+        if self.indexed:
+            bp = self.dealt["BP"]
+            _moe_index[(1,)](self.ids, self.index, self.pairs, self.ep_start, self.n_exp, self.rank, self.slots,
+                             SHARES=self.dealt["SHARES"], BP=bp, EB=max(16, triton.next_power_of_2(self.n_exp)),
+                             SB=max(16, triton.next_power_of_2(self.slots)), num_warps=4 if bp <= 256 else 8,
+                             **self.launch)
         _moe_gate_up[(self.slots, self.n_tiles, self.chunks * self.split)](
-            self.x, self.gu, self.ids, self.h, self.part, self.cnt, self.pairs, self.ep_start, self.n_exp, self.rank,
-            H=self.hidden, I=self.inter, TOP_K=self.top_k, SPLIT=self.split, **self.up_tiles, **self.launch)
+            self.x, self.gu, self.ids, self.index, self.h, self.part, self.cnt, self.pairs, self.ep_start, self.n_exp,
+            self.rank, H=self.hidden, I=self.inter, TOP_K=self.top_k, SPLIT=self.split, **self.up_tiles, **self.launch)
 
     def down(self) -> None:
         _moe_down[(self.slots, triton.cdiv(self.hidden, self.down_tiles["BN"]), self.chunks)](
-            self.h, self.dn, self.ids, self.rw, self.y, self.pairs, self.ep_start, self.n_exp, self.rank, H=self.hidden,
-            I=self.inter, LINE=self.line,
+            self.h, self.dn, self.ids, self.index, self.rw, self.y, self.pairs, self.ep_start, self.n_exp, self.rank,
+            H=self.hidden, I=self.inter, LINE=self.line,
             LINES=min(self.down_prefetch, triton.next_power_of_2(triton.cdiv(self.inter, self.line))),
             **self.down_tiles, **self.launch)
 

@@ -102,3 +102,32 @@ def test_touched_experts_dealt_out_to_ranks_holding_all(case, rel):
                 for r in range(ranks)]
         assert max(rel(a, b) for a, b in zip(parts, refs)) < tol, n
         assert rel(sum(parts), experts(x, ids, w)) < tol, n
+
+
+@torch.no_grad()
+def test_pairs_sorted_once_match_each_program_finding_its_own(case, rel):
+    """Past Tiles.moe_index_pairs a kernel sorts the pairs by slot for the two GEMM kernels (`_moe_index`):
+    the same output, bit for bit, as every program finding its pairs among all of them: one GPU (expert 0 in
+    every token: two 16-pair chunks), idle rows (-1), an expert-parallel rank's share, ranks dealt the
+    touched experts, top-1; and the index itself: each slot's expert, first place and count."""
+    ex, upper, idx, x, w = (case[k] for k in ("ex", "upper", "idx", "x", "w"))
+    idle = idx.clone()
+    idle[[2, 7]] = -1  # rows that do not decode: no expert
+    calls = [dict(module=ex, idx=idx), dict(module=ex, idx=idle), dict(module=upper, idx=idx, ep_start=4),
+             dict(module=ex, idx=idx, share=(1, 3)), dict(module=ex, idx=idx[:, :1], weights=w[:, :1])]
+    for kw in calls:
+        kw = {"weights": w, **kw}
+        sorted_once = moe.experts(x, indexed=True, **kw)
+        assert rel(sorted_once, moe.experts(x, indexed=False, **kw)) == 0, kw.keys()
+    call = moe.MoeCall(x, ex, idle, w, indexed=True)
+    call.gate_up()
+    s = call.slots
+    experts, first, count = call.index[:s].tolist(), call.index[s:2 * s].tolist(), call.index[2 * s:3 * s].tolist()
+    flat = idle.flatten().tolist()
+    touched = sorted(set(flat) - {-1})
+    assert experts == touched + [-1] * (s - len(touched))
+    assert count[:len(touched)] == [flat.count(e) for e in touched] and count[0] == 17 > 16
+    pairs = call.index[3 * s:].tolist()
+    for e, f, c in zip(experts, first, count):
+        if e >= 0:
+            assert pairs[f:f + c] == [p for p, pe in enumerate(flat) if pe == e]

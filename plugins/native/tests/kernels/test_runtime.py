@@ -52,7 +52,8 @@ def test_runtime_decodes_through_the_kernels(tiny_moe, calls):
 
 def test_decode_past_the_slot_kernels_pairs_takes_the_grouped_gemms(tiny_moe, calls, monkeypatch):
     """Tiles.moe_max_pairs: a decode step routing more (token, expert) pairs than it takes the prompt pass's
-    experts (sorted pairs, grouped GEMMs); a smaller one the slot kernels, and both give transformers' tokens."""
+    experts (sorted pairs, grouped GEMMs); a smaller one the slot kernels; past moe_index_pairs, the slot kernels
+    with the pairs sorted once; all give transformers' tokens."""
     from qwenhw_native.kernels import tiles
 
     model = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32).eval()
@@ -69,6 +70,20 @@ def test_decode_past_the_slot_kernels_pairs_takes_the_grouped_gemms(tiny_moe, ca
     pair = Runtime(model, 64, "cpu", graphs=False, batch=2)
     assert pair.generate_batch(prompts, 4, SampleParams(), set()) == ref
     assert calls.count("moe") == 0 and calls.count("moe_prompt") == 2 * 4  # 2 rows: past the limit, grouped
+    # past moe_index_pairs the slot kernels read the pairs one kernel sorted per layer (moe._moe_index)
+    calls.clear()
+    monkeypatch.setattr(tiles, "DEFAULT", tiles.DEFAULT.replace(moe_index_pairs=top_k, moe_max_pairs=2048))
+    sorted_once = []
+    real = step.moe.MoeCall.__init__
+
+    def record(self, *a, **k):
+        real(self, *a, **k)
+        sorted_once.append(self.indexed)
+
+    monkeypatch.setattr(step.moe.MoeCall, "__init__", record)
+    pair = Runtime(model, 64, "cpu", graphs=False, batch=2)
+    assert pair.generate_batch(prompts, 4, SampleParams(), set()) == ref
+    assert calls.count("moe") == 2 * 3 and sorted_once == [True] * 6
 
 
 def test_kernels_switched_off_by_the_config(tiny_moe, calls):
@@ -121,7 +136,9 @@ def test_prompts_joining_decoding_rows_go_in_with_their_decode_step(tiny_moe):
     model = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32).eval()
     prompts = [list(range(100, 104)), list(range(300, 311)), list(range(500, 507)), list(range(700, 709))]
     limits = [2, 5, 2, 2]
-    rt = Runtime(model, 64, "cpu", graphs=False, batch=2)
+    from qwenhw_native.config import KernelConfig
+
+    rt = Runtime(model, 64, "cpu", graphs=False, batch=2, kernels=KernelConfig(mixed=True))  # QWENHW_MIXED_PASSES=1
     assert rt.mixes
     events: list[str] = []
     real_decode, real_mix = rt.decode, rt.fill_and_decode
@@ -142,9 +159,7 @@ def test_prompts_joining_decoding_rows_go_in_with_their_decode_step(tiny_moe):
     # prompts 0 and 1 go in alone; 2 and 3 each take a freed row beside the decoding sequence 1 (its third and
     # fifth tokens), with no decode step of their own
     assert events == ["pass", "decode", "mixed", "decode", "mixed", "decode"], events
-    from qwenhw_native.config import KernelConfig
-
-    apart = Runtime(model, 64, "cpu", graphs=False, batch=2, kernels=KernelConfig(mixed=False))  # QWENHW_MIXED_PASSES=0
+    apart = Runtime(model, 64, "cpu", graphs=False, batch=2)  # the default
     assert not apart.mixes
     got = {}
     for seq, token, _ in apart.stream_batch(prompts, limits, SampleParams(), set()):
@@ -185,12 +200,14 @@ def test_rows_that_do_not_decode_route_to_no_expert(tiny_moe, monkeypatch):
 
 def test_warming_the_prompt_passes_leaves_the_runtime_as_it_was(tiny_moe):
     """Runtime.warm_prompts (on a GPU, at start: each kind of prompt pass once, so its kernels compile before
-    the first request) runs a pass alone, packed and beside a decoding row, and leaves every row free: what
-    runs next gets the tokens it gets without it."""
+    the first request) runs a pass alone, packed and (mixed passes on) beside a decoding row, and leaves every
+    row free: what runs next gets the tokens it gets without it."""
+    from qwenhw_native.config import KernelConfig
+
     model = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32).eval()
     prompts = [list(range(100, 104)), list(range(300, 311))]
     cold = Runtime(model, 64, "cpu", graphs=False, batch=2).generate_batch(prompts, 3, SampleParams(), set())
-    rt = Runtime(model, 64, "cpu", graphs=False, batch=2)
+    rt = Runtime(model, 64, "cpu", graphs=False, batch=2, kernels=KernelConfig(mixed=True))
     mixed: list[bool] = []
     real = rt.fill_and_decode
     rt.fill_and_decode = lambda *a: (lambda out: mixed.append(out[2]) or out)(real(*a))
