@@ -97,7 +97,9 @@ def run(args) -> None:
     port = free_port()
     proc = start_server(args, port)
     summary = {"server": args.server, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
-               "input_len": args.input_len, "output_len": args.output_len, "rows": []}
+               "input_len": args.input_len, "output_len": args.output_len, "rows": [],
+               # the engine switches the server ran with (an A/B's variant)
+               "settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith("QWENHW_")}}
     try:
         summary["ready_s"] = wait_ready(proc, port)
         for rate in args.rates.split(","):

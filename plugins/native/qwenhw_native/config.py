@@ -28,8 +28,8 @@ class KernelConfig:
     norm: bool = True  # one GPU: the RMSNorms inside the router and MoE-sum kernels
     moe_slots: bool = True  # a MoE program per expert the batch can touch (off: one per local expert)
     prompt: bool = True  # prompt passes: rope/cache kernel, the experts around grouped GEMMs (off: transformers')
-    # one GPU: prompt passes carry the decoding rows' tokens (Runtime.fill_and_decode); off: serving at 4/s on an
-    # H100 had a decode step more in each new request's TTFT (123 vs 99 ms median) and the same TPOT
+    # one GPU: prompt passes carry the decoding rows' tokens (Runtime.fill_and_decode); off: they delayed new
+    # requests' first token and saved no time per token (docs/benchmarks.md)
     mixed: bool = False
     async_steps: bool = True  # the next decode step launches before the last one's tokens go out
     pdl: bool = True  # dependent launches on Hopper and later

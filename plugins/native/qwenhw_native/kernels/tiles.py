@@ -38,10 +38,8 @@ class Tiles:
     # decode steps of up to this many (token, expert) pairs take the slot kernels above (at most
     # moe.MAX_PAIRS); larger ones sort the pairs and take the grouped GEMMs of a prompt pass (moe_prompt)
     moe_max_pairs: int = 512
-    # past this many pairs one kernel sorts a step's pairs by expert for the two GEMM kernels (moe._moe_index);
-    # up to it each program finds its own among all the pairs (one launch fewer). Not yet timed on a GPU against
-    # that (bench/decode_rows.py --variants slots,indexed): at 512 it serves only steps past moe.MAX_PAIRS, which
-    # moe_max_pairs keeps out
+    # past this many pairs one kernel sorts a step's pairs by expert for the two GEMM kernels (moe._moe_index),
+    # up to it each program finds its own; 512 (= moe_max_pairs): off until bench/decode_rows.py has timed it
     moe_index_pairs: int = 512
     # decode GEMMs (q/k/v + RoPE + cache, o_proj + residual) in Triton up to this many rows (cuBLAS won at 64)
     linear_max_tokens: int = 16
