@@ -160,3 +160,40 @@ def test_the_native_serving_estimate_holds_under_vllms_client():
                        dtype="bf16", concurrency=32, prompt_tokens=1024, output_tokens=256, context=2048)
     assert abs(plan.estimate.total_tok_s / run["output_throughput"] - 1) < side_by_side.TOLERANCE["latency"]
     assert abs(plan.estimate.tpot_s * 1e3 / run["median_tpot_ms"] - 1) < side_by_side.TOLERANCE["decode"]
+
+
+def test_both_engines_on_one_h100_within_tolerance_and_in_the_measured_order():
+    """Decode at 64 and 128 rows and time to first token for 2048-token prompts (alone and 16 at once), both
+    engines on the same H100 (bench/side_by_side.py, bench/decode_rows.py; docs/results/serving_h100_async):
+    vLLM's speed model was fitted on an H200 and this GPU none of its fits saw (decode +0.1% / +4%, TTFT +5% /
+    -11%); qwenhw's TTFT fit came from another H100's A/B (+14% / -4%). Each within its tolerance, and for each
+    figure the planner ranks the engines as they measured (vLLM decodes faster there, qwenhw answers sooner)."""
+    from qwenhw.models import get as catalog
+
+    side_by_side._register_plugins()
+    folder = ROOT / "docs" / "results" / "serving_h100_async"
+    vllm = json.loads((folder / "side_by_side_vllm.json").read_text())
+    native = json.loads((folder / "side_by_side_qwenhw.json").read_text())
+    rows = json.loads((folder / "decode_rows.json").read_text())
+    assert all(r["info"]["gpu"].startswith("NVIDIA H100") for r in (vllm, native, rows))
+
+    def plan(backend, **workload):
+        engine = {"engine": "one-gpu"} if backend == "native" else {}
+        return qwenhw.plan(catalog(side_by_side.MODEL), hardware="1xH100-80G", backend=backend, dtype="bf16",
+                           **engine, **workload).estimate
+
+    for r in vllm["decode"]:
+        n = r["rows"]
+        mine = next(x["tok_s"] for x in rows["rows"] if x["rows"] == n and x["variant"] == "slots")
+        work = dict(concurrency=n, prompt_tokens=side_by_side.PROMPT, output_tokens=side_by_side.LONG, context=512)
+        theirs, ours = plan("vllm", **work).throughput_tok_s, plan("native", **work).throughput_tok_s
+        assert abs(theirs / r["tok_s"] - 1) < side_by_side.TOLERANCE["decode"], n
+        assert (theirs > ours) == (r["tok_s"] > mine), n
+    for r, q in zip(vllm["ttft"], native["ttft"]):
+        assert (r["rows"], r["prompt_tokens"]) == (q["rows"], q["prompt_tokens"])
+        work = dict(concurrency=r["rows"], prompt_tokens=r["prompt_tokens"], output_tokens=1, context=4096)
+        theirs, ours = plan("vllm", **work).ttft_s, plan("native", **work).ttft_s
+        measured_theirs, measured_ours = r["engine_generate"]["s"], q["engine_generate"]["s"]
+        assert abs(theirs / measured_theirs - 1) < side_by_side.TOLERANCE["ttft"], r["rows"]
+        assert abs(ours / measured_ours - 1) < side_by_side.TOLERANCE["ttft"], r["rows"]
+        assert (theirs > ours) == (measured_theirs > measured_ours), r["rows"]
