@@ -6,7 +6,9 @@ kernels and graphs): random bf16 weights of the model directory's shape, a few l
 - continuous batching under CUDA graphs: prompts joining rows while others decode get the greedy tokens
   they get alone; with the engine's defaults (asynchronous decode steps), with them off
   (KernelConfig.async_steps) and with prompt passes that carry the decoding rows' tokens (.mixed, off by
-  default).
+  default);
+- the MoE decode kernels with a step's pairs sorted once per layer (Tiles.moe_index_pairs = 0): the same
+  greedy tokens as each program finding its own pairs, bit for bit.
 
     python bench/check_runtime.py DIR --layers 4      # DIR: side_by_side.py prepare's folder
 
@@ -33,6 +35,7 @@ def main() -> None:
     import torch
 
     from qwenhw_native.config import KernelConfig
+    from qwenhw_native.kernels import tiles
     from qwenhw_native.runtime import Runtime, SampleParams
 
     model = random_model(args.model, "cuda", args.layers)
@@ -55,13 +58,21 @@ def main() -> None:
     one.warm()
     each = [one.generate_batch([p], m, SampleParams(), set())[0] for p, m in zip(prompts, most)]
     defaults = KernelConfig.resolve()
-    for label, kernels in (("defaults", defaults), ("async_steps off", replace(defaults, async_steps=False)),
-                           ("mixed passes", replace(defaults, mixed=True))):
-        rt = Runtime(model, max_len=2048, device="cuda", batch=2, kernels=kernels)
-        rt.warm()
+    first = None
+    for label, kernels, changes in (("defaults", defaults, {}),
+                                    ("async_steps off", replace(defaults, async_steps=False), {}),
+                                    ("mixed passes", replace(defaults, mixed=True), {}),
+                                    ("pairs sorted once", defaults, {"moe_index_pairs": 0, "moe_max_pairs": 2048})):
+        with tiles.override(torch.device("cuda"), **changes):  # graphs keep the tiles they were captured with
+            rt = Runtime(model, max_len=2048, device="cuda", batch=2, kernels=kernels)
+            rt.warm()
         together = [[] for _ in prompts]
         for seq, token, _ in rt.stream_batch(prompts, most, SampleParams(), set()):
             together[seq].append(token)
+        first = first or together
+        if changes and together != first:  # the same arithmetic in another order of programs: equal tokens
+            failed = True
+            print(f"{label}: greedy tokens differ from the defaults': FAILED")
         # tokens equal before each sequence's first difference (random weights: near-ties in bf16 may flip one
         # token between batch sizes, and the rest follow it; a wrong position or slot flips all of them)
         prefix = [next((j for j, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(together, each)]
