@@ -29,18 +29,21 @@ class RuntimeEngine(HFEngine):
         self.hybrid = None
         self.info = {"kernels": runtime.kernels.to_dict(), "fused": runtime.step.fused, "pdl": runtime.step.pdl}
 
-    def _prompt_ids(self, prompt: str, runtime: Runtime) -> list[int]:
-        ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
-        if len(ids) >= runtime.max_len:
-            raise ValueError(f"prompt of {len(ids)} tokens leaves no room in the {runtime.max_len}-token "
-                             f"context this plan was made for; plan a longer --context")
-        return ids
+    def _prompt_ids(self, prompts: list[str], runtime: Runtime) -> list[list[int]]:
+        """The prompts' token ids, encoded as one batch (the fast tokenizer spreads a batch over the host's
+        cores: 16 prompts of ~3000 tokens in half the time on 2 cores)."""
+        batch = self.tokenizer(prompts, add_special_tokens=False).input_ids if prompts else []
+        for ids in batch:
+            if len(ids) >= runtime.max_len:
+                raise ValueError(f"prompt of {len(ids)} tokens leaves no room in the {runtime.max_len}-token "
+                                 f"context this plan was made for; plan a longer --context")
+        return batch
 
     def _complete(self, prompts: list[str], sampling: Sampling) -> list[Completion]:
         """Each prompt's tokens up to its EOS or max_tokens (capped by the cache): a list of prompts goes
         through the batched runtime, one prompt through the batch-1 runtime."""
         rt = self.batched if self.batched is not None and len(prompts) > 1 else self.runtime
-        ids = [self._prompt_ids(p, rt) for p in prompts]
+        ids = self._prompt_ids(prompts, rt)
         params = SampleParams(sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed)
         generated = rt.generate_batch(ids, sampling.max_tokens, params, self._ends(sampling))
         return [completion(self.tokenizer, tokens, len(prompt_ids), self._ends(sampling), sampling.stop)
@@ -73,7 +76,7 @@ class RuntimeEngine(HFEngine):
 
     def _decode_rows(self, rt: Runtime, prompts: list[str], samplings: list[Sampling],
                      alive: Callable[[int], bool], stream: bool, join: Join | None = None) -> Iterator[Piece]:
-        ids = [self._prompt_ids(p, rt) for p in prompts]
+        ids = self._prompt_ids(prompts, rt)
         s = samplings[0]
         params = SampleParams(s.temperature, s.top_p, s.top_k, s.seed)
         eos = self._ends(s)  # a batch shares it (Engine.batch_key)
@@ -82,7 +85,8 @@ class RuntimeEngine(HFEngine):
         def joining(free: int) -> list[tuple[list[int], int]]:
             new = join(free) if join is not None else []
             rows.extend([sampling for _, sampling in new])
-            return [(self._prompt_ids(prompt, rt), sampling.max_tokens) for prompt, sampling in new]
+            joined = self._prompt_ids([prompt for prompt, _ in new], rt)
+            return [(prompt_ids, sampling.max_tokens) for prompt_ids, (_, sampling) in zip(joined, new)]
 
         for i, token, last in rt.stream_batch(ids, [x.max_tokens for x in samplings], params, eos,
                                               lambda i: alive(i) and not rows.ended[i], join=joining):
