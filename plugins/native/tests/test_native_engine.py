@@ -236,6 +236,32 @@ def test_fast_path_refuses_a_prompt_longer_than_the_planned_context(tiny_moe):
                 eng.generate(prompts, max_tokens=2, temperature=0)
 
 
+def test_a_prompt_the_server_counted_is_not_encoded_again(tiny_moe):
+    """A server counts each prompt's tokens before it goes in (its length check); the engine keeps those ids
+    and encodes only the prompts it has not counted, as one batch: the same tokens either way."""
+
+    class Counting:  # the real tokenizer, recording what it is asked to encode
+        def __init__(self, inner):
+            self.inner, self.encoded = inner, []
+
+        def __call__(self, text, **kw):
+            self.encoded += [text] if isinstance(text, str) else list(text)
+            return self.inner(text, **kw)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    plan = qwenhw.plan(str(tiny_moe), backend="native", engine="one-gpu", context=64, concurrency=2)
+    prompts = ["The capital of France is", "One two three four"]
+    with qwenhw.load(plan) as eng:
+        before = [list(o.token_ids) for o in eng.generate(prompts, max_tokens=3, temperature=0)]
+        eng.tokenizer = Counting(eng.tokenizer)
+        assert eng.count_tokens(prompts[0]) > 0
+        after = [list(o.token_ids) for o in eng.generate(prompts, max_tokens=3, temperature=0)]
+        assert after == before
+        assert eng.tokenizer.encoded == [prompts[0], prompts[1]]  # counted once; the other encoded in a batch
+
+
 def test_the_plans_prompt_pass_budget_reaches_the_runtimes(tiny_moe):
     """NativeConfig.prefill_tokens (the planner lowers it where a larger pass's activations would keep rows off
     the GPU): the runtimes take no more prompt tokens per pass, idle or while rows decode."""
