@@ -83,11 +83,11 @@ def one_gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str,
                        budget)
         wb = mm.weight_bytes_split(b.served)
         room = b.cap - b.kv - b.act - fp.CUDA_CONTEXT
-        if room > 0 and wb.total <= room:
+        fits = room > 0 and wb.total <= room
+        if fits:
             break
     node, gpu, served, cap, kv, act = b.node, b.gpu, b.served, b.cap, b.kv, b.act
     dev = gpu.device_id
-    fits = room > 0 and wb.total <= room
     if room <= 0:
         why = (f"KV cache ({kv / GiB:.1f} GiB) and activations ({act / GiB:.1f} GiB) alone exceed the "
                f"{cap / GiB:.1f} GiB GPU budget: lower --context or --concurrency")

@@ -40,8 +40,8 @@ class Filling:
     done: int = 0
 
 
-# a decode step in flight: its decoding rows, their sequences' numbers, their tokens (on the host once the
-# event says the step is done; None on the CPU, where they are already)
+# a decode step in flight: its decoding rows, their sequences' numbers, the token of every row it computed (by
+# row), and the event after which those are on the host (None on the CPU, where they already are)
 _Step = tuple[list[int], list[int], torch.Tensor, Any]
 
 
@@ -248,7 +248,7 @@ class Runtime:
         self._use_experts(self.prefill_experts)
         self.step.decoding = False
         head = filling[0]
-        if head.done == 0 and len(head.ids) <= self.prefill_chunk:
+        if self._whole_first(filling):
             passing = self._whole_prompts(filling)
             logits = self._prefill_pass([f.row for f in passing], [f.ids for f in passing])
             complete = passing
@@ -263,6 +263,10 @@ class Runtime:
         for f in complete:
             self.lengths[f.row], self.active[f.row] = len(f.ids), True
         return [f.row for f in complete], logits
+
+    def _whole_first(self, filling: list["Filling"]) -> bool:
+        """Whether the next pass takes whole prompts: the first one has not begun and fits one chunk."""
+        return filling[0].done == 0 and len(filling[0].ids) <= self.prefill_chunk
 
     def _whole_prompts(self, filling: list["Filling"]) -> list["Filling"]:
         """The first whole prompts of `filling` (taken out of it) that one pass holds: as many as
@@ -291,8 +295,7 @@ class Runtime:
         packed. Returns the rows that sampled (the decoding ones, then those whose prompts are complete),
         their logits, and whether the rows decoded (False: `fill` alone ran, a long prompt's chunk or no row
         decoding; the decode step is still to come)."""
-        if not (self.mixes and any(self.active) and filling[0].done == 0
-                and len(filling[0].ids) <= self.prefill_chunk):
+        if not (self.mixes and any(self.active) and self._whole_first(filling)):
             rows, logits = self.fill(filling)
             return rows, logits, False
         self._use_experts(self.prefill_experts)
@@ -482,8 +485,7 @@ class Runtime:
         `KernelConfig.mixed` (one GPU) a pass of whole prompts carries the decode step's tokens too
         (`fill_and_decode`). With `KernelConfig.async_steps` a decode step launches before the tokens of the one
         before are handed out (`launch`, `settle`): each sequence's tokens are the same, the sequences' pieces
-        interleave differently.
-        The loop ends when no row is busy and nothing joins."""
+        interleave differently. The loop ends when no row is busy and nothing joins."""
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)

@@ -147,8 +147,7 @@ def _slot_pairs(index_ptr, ids_ptr, P, ep_start, E, rank, chunk, INDEXED: tl.con
         m = chunk * BM + tl.arange(0, BM)
         valid = m < count
         first = tl.load(index_ptr + S + slot, cache_modifier=".cg")
-        pair = tl.load(index_ptr + 3 * S + first + m, mask=valid & (chunk * BM < count), other=0,
-                       cache_modifier=".cg")
+        pair = tl.load(index_ptr + 3 * S + first + m, mask=valid, other=0, cache_modifier=".cg")
     else:
         e = _slot_expert(ids_ptr, P, ep_start, E, rank, SHARES, BP, NW)
         count = tl.where(e >= 0, _count(ids_ptr, P, e, ep_start, BP), 0)
