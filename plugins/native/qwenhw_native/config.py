@@ -63,6 +63,7 @@ class NativeConfig:
     cuda_graphs: bool | str = True  # one graph per decode step; "emulate": the graph code paths, eagerly
     decode_experts: str | None = "grouped_mm"  # transformers' experts kernel where the Triton one does not run
     prefill_tokens: int = PREFILL_TOKENS  # prompt tokens a pass holds while no row decodes (the plan's reserve)
+    kv_tokens: int = 0  # the batched runtime's KV cache: a pool of this many slots in pages (0: static, context per row)
     load_format: str = "auto"  # "dummy": random weights from config.json
     # the hybrid: routed experts in host RAM
     expert_cache_bytes: int = 0  # GPU cache of hot experts

@@ -155,7 +155,7 @@ def runtime_engine(model: Any, tokenizer: Any, plan: Any, device: str, sequences
     kernels = cfg.kernel_config()
     runtimes = [Runtime(model, max_len=int(plan.context), device=device, batch=b, graphs=cfg.cuda_graphs,
                         decode_experts=cfg.decode_experts, group=group, kernels=kernels,
-                        prefill_tokens=cfg.prefill_tokens)
+                        prefill_tokens=cfg.prefill_tokens, kv_tokens=cfg.kv_tokens if b > 1 else 0)
                 for b in runtime_batches(sequences)]
     for rt in runtimes:
         rt.warm()

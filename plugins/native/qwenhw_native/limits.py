@@ -22,6 +22,16 @@ PREFILL_TOKENS = 32768
 STEP_PREFILL_TOKENS = 8192
 
 
+# A paged KV cache (kv_cache.py) hands sequences slots in pages of PAGE: a multiple of the decode-attention
+# kernel's chunk (kernels/attention.CHUNK), so that each of its programs reads one page. A sequence wastes less
+# than a page (vLLM's 16-slot blocks waste less; its kernels read a table entry per 16 slots).
+PAGE = 256
+
+
+def pages_for(tokens: int, page: int = PAGE) -> int:
+    return -(-tokens // page)
+
+
 def pass_budgets() -> list[int]:
     """The prompt tokens a pass may hold, largest first (PREFILL_TOKENS halved down to STEP_PREFILL_TOKENS)."""
     out = [PREFILL_TOKENS]

@@ -21,8 +21,8 @@ from qwenhw.planning.workload import Workload, context_floor, default_context, e
 from . import speed
 from .engines import RANK_ENGINES, Engine
 from .config import NativeConfig
-from .limits import (ARCHITECTURES, PREFILL_CHUNK, PREFILL_THRESHOLD, PREFILL_TOKENS, fuses_reduce, pass_budgets,
-                     runtime_batches, split_counts)
+from .limits import (ARCHITECTURES, PAGE, PREFILL_CHUNK, PREFILL_THRESHOLD, PREFILL_TOKENS, fuses_reduce,
+                     pages_for, pass_budgets, runtime_batches, split_counts)
 
 # Routing statistics for the hybrid's static expert cache come from a short, varied prompt.
 CALIBRATION_PROMPT = (
@@ -75,18 +75,25 @@ def _without_dummy(p: Plan) -> Plan:
 
 def one_gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, context: int,
                  kv_dtype: str) -> Plan:
-    """Everything on one GPU: a static KV cache per runtime and one CUDA graph per decode step over
-    transformers' modules, the decode projections, attention, router and experts on our Triton kernels. The
-    largest prompt pass whose activations fit beside the weights and KV (limits.pass_budgets)."""
+    """Everything on one GPU: one CUDA graph per decode step over transformers' modules, the decode
+    projections, attention, router and experts on our Triton kernels. The largest prompt pass whose activations
+    fit beside the weights and KV (limits.pass_budgets). Several sequences: their KV cache in pages (kv_cache.py),
+    a pool that holds the workload's sequences and one of the whole context, up to `concurrency` whole contexts
+    where memory is left (`kv_pool`); one: a static cache."""
+    paged = (req.concurrency or 1) > 1
     for budget in pass_budgets():
-        b = fp.one_gpu(spec, hw, req, dtype, context, kv_dtype, PREFILL_CHUNK, sum(runtime_batches(req.concurrency)),
-                       budget)
+        b = fp.one_gpu(spec, hw, req, dtype, context, kv_dtype, PREFILL_CHUNK,
+                       1 if paged else sum(runtime_batches(req.concurrency)), budget)
+        per_token = mm.kv_bytes_per_token(b.served, kv_dtype)
         wb = mm.weight_bytes_split(b.served)
-        room = b.cap - b.kv - b.act - fp.CUDA_CONTEXT
+        pool = kv_pool(b.cap - wb.total - b.kv - b.act - fp.CUDA_CONTEXT, per_token, context, workload(req)) if paged \
+            else 0
+        kv = b.kv + pool * per_token
+        room = b.cap - kv - b.act - fp.CUDA_CONTEXT
         fits = room > 0 and wb.total <= room
         if fits:
             break
-    node, gpu, served, cap, kv, act = b.node, b.gpu, b.served, b.cap, b.kv, b.act
+    node, gpu, served, cap, act = b.node, b.gpu, b.served, b.cap, b.act
     dev = gpu.device_id
     if room <= 0:
         why = (f"KV cache ({kv / GiB:.1f} GiB) and activations ({act / GiB:.1f} GiB) alone exceed the "
@@ -95,24 +102,59 @@ def one_gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str,
         why = (f"weights ({wb.total / GiB:.1f} GiB) exceed the {room / GiB:.1f} GiB the GPU has left beside the "
                f"KV cache and activations")
     else:
-        why = (f"everything fits on {dev} ({wb.total / GiB:.1f} GiB of weights): static KV cache and one CUDA graph "
+        cache = (f"KV cache in pages ({pool} tokens: {req.concurrency} sequences of the workload's "
+                 f"{reach(context, workload(req))} tokens, or fewer longer ones, up to {context} each)" if paged
+                 else "static KV cache")
+        why = (f"everything fits on {dev} ({wb.total / GiB:.1f} GiB of weights): {cache} and one CUDA graph "
                "per decode step over transformers' modules, decode on qwenhw's Triton kernels")
         if budget < PREFILL_TOKENS:
             why += (f"; prompt passes of at most {budget} tokens (activations {act / GiB:.1f} GiB), so that "
                     f"{req.concurrency or 1} sequences' KV cache fits")
-    per_token = mm.kv_bytes_per_token(served, kv_dtype)
+    fixed = wb.total + act + fp.CUDA_CONTEXT
+    if paged:  # the longest context beside the batch-1 runtime's cache and the workload's sequences
+        max_context = _longest(lambda c: (c + pool_need(c, workload(req))) * per_token <= cap - fixed,
+                               served.max_position)
+    else:
+        max_context = fp.context_fit(fixed, per_token, cap, served, sum(runtime_batches(req.concurrency)))
     return Plan(
         model=spec.name, backend="native", engine=Engine.ONE_GPU, fits=fits, parallel=Parallel(),
         devices=(DeviceUse(dev, f"{gpu.vendor}-gpu", cap / GiB, wb.total / GiB, kv / GiB,
                            (act + fp.CUDA_CONTEXT) / GiB),),
-        context=context,
-        max_context=fp.context_fit(wb.total + act + fp.CUDA_CONTEXT, per_token, cap, served,
-                                   sum(runtime_batches(req.concurrency))),
+        context=context, max_context=max_context,
         concurrency=req.concurrency, dtype=stored_dtype(served), kv_dtype=kv_dtype,
         estimate=_one_gpu_estimate(served, gpu, workload(req), kv_dtype, budget) if fits else Estimate(),
         reasons=(why,), config=NativeConfig(dtype=stored_dtype(served), main_device=dev, threads=node.cpu.physical_cores,
-                                            prefill_tokens=budget).to_dict(),
+                                            prefill_tokens=budget, kv_tokens=pool).to_dict(),
     )
+
+
+def reach(context: int, w: Workload) -> int:
+    """The most slots one of the workload's sequences takes: its prompt and whole answer (at most the context)."""
+    return min(context, w.prompt_tokens + w.output_tokens)
+
+
+def pool_need(context: int, w: Workload) -> int:
+    """The slots a paged KV pool must have: the workload's sequences at once, each in whole pages, and at
+    least one sequence of the whole context (a sequence waits until its pages are free, so a pool
+    that held less would never take that one)."""
+    return max(pages_for(context), w.concurrency * pages_for(reach(context, w))) * PAGE
+
+
+def kv_pool(room: float, per_token: float, context: int, w: Workload) -> int:
+    """The paged pool a plan gives the batched runtime: what `room` bytes hold, in pages, from `pool_need` (it
+    cannot be less) up to every row at the whole context (more would never be used)."""
+    most = w.concurrency * pages_for(context) * PAGE
+    held = int(room // per_token) // PAGE * PAGE if per_token > 0 else most
+    return max(pool_need(context, w), min(most, held))
+
+
+def _longest(ok, top: int) -> int:
+    """The largest context in [0, top] for which ok(context) holds (ok is monotone: true, then false)."""
+    lo, hi = 0, top
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo
 
 
 def _one_gpu_estimate(spec: ModelSpec, gpu, w: Workload, kv_dtype: str, budget: int = PREFILL_TOKENS) -> Estimate:

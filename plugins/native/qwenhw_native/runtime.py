@@ -22,6 +22,7 @@ import torch
 
 from .config import KernelConfig
 from .graphs import Emulated, capture
+from .kv_cache import KVCache
 from .limits import ARCHITECTURES, PREFILL_CHUNK, PREFILL_TOKENS, STEP_PREFILL_TOKENS
 from .sampling import SampleParams, sample_rows
 from .step import NOTHING, LayerStep, Packed, Rows, rms_norm
@@ -55,10 +56,14 @@ class _Sequence:
 
 
 class Runtime:
-    """Prefill + decode for up to `batch` sequences at a time, with a static cache of `max_len` tokens per
-    sequence. Each row of the batch is a slot with its own length: a sequence's keys fill its row from slot 0
-    and a decode step writes each row at its own position (`pos`, an input of the captured graphs, not a
-    shape), so a finished row takes the next prompt while the others go on (continuous batching).
+    """Prefill + decode for up to `batch` sequences at a time, each of up to `max_len` tokens. Each row of the
+    batch is a slot with its own length: a sequence's keys fill its row from slot 0 and a decode step writes
+    each row at its own position (`pos`, an input of the captured graphs, not a shape), so a finished row takes
+    the next prompt while the others go on (continuous batching).
+
+    The KV cache (kv_cache.KVCache): static, `max_len` slots per row (`kv_tokens` 0), or a pool of `kv_tokens`
+    slots in pages: a sequence is admitted when the pool has pages for its prompt and the most its answer may
+    take, and waits (in order) until then; so the rows (graph sizes) are not bounded by max_len x rows of memory.
 
     `moe_hook`, when given, replaces each MoE block: `moe_hook(i, h) -> h` eagerly, or in graph mode
     `moe_hook.route(i, h) -> (x, weights, idx)` inside layer i's graph and `moe_hook.experts(i, x, weights,
@@ -68,7 +73,8 @@ class Runtime:
 
     def __init__(self, model: Any, max_len: int, device: str | torch.device, graphs: bool = True,
                  moe_hook: Callable | None = None, decode_experts: str | None = None, batch: int = 1,
-                 group: Any = None, kernels: KernelConfig | None = None, prefill_tokens: int = PREFILL_TOKENS):
+                 group: Any = None, kernels: KernelConfig | None = None, prefill_tokens: int = PREFILL_TOKENS,
+                 kv_tokens: int = 0):
         self.model = model
         self.batch = batch
         self.group = group  # tensor/expert-parallel process group (see sharding.py); None = one device
@@ -94,9 +100,9 @@ class Runtime:
         self.head_dim = attn.head_dim
         self.kv_heads = attn.k_proj.weight.shape[0] // self.head_dim  # this rank's share under TP
         dtype = model.model.embed_tokens.weight.dtype
-        shape = (len(self.layers), batch, self.kv_heads, max_len, self.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.v = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.cache = KVCache(len(self.layers), batch, self.kv_heads, self.head_dim, max_len, dtype, self.device,
+                             kv_tokens)
+        self.k, self.v = self.cache.k, self.cache.v
         self.arange = torch.arange(max_len, device=self.device)
         self.kernels = kernels or KernelConfig.resolve()
         reducer, lead = None, True
@@ -106,7 +112,7 @@ class Runtime:
             reducer = Reducer(group, batch * self.cfg.hidden_size, dtype, self.device, self.kernels)
             lead = torch.distributed.get_rank(group=group) == 0
         self.reducer = reducer
-        self.step = LayerStep(model, self.k, self.v, self.kernels, self.device, reducer, lead,
+        self.step = LayerStep(model, self.cache, self.kernels, self.device, reducer, lead,
                               emulated=graphs == "emulate", hybrid=moe_hook is not None)
         # static buffers for captured decode steps: each row's token, the slot it goes to and the first slot
         # its query reads
@@ -123,10 +129,12 @@ class Runtime:
         self.step.idle = (self.pos, max_len - 1)  # the scratch slot (below)
         # tokens in each row's cache, and whether the row decodes. A row that does not (free, or its prompt
         # still going in) writes and reads only the cache's last slot, which no sequence reaches: a prompt
-        # holds at most max_len - 1 tokens and its answer's last token is never written
+        # holds at most max_len - 1 tokens and its answer's last token is never written (a paged cache maps
+        # it to the scratch page). `room`: the slots a row's sequence may fill (its pages', at most max_len - 1)
         self.lengths = [0] * batch
         self.active = [False] * batch
         self.scratch = max_len - 1
+        self.room = [0 if self.cache.paged else self.scratch] * batch
         # decode steps compute the rows up to the last busy one, rounded up to one of these sizes (a graph each)
         self.sizes = [m for m in (1 << j for j in range(batch.bit_length())) if m < batch] + [batch]
         self._step_graphs: dict[int, tuple[Any, torch.Tensor]] = {}
@@ -176,13 +184,26 @@ class Runtime:
     # --- prefill and decode ---------------------------------------------------------------------------
     def reset(self) -> None:
         """Every row free."""
-        self.lengths = [0] * self.batch
-        self.active = [False] * self.batch
+        for row in range(self.batch):
+            self.release(row)
 
     def release(self, row: int) -> None:
-        """The row's sequence is done: from the next step on its row is free for another prompt."""
+        """The row's sequence is done: from the next step on its row (and its pages) are free for another."""
         self.lengths[row] = 0
         self.active[row] = False
+        if self.cache.paged:
+            self.cache.release(row)
+            self.room[row] = 0
+
+    def admits(self, tokens: int) -> bool:
+        """Whether a sequence of up to `tokens` slots (prompt + answer) can take a row's pages now."""
+        return self.cache.fits(min(tokens, self.scratch))
+
+    def admit(self, row: int, tokens: int) -> None:
+        """Row `row` takes the pages for a sequence of up to `tokens` slots (a static cache: nothing to take)."""
+        if self.cache.paged:
+            self.cache.admit(row, min(tokens, self.scratch))
+            self.room[row] = min(len(self.cache.held[row]) * self.cache.page, self.scratch)
 
     @torch.inference_mode()
     def warm(self) -> None:
@@ -216,14 +237,20 @@ class Runtime:
         self.reset()
 
     @torch.inference_mode()
-    def prefill(self, ids: list[int] | list[list[int]]) -> torch.Tensor:
+    def prefill(self, ids: list[int] | list[list[int]], room: int = 1) -> torch.Tensor:
         """Prompt(s) from an empty cache: one list of ids, or up to `batch` lists (rows 0, 1, ...; the rest
-        stay free), in as many passes as `fill` makes. Returns the logits of each prompt's last token
-        [prompts, vocab]."""
+        stay free), in as many passes as `fill` makes; a paged cache gives each row pages for its prompt and
+        `room` more tokens (what `decode` steps may write after). Returns the logits of each prompt's last
+        token [prompts, vocab]."""
         rows = ids if ids and isinstance(ids[0], list) else [ids]
         self.reset()
         filling = [Filling(r, p) for r, p in enumerate(rows)]
         self._check(filling)
+        for f in filling:
+            if not self.admits(len(f.ids) + room):
+                raise ValueError(f"the {self.cache.pool_tokens}-token KV pool has no pages left for a sequence of "
+                                 f"{len(f.ids) + room} tokens")
+            self.admit(f.row, len(f.ids) + room)
         logits: list[Any] = [None] * len(rows)
         while filling:
             done, out = self.fill(filling)
@@ -247,6 +274,7 @@ class Runtime:
         decode from the next step on, and their last tokens' logits (None if none)."""
         self._use_experts(self.prefill_experts)
         self.step.decoding = False
+        self.cache.upload()
         head = filling[0]
         if self._whole_first(filling):
             passing = self._whole_prompts(filling)
@@ -300,6 +328,7 @@ class Runtime:
             return rows, logits, False
         self._use_experts(self.prefill_experts)
         self.step.decoding = False
+        self.cache.upload()
         passing = self._whole_prompts(filling)
         m = self.busy_rows()
         decoding = [r for r in range(m) if self.active[r]]
@@ -369,10 +398,11 @@ class Runtime:
         """One step for the busy rows (`busy_rows()` of them; those among them that do not decode compute on
         the scratch slot): `token` is an int (batch 1) or a tensor of a token id per row (at least that
         many), each written at its row's next slot. Returns their logits [rows, vocab]."""
-        if any(on and n >= self.scratch for on, n in zip(self.active, self.lengths)):
-            raise ValueError(f"the {self.max_len}-token cache is full")
+        if any(on and n >= room for on, n, room in zip(self.active, self.lengths, self.room)):
+            raise ValueError(f"a row has filled its {self.max_len}-token context or the pages it took")
         self._use_experts(self.decode_experts)
         self.step.decoding = True
+        self.cache.upload()
         m = self.busy_rows()
         if isinstance(token, int):
             self.tok.fill_(token)
@@ -573,19 +603,28 @@ class Runtime:
                 yield from settle(pending)                         # one step later
                 pending = None
             free = [r for r, s in enumerate(seqs) if s is None]
-            new: list[tuple[list[int], int]] = []
-            if free and waiting:
-                new, waiting = waiting[:len(free)], waiting[len(free):]
-            elif free and join is not None:
-                new = join(len(free))
-            for r, (ids, most) in zip(free, new):
-                seqs[r] = _Sequence(numbered, min(most, self.max_len - len(ids)))
+            if free and not waiting and join is not None:
+                waiting = list(join(len(free)))
+            # in order, while rows are free and (a paged cache) the head's pages are: a later, shorter request
+            # does not pass it
+            while free and waiting:
+                ids, most = waiting[0]
+                if alive is not None and not alive(numbered):  # its client left while it waited
+                    waiting.pop(0)
+                    numbered += 1
+                    continue
+                limit = min(most, self.max_len - len(ids))
+                if len(ids) < self.max_len and not self.admits(len(ids) + limit):
+                    break
+                waiting.pop(0)
+                r = free.pop(0)
+                seqs[r] = _Sequence(numbered, limit)
                 filling.append(Filling(r, ids))
                 numbered += 1
+                self._check(filling)
+                self.admit(r, len(ids) + limit)
             if not filling and not any(self.active) and pending is None:
                 return
-            if new:
-                self._check(filling)
             decoded = False
             if filling:
                 yield from settle(pending)  # who decodes must be known before a pass that carries them

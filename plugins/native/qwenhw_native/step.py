@@ -22,6 +22,7 @@ from torch.nn.attention.bias import causal_lower_right
 from .config import KernelConfig
 from .kernels import attention, common, linear, moe, moe_prompt, rope_cache, router
 from .kernels.tiles import for_device
+from .kv_cache import KVCache
 from .sharding import expert_parallel_moe, share_of
 
 
@@ -67,17 +68,19 @@ _MERGED: "weakref.WeakKeyDictionary[Any, tuple[torch.Tensor, torch.Tensor | None
 
 
 class LayerStep:
-    """The layers' arithmetic for one runtime: its caches, its reducer and which kernels it may use.
+    """The layers' arithmetic for one runtime: its KV cache (kv_cache.KVCache), its reducer and which kernels it
+    may use.
 
     `decoding` is set by the runtime: decode steps (one new token per sequence, each at its own position)
     take the fused kernels, prompts transformers' modules. `rows` says where a prompt pass writes.
     """
 
-    def __init__(self, model: Any, k: torch.Tensor, v: torch.Tensor, kernels: KernelConfig, device: torch.device,
+    def __init__(self, model: Any, cache: KVCache, kernels: KernelConfig, device: torch.device,
                  reducer: Any = None, lead: bool = True, emulated: bool = False, hybrid: bool = False):
         self.model = model
         self.layers = model.model.layers
-        self.k, self.v = k, v
+        self.cache = cache
+        self.k, self.v = cache.k, cache.v
         self.kernels = kernels
         self.reducer = reducer
         self.lead = lead  # the rank that adds the residual into its partial sum (all of them reduce)
@@ -115,28 +118,27 @@ class LayerStep:
             q, k = rms_norm(a.q_norm, q), rms_norm(a.k_norm, k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = self.rope(q, k, cos, sin)
-        if self.decoding:  # each row's key at its own position, attention over the static cache (masked)
-            kc, vc, rows = self.k[i][:b], self.v[i][:b], torch.arange(b, device=h.device)
-            kc[rows, :, pos] = k[:, :, 0]
-            vc[rows, :, pos] = v[:, :, 0]
+        c = self.cache
+        if self.decoding:  # each row's key at its own position, attention over its slots of the cache (masked)
+            rows = torch.arange(b, device=h.device)
+            c.write(i, rows, pos, k[:, :, 0], v[:, :, 0])
+            kc, vc = (self.k[i][:b], self.v[i][:b]) if not c.paged else c.rows_view(i, rows, c.max_len)
             out = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=a.scaling, enable_gqa=True)
         elif isinstance(self.rows, Packed):  # prompts packed in one sequence: each attends to its own keys
             p = self.rows
-            self.k[i][p.rows, :, p.slots] = k[0].transpose(0, 1)
-            self.v[i][p.rows, :, p.slots] = v[0].transpose(0, 1)
+            c.write(i, p.rows, p.slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
             out = packed_attention(q, k, v, p, a.scaling)
         else:
-            rows, first = self.rows.rows, self.rows.first
-            self.k[i][rows, :, first:first + t] = k
-            self.v[i][rows, :, first:first + t] = v
+            rows, first = self._rows(b), self.rows.first
+            c.write(i, rows[:, None], torch.arange(first, first + t, device=h.device)[None, :], k.transpose(1, 2),
+                    v.transpose(1, 2))
             if first == 0:  # a prompt from slot 0: plain causal attention over its own keys (flash kernels)
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=a.scaling, enable_gqa=True)
             else:  # a later chunk: its queries see the earlier slots and, causally, their own (the causal
                 # mask aligned to the lower right, never materialised)
                 end = first + t
-                out = F.scaled_dot_product_attention(q, self.k[i][rows, :, :end], self.v[i][rows, :, :end],
-                                                     attn_mask=causal_lower_right(t, end), scale=a.scaling,
-                                                     enable_gqa=True)
+                out = F.scaled_dot_product_attention(q, *c.rows_view(i, rows, end), attn_mask=causal_lower_right(t, end),
+                                                     scale=a.scaling, enable_gqa=True)
         out = a.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         return self._reduce(out, h)
 
@@ -159,20 +161,21 @@ class LayerStep:
             rows = None if where.rows == slice(None) else torch.full((1,), where.rows.start, device=h.device)
         else:
             rows = where.rows
-        q = rope_cache.qk_rope_cache(q, k, v, *norms, cos, sin, pos, self.k[i], self.v[i], rows=rows)
-        kc, vc = self.k[i], self.v[i]
+        c = self.cache
+        q = rope_cache.qk_rope_cache(q, k, v, *norms, cos, sin, pos, self.k[i], self.v[i], rows=rows, table=c.table)
         if isinstance(where, Packed):  # the prompts (after a mixed pass's decode rows) over their own keys
             d = where.decode
-            keys, values = (c[where.rows[d:], :, where.slots[d:]].transpose(0, 1)[None] for c in (kc, vc))
+            keys, values = (x.transpose(0, 1)[None] for x in c.read(i, where.rows[d:], where.slots[d:]))
             out = packed_attention(q[:, :, d:], keys, values, where, a.scaling)
             if d:  # the decode rows over their rows of the cache, first
-                rows_out = attention.decode_attention(q[0, :, :d].transpose(0, 1)[:, :, None].contiguous(), kc, vc,
-                                                      where.slots[:d], a.scaling, where.start)
+                rows_out = attention.decode_attention(q[0, :, :d].transpose(0, 1)[:, :, None].contiguous(), self.k[i],
+                                                      self.v[i], where.slots[:d], a.scaling, where.start,
+                                                      table=c.table, max_len=c.max_len)
                 out = torch.cat([rows_out.view(1, d, -1), out.transpose(1, 2).reshape(1, t - d, -1)], dim=1)
                 return self._reduce(a.o_proj(out), h)
         else:
             end = where.first + t
-            keys, values = kc[where.rows, :, :end], vc[where.rows, :, :end]
+            keys, values = c.rows_view(i, self._rows(b), end)
             mask = None if where.first == 0 else causal_lower_right(t, end)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=where.first == 0,
                                                  scale=a.scaling, enable_gqa=True)
@@ -192,15 +195,24 @@ class LayerStep:
         norms = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
         if t == 1 and self._linear(x.view(b, -1), w):  # the GEMM, the norms, RoPE and the cache write
             q = linear.qkv_rope(x.view(b, -1), w, bias, heads, *norms, cos, sin, pos, self.k[i], self.v[i],
-                                pdl=self.pdl)
+                                pdl=self.pdl, table=self.cache.table)
         else:
             q, k, v = F.linear(x, w, bias).view(b, t, -1, self.head_dim).split(heads, dim=2)
-            q = rope_cache.qk_rope_cache(q, k, v, *norms, cos, sin, pos, self.k[i], self.v[i], pdl=self.pdl)
-        out = attention.decode_attention(q, self.k[i], self.v[i], pos, a.scaling, self.start, pdl=self.pdl)
+            q = rope_cache.qk_rope_cache(q, k, v, *norms, cos, sin, pos, self.k[i], self.v[i], pdl=self.pdl,
+                                         table=self.cache.table)
+        out = attention.decode_attention(q, self.k[i], self.v[i], pos, a.scaling, self.start, pdl=self.pdl,
+                                         table=self.cache.table, max_len=self.cache.max_len)
         norm = layer.post_attention_layernorm
         # one GPU: the router kernel will apply the norm, from the sums of squares o_proj leaves (`_norm_route`)
         sums = hasattr(layer.mlp, "experts") and self.fused_moe(layer.mlp, h) and self._norm_in_kernels(norm)
         return self._row_parallel(out.view(b * t, -1), a.o_proj, h, norm, sums)
+
+    def _rows(self, b: int) -> torch.Tensor:
+        """The cache rows of a pass of `b` sequences that `self.rows` (a Rows) names."""
+        rows = self.rows.rows
+        if isinstance(rows, slice):
+            return torch.arange(b, device=self.k.device) + (rows.start or 0)
+        return rows
 
     def _linear(self, x: torch.Tensor, w: torch.Tensor) -> bool:
         return self.kernels.linear and linear.fits(x, w)

@@ -144,9 +144,10 @@ def test_decode_gemm_kernels_compile_for_hopper():
     before the wait."""
     kernels = [
         (linear._qkv_rope, {"x_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "qw_ptr": "*bf16", "kw_ptr": "*bf16",
-                           "cos_ptr": "*bf16", "sin_ptr": "*bf16", "pos_ptr": "*i64", "part_ptr": "*fp32",
-                           "cnt_ptr": "*i32", "qo_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16", "N": "i32",
-                           "HQ": "i32", "HK": "i32", "MAX_LEN": "i32", "sc_b": "i32", "POS_B": "i32", "eps": "fp32"},
+                           "cos_ptr": "*bf16", "sin_ptr": "*bf16", "pos_ptr": "*i64", "table_ptr": "*i32",
+                           "part_ptr": "*fp32", "cnt_ptr": "*i32", "qo_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16",
+                           "N": "i32", "HQ": "i32", "HK": "i32", "PAGE": "i32", "PAGES": "i32", "sc_b": "i32",
+                           "POS_B": "i32", "eps": "fp32"},
          [{"H": 2048, "HALF": 64, "BT": 16, "BK": 128, "SPLIT": split, "NORM": True, "BIAS": False, "EXACT": False,
            "PDL": pdl, "LINE": 64, "LINES": 8} for split, pdl in ((1, False), (4, True))]),
         (linear._linear_residual, {"x_ptr": "*bf16", "w_ptr": "*bf16", "res_ptr": "*bf16", "out_ptr": "*bf16",
@@ -212,8 +213,8 @@ def test_prompt_kernels_compile_for_hopper():
     assert ptx.count("ld.global.b64") + ptx.count("ld.global.u64") >= 8  # the 8 pairs' rows, unrolled
     sig = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "qw_ptr", "kw_ptr", "cos_ptr", "sin_ptr", "qo_ptr",
                                        "kc_ptr", "vc_ptr")}
-    sig.update({"pos_ptr": "*i64", "row_ptr": "*i64"})
-    sig.update(dict.fromkeys(("T", "HQ", "HK", "MAX_LEN", "sq_b", "sq_t", "sq_h", "sk_b", "sk_t", "sk_h", "sv_b", "sv_t",
+    sig.update({"pos_ptr": "*i64", "row_ptr": "*i64", "table_ptr": "*i32"})
+    sig.update(dict.fromkeys(("T", "HQ", "HK", "PAGE", "PAGES", "sq_b", "sq_t", "sq_h", "sk_b", "sk_t", "sk_h", "sv_b", "sv_t",
                               "sv_h", "sc_b", "sc_t", "sp_b", "sr_b", "sr_t"), "i32"))
     sig["eps"] = "fp32"
     sig = {a: sig[a] for a in rope_cache._qk_rope_cache.arg_names if a in sig}

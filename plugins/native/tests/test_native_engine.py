@@ -201,6 +201,44 @@ def test_a_long_prompt_goes_in_chunk_by_chunk_between_decode_steps(tiny_moe):
 
 
 @pytest.mark.parametrize("graphs", [False, "emulate"])
+def test_a_paged_cache_gives_the_static_caches_tokens_and_admits_by_pages(tiny_moe, graphs):
+    """A KV pool in pages (kv_cache.py): sequences take pages for their prompt and answer when they go in and
+    give them back when they end; one that does not fit the pool waits, in order, while rows are free. Every
+    sequence gets the tokens a static cache gives it, across page boundaries (in a prompt's chunks and in decode
+    steps)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qwenhw_native.kv_cache import PAGE
+    from qwenhw_native.runtime import Runtime, SampleParams
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32)
+    # pages: 2 (300 + 8 slots), 1, 2, 1 -- a pool of 3 pages holds the first two; the third waits
+    prompts = [list(range(100, 400)), list(range(500, 520)), list(range(600, 870)), list(range(900, 905))]
+    most = [8, 8, 8, 8]
+    runs = []
+    for pool in (0, 3 * PAGE):
+        rt = Runtime(model, 600, "cpu", graphs=graphs, batch=3, kv_tokens=pool)
+        rt.prefill_chunk = 128  # the first prompt in chunks: 0-127, 128-255, 256-299 (the second page)
+        out = list(rt.stream_batch(prompts, most, SampleParams(), set()))
+        runs.append(out)
+        assert all(not held for held in rt.cache.held) and rt.lengths == [0, 0, 0]
+    static, paged = runs
+    tokens = lambda run: {s: [t for q, t, _ in run if q == s] for s in range(4)}  # noqa: E731
+    assert tokens(paged) == tokens(static) and all(len(t) == 8 for t in tokens(paged).values())
+    order = [(q, last) for q, _, last in paged]
+    first_of_2 = next(i for i, (q, _) in enumerate(order) if q == 2)
+    assert any(last for _, last in order[:first_of_2])  # it went in once a sequence had ended
+    assert rt.cache.free_tokens == 3 * PAGE and int(rt.cache.table_host.abs().sum()) == 0
+    # a waiting request whose client leaves never goes in; the one behind it does
+    admitted = []
+    real = rt.admit
+    rt.admit = lambda row, n: admitted.append(n) or real(row, n)
+    left = list(rt.stream_batch(prompts, most, SampleParams(), set(), alive=lambda seq: seq != 2))
+    assert tokens(left) == {**tokens(paged), 2: []} and admitted == [308, 28, 13]
+
+
+@pytest.mark.parametrize("graphs", [False, "emulate"])
 def test_long_prompts_prefill_one_sequence_one_chunk_at_a_time(tiny_moe, graphs):
     """Prompts longer than the runtime's prefill chunk (the planner reserves activations for that many
     tokens per sequence) go one sequence and one chunk at a time, each chunk attending to the sequence's

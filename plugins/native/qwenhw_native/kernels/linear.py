@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .common import _after_previous, _dot, _prefetch_l2, _round, counts, jit, launch, row_stride, tl, triton
+from .attention import identity_table
 from .rope_cache import _norm_rope
 from .tiles import DEFAULT, Tiles, for_device
 
@@ -64,8 +65,8 @@ def _split_k_sum(part_ptr, slot, slots, rows, cols, BT: tl.constexpr, BN: tl.con
 
 
 @jit
-def _qkv_rope(x_ptr, w_ptr, bias_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr, part_ptr, cnt_ptr, qo_ptr,
-              kc_ptr, vc_ptr, N, HQ, HK, MAX_LEN, sc_b, POS_B, eps, H: tl.constexpr, HALF: tl.constexpr,
+def _qkv_rope(x_ptr, w_ptr, bias_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr, table_ptr, part_ptr, cnt_ptr,
+              qo_ptr, kc_ptr, vc_ptr, N, HQ, HK, PAGE, PAGES, sc_b, POS_B, eps, H: tl.constexpr, HALF: tl.constexpr,
               BT: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, NORM: tl.constexpr, BIAS: tl.constexpr,
               EXACT: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr):
     """A decode step's q/k/v projection and `_qk_rope_cache` in one kernel (one new token per sequence,
@@ -95,15 +96,17 @@ def _qkv_rope(x_ptr, w_ptr, bias_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr,
         y1, y2 = _round(y1, ty), _round(y2, ty)
         seq = t[:, None]
         pos = tl.load(pos_ptr + seq * POS_B, mask=seq < N, other=0)
+        page = tl.load(table_ptr + seq * PAGES + pos // PAGE, mask=seq < N, other=0).to(tl.int64)
+        slot = page * HK * PAGE + pos % PAGE  # kv head 0's slot; kv_cache.py
         if c < HQ + HK:  # a query or key head: normalised and rotated
             co = seq * sc_b + o[None, :]
             is_q = c < HQ
             y1, y2 = _norm_rope(y1, y2, tl.where(is_q, qw_ptr, kw_ptr), tl.load(cos_ptr + co).to(tl.float32),
                                 tl.load(cos_ptr + HALF + co).to(tl.float32), tl.load(sin_ptr + co).to(tl.float32),
                                 tl.load(sin_ptr + HALF + co).to(tl.float32), eps, HALF, NORM, ty)
-            dst = tl.where(is_q, qo_ptr + (seq * HQ + c) * D, kc_ptr + ((seq * HK + c - HQ) * MAX_LEN + pos) * D)
+            dst = tl.where(is_q, qo_ptr + (seq * HQ + c) * D, kc_ptr + (slot + (c - HQ) * PAGE) * D)
         else:  # a value head: into its cache slot as it is
-            dst = vc_ptr + ((seq * HK + c - HQ - HK) * MAX_LEN + pos) * D
+            dst = vc_ptr + (slot + (c - HQ - HK) * PAGE) * D
         tl.store(dst + o[None, :], y1.to(ty), mask=seq < N)
         tl.store(dst + HALF + o[None, :], y2.to(ty), mask=seq < N)
 
@@ -184,10 +187,11 @@ def _shapes(x: torch.Tensor, t: Tiles, shape: tuple[int, ...] | None, warps: int
 def qkv_rope(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, heads: list[int], q_norm: Any,
              k_norm: Any, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
              v_cache: torch.Tensor, slices: int | None = None, shape: tuple[int, int, int] | None = None,
-             pdl: bool = False) -> torch.Tensor:
+             pdl: bool = False, table: torch.Tensor | None = None) -> torch.Tensor:
     """q/k/v = x @ weight.T (+ bias) for one new token per sequence (x [b, hidden], the merged weight of
     `heads` = [q, k, v] heads), then the rope_cache arithmetic: writes k and v into the caches at `pos` ([b]:
-    each sequence's own slot; one element: shared) and returns q as [b, q heads, 1, head_dim]. One kernel (`_qkv_rope`). `slices` / `shape` = (BK, warps,
+    each sequence's own slot; one element: shared; caches and `table` as rope_cache.qk_rope_cache takes them) and
+    returns q as [b, q heads, 1, head_dim]. One kernel (`_qkv_rope`). `slices` / `shape` = (BK, warps,
     stages) override the hidden slices and tile shape (bench/decode_linear.py sweeps them)."""
     b, hidden = x.shape
     hq, hk, _ = heads
@@ -202,10 +206,13 @@ def qkv_rope(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h
     part = torch.empty((slices, n, cfg["BT"], d), dtype=torch.float32, device=x.device)
     norm = q_norm is not None
     cos_b = cos.stride(0) if cos.shape[0] > 1 else 0
+    if table is None:
+        table = identity_table(b, x.device)
     _qkv_rope[(n, slices)](
         x, weight, bias if bias is not None else weight, q_norm.weight if norm else x, k_norm.weight if norm else x,
-        cos, sin, pos, part, counts(x.device, n, "qkv"), q_out, k_cache, v_cache, b, hq, hk, k_cache.shape[2],
-        cos_b, row_stride(pos, b), float(q_norm.variance_epsilon) if norm else 0.0, H=hidden, HALF=d // 2,
+        cos, sin, pos, table, part, counts(x.device, n, "qkv"), q_out, k_cache, v_cache, b, hq, hk, k_cache.shape[2],
+        table.stride(0), cos_b, row_stride(pos, b), float(q_norm.variance_epsilon) if norm else 0.0, H=hidden,
+        HALF=d // 2,
         SPLIT=slices, NORM=norm, BIAS=bias is not None, LINE=128 // weight.element_size(),
         LINES=_prefetch_lines(t, weight, hidden // slices), **cfg, **launch(pdl))
     return q_out

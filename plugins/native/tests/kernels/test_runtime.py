@@ -214,3 +214,19 @@ def test_warming_the_prompt_passes_leaves_the_runtime_as_it_was(tiny_moe):
     rt.warm_prompts()
     assert mixed == [True, True] and not any(rt.active) and rt.lengths == [0, 0]
     assert rt.generate_batch(prompts, 3, SampleParams(), set()) == cold
+
+
+def test_a_paged_cache_through_the_kernels(tiny_moe, calls):
+    """The decode kernels over a paged KV cache (kv_cache.py): a sequence across two pages, another waiting for
+    the pool's pages; the tokens of a static cache. (Prompts on torch's path here, whose interpreted kernels
+    would take minutes for 260 tokens; kernels/test_paged.py checks the rope/cache kernel's paged writes.)"""
+    from qwenhw_native.config import KernelConfig
+    from qwenhw_native.kv_cache import PAGE
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32).eval()
+    prompts = [list(range(1000, 1254)), list(range(2000, 2020))]  # the first crosses into its second page decoding
+    runs = [Runtime(model, 300, "cpu", graphs=False, batch=2, kernels=KernelConfig(prompt=False),
+                    kv_tokens=pool).generate_batch(prompts, 4, SampleParams(), set())
+            for pool in (0, 2 * PAGE)]  # 258 slots: 2 pages, the whole pool; the second prompt waits
+    assert runs[0] == runs[1] and all(len(t) == 4 for t in runs[1])
+    assert calls.count("attention") > 0 and calls.count("qkv") > 0

@@ -1,0 +1,129 @@
+"""The KV cache: per layer, keys and values in pages of `page` slots, and a table of each row's pages.
+
+A sequence's slot s lives in page table[row, s // page], at s % page. Two layouts share that one address:
+- static: a page per row of the whole context (page = max_len, table[row] = [row]); every row owns its
+  context's memory, whether its sequence uses it or not.
+- paged: pages of PAGE slots from a pool (vLLM's paged attention, its block tables): a sequence takes the pages
+  its prompt and answer can fill when it is admitted and gives them back when it leaves, so a pool of N tokens
+  holds as many sequences as their lengths allow, not N / max_len. Page 0 is the scratch page: every entry of
+  a free row points to it, so the scratch slot (max_len - 1, what rows that do not decode write and read) lands
+  there, never in a page a sequence holds.
+
+The table lives on the device (the kernels and captured graphs read it); changes go up before the next pass
+(`upload`), through pinned memory (from pageable memory PyTorch's copy would wait for the GPU's queue).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kernels.attention import CHUNK
+from .limits import PAGE, pages_for
+
+assert PAGE % CHUNK == 0, "a decode-attention program's chunk of slots lies in one page"
+
+
+class KVCache:
+    """Keys and values [layers, pages, kv_heads, page, head_dim] and the row -> pages table [rows, pages a row
+    may hold]. `pool_tokens` 0: static (a page per row of max_len slots); else a pool of that many slots in pages
+    of PAGE, rows taking them as sequences are admitted (`admit`, `release`)."""
+
+    def __init__(self, layers: int, rows: int, kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device, pool_tokens: int = 0):
+        self.rows, self.max_len, self.device = rows, max_len, device
+        self.paged = pool_tokens > 0
+        if self.paged:
+            if pool_tokens < max_len:
+                raise ValueError(f"a KV pool of {pool_tokens} tokens cannot hold one {max_len}-token sequence")
+            self.page = PAGE
+            pages = 1 + max(pages_for(pool_tokens), rows)  # page 0: the scratch page; a page per row at least
+            self.table_host = torch.zeros((rows, pages_for(max_len)), dtype=torch.int32)
+            self.free = list(range(pages - 1, 0, -1))  # taken from the end: low pages first
+        else:
+            self.page, pages = max_len, rows
+            self.table_host = torch.arange(rows, dtype=torch.int32)[:, None]
+            self.free = []
+        shape = (layers, pages, kv_heads, self.page, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.table = self.table_host.to(device)
+        self.held: list[list[int]] = [[] for _ in range(rows)]
+        pinned = device.type == "cuda"
+        self._staging = torch.empty_like(self.table_host, pin_memory=pinned) if pinned else None
+        self._staged = torch.cuda.Event() if pinned else None
+        self._dirty = False
+
+    @property
+    def pool_tokens(self) -> int:
+        return (self.k.shape[1] - 1) * self.page if self.paged else 0
+
+    @property
+    def free_tokens(self) -> int:
+        return len(self.free) * self.page
+
+    # --- pages of the pool ------------------------------------------------------------------------------
+    def fits(self, tokens: int) -> bool:
+        """Whether the pool has the pages for a sequence of `tokens` slots now (static: always)."""
+        return not self.paged or pages_for(tokens, self.page) <= len(self.free)
+
+    def admit(self, row: int, tokens: int) -> None:
+        """Row `row` takes the pages for `tokens` slots (its prompt and the most its answer may write)."""
+        if not self.paged:
+            return
+        n = pages_for(tokens, self.page)
+        if n > len(self.free):
+            raise RuntimeError(f"{n} pages asked, {len(self.free)} free")  # callers ask `fits` first
+        assert not self.held[row], "a row takes pages once, until it is released"
+        self.held[row] = [self.free.pop() for _ in range(n)]
+        self.table_host[row, :n] = torch.tensor(self.held[row], dtype=torch.int32)
+        self._dirty = True
+
+    def release(self, row: int) -> None:
+        """The row's pages go back to the pool; its entries to the scratch page."""
+        if not self.paged or not self.held[row]:
+            return
+        self.free.extend(reversed(self.held[row]))
+        self.held[row] = []
+        self.table_host[row] = 0
+        self._dirty = True
+
+    def reset(self) -> None:
+        for row in range(self.rows):
+            self.release(row)
+
+    def upload(self) -> None:
+        """The host table to the device, queued behind what runs (a pass or step reads it after)."""
+        if not self._dirty:
+            return
+        self._dirty = False
+        if self._staging is None:
+            self.table.copy_(self.table_host)
+            return
+        self._staged.synchronize()  # the last upload has left the staging buffer
+        self._staging.copy_(self.table_host)
+        self.table.copy_(self._staging, non_blocking=True)
+        self._staged.record()
+
+    # --- addressing for torch's indexing (prompt passes, the CPU) ----------------------------------------
+    def where(self, rows: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(page, slot within it) of each (row, slot) pair (broadcast): index a layer's cache as
+        k[page, :, within]."""
+        return self.table[rows, torch.div(slots, self.page, rounding_mode="floor")].long(), slots % self.page
+
+    def write(self, i: int, rows: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [..., kv_heads, head_dim] into layer i at each (row, slot) (rows and slots broadcast to ...)."""
+        page, within = self.where(rows, slots)
+        self.k[i][page, :, within] = k
+        self.v[i][page, :, within] = v
+
+    def read(self, i: int, rows: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's keys and values at each (row, slot): [..., kv_heads, head_dim]."""
+        page, within = self.where(rows, slots)
+        return self.k[i][page, :, within], self.v[i][page, :, within]
+
+    def rows_view(self, i: int, rows: torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's keys and values of `rows` at slots 0..end-1, as attention takes them: [rows, kv_heads,
+        end, head_dim]."""
+        slots = torch.arange(end, device=self.device)
+        k, v = self.read(i, rows[:, None], slots[None, :])
+        return k.transpose(1, 2), v.transpose(1, 2)
