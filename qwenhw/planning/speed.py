@@ -3,7 +3,7 @@
 A decode step of `rows` sequences:
     step_s + layers x layer_s + (weight bytes read + KV bytes read) / (datasheet bandwidth x bandwidth)
     [+ layers x row_layer_s for every row past `rows_fused`, where an engine's fused kernels stop, up to
-       `rows_grouped`, past which its routed experts take grouped GEMMs: layers x grouped_row_layer_s a row]
+       `rows_wide`, past which its routed experts take the kernels of wide steps: layers x wide_row_layer_s a row]
 A prefill (time until every prompt of a batch has its first token) runs the prompts' tokens in passes (an
 engine decides how it cuts them: `chunked_passes`, `row_passes`); each pass costs
     layers x pass_layer_s + tokens x token_s + tokens x layer FLOPs / (peak x flops) + attention FLOPs / (peak x attention)
@@ -25,8 +25,8 @@ class DecodeFit:
     bandwidth: float  # fraction of the datasheet memory bandwidth that weights and KV stream at
     row_layer_s: float = 0.0  # per layer and per row past `rows_fused`
     rows_fused: int = 0  # rows the engine's fused decode kernels take (beyond: other kernels)
-    grouped_row_layer_s: float = 0.0  # per layer and per row past `rows_grouped` (instead of row_layer_s)
-    rows_grouped: int = 0  # rows from which the routed experts take grouped GEMMs (0: never)
+    wide_row_layer_s: float = 0.0  # per layer and per row past `rows_wide` (instead of row_layer_s)
+    rows_wide: int = 0  # rows past which the routed experts take the kernels of wide steps (0: never)
     source: str = ""
 
 
@@ -58,10 +58,10 @@ def layers_time(fit: DecodeFit, bandwidth_gbs: float, layers: float, rows: int, 
     """`layers` layers of a decode step of `rows` sequences that read `nbytes` from GPU memory (step_s apart)."""
     t = layers * fit.layer_s + nbytes / (bandwidth_gbs * 1e9 * fit.bandwidth)
     if fit.row_layer_s and rows > fit.rows_fused:
-        slow = min(rows, fit.rows_grouped) if fit.rows_grouped else rows
+        slow = min(rows, fit.rows_wide) if fit.rows_wide else rows
         t += layers * fit.row_layer_s * max(slow - fit.rows_fused, 0)
-    if fit.rows_grouped and rows > fit.rows_grouped:
-        t += layers * fit.grouped_row_layer_s * (rows - fit.rows_grouped)
+    if fit.rows_wide and rows > fit.rows_wide:
+        t += layers * fit.wide_row_layer_s * (rows - fit.rows_wide)
     return t
 
 

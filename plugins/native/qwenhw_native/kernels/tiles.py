@@ -36,11 +36,13 @@ class Tiles:
     # (whole rows overran L2: -6% at batch 16)
     moe_down_prefetch: int = 2
     # decode steps of up to this many (token, expert) pairs take the slot kernels above (at most
-    # moe.MAX_PAIRS); larger ones sort the pairs and take the grouped GEMMs of a prompt pass (moe_prompt)
-    moe_max_pairs: int = 512
+    # moe.MAX_INDEXED_PAIRS); larger ones sort the pairs and take the grouped GEMMs of a prompt pass (moe_prompt).
+    # 128 rows of Qwen3-30B-A3B (1024 pairs) on one H100: 5088 tok/s on the slot kernels, 4432 grouped
+    moe_max_pairs: int = 2048
     # past this many pairs one kernel sorts a step's pairs by expert for the two GEMM kernels (moe._moe_index),
-    # up to it each program finds its own; 512 (= moe_max_pairs): off until bench/decode_rows.py has timed it
-    moe_index_pairs: int = 512
+    # up to it each program finds its own. One H100, Qwen3-30B-A3B: 64 rows 2676 tok/s sorted once, 2345 each
+    # program finding its own (docs/benchmarks.md); up to 32 rows (256 pairs) each finds its own, as timed before
+    moe_index_pairs: int = 256
     # decode GEMMs (q/k/v + RoPE + cache, o_proj + residual) in Triton up to this many rows (cuBLAS won at 64)
     linear_max_tokens: int = 16
     linear_bk: int = 128
