@@ -253,6 +253,13 @@ def test_one_gpu_pages_the_kv_cache_of_several_sequences():
     assert f"KV cache in pages ({pool} tokens" in h100.reasons[0]
     per_token = 48 * 2 * 4 * 128 * 2  # layers x (k, v) x kv heads x head_dim x bf16
     assert abs(h100.devices[0].kv_cache_gib - (pool + 2048) * per_token / 2**30) < 0.01  # + the batch-1 runtime's
+    # 128 rows of them do not fit there at once: the plan takes the smallest prompt passes for a larger pool,
+    # and the sequences it cannot hold wait for pages (vLLM's admission) rather than run on the hybrid
+    many = qwenhw.plan("Qwen3-30B-A3B", hardware="1xH100-80G", concurrency=128, context=2048, **ask)
+    assert many.engine == "one-gpu" and many.fits and many.config["prefill_tokens"] == 8192
+    held = many.config["kv_tokens"] // 1280
+    assert 100 < held < 128 and f"{held} of the 128 sequences" in many.reasons[0]
+    assert many.estimate.total_tok_s > h100.estimate.total_tok_s
     h200 = qwenhw.plan("Qwen3-30B-A3B", hardware="1xH200-141G", concurrency=128, **ask)
     assert h200.engine == "one-gpu" and h200.fits and h200.context == 32768
     assert 128 * 1280 + 32768 <= h200.config["kv_tokens"] < 128 * 32768

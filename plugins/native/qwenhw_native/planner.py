@@ -7,6 +7,9 @@ limits.runtime_batches; activations for the largest prefill pass, limits.PREFILL
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from typing import Any
+
 from qwenhw.hardware.profile import GiB, HardwareProfile, Node
 from qwenhw.models import memory as mm
 from qwenhw.models.spec import ModelSpec
@@ -76,25 +79,22 @@ def _without_dummy(p: Plan) -> Plan:
 def one_gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, context: int,
                  kv_dtype: str) -> Plan:
     """Everything on one GPU: one CUDA graph per decode step over transformers' modules, the decode
-    projections, attention, router and experts on our Triton kernels. The largest prompt pass whose activations
-    fit beside the weights and KV (limits.pass_budgets). Several sequences: their KV cache in pages (kv_cache.py),
-    a pool that holds the workload's sequences and one of the whole context, up to `concurrency` whole contexts
-    where memory is left (`kv_pool`); one: a static cache."""
-    paged = (req.concurrency or 1) > 1
+    projections, attention, router and experts on our Triton kernels. Several sequences: their KV cache in
+    pages (kv_cache.py), a pool of what memory is left (`kv_pool`); one: a static cache. The largest prompt
+    pass whose activations leave the pool room for every sequence of the workload at once (limits.pass_budgets);
+    where none does, the smallest, and the sequences the pool cannot hold wait for pages (vLLM's admission)."""
+    c = req.concurrency or 1
+    m = None
     for budget in pass_budgets():
-        b = fp.one_gpu(spec, hw, req, dtype, context, kv_dtype, PREFILL_CHUNK,
-                       1 if paged else sum(runtime_batches(req.concurrency)), budget)
-        per_token = mm.kv_bytes_per_token(b.served, kv_dtype)
-        wb = mm.weight_bytes_split(b.served)
-        pool = kv_pool(b.cap - wb.total - b.kv - b.act - fp.CUDA_CONTEXT, per_token, context, workload(req)) if paged \
-            else 0
-        kv = b.kv + pool * per_token
-        room = b.cap - kv - b.act - fp.CUDA_CONTEXT
-        fits = room > 0 and wb.total <= room
-        if fits:
+        trial = _one_gpu_memory(spec, hw, req, dtype, context, kv_dtype, budget)
+        if m is None or trial.fits:
+            m = trial
+        if trial.fits and trial.rows >= c:
             break
+    b, wb, per_token, pool, kv, room, fits, budget = m.b, m.wb, m.per_token, m.pool, m.kv, m.room, m.fits, m.budget
     node, gpu, served, cap, act = b.node, b.gpu, b.served, b.cap, b.act
     dev = gpu.device_id
+    w = workload(req)
     if room <= 0:
         why = (f"KV cache ({kv / GiB:.1f} GiB) and activations ({act / GiB:.1f} GiB) alone exceed the "
                f"{cap / GiB:.1f} GiB GPU budget: lower --context or --concurrency")
@@ -102,18 +102,18 @@ def one_gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str,
         why = (f"weights ({wb.total / GiB:.1f} GiB) exceed the {room / GiB:.1f} GiB the GPU has left beside the "
                f"KV cache and activations")
     else:
-        cache = (f"KV cache in pages ({pool} tokens: {req.concurrency} sequences of the workload's "
-                 f"{reach(context, workload(req))} tokens, or fewer longer ones, up to {context} each)" if paged
-                 else "static KV cache")
+        held = (f"{m.rows} of the {c} sequences of the workload's {reach(context, w)} tokens at once, the others "
+                f"waiting for pages" if m.rows < c else
+                f"{c} sequences of the workload's {reach(context, w)} tokens, or fewer longer ones")
+        cache = f"KV cache in pages ({pool} tokens: {held}, up to {context} each)" if pool else "static KV cache"
         why = (f"everything fits on {dev} ({wb.total / GiB:.1f} GiB of weights): {cache} and one CUDA graph "
                "per decode step over transformers' modules, decode on qwenhw's Triton kernels")
         if budget < PREFILL_TOKENS:
             why += (f"; prompt passes of at most {budget} tokens (activations {act / GiB:.1f} GiB), so that "
-                    f"{req.concurrency or 1} sequences' KV cache fits")
+                    f"{m.rows} sequences' KV cache fits")
     fixed = wb.total + act + fp.CUDA_CONTEXT
-    if paged:  # the longest context beside the batch-1 runtime's cache and the workload's sequences
-        max_context = _longest(lambda c: (c + pool_need(c, workload(req))) * per_token <= cap - fixed,
-                               served.max_position)
+    if pool:  # the longest context beside the batch-1 runtime's cache and one sequence of it in the pool
+        max_context = _longest(lambda n: (n + pages_for(n) * PAGE) * per_token <= cap - fixed, served.max_position)
     else:
         max_context = fp.context_fit(fixed, per_token, cap, served, sum(runtime_batches(req.concurrency)))
     return Plan(
@@ -122,10 +122,41 @@ def one_gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str,
                            (act + fp.CUDA_CONTEXT) / GiB),),
         context=context, max_context=max_context,
         concurrency=req.concurrency, dtype=stored_dtype(served), kv_dtype=kv_dtype,
-        estimate=_one_gpu_estimate(served, gpu, workload(req), kv_dtype, budget) if fits else Estimate(),
+        estimate=_one_gpu_estimate(served, gpu, replace(w, concurrency=m.rows), kv_dtype, budget) if fits
+        else Estimate(),
         reasons=(why,), config=NativeConfig(dtype=stored_dtype(served), main_device=dev, threads=node.cpu.physical_cores,
                                             prefill_tokens=budget, kv_tokens=pool).to_dict(),
     )
+
+
+@dataclass(frozen=True)
+class _Memory:
+    """A one-GPU plan's memory at one prompt-pass budget."""
+
+    budget: int
+    b: fp.OneGpu
+    wb: Any  # the weights' bytes (mm.weight_bytes_split)
+    per_token: float  # KV bytes per token
+    pool: int  # the paged pool's slots (0: a static cache)
+    kv: float  # KV bytes: the batch-1 runtime's static cache and the pool (or the static caches)
+    room: float  # what the GPU has left for the weights
+    fits: bool
+    rows: int  # sequences of the workload the cache holds at once
+
+
+def _one_gpu_memory(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, context: int, kv_dtype: str,
+                    budget: int) -> _Memory:
+    c = req.concurrency or 1
+    paged = c > 1
+    b = fp.one_gpu(spec, hw, req, dtype, context, kv_dtype, PREFILL_CHUNK,
+                   1 if paged else sum(runtime_batches(req.concurrency)), budget)
+    per_token = mm.kv_bytes_per_token(b.served, kv_dtype)
+    wb = mm.weight_bytes_split(b.served)
+    pool = kv_pool(b.cap - wb.total - b.kv - b.act - fp.CUDA_CONTEXT, per_token, context, c) if paged else 0
+    kv = b.kv + pool * per_token
+    room = b.cap - kv - b.act - fp.CUDA_CONTEXT
+    rows = min(c, pool // (pages_for(reach(context, workload(req))) * PAGE)) if paged else c
+    return _Memory(budget, b, wb, per_token, pool, kv, room, room > 0 and wb.total <= room, max(rows, 1))
 
 
 def reach(context: int, w: Workload) -> int:
@@ -133,19 +164,13 @@ def reach(context: int, w: Workload) -> int:
     return min(context, w.prompt_tokens + w.output_tokens)
 
 
-def pool_need(context: int, w: Workload) -> int:
-    """The slots a paged KV pool must have: the workload's sequences at once, each in whole pages, and at
-    least one sequence of the whole context (a sequence waits until its pages are free, so a pool
-    that held less would never take that one)."""
-    return max(pages_for(context), w.concurrency * pages_for(reach(context, w))) * PAGE
-
-
-def kv_pool(room: float, per_token: float, context: int, w: Workload) -> int:
-    """The paged pool a plan gives the batched runtime: what `room` bytes hold, in pages, from `pool_need` (it
-    cannot be less) up to every row at the whole context (more would never be used)."""
-    most = w.concurrency * pages_for(context) * PAGE
+def kv_pool(room: float, per_token: float, context: int, rows: int) -> int:
+    """The paged pool a plan gives the batched runtime: what `room` bytes hold, in pages, at least one sequence
+    of the whole context (a sequence waits until its pages are free: a pool of less would never take one that
+    long) and at most every row at the whole context (more would never be used)."""
+    one, most = pages_for(context) * PAGE, rows * pages_for(context) * PAGE
     held = int(room // per_token) // PAGE * PAGE if per_token > 0 else most
-    return max(pool_need(context, w), min(most, held))
+    return max(one, min(most, held))
 
 
 def _longest(ok, top: int) -> int:
