@@ -91,12 +91,11 @@ def test_json_lists_every_candidate_with_its_full_estimate():
 
 
 def test_all_candidates_are_planned_at_the_same_context_unless_they_say_why():
-    plan = qwenhw.plan("Qwen3-8B", hardware="1xRTX4090-24G", concurrency=2)
+    plan = qwenhw.plan("Qwen3-8B", hardware="1xL4-24G")
     gpu = [c for c in plan.candidates if c["fits"] and c["engine"] in ("vllm", "one-gpu")]
     assert len(gpu) == 2
-    # a 32768-token sequence in the pool beside the batch-1 runtime's static cache of as many does not fit next
-    # to the weights: qwenhw's engine plans fewer tokens instead of moving weights to host RAM, and says what
-    # the default would cost
+    # a 32768-token cache does not fit next to the weights: qwenhw's engine plans fewer tokens instead of moving
+    # weights to host RAM, and says what the default would cost
     fast = next(p for p in [plan] + list(plan.alternatives) if p.engine == "one-gpu")
     assert DEFAULT_CONTEXT > fast.context >= 4096 and not fast.offload.cpu_gib
     assert any(r.startswith(f"context {fast.context} (not {DEFAULT_CONTEXT})") for r in fast.reasons)

@@ -120,7 +120,7 @@ def one_gpu(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, cont
     served = served_16bit(spec, dtype)
     return OneGpu(node=node, gpu=gpu, served=served, dtype=stored_dtype(served),
                   cap=gpu_budget(gpu.memory_bytes, req),
-                  kv=kv_bytes(served, context, sequences or req.concurrency, kv_dtype),
+                  kv=kv_bytes(served, context, req.concurrency if sequences is None else sequences, kv_dtype),
                   act=gpu_activation_bytes(served, context, req.concurrency, chunk, pass_tokens),
                   ram=ram_budget(node, req))
 

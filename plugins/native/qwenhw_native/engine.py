@@ -23,9 +23,9 @@ COUNTED = 256
 
 
 class RuntimeEngine(HFEngine):
-    """Prompts through the runtime's static cache: a list of prompts, or a server's concurrent requests,
-    decode continuously on `batched` (a finished row takes the next prompt) when the plan is for several
-    concurrent sequences; single prompts and streams use the batch-1 runtime."""
+    """Prompts through the runtime: a list of prompts, or a server's concurrent requests, decode continuously on
+    `batched` (a finished row takes the next prompt) when the plan is for several concurrent sequences; single
+    prompts and streams use `runtime` (batch 1, or the paged `batched` itself)."""
 
     def __init__(self, model: Any, tokenizer: Any, runtime: Runtime, plan: Any = None,
                  batched: Runtime | None = None):
@@ -150,13 +150,15 @@ def build_one_gpu(model: Any, tokenizer: Any, plan: Any) -> RuntimeEngine:
 def runtime_engine(model: Any, tokenizer: Any, plan: Any, device: str, sequences: int | None,
                    group: Any = None) -> RuntimeEngine:
     """The engine over the runtimes a plan needs (limits.runtime_batches): batch 1, and `sequences` at once
-    for prompt lists when that is more than one (`group`: this rank's tensor-parallel group)."""
+    for prompt lists when that is more than one, or the one paged runtime that takes both (`group`: this rank's
+    tensor-parallel group)."""
     cfg = NativeConfig.of(plan)
     kernels = cfg.kernel_config()
     runtimes = [Runtime(model, max_len=int(plan.context), device=device, batch=b, graphs=cfg.cuda_graphs,
                         decode_experts=cfg.decode_experts, group=group, kernels=kernels,
                         prefill_tokens=cfg.prefill_tokens, kv_tokens=cfg.kv_tokens if b > 1 else 0)
-                for b in runtime_batches(sequences)]
+                for b in runtime_batches(sequences, paged=cfg.kv_tokens > 0)]
     for rt in runtimes:
         rt.warm()
-    return RuntimeEngine(model, tokenizer, runtimes[0], plan=plan, batched=runtimes[1] if len(runtimes) > 1 else None)
+    batched = runtimes[-1] if runtimes[-1].batch > 1 else None
+    return RuntimeEngine(model, tokenizer, runtimes[0], plan=plan, batched=batched)

@@ -57,10 +57,13 @@ def fuses_reduce(rows: int, world: int, push: bool = True) -> bool:
     return rows * (world - 1) <= (PUSH_MAX_REMOTE_ROWS if push else FUSE_MAX_REMOTE_ROWS)
 
 
-def runtime_batches(concurrency: int | None) -> list[int]:
+def runtime_batches(concurrency: int | None, paged: bool = False) -> list[int]:
     """The runtimes an engine builds: batch 1 (streams, single prompts), and one of the plan's concurrency
-    for prompt lists. Each holds its own KV cache, which the plan counts."""
+    for prompt lists; each holds its own KV cache, which the plan counts. A paged cache's runtime (a plan's
+    `kv_tokens`) takes single prompts too (its graph of one row), so it is the only one."""
     n = int(concurrency or 1)
+    if paged and n > 1:
+        return [n]
     return [1, n] if n > 1 else [1]
 
 

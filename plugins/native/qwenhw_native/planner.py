@@ -112,8 +112,8 @@ def one_gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str,
             why += (f"; prompt passes of at most {budget} tokens (activations {act / GiB:.1f} GiB), so that "
                     f"{m.rows} sequences' KV cache fits")
     fixed = wb.total + act + fp.CUDA_CONTEXT
-    if pool:  # the longest context beside the batch-1 runtime's cache and one sequence of it in the pool
-        max_context = _longest(lambda n: (n + pages_for(n) * PAGE) * per_token <= cap - fixed, served.max_position)
+    if pool:  # the longest context one sequence of the pool may take
+        max_context = _longest(lambda n: pages_for(n) * PAGE * per_token <= cap - fixed, served.max_position)
     else:
         max_context = fp.context_fit(fixed, per_token, cap, served, sum(runtime_batches(req.concurrency)))
     return Plan(
@@ -148,8 +148,8 @@ def _one_gpu_memory(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: s
                     budget: int) -> _Memory:
     c = req.concurrency or 1
     paged = c > 1
-    b = fp.one_gpu(spec, hw, req, dtype, context, kv_dtype, PREFILL_CHUNK,
-                   1 if paged else sum(runtime_batches(req.concurrency)), budget)
+    b = fp.one_gpu(spec, hw, req, dtype, context, kv_dtype, PREFILL_CHUNK, 0 if paged else sum(runtime_batches(c)),
+                   budget)
     per_token = mm.kv_bytes_per_token(b.served, kv_dtype)
     wb = mm.weight_bytes_split(b.served)
     pool = kv_pool(b.cap - wb.total - b.kv - b.act - fp.CUDA_CONTEXT, per_token, context, c) if paged else 0
@@ -278,15 +278,19 @@ def cpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, con
     served = fp.served_16bit(spec, dt)
     wb = mm.weight_bytes_split(served)
     ram = fp.ram_budget(node, req)
-    sequences = sum(runtime_batches(req.concurrency)) if engine == Engine.ONE_GPU else req.concurrency
-    kv = fp.kv_bytes(served, context, sequences, kv_dtype)
+    c = req.concurrency or 1
+    paged = engine == Engine.ONE_GPU and c > 1  # a pool of every row at the whole context (RAM is plenty)
+    pool = c * pages_for(context) * PAGE if paged else 0
+    sequences = sum(runtime_batches(c, paged)) if engine == Engine.ONE_GPU else c
+    kv = fp.kv_bytes(served, pool if paged else context, 1 if paged else sequences, kv_dtype)
     act = fp.activation_bytes(served, context, req.concurrency, PREFILL_CHUNK, PREFILL_TOKENS) + fp.CPU_RUNTIME \
         + fp.TOKENIZER
     fits = wb.total + kv + act <= ram
     why = (f"{engine} on the CPU (forced): the lean runtime without CUDA graphs, {node.cpu.physical_cores} physical "
            f"cores, weights in {dt}" if fits else
            f"needs {(wb.total + kv + act) / GiB:.1f} GiB; the host RAM budget is {ram / GiB:.1f} GiB")
-    config = NativeConfig(dtype=dt, main_device="cpu", threads=node.cpu.physical_cores, cuda_graphs=False).to_dict()
+    config = NativeConfig(dtype=dt, main_device="cpu", threads=node.cpu.physical_cores, cuda_graphs=False,
+                          kv_tokens=pool).to_dict()
     per_token = mm.kv_bytes_per_token(served, kv_dtype)
     return Plan(
         model=spec.name, backend="native", engine=engine, fits=fits, parallel=Parallel(),
