@@ -121,9 +121,13 @@ class KVCache:
         page, within = self.where(rows, slots)
         return self.k[i][page, :, within], self.v[i][page, :, within]
 
-    def rows_view(self, i: int, rows: torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer i's keys and values of `rows` at slots 0..end-1, as attention takes them: [rows, kv_heads,
-        end, head_dim]."""
+    def rows_view(self, i: int, rows: torch.Tensor | slice, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's keys and values of `rows` (row numbers, or a slice of them) at slots 0..end-1, as attention
+        takes them: [rows, kv_heads, end, head_dim] (a static cache's slice of rows: a view, no copy)."""
+        if not self.paged:
+            return self.k[i][rows, :, :end], self.v[i][rows, :, :end]
+        if isinstance(rows, slice):
+            rows = torch.arange(self.rows, device=self.device)[rows]
         slots = torch.arange(end, device=self.device)
         k, v = self.read(i, rows[:, None], slots[None, :])
         return k.transpose(1, 2), v.transpose(1, 2)

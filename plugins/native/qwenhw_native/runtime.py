@@ -233,6 +233,7 @@ class Runtime:
             tokens = torch.zeros(self.batch, dtype=torch.long, device=self.device)
             for length in (n, m - 1):  # beside one decoding row: 18 tokens in the pass, then 16
                 self.prefill([[0] * m])
+                self.admit(1, length + 1)
                 self.fill_and_decode([Filling(1, [0] * length)], tokens)
         self.reset()
 

@@ -137,8 +137,9 @@ class LayerStep:
             else:  # a later chunk: its queries see the earlier slots and, causally, their own (the causal
                 # mask aligned to the lower right, never materialised)
                 end = first + t
-                out = F.scaled_dot_product_attention(q, *c.rows_view(i, rows, end), attn_mask=causal_lower_right(t, end),
-                                                     scale=a.scaling, enable_gqa=True)
+                out = F.scaled_dot_product_attention(q, *c.rows_view(i, self.rows.rows, end),
+                                                     attn_mask=causal_lower_right(t, end), scale=a.scaling,
+                                                     enable_gqa=True)
         out = a.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         return self._reduce(out, h)
 
@@ -175,7 +176,7 @@ class LayerStep:
                 return self._reduce(a.o_proj(out), h)
         else:
             end = where.first + t
-            keys, values = c.rows_view(i, self._rows(b), end)
+            keys, values = c.rows_view(i, where.rows, end)
             mask = None if where.first == 0 else causal_lower_right(t, end)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=where.first == 0,
                                                  scale=a.scaling, enable_gqa=True)
