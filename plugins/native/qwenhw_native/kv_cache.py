@@ -87,10 +87,6 @@ class KVCache:
         self.table_host[row] = 0
         self._dirty = True
 
-    def reset(self) -> None:
-        for row in range(self.rows):
-            self.release(row)
-
     def upload(self) -> None:
         """The host table to the device, queued behind what runs (a pass or step reads it after)."""
         if not self._dirty:

@@ -1,8 +1,9 @@
 """Plans of the native backend: qwenhw's own engine on one GPU, tensor parallel, replicas, the MoE hybrid. Pure.
 
 Memory: qwenhw.planning.footprint, plus what the runtime holds (a KV cache per runtime it builds,
-limits.runtime_batches; activations for the largest prefill pass, limits.PREFILL_TOKENS). Speed: the shared mechanisms
-(qwenhw.planning.speed) with this engine's fitted constants (speed.py).
+limits.runtime_batches: static, or one pool in pages for several sequences on one GPU, `kv_pool`; activations for
+the largest prefill pass, limits.PREFILL_TOKENS). Speed: the shared mechanisms (qwenhw.planning.speed) with this
+engine's fitted constants (speed.py).
 """
 
 from __future__ import annotations
