@@ -9,7 +9,6 @@ engine's fitted constants (speed.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
 
 from qwenhw.hardware.profile import GiB, HardwareProfile, Node
 from qwenhw.models import memory as mm
@@ -88,7 +87,7 @@ def one_gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str,
     m = None
     for budget in pass_budgets():
         trial = _one_gpu_memory(spec, hw, req, dtype, context, kv_dtype, budget)
-        if m is None or trial.fits:
+        if m is None or trial.fits or not m.fits:  # the smallest budget's, while none fits (the most room)
             m = trial
         if trial.fits and trial.rows >= c:
             break
@@ -123,8 +122,8 @@ def one_gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str,
                            (act + fp.CUDA_CONTEXT) / GiB),),
         context=context, max_context=max_context,
         concurrency=req.concurrency, dtype=stored_dtype(served), kv_dtype=kv_dtype,
-        estimate=_one_gpu_estimate(served, gpu, replace(w, concurrency=m.rows), kv_dtype, budget) if fits
-        else Estimate(),
+        estimate=(_one_gpu_estimate(served, gpu, replace(w, concurrency=m.rows), kv_dtype, budget) if fits
+                  else Estimate()),
         reasons=(why,), config=NativeConfig(dtype=stored_dtype(served), main_device=dev, threads=node.cpu.physical_cores,
                                             prefill_tokens=budget, kv_tokens=pool).to_dict(),
     )
@@ -136,10 +135,10 @@ class _Memory:
 
     budget: int
     b: fp.OneGpu
-    wb: Any  # the weights' bytes (mm.weight_bytes_split)
+    wb: mm.WeightBytes
     per_token: float  # KV bytes per token
     pool: int  # the paged pool's slots (0: a static cache)
-    kv: float  # KV bytes: the batch-1 runtime's static cache and the pool (or the static caches)
+    kv: float  # KV bytes: the pool, or the static caches
     room: float  # what the GPU has left for the weights
     fits: bool
     rows: int  # sequences of the workload the cache holds at once
@@ -147,6 +146,7 @@ class _Memory:
 
 def _one_gpu_memory(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, context: int, kv_dtype: str,
                     budget: int) -> _Memory:
+    """Weights, KV and activations of a one-GPU plan whose prompt passes hold `budget` tokens."""
     c = req.concurrency or 1
     paged = c > 1
     b = fp.one_gpu(spec, hw, req, dtype, context, kv_dtype, PREFILL_CHUNK, 0 if paged else sum(runtime_batches(c)),

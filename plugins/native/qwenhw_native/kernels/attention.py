@@ -37,8 +37,7 @@ def _attn_block(q, k_ptr, v_ptr, base, n0, lo, end, m, den, acc, scale, D: tl.co
 
 @jit
 def _attn_split(q_ptr, k_ptr, v_ptr, pos_ptr, start_ptr, table_ptr, acc_ptr, ml_ptr, HQ, HK, PAGE, PAGES, S, POS_B,
-                scale,
-                G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr,
+                scale, G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr,
                 EXACT: tl.constexpr, RUNTIME_BOUNDS: tl.constexpr, PDL: tl.constexpr):
     """One KV head's G query heads over cache positions [s*CHUNK, (s+1)*CHUNK), from the sequence's
     first slot up to the current one: flash-attention partials (unnormalised sum, running max,
@@ -127,8 +126,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if start is None:
         start = torch.zeros((b,), dtype=torch.long, device=q.device)
     bn, warps, stages = block or (tiles.for_device(q.device).attn_block if q.is_cuda else (16, 4, 1))
-    _attn_split[(b * hk, splits)](q, k_cache, v_cache, pos, start, table, acc, ml, hq, hk, page, table.stride(0), splits,
-                                  row_stride(pos, b), float(scale), G=g, BG=max(16, triton.next_power_of_2(g)),
+    _attn_split[(b * hk, splits)](q, k_cache, v_cache, pos, start, table, acc, ml, hq, hk, page, table.stride(0),
+                                  splits, row_stride(pos, b), float(scale), G=g, BG=max(16, triton.next_power_of_2(g)),
                                   D=d, BN=bn, CHUNK=CHUNK, EXACT=exact, RUNTIME_BOUNDS=q.is_cuda, num_warps=warps,
                                   num_stages=stages, **launch(pdl))
     _attn_combine[(b * hq,)](acc, ml, out, pos, splits, hq, row_stride(pos, b), D=d, CHUNK=CHUNK,

@@ -212,8 +212,7 @@ def qkv_rope(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h
         x, weight, bias if bias is not None else weight, q_norm.weight if norm else x, k_norm.weight if norm else x,
         cos, sin, pos, table, part, counts(x.device, n, "qkv"), q_out, k_cache, v_cache, b, hq, hk, k_cache.shape[2],
         table.stride(0), cos_b, row_stride(pos, b), float(q_norm.variance_epsilon) if norm else 0.0, H=hidden,
-        HALF=d // 2,
-        SPLIT=slices, NORM=norm, BIAS=bias is not None, LINE=128 // weight.element_size(),
+        HALF=d // 2, SPLIT=slices, NORM=norm, BIAS=bias is not None, LINE=128 // weight.element_size(),
         LINES=_prefetch_lines(t, weight, hidden // slices), **cfg, **launch(pdl))
     return q_out
 

@@ -29,9 +29,9 @@ def _norm_rope(x1, x2, w_ptr, c1, c2, s1, s2, eps, HALF: tl.constexpr, NORM: tl.
 
 
 @jit
-def _qk_rope_cache(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr, row_ptr, table_ptr, qo_ptr, kc_ptr,
-                   vc_ptr, T, HQ, HK, PAGE, PAGES, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sc_b, sc_t, sp_b, sr_b,
-                   sr_t, eps, HALF: tl.constexpr, NORM: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
+def _qk_rope_cache(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr, row_ptr, table_ptr, qo_ptr,
+                   kc_ptr, vc_ptr, T, HQ, HK, PAGE, PAGES, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sc_b,
+                   sc_t, sp_b, sr_b, sr_t, eps, HALF: tl.constexpr, NORM: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
     """One (token, head) per program: heads < HQ are query heads, the rest key heads (+ their values). The
     token's cache row is its sequence b, or (ROWS) row_ptr[b * sr_b + t * sr_t]; its slot pos lies in page
     table[row, pos // PAGE] (kv_cache.py)."""
@@ -94,7 +94,7 @@ def qk_rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm: Any
         table = identity_table(k_cache.shape[0], q.device)
     _qk_rope_cache[(b * t, hq + hk)](
         q, k, v, qw, kw, cos, sin, pos, rows if rows is not None else pos, table, q_out, k_cache, v_cache, t, hq,
-        hk, k_cache.shape[2], table.stride(0), q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), cos_b, cos.stride(1), pos_b, row_b, row_t, eps, HALF=d // 2,
-        NORM=norm, ROWS=rows is not None, **launch(pdl))
+        hk, k_cache.shape[2], table.stride(0), q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+        k.stride(2), v.stride(0), v.stride(1), v.stride(2), cos_b, cos.stride(1), pos_b, row_b, row_t, eps,
+        HALF=d // 2, NORM=norm, ROWS=rows is not None, **launch(pdl))
     return q_out
