@@ -54,3 +54,29 @@ def _warmup_stream() -> Any:
     if device not in _WARMUP:
         _WARMUP[device] = torch.cuda.Stream()
     return _WARMUP[device]
+
+
+class Upload:
+    """Host values into a device tensor the graphs read (`dst`), queued behind the kernels before without waiting
+    for them: from pageable memory PyTorch's copy waits for every kernel queued before it (a stream sync), so a
+    step's launch would wait for the step before. Goes through `buffers` pinned buffers in turn, each rewritten
+    once its last copy has left it. On the CPU: a plain copy."""
+
+    def __init__(self, dst: torch.Tensor, buffers: int = 2):
+        self.dst = dst
+        pinned = dst.is_cuda
+        self._staging = [torch.empty(dst.shape, dtype=dst.dtype, pin_memory=True) for _ in range(buffers)] \
+            if pinned else []
+        self._copied = [torch.cuda.Event() for _ in self._staging]
+        self._turn = 0
+
+    def __call__(self, values: torch.Tensor) -> None:
+        if not self._staging:
+            self.dst.copy_(values)
+            return
+        self._turn = (self._turn + 1) % len(self._staging)
+        stage, copied = self._staging[self._turn], self._copied[self._turn]
+        copied.synchronize()  # this buffer's last copy has left it
+        stage.copy_(values)
+        self.dst.copy_(stage, non_blocking=True)
+        copied.record()

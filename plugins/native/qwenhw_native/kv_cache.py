@@ -10,13 +10,14 @@ A sequence's slot s lives in page table[row, s // page], at s % page. Two layout
   there, never in a page a sequence holds.
 
 The table lives on the device (the kernels and captured graphs read it); changes go up before the next pass
-(`upload`), through pinned memory (from pageable memory PyTorch's copy would wait for the GPU's queue).
+(`upload`, through graphs.Upload: without waiting for the GPU's queue).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .graphs import Upload
 from .kernels.attention import CHUNK
 from .limits import PAGE, pages_for
 
@@ -47,10 +48,8 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.table = self.table_host.to(device)
+        self._upload = Upload(self.table, buffers=1)
         self.held: list[list[int]] = [[] for _ in range(rows)]
-        pinned = device.type == "cuda"
-        self._staging = torch.empty_like(self.table_host, pin_memory=pinned) if pinned else None
-        self._staged = torch.cuda.Event() if pinned else None
         self._dirty = False
 
     @property
@@ -62,6 +61,10 @@ class KVCache:
         return len(self.free) * self.page
 
     # --- pages of the pool ------------------------------------------------------------------------------
+    def slots(self, row: int) -> int:
+        """The slots row `row` holds: its pages' (static: its whole context)."""
+        return len(self.held[row]) * self.page if self.paged else self.max_len
+
     def fits(self, tokens: int) -> bool:
         """Whether the pool has the pages for a sequence of `tokens` slots now (static: always)."""
         return not self.paged or pages_for(tokens, self.page) <= len(self.free)
@@ -89,16 +92,9 @@ class KVCache:
 
     def upload(self) -> None:
         """The host table to the device, queued behind what runs (a pass or step reads it after)."""
-        if not self._dirty:
-            return
-        self._dirty = False
-        if self._staging is None:
-            self.table.copy_(self.table_host)
-            return
-        self._staged.synchronize()  # the last upload has left the staging buffer
-        self._staging.copy_(self.table_host)
-        self.table.copy_(self._staging, non_blocking=True)
-        self._staged.record()
+        if self._dirty:
+            self._dirty = False
+            self._upload(self.table_host)
 
     # --- addressing for torch's indexing (prompt passes, the CPU) ----------------------------------------
     def where(self, rows: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .config import KernelConfig
-from .graphs import Emulated, capture
+from .graphs import Emulated, Upload, capture
 from .kv_cache import KVCache
 from .limits import ARCHITECTURES, PREFILL_CHUNK, PREFILL_TOKENS, STEP_PREFILL_TOKENS
 from .sampling import SampleParams, sample_rows
@@ -119,22 +119,16 @@ class Runtime:
         self.tok = torch.zeros((batch, 1), dtype=torch.long, device=self.device)
         self._slots = torch.zeros((2, batch), dtype=torch.long, device=self.device)
         self.pos, self.start = self._slots[0], self._slots[1]
-        # the slots reach the GPU through two pinned buffers in turn: from pageable memory PyTorch's copy waits
-        # for every kernel queued before it (a stream sync), so the next step's launch would wait for the last
-        pinned = self.device.type == "cuda"
-        self._staging = [torch.zeros((2, batch), dtype=torch.long, pin_memory=pinned) for _ in range(2)]
-        self._staged = [torch.cuda.Event() if pinned else None for _ in range(2)]
-        self._turn = 0
+        self._upload_slots = Upload(self._slots)
         self.step.start = self.start
         self.step.idle = (self.pos, max_len - 1)  # the scratch slot (below)
         # tokens in each row's cache, and whether the row decodes. A row that does not (free, or its prompt
         # still going in) writes and reads only the cache's last slot, which no sequence reaches: a prompt
         # holds at most max_len - 1 tokens and its answer's last token is never written (a paged cache maps
-        # it to the scratch page). `room`: the slots a row's sequence may fill (its pages', at most max_len - 1)
+        # it to the scratch page)
         self.lengths = [0] * batch
         self.active = [False] * batch
         self.scratch = max_len - 1
-        self.room = [0 if self.cache.paged else self.scratch] * batch
         # decode steps compute the rows up to the last busy one, rounded up to one of these sizes (a graph each)
         self.sizes = [m for m in (1 << j for j in range(batch.bit_length())) if m < batch] + [batch]
         self._step_graphs: dict[int, tuple[Any, torch.Tensor]] = {}
@@ -191,9 +185,7 @@ class Runtime:
         """The row's sequence is done: from the next step on its row (and its pages) are free for another."""
         self.lengths[row] = 0
         self.active[row] = False
-        if self.cache.paged:
-            self.cache.release(row)
-            self.room[row] = 0
+        self.cache.release(row)
 
     def admits(self, tokens: int) -> bool:
         """Whether a sequence of up to `tokens` slots (prompt + answer) can take a row's pages now."""
@@ -201,9 +193,7 @@ class Runtime:
 
     def admit(self, row: int, tokens: int) -> None:
         """Row `row` takes the pages for a sequence of up to `tokens` slots (a static cache: nothing to take)."""
-        if self.cache.paged:
-            self.cache.admit(row, min(tokens, self.scratch))
-            self.room[row] = min(len(self.cache.held[row]) * self.cache.page, self.scratch)
+        self.cache.admit(row, min(tokens, self.scratch))
 
     @torch.inference_mode()
     def warm(self) -> None:
@@ -399,7 +389,8 @@ class Runtime:
         """One step for the busy rows (`busy_rows()` of them; those among them that do not decode compute on
         the scratch slot): `token` is an int (batch 1) or a tensor of a token id per row (at least that
         many), each written at its row's next slot. Returns their logits [rows, vocab]."""
-        if any(on and n >= room for on, n, room in zip(self.active, self.lengths, self.room)):
+        if any(on and n >= min(self.cache.slots(r), self.scratch)
+               for r, (on, n) in enumerate(zip(self.active, self.lengths))):
             raise ValueError(f"a row has filled its {self.max_len}-token context or the pages it took")
         self._use_experts(self.decode_experts)
         self.step.decoding = True
@@ -422,15 +413,8 @@ class Runtime:
         the kernels before, without waiting for them."""
         on = self.active  # rows past m never decode: their slots are the scratch slot's too
         assert not any(on[m:])
-        self._turn ^= 1
-        stage, staged = self._staging[self._turn], self._staged[self._turn]
-        if staged is not None:
-            staged.synchronize()  # this buffer's copy of two steps back has left it
-        stage.copy_(torch.tensor([[n if a else self.scratch for n, a in zip(self.lengths, on)],
-                                  [0 if a else self.scratch for a in on]]))
-        self._slots.copy_(stage, non_blocking=staged is not None)  # whole rows: contiguous
-        if staged is not None:
-            staged.record()
+        self._upload_slots(torch.tensor([[n if a else self.scratch for n, a in zip(self.lengths, on)],
+                                         [0 if a else self.scratch for a in on]]))
         self.lengths = [n + a for n, a in zip(self.lengths, self.active)]
 
     def _use_experts(self, name: str | None) -> None:

@@ -122,7 +122,7 @@ class LayerStep:
         if self.decoding:  # each row's key at its own position, attention over its slots of the cache (masked)
             rows = torch.arange(b, device=h.device)
             c.write(i, rows, pos, k[:, :, 0], v[:, :, 0])
-            kc, vc = (self.k[i][:b], self.v[i][:b]) if not c.paged else c.rows_view(i, rows, c.max_len)
+            kc, vc = c.rows_view(i, slice(0, b), c.max_len)
             out = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=a.scaling, enable_gqa=True)
         elif isinstance(self.rows, Packed):  # prompts packed in one sequence: each attends to its own keys
             p = self.rows
