@@ -9,8 +9,10 @@ kernels and graphs): random bf16 weights of the model directory's shape, a few l
   default);
 - the MoE decode kernels with a step's pairs sorted once per layer (Tiles.moe_index_pairs = 0): the same
   greedy tokens as each program finding its own pairs, bit for bit;
-- a paged KV cache (kv_cache.py) whose pool of 2048 slots makes sequences wait for pages: the greedy tokens
-  they get alone (its batches differ from the static cache's, so not bit for bit).
+- a paged KV cache (kv_cache.py) whose pool of 2048 slots makes sequences wait for pages, and one of 1024 where
+  answers that reach a second page make the newest sequences give theirs back and go in again (preemption by
+  recomputation): the greedy tokens they get alone (their batches differ from the static cache's, so not bit
+  for bit).
 
     python bench/check_runtime.py DIR --layers 4      # DIR: side_by_side.py prepare's folder
 
@@ -86,6 +88,21 @@ def main() -> None:
         print(f"continuous batching ({label}; 2 rows, 5 prompts joining) vs alone: {agree}/{total} greedy tokens "
               f"equal before a first difference {prefix}: {'ok' if ok else 'FAILED'}")
         del rt
+
+    # preemption: three 250-token prompts in a pool of four pages go in with one page each; at their 7th token
+    # each needs a second, which the pool has for one: the newest give theirs back and go in again later
+    short = [torch.randint(1000, 150000, (250,), generator=g).tolist() for _ in range(3)]
+    each = [one.generate_batch([p], 40, SampleParams(), set())[0] for p in short]
+    rt = Runtime(model, max_len=1024, device="cuda", batch=3, kv_tokens=1024)
+    rt.warm()
+    together = [[] for _ in short]
+    for seq, token, _ in rt.stream_batch(short, [40] * 3, SampleParams(), set()):
+        together[seq].append(token)
+    prefix = [next((j for j, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(together, each)]
+    ok = [len(t) for t in together] == [40] * 3 and sum(prefix) >= 60 and rt.preemptions >= 1
+    failed |= not ok
+    print(f"paged KV, 1024-slot pool, {rt.preemptions} preemption(s): {sum(prefix)}/120 greedy tokens equal to "
+          f"alone before a first difference {prefix}: {'ok' if ok else 'FAILED'}")
     sys.exit(1 if failed else 0)
 
 

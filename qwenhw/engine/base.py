@@ -267,6 +267,11 @@ class Engine:
         """What /health reports: "ok", and what an engine adds (a cluster's nodes, ...)."""
         return {"status": "closed" if self.closed else "ok"}
 
+    def kv_cache(self) -> dict[str, float] | None:
+        """The KV cache now, for /metrics: {"usage": the share sequences hold, "preemptions": sequences that gave
+        theirs back for others so far}; None where the engine does not say."""
+        return None
+
     def count_tokens(self, text: str) -> int:
         raise NotImplementedError
 

@@ -6,6 +6,7 @@ Named as vLLM's where they mean the same (`vllm:` becomes `qwenhw:`), so dashboa
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -40,6 +41,7 @@ class Metrics:
         waiting = Gauge("qwenhw:num_requests_waiting", "Sequences waiting for a row of the batch", registry=r)
         waiting.set_function(lambda: scheduler.waiting)
         scheduler.on_batch = self.batch.observe
+        r.register(_KVCache(scheduler))
 
     def finished(self, arrived: float, first: float | None, end: float, prompt_tokens: int, tokens: int) -> None:
         """A request that got its whole answer (monotonic times)."""
@@ -53,3 +55,20 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _KVCache:
+    """The engine's KV cache, read at each scrape (engines that say: Engine.kv_cache)."""
+
+    def __init__(self, scheduler) -> None:
+        self.scheduler = scheduler
+
+    def collect(self):
+        engine = self.scheduler.server.engine
+        state = engine.kv_cache() if engine is not None and not engine.closed else None
+        if state is None:
+            return
+        yield GaugeMetricFamily("qwenhw:kv_cache_usage_perc", "KV cache usage (1 = every page or row held)",
+                                value=state["usage"])
+        yield CounterMetricFamily("qwenhw:num_preemptions", "Sequences that gave their KV cache pages back for "
+                                  "others and went in again", value=state["preemptions"])

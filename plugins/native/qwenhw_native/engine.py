@@ -72,6 +72,10 @@ class RuntimeEngine(HFEngine):
             if piece.text:
                 yield piece.text
 
+    def kv_cache(self) -> dict[str, float] | None:
+        rt = self.batched if self.batched is not None else self.runtime
+        return None if rt is None else {"usage": rt.kv_usage(), "preemptions": rt.preemptions}
+
     @property
     def max_batch(self) -> int:
         return self.batched.batch if self.batched is not None else 1

@@ -4,8 +4,9 @@ A sequence's slot s lives in page table[row, s // page], at s % page. Two layout
 - static: a page per row of the whole context (page = max_len, table[row] = [row]); every row owns its
   context's memory, whether its sequence uses it or not.
 - paged: pages of PAGE slots from a pool (vLLM's paged attention, its block tables): a sequence takes the pages
-  its prompt and answer can fill when it is admitted and gives them back when it leaves, so a pool of N tokens
-  holds as many sequences as their lengths allow, not N / max_len. Page 0 is the scratch page: every entry of
+  of its prompt when it is admitted, one more each time its answer reaches the end of the last (`grow`), and
+  gives them back when it leaves, so a pool of N tokens holds as many sequences as their lengths allow, not
+  N / max_len. Page 0 is the scratch page: every entry of
   a free row points to it, so the scratch slot (max_len - 1, what rows that do not decode write and read) lands
   there, never in a page a sequence holds.
 
@@ -60,26 +61,42 @@ class KVCache:
     def free_tokens(self) -> int:
         return len(self.free) * self.page
 
+    @property
+    def usage(self) -> float:
+        """The share of a pool's pages that sequences hold."""
+        return 1 - len(self.free) / (self.k.shape[1] - 1) if self.paged else 0.0
+
     # --- pages of the pool ------------------------------------------------------------------------------
     def slots(self, row: int) -> int:
         """The slots row `row` holds: its pages' (static: its whole context)."""
         return len(self.held[row]) * self.page if self.paged else self.max_len
 
-    def fits(self, tokens: int) -> bool:
-        """Whether the pool has the pages for a sequence of `tokens` slots now (static: always)."""
-        return not self.paged or pages_for(tokens, self.page) <= len(self.free)
+    def fits(self, tokens: int, spare: int = 0) -> bool:
+        """Whether the pool has the pages for a sequence of `tokens` slots now, `spare` pages left over (static:
+        always)."""
+        return not self.paged or pages_for(tokens, self.page) + spare <= len(self.free)
 
     def admit(self, row: int, tokens: int) -> None:
-        """Row `row` takes the pages for `tokens` slots (its prompt and the most its answer may write)."""
-        if not self.paged:
-            return
-        n = pages_for(tokens, self.page)
-        if n > len(self.free):
-            raise RuntimeError(f"{n} pages asked, {len(self.free)} free")  # callers ask `fits` first
+        """Free row `row` takes the pages for `tokens` slots (its prompt and the first token of its answer)."""
         assert not self.held[row], "a row takes pages once, until it is released"
-        self.held[row] = [self.free.pop() for _ in range(n)]
-        self.table_host[row, :n] = torch.tensor(self.held[row], dtype=torch.int32)
+        if not self.grow(row, tokens):
+            raise RuntimeError(f"{pages_for(tokens, self.page)} pages asked, {len(self.free)} free")  # callers
+            # ask `fits` first
+
+    def grow(self, row: int, tokens: int) -> bool:
+        """Row `row` holds the pages for `tokens` slots: it takes the ones it lacks (a sequence's answer takes a
+        page as it reaches it), or none where the pool has not that many free (False)."""
+        if not self.paged:
+            return True
+        have, need = len(self.held[row]), pages_for(tokens, self.page)
+        if need <= have:
+            return True
+        if need - have > len(self.free):
+            return False
+        self.held[row] += [self.free.pop() for _ in range(need - have)]
+        self.table_host[row, have:need] = torch.tensor(self.held[row][have:], dtype=torch.int32)
         self._dirty = True
+        return True
 
     def release(self, row: int) -> None:
         """The row's pages go back to the pool; its entries to the scratch page."""

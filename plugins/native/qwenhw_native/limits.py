@@ -28,6 +28,12 @@ STEP_PREFILL_TOKENS = 8192
 PAGE = 256
 
 
+# A paged pool admits a sequence while ADMIT_SPARE of its pages stay free after the prompt's (vLLM's watermark,
+# 1%): the rows decoding take a page every PAGE tokens, and a burst of prompts that took the last pages would
+# have the next steps preempt them again. A sequence alone always goes in.
+ADMIT_SPARE = 0.01
+
+
 def pages_for(tokens: int, page: int = PAGE) -> int:
     return -(-tokens // page)
 

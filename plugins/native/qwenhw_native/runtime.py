@@ -14,7 +14,7 @@ mask, the graphs and the loop are here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any, Callable, Iterator
 
@@ -23,7 +23,7 @@ import torch
 from .config import KernelConfig
 from .graphs import Emulated, Upload, capture
 from .kv_cache import KVCache
-from .limits import ARCHITECTURES, PREFILL_CHUNK, PREFILL_TOKENS, STEP_PREFILL_TOKENS
+from .limits import ADMIT_SPARE, ARCHITECTURES, PREFILL_CHUNK, PREFILL_TOKENS, STEP_PREFILL_TOKENS
 from .sampling import SampleParams, sample_rows
 from .step import NOTHING, LayerStep, Packed, Rows, rms_norm
 
@@ -48,11 +48,17 @@ _Step = tuple[list[int], list[int], torch.Tensor, Any]
 
 @dataclass
 class _Sequence:
-    """A sequence in a row of the batch: its number in the pieces, tokens sampled and the most it may take."""
+    """A request, waiting or in a row of the batch: its number in the pieces, its prompt, the tokens sampled
+    (a preempted sequence goes in again as prompt + these) and the most it may take."""
 
     id: int
+    ids: list[int]
     limit: int
-    count: int = 0
+    out: list[int] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.out)
 
 
 class Runtime:
@@ -62,8 +68,10 @@ class Runtime:
     the next prompt while the others go on (continuous batching).
 
     The KV cache (kv_cache.KVCache): static, `max_len` slots per row (`kv_tokens` 0), or a pool of `kv_tokens`
-    slots in pages: a sequence is admitted when the pool has pages for its prompt and the most its answer may
-    take, and waits (in order) until then; so the rows (graph sizes) are not bounded by max_len x rows of memory.
+    slots in pages: a sequence is admitted when the pool has pages for its prompt and waits (in order) until
+    then, takes a page each time its answer reaches the end of its last, and where none is left the newest
+    sequence gives its pages back and waits again (`stream_batch`); so the rows (graph sizes) are not bounded by
+    max_len x rows of memory, nor by the answers' max_tokens.
 
     `moe_hook`, when given, replaces each MoE block: `moe_hook(i, h) -> h` eagerly, or in graph mode
     `moe_hook.route(i, h) -> (x, weights, idx)` inside layer i's graph and `moe_hook.experts(i, x, weights,
@@ -129,6 +137,10 @@ class Runtime:
         self.lengths = [0] * batch
         self.active = [False] * batch
         self.scratch = max_len - 1
+        # a paged pool's pages kept free when a sequence goes in beside others (limits.ADMIT_SPARE); sequences
+        # that gave their pages back for others so far (`stream_batch`)
+        self.spare = int(ADMIT_SPARE * self.cache.pool_tokens / self.cache.page)
+        self.preemptions = 0
         # decode steps compute the rows up to the last busy one, rounded up to one of these sizes (a graph each)
         self.sizes = [m for m in (1 << j for j in range(batch.bit_length())) if m < batch] + [batch]
         self._step_graphs: dict[int, tuple[Any, torch.Tensor]] = {}
@@ -188,12 +200,22 @@ class Runtime:
         self.cache.release(row)
 
     def admits(self, tokens: int) -> bool:
-        """Whether a sequence of up to `tokens` slots (prompt + answer) can take a row's pages now."""
-        return self.cache.fits(min(tokens, self.scratch))
+        """Whether a sequence of `tokens` slots can take a row's pages now (beside others: leaving `spare`)."""
+        return self.cache.fits(min(tokens, self.scratch), self.spare if any(self.cache.held) else 0)
 
     def admit(self, row: int, tokens: int) -> None:
         """Row `row` takes the pages for a sequence of up to `tokens` slots (a static cache: nothing to take)."""
         self.cache.admit(row, min(tokens, self.scratch))
+
+    def kv_usage(self) -> float:
+        """The share of the KV cache that sequences hold: a pool's pages, or a static cache's rows."""
+        if self.cache.paged:
+            return self.cache.usage
+        return sum(1 for on, n in zip(self.active, self.lengths) if on or n) / self.batch
+
+    def grow(self, row: int) -> bool:
+        """Whether decoding row `row` holds its next slot's page, taking it if it can."""
+        return self.cache.grow(row, min(self.lengths[row] + 1, self.scratch))
 
     @torch.inference_mode()
     def warm(self) -> None:
@@ -500,16 +522,29 @@ class Runtime:
         `KernelConfig.mixed` (one GPU) a pass of whole prompts carries the decode step's tokens too
         (`fill_and_decode`). With `KernelConfig.async_steps` a decode step launches before the tokens of the one
         before are handed out (`launch`, `settle`): each sequence's tokens are the same, the sequences' pieces
-        interleave differently. The loop ends when no row is busy and nothing joins."""
+        interleave differently. A paged cache admits a prompt when the pool has its pages (`admits`) and
+        gives a decoding row a page as it reaches one (`room`); where the pool has none left, the newest
+        sequences give theirs back and go first in line again, their prompt and tokens so far to compute
+        again (vLLM's preemption by recomputation). The loop ends when no row is busy and nothing joins."""
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
-        waiting = list(zip(prompts, max_new))
+        waiting: list[_Sequence] = []
         seqs: list[_Sequence | None] = [None] * self.batch
         filling: list[Filling] = []
-        numbered = 0
         tokens = torch.zeros(self.batch, dtype=torch.long, device=self.device)
         self.reset()
+
+        numbered = 0
+
+        def queue(pairs: Any) -> None:
+            """Requests in line, numbered on; each may take what its row's cache holds after its prompt."""
+            nonlocal numbered
+            for ids, most in pairs:
+                waiting.append(_Sequence(numbered, ids, min(most, self.max_len - len(ids))))
+                numbered += 1
+
+        queue(zip(prompts, max_new))
 
         def leave(r: int) -> None:
             seqs[r] = None
@@ -532,7 +567,7 @@ class Runtime:
             if alive is not None and not alive(s.id):
                 leave(r)
                 return
-            s.count += 1
+            s.out.append(token)
             last = token in eos or s.count >= s.limit
             if last:
                 leave(r)
@@ -582,32 +617,51 @@ class Runtime:
                 if s is not None and s.id == sid:
                     yield from take(r, s, token)
 
+        def room() -> Iterator[tuple[int, int, bool]]:
+            """Every row that decodes next holds the page of the slot it writes: oldest sequences first, the
+            newest giving theirs back where the pool has none (after the step in flight has handed out its
+            tokens, which they compute again)."""
+            nonlocal pending
+            stopping = set(ending(pending))
+            for r in sorted((r for r, on in enumerate(self.active) if on), key=lambda r: seqs[r].id):
+                while self.active[r] and r not in stopping and not self.grow(r):
+                    if pending is not None:
+                        yield from settle(pending)
+                        pending = None
+                        continue
+                    victim = max((q for q, s in enumerate(seqs) if s is not None and self.cache.held[q]),
+                                 key=lambda q: seqs[q].id)
+                    s = seqs[victim]
+                    leave(victim)
+                    waiting.insert(0, s)
+                    self.preemptions += 1
+
         pending: _Step | None = None  # a decode step in flight (asynchronous steps)
         while True:
             if (waiting or join is not None) and ending(pending):  # their rows take prompts in this pass, not
                 yield from settle(pending)                         # one step later
                 pending = None
+            if self.cache.paged:
+                yield from room()
             free = [r for r, s in enumerate(seqs) if s is None]
             if free and not waiting and join is not None:
-                waiting = list(join(len(free)))
-            # in order, while rows are free and (a paged cache) the head's pages are: a later, shorter request
-            # does not pass it
+                queue(join(len(free)))
+            # in order, while rows are free and (a paged cache) the head's prompt's pages are: a later, shorter
+            # request does not pass it
             while free and waiting:
-                ids, most = waiting[0]
-                if alive is not None and not alive(numbered):  # its client left while it waited
+                s = waiting[0]
+                if alive is not None and not alive(s.id):  # its client left while it waited
                     waiting.pop(0)
-                    numbered += 1
                     continue
-                limit = min(most, self.max_len - len(ids))
-                if len(ids) < self.max_len and not self.admits(len(ids) + limit):
+                ids = s.ids + s.out  # a preempted sequence's tokens so far go in again with its prompt
+                if len(ids) < self.max_len and not self.admits(len(ids) + 1):
                     break
                 waiting.pop(0)
                 r = free.pop(0)
-                seqs[r] = _Sequence(numbered, limit)
+                seqs[r] = s
                 filling.append(Filling(r, ids))
-                numbered += 1
                 self._check(filling)
-                self.admit(r, len(ids) + limit)
+                self.admit(r, len(ids) + 1)
             if not filling and not any(self.active) and pending is None:
                 return
             decoded = False

@@ -235,7 +235,41 @@ def test_a_paged_cache_gives_the_static_caches_tokens_and_admits_by_pages(tiny_m
     real = rt.admit
     rt.admit = lambda row, n: admitted.append(n) or real(row, n)
     left = list(rt.stream_batch(prompts, most, SampleParams(), set(), alive=lambda seq: seq != 2))
-    assert tokens(left) == {**tokens(paged), 2: []} and admitted == [308, 28, 13]
+    assert tokens(left) == {**tokens(paged), 2: []} and admitted == [301, 21, 6]  # a prompt's pages and one slot
+
+
+@pytest.mark.parametrize("graphs,steps", [(False, False), ("emulate", True)])
+def test_answers_take_pages_as_they_grow_and_the_newest_gives_them_back(tiny_moe, graphs, steps):
+    """Lazy pages and preemption (vLLM's): a sequence goes in with its prompt's pages and takes one more as its
+    answer reaches it; where the pool has none left the newest sequence gives its pages back, waits first in
+    line and goes in again with its tokens so far as prompt. Every sequence gets the static cache's tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qwenhw_native.config import KernelConfig
+    from qwenhw_native.kv_cache import PAGE
+    from qwenhw_native.runtime import Runtime, SampleParams
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32)
+    # a pool of 3 pages, each prompt in one: sequence 0 reaches its second page at its 7th token, when the pool
+    # has none free; sequence 2, the newest, gives its page back and goes in again once 0 is done
+    prompts = [list(range(100, 350)), list(range(400, 410)), list(range(500, 600))]
+    most = [20, 40, 30]
+    runs = []
+    for pool in (0, 3 * PAGE):
+        rt = Runtime(model, 600, "cpu", graphs=graphs, batch=3, kv_tokens=pool,
+                     kernels=KernelConfig(async_steps=steps))
+        runs.append(list(rt.stream_batch(prompts, most, SampleParams(), set())))
+    static, paged = runs
+    tokens = lambda run: {s: [t for q, t, _ in run if q == s] for s in range(3)}  # noqa: E731
+    assert tokens(paged) == tokens(static) and [len(t) for t in tokens(paged).values()] == most
+    assert rt.preemptions == 1 and rt.cache.free_tokens == 3 * PAGE
+    order = [q for q, _, _ in paged]
+    # sequence 2 had tokens before it gave its page back and the rest only after sequence 0 ended
+    assert 0 < order.index(2) and order.index(0) < order.index(2) and max(
+        i for i, q in enumerate(order) if q == 0) < max(i for i, q in enumerate(order) if q == 2)
+    last_0 = max(i for i, q in enumerate(order) if q == 0)
+    assert 0 < sum(q == 2 for q in order[:last_0]) < most[2]
 
 
 @pytest.mark.parametrize("graphs", [False, "emulate"])
@@ -350,3 +384,39 @@ def test_plans_saved_under_the_offload_backends_names_still_load(tiny_moe, hf_re
     for old_name, new in (("hybrid-moe", "hybrid"), ("transformers-fast", "one-gpu")):
         p = qwenhw.plan(str(tiny_moe), backend="offload", engine=old_name, context=64)
         assert (p.backend, p.engine) == ("native", new)
+
+
+def test_the_servers_metrics_show_the_kv_pool_held_while_a_request_decodes(tiny_moe):
+    """/metrics reads the engine's KV cache at each scrape (vLLM's kv_cache_usage_perc and num_preemptions): a
+    share of the pool held while a streamed answer decodes, none once it is done."""
+    import http.client
+
+    import openai
+
+    from qwenhw.serve import make_server
+
+    plan = qwenhw.plan(str(tiny_moe), backend="native", engine="one-gpu", context=512, concurrency=2)
+    with qwenhw.load(plan) as eng:
+        assert eng.batched.cache.paged
+        server = make_server(eng, "127.0.0.1", 0, served_model_name="tiny")
+        server.start()
+        host, port = server.server_address[:2]
+
+        def metric(name: str) -> float:
+            conn = http.client.HTTPConnection(host, port, timeout=30)
+            conn.request("GET", "/metrics")
+            lines = conn.getresponse().read().decode().splitlines()
+            return next(float(line.split()[-1]) for line in lines if line.startswith(name + " "))
+
+        try:
+            client = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=120)
+            stream = client.completions.create(model="tiny", prompt="Count: 1, 2, 3,", max_tokens=300,
+                                               temperature=0, stream=True, extra_body={"ignore_eos": True})
+            next(iter(stream))
+            held = metric("qwenhw:kv_cache_usage_perc")
+            list(stream)
+            assert 0 < held < 1 and metric("qwenhw:kv_cache_usage_perc") == 0
+            assert metric("qwenhw:num_preemptions_total") == eng.batched.preemptions == 0
+        finally:
+            server.shutdown()
+            server.server_close()
