@@ -7,8 +7,8 @@ kernels and graphs): random bf16 weights of the model directory's shape, a few l
   they get alone; with the engine's defaults (asynchronous decode steps), with them off
   (KernelConfig.async_steps) and with prompt passes that carry the decoding rows' tokens (.mixed, off by
   default);
-- the MoE decode kernels with a step's pairs sorted once per layer (Tiles.moe_index_pairs = 0): the same
-  greedy tokens as each program finding its own pairs, bit for bit;
+- the MoE decode kernels with each program finding its own pairs (Tiles.moe_index_pairs past the step's): the
+  same greedy tokens as the default, a step's pairs sorted once per layer, bit for bit;
 - a paged KV cache (kv_cache.py) whose pool of 2048 slots makes sequences wait for pages, and one of 1024 where
   answers that reach a second page make the newest sequences give theirs back and go in again (preemption by
   recomputation): the greedy tokens they get alone (their batches differ from the static cache's, so not bit
@@ -66,8 +66,7 @@ def main() -> None:
     for label, kernels, changes, pool in (("defaults", defaults, {}, 0),
                                           ("async_steps off", replace(defaults, async_steps=False), {}, 0),
                                           ("mixed passes", replace(defaults, mixed=True), {}, 0),
-                                          ("pairs sorted once", defaults, {"moe_index_pairs": 0, "moe_max_pairs": 2048},
-                                           0),
+                                          ("each program finds its pairs", defaults, {"moe_index_pairs": 1 << 30}, 0),
                                           ("paged KV, 2048-slot pool", defaults, {}, 2048)):
         with tiles.override(torch.device("cuda"), **changes):  # graphs keep the tiles they were captured with
             rt = Runtime(model, max_len=2048, device="cuda", batch=2, kernels=kernels, kv_tokens=pool)

@@ -18,10 +18,12 @@ MEASURED = "one H200, 2026-12-04, docs/results/h200_side_by_side"
 # A GPU decoding alone (one GPU; each data-parallel replica): weights and KV at 0.89 of the datasheet
 # bandwidth (the fraction vLLM reaches too), 123 us per step and 37.3 us per layer of kernel latency; past
 # the 16 rows the fused projections take (kernels.linear.MAX_TOKENS) cuBLAS and separate kernels cost 2.7 us
-# per layer and row. Every row within 5.2% (1-64 sequences, both layer counts). Past 32 rows (256 pairs at
-# top-8: Tiles.moe_index_pairs) one kernel sorts a step's pairs for the routed experts' kernels, and a row costs
-# 0.15 us per layer: fitted to 64 and 128 rows on one H100, 2026-12-07 (bench/decode_rows.py, variant indexed,
-# docs/results/serving_h100_paged/decode_rows.json; -1.8% and -0.7%).
+# per layer and row. Every row within 5.2% (1-64 sequences, both layer counts). Past 32 rows a row costs 0.15 us
+# per layer with a step's pairs sorted once for the routed experts' kernels: fitted to 64 and 128 rows on one
+# H100, 2026-12-07 (bench/decode_rows.py, variant indexed, docs/results/serving_h100_paged/decode_rows.json;
+# -1.8% and -0.7%). The 1-32 row constants predate sorting at every size (Tiles.moe_index_pairs = 0 since
+# 2026-12-07), which on one H100 made 1 row 11% faster, 16 rows no faster and 32 rows 2%
+# (docs/results/serving_h100_lazy/decode_rows.json): at one sequence the plan is ~10% low until an H200 rerun.
 DECODE = DecodeFit(step_s=123.0e-6, layer_s=37.27e-6, bandwidth=0.89, row_layer_s=2.67e-6, rows_fused=16,
                    wide_row_layer_s=0.15e-6, rows_wide=32,
                    source=f"qwenhw decode at 1-64 sequences ({MEASURED}); past 32, one H100, 2026-12-07")

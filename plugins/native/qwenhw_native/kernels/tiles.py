@@ -40,9 +40,10 @@ class Tiles:
     # 128 rows of Qwen3-30B-A3B (1024 pairs) on one H100: 5088 tok/s on the slot kernels, 4432 grouped
     moe_max_pairs: int = 2048
     # past this many pairs one kernel sorts a step's pairs by expert for the two GEMM kernels (moe._moe_index),
-    # up to it each program finds its own. One H100, Qwen3-30B-A3B: 64 rows 2676 tok/s sorted once, 2345 each
-    # program finding its own (docs/benchmarks.md); up to 32 rows (256 pairs) each finds its own, as timed before
-    moe_index_pairs: int = 256
+    # up to it each program finds its own. One H100, Qwen3-30B-A3B, sorted once / each finding its own: 1 row
+    # 268 / 242 tok/s, 16 rows 1088 / 1089, 32 rows 1624 / 1592, 64 rows 2676 / 2345 (docs/benchmarks.md), and
+    # under vLLM's serving client at 1 request/s 6.8 / 7.6 ms per output token: sorted at every size
+    moe_index_pairs: int = 0
     # decode GEMMs (q/k/v + RoPE + cache, o_proj + residual) in Triton up to this many rows (cuBLAS won at 64)
     linear_max_tokens: int = 16
     linear_bk: int = 128

@@ -59,7 +59,8 @@ def test_decode_past_the_slot_kernels_pairs_takes_the_grouped_gemms(tiny_moe, ca
     model = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32).eval()
     prompts = [[785, 6722, 315, 9625, 374, 264], [785, 6722, 315]]
     top_k = model.config.num_experts_per_tok
-    monkeypatch.setattr(tiles, "DEFAULT", tiles.DEFAULT.replace(moe_max_pairs=top_k))  # one row's pairs
+    # one row's pairs, each program finding its own among them
+    monkeypatch.setattr(tiles, "DEFAULT", tiles.DEFAULT.replace(moe_max_pairs=top_k, moe_index_pairs=1 << 30))
     with torch.no_grad():
         ref = [model.generate(torch.tensor([p]), max_new_tokens=4, do_sample=False)[0, len(p):].tolist()
                for p in prompts]
