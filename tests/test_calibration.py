@@ -23,7 +23,7 @@ import side_by_side  # noqa: E402
 # The static expert cache hits more on the random-weight model than uniform routing (the planner's
 # assumption) gives: 27.2 tok/s against 22.6 planned.
 # qwenhw's 64-row decode rows measured the MoE kernels as they were then (each program finding its own pairs);
-# since 2026-12-07 a step of more than 32 rows sorts its pairs once per layer (Tiles.moe_index_pairs), 14% faster
+# since 2026-12-07 a decode step sorts its pairs once per layer (Tiles.moe_index_pairs), 14% faster
 # at 64 rows on an H100 (test_decode_past_the_slot_kernels_holds_on_an_h100), and the fit prices that path.
 # Rerun bench/side_by_side.py on an H200 to replace them.
 KNOWN = {"qwenhw hybrid, no expert cache, first machine (tok/s)", "qwenhw hybrid, static expert cache (tok/s)",
@@ -146,7 +146,7 @@ def test_decode_past_the_slot_kernels_holds_on_an_h100():
     got = {}
     for r in measured["rows"]:
         got[r["rows"], r["variant"]] = r["tok_s"]
-        if r["variant"] != "indexed":  # the default past 32 rows (Tiles.moe_index_pairs)
+        if r["variant"] != "indexed":  # the default (Tiles.moe_index_pairs)
             continue
         plan = qwenhw.plan(catalog(side_by_side.MODEL), hardware="1xH100-80G", backend="native", engine="one-gpu",
                            dtype="bf16", concurrency=r["rows"], prompt_tokens=side_by_side.PROMPT,
@@ -155,18 +155,41 @@ def test_decode_past_the_slot_kernels_holds_on_an_h100():
     assert got[64, "indexed"] > 1.1 * got[64, "slots"] and got[128, "indexed"] > 1.1 * got[128, "slots"]
 
 
-def test_the_native_serving_estimate_holds_under_vllms_client():
-    """`qwenhw serve` with 32 rows on one H100 under `vllm bench serve` (bench/serving.py, 128 requests of
-    1024 + 256 tokens at once: the rows stay full) against the plan for that workload, a case no fit saw: output
-    tokens/s over the whole requests and time per output token within the tolerances of the one-GPU rows."""
+def test_decode_at_few_rows_on_an_h100_from_the_h200_fit():
+    """1, 16 and 32 rows on one H100 (bench/decode_rows.py, 2026-12-07), a GPU the one-GPU fit never saw: the plan
+    within the report's decode tolerance (it is 4-10% low), and a step's pairs sorted once (the default) no
+    slower than each program finding its own at any of them."""
     from qwenhw.models import get as catalog
 
     side_by_side._register_plugins()
-    folder = ROOT / "docs" / "results" / "serving_h100_vllm"
-    run = json.loads((folder / "qwenhw_rateinf.json").read_text())
+    measured = json.loads((ROOT / "docs" / "results" / "serving_h100_lazy" / "decode_rows.json").read_text())
+    assert measured["info"]["gpu"].startswith("NVIDIA H100")
+    got = {(r["rows"], r["variant"]): r["tok_s"] for r in measured["rows"]}
+    for rows in (1, 16, 32):
+        plan = qwenhw.plan(catalog(side_by_side.MODEL), hardware="1xH100-80G", backend="native", engine="one-gpu",
+                           dtype="bf16", concurrency=rows, prompt_tokens=side_by_side.PROMPT,
+                           output_tokens=side_by_side.LONG, context=512)
+        error = plan.estimate.throughput_tok_s / got[rows, "indexed"] - 1
+        assert abs(error) < side_by_side.TOLERANCE["decode"], (rows, error)
+        assert got[rows, "indexed"] >= 0.99 * got[rows, "slots"], rows
+
+
+@pytest.mark.parametrize("rows, folder", [(32, "serving_h100_vllm"), (64, "serving_h100_paged"),
+                                          (72, "serving_h100_paged/concurrency72"), (128, "serving_h100_lazy")])
+def test_the_native_serving_estimate_holds_under_vllms_client(rows, folder):
+    """`qwenhw serve` planned for 32, 64, 72 and 128 rows on one H100 under `vllm bench serve` (bench/serving.py,
+    128 requests of 1024 + 256 tokens at once), cases no fit saw: output tokens/s over the whole requests and the
+    median time per output token within the tolerances of the one-GPU rows (they are within 8%). The TPOT a
+    client measures holds the passes of the prompts that go in after a request's first token (half of them for
+    the median request: 26.6 ms planned against 31.2 measured at 64 rows without them), and where the pages hold
+    fewer than all (116 of 128) the rest go in as a second wave (2658 tok/s planned against 2184 without it)."""
+    from qwenhw.models import get as catalog
+
+    side_by_side._register_plugins()
+    run = json.loads((ROOT / "docs" / "results" / folder / "qwenhw_rateinf.json").read_text())
     assert run["completed"] == 128 and run["max_concurrent_requests"] == 128
     plan = qwenhw.plan(catalog(side_by_side.MODEL), hardware="1xH100-80G", backend="native", engine="one-gpu",
-                       dtype="bf16", concurrency=32, prompt_tokens=1024, output_tokens=256, context=2048)
+                       dtype="bf16", concurrency=rows, prompt_tokens=1024, output_tokens=256, context=2048)
     assert abs(plan.estimate.total_tok_s / run["output_throughput"] - 1) < side_by_side.TOLERANCE["latency"]
     assert abs(plan.estimate.tpot_s * 1e3 / run["median_tpot_ms"] - 1) < side_by_side.TOLERANCE["decode"]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -59,7 +60,8 @@ def test_plans_rank_by_the_goal_and_explain_the_trade_off():
     one = qwenhw.plan("Qwen3-30B-A3B", hardware="1xH200-141G")
     assert one.goal == "latency" and (one.prompt_tokens, one.output_tokens) == (1024, 256)
     e = one.estimate
-    assert e.ttft_s > 0 and e.tpot_s > 0 and e.latency_s == pytest.approx(e.ttft_s + 255 * e.tpot_s)
+    assert e.ttft_s > 0 and e.tpot_s > 0 and e.latency_s == pytest.approx(e.ttft_s + 255 / e.decode_tok_s)
+    assert e.tpot_s == pytest.approx(1 / e.decode_tok_s)  # one sequence: no other prompt goes in while it decodes
     fitting = [c for c in one.candidates if c["fits"] and c["available"]]
     assert fitting[0]["engine"] == one.engine  # the candidates list starts with the chosen plan
     assert all(fitting[0]["estimate"]["latency_s"] <= c["estimate"]["latency_s"] for c in fitting)
@@ -154,3 +156,26 @@ def test_native_activation_reserve_stops_growing_with_concurrency():
     assert overhead(8) < overhead(16) * 0.6  # up to 16 sequences a pass holds each one's chunk
     assert overhead(16) < overhead(128) < overhead(16) * 1.1  # past them, only the last tokens' logits grow
     assert PREFILL_TOKENS == 16 * 2048  # 16 sequences' chunks: the largest pass measured on the H200
+
+
+def test_a_servers_time_per_token_holds_the_passes_of_prompts_that_go_in_after():
+    """Continuous batching puts prompts in between decode steps: the median request waits through half of the
+    other prompts' passes after its first token (a static batch decodes once all are in); the latency of the
+    last request is the same either way. An engine that holds fewer sequences than the workload runs it in
+    waves."""
+    from qwenhw.planning.workload import in_waves
+
+    w = Workload(prompt_tokens=1000, output_tokens=101, concurrency=8, goal="throughput")
+    static = estimate(0.02, 0.8, w, "x", tokenize=False)
+    served = estimate(0.02, 0.8, w, "x", tokenize=False, continuous=True)
+    assert static.tpot_s == pytest.approx(0.02) and served.latency_s == static.latency_s == pytest.approx(2.8)
+    assert served.tpot_s == pytest.approx(0.02 + 0.8 * 7 / 8 / 2 / 100)
+    assert estimate(0.02, 0.8, replace(w, concurrency=1), "x", tokenize=False, continuous=True).tpot_s == 0.02
+
+    def at(n):
+        return estimate(0.02, 0.1 * n, replace(w, concurrency=n), "x", tokenize=False, continuous=True)
+
+    assert in_waves(at, 8, w) == at(8)  # all held at once
+    waves = in_waves(at, 3, w)  # 3 + 3 + 2
+    assert waves.ttft_s == at(3).ttft_s
+    assert waves.total_tok_s == pytest.approx(101 * 8 / (2 * at(3).latency_s + at(2).latency_s))

@@ -89,13 +89,13 @@ class Estimate:
     """What the plan's engine does with the request's workload, from speed models fitted to measurements
     (`basis` names them): the prompts of `concurrency` requests arriving together, then their answers."""
 
-    decode_tok_s: float = 0.0  # per sequence (1 / tpot_s)
+    decode_tok_s: float = 0.0  # per sequence while it decodes (1 / the decode step)
     throughput_tok_s: float = 0.0  # decode: all sequences together
     prefill_tok_s: float = 0.0  # prompt tokens per second until every prompt has its first token
     bound: str = ""  # what limits decode: "GPU memory bandwidth", "host RAM bandwidth", "PCIe", ...
     ttft_s: float = 0.0  # time to first token: until every prompt of the batch has one
-    tpot_s: float = 0.0  # time per output token while the sequences decode together
-    latency_s: float = 0.0  # one request: ttft_s + (output_tokens - 1) x tpot_s
+    tpot_s: float = 0.0  # time per output token after the first, the median request's (workload.estimate)
+    latency_s: float = 0.0  # one request: ttft_s + (output_tokens - 1) decode steps
     total_tok_s: float = 0.0  # output tokens per second over the requests' whole time, prefill included
     basis: tuple[str, ...] = ()  # the measurements the figures were fitted to
 
@@ -233,7 +233,8 @@ class Plan:
         work = (f"{self.concurrency} x ({self.prompt_tokens}-token prompt + {self.output_tokens}-token answer)"
                 if self.prompt_tokens else f"concurrency {self.concurrency}")
         lines = [f"estimate for {work}, goal {self.goal}: first token {e.ttft_s * 1e3:.0f} ms, "
-                 f"{e.tpot_s * 1e3:.1f} ms per output token ({e.decode_tok_s:.1f} tok/s per sequence), "
+                 f"{e.tpot_s * 1e3:.1f} ms per output token (decode steps of "
+                 f"{1e3 / e.decode_tok_s if e.decode_tok_s else 0:.1f} ms, {e.decode_tok_s:.1f} tok/s per sequence), "
                  f"request {e.latency_s:.2f} s; {e.throughput_tok_s:.1f} tok/s decoding together, "
                  f"{e.total_tok_s:.1f} tok/s over the whole requests; bound by {e.bound}"]
         lines += [f"fitted to: {b}" for b in e.basis]

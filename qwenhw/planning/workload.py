@@ -8,7 +8,7 @@ token, request latency and throughput.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from .plan import Estimate, Plan, Request
@@ -96,24 +96,45 @@ def shortest(make: Callable[[int], Plan], context: int, floor: int, spills: Call
 
 
 def estimate(step_s: float, ttft_s: float, w: Workload, bound: str, basis: tuple[str, ...] = (),
-             rows: int | None = None, busy: int = 1, tokenize: bool = True) -> Estimate:
+             rows: int | None = None, busy: int = 1, tokenize: bool = True, continuous: bool = False) -> Estimate:
     """What a user sees of an engine that decodes one step of `rows` sequences (default: all of them) in
     `step_s`, with `busy` such groups side by side (data parallel), and gives every prompt of its group its
-    first token after `ttft_s` (plus the tokenizer's time for them, unless `tokenize` is false)."""
+    first token after `ttft_s` (plus the tokenizer's time for them, unless `tokenize` is false).
+
+    Time per output token is what a serving client measures (vLLM's benchmark: a request's time from its first
+    token to its last over the tokens after the first), for the median request. An engine that batches
+    `continuous`ly puts prompts in between decode steps, so a request that has its first token waits through the
+    passes of the prompts that go in after it: the median one through half of the others'. A static batch
+    decodes once every prompt is in: its time per output token is the step."""
     rows = rows or w.concurrency
     ttft = ttft_s + (TOKENIZE_S * w.prompt_tokens * rows if tokenize else 0.0)
-    latency = ttft + max(0, w.output_tokens - 1) * step_s
+    decoding = max(0, w.output_tokens - 1)
+    latency = ttft + decoding * step_s
+    others = ttft * (rows - 1) / rows / 2 if continuous and decoding else 0.0
     return Estimate(
         decode_tok_s=1.0 / step_s,
         throughput_tok_s=rows * busy / step_s,
         prefill_tok_s=w.prompt_tokens * rows / ttft if ttft > 0 else 0.0,
         bound=bound,
         ttft_s=ttft,
-        tpot_s=step_s,
+        tpot_s=step_s + others / max(1, decoding),
         latency_s=latency,
         total_tok_s=w.output_tokens * rows * busy / latency,
         basis=tuple(basis),
     )
+
+
+def in_waves(at: Callable[[int], Estimate], rows: int, w: Workload) -> Estimate:
+    """The estimate for `w.concurrency` sequences through an engine whose KV cache holds `rows` of them at once
+    (the others wait for its pages): `at(n)` is its estimate for n sequences at once. Output tokens per second
+    over all of them count the waves one after another (the last one of what is left); the rest is the first
+    wave's."""
+    first = at(rows)
+    if rows >= w.concurrency:
+        return first
+    full, rest = divmod(w.concurrency, rows)
+    span = full * first.latency_s + (at(rest).latency_s if rest else 0.0)
+    return replace(first, total_tok_s=w.output_tokens * w.concurrency / span)
 
 
 def from_rates(e: Estimate, w: Workload) -> Estimate:
@@ -139,13 +160,14 @@ def trade_off(best: Estimate, other: Estimate, best_name: str, other_name: str, 
         elif other.ttft_s > best.ttft_s * 1.05:
             parts.append(f"{best_name} reaches the first token {other.ttft_s / best.ttft_s:.1f}x sooner "
                          f"({best.ttft_s * 1e3:.0f} vs {other.ttft_s * 1e3:.0f} ms)")
-    if other.tpot_s and best.tpot_s:
-        if other.tpot_s < best.tpot_s * 0.98:
-            parts.append(f"{other_name} decodes {best.tpot_s / other.tpot_s:.2f}x faster "
-                         f"({other.tpot_s * 1e3:.1f} vs {best.tpot_s * 1e3:.1f} ms per token)")
-        elif other.tpot_s > best.tpot_s * 1.02:
-            parts.append(f"{best_name} decodes {other.tpot_s / best.tpot_s:.2f}x faster "
-                         f"({best.tpot_s * 1e3:.1f} vs {other.tpot_s * 1e3:.1f} ms per token)")
+    if other.decode_tok_s and best.decode_tok_s:  # the decode steps (time per token also holds prompt passes)
+        mine, theirs = 1 / best.decode_tok_s, 1 / other.decode_tok_s
+        if theirs < mine * 0.98:
+            parts.append(f"{other_name} decodes {mine / theirs:.2f}x faster "
+                         f"({theirs * 1e3:.1f} vs {mine * 1e3:.1f} ms per step)")
+        elif theirs > mine * 1.02:
+            parts.append(f"{best_name} decodes {theirs / mine:.2f}x faster "
+                         f"({mine * 1e3:.1f} vs {theirs * 1e3:.1f} ms per step)")
     return "; ".join(parts + [lead + " " + verdict(best, other, best_name, w)])
 
 

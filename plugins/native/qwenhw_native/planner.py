@@ -19,7 +19,7 @@ from qwenhw.planning.layout import experts_touched, prefill_time, rank_experts
 from qwenhw.planning.placement import place
 from qwenhw.planning.plan import DeviceUse, Estimate, Offload, Parallel, Plan, Request
 from qwenhw.planning.precision import stored_dtype
-from qwenhw.planning.workload import Workload, context_floor, default_context, estimate, shortest, workload
+from qwenhw.planning.workload import Workload, context_floor, default_context, estimate, in_waves, shortest, workload
 
 from . import speed
 from .engines import RANK_ENGINES, Engine
@@ -122,8 +122,8 @@ def one_gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str,
                            (act + fp.CUDA_CONTEXT) / GiB),),
         context=context, max_context=max_context,
         concurrency=req.concurrency, dtype=stored_dtype(served), kv_dtype=kv_dtype,
-        estimate=(_one_gpu_estimate(served, gpu, replace(w, concurrency=m.rows), kv_dtype, budget) if fits
-                  else Estimate()),
+        estimate=(in_waves(lambda n: _one_gpu_estimate(served, gpu, replace(w, concurrency=n), kv_dtype, budget),
+                           m.rows, w) if fits else Estimate()),
         reasons=(why,), config=NativeConfig(dtype=stored_dtype(served), main_device=dev, threads=node.cpu.physical_cores,
                                             prefill_tokens=budget, kv_tokens=pool).to_dict(),
     )
@@ -190,7 +190,8 @@ def _one_gpu_estimate(spec: ModelSpec, gpu, w: Workload, kv_dtype: str, budget: 
     ttft = mechanisms.prefill(speed.PROMPT_KERNELS_PREFILL, spec, gpu.bf16_tflops, passes, rows)
     step = mechanisms.decode_step(speed.DECODE, gpu.bandwidth_gbs, spec.num_layers, rows,
                                   fp.stream_bytes(spec, rows) + kv_read)
-    return estimate(step, ttft, w, "GPU memory bandwidth", (speed.DECODE.source, speed.PROMPT_KERNELS_PREFILL.source))
+    return estimate(step, ttft, w, "GPU memory bandwidth", (speed.DECODE.source, speed.PROMPT_KERNELS_PREFILL.source),
+                    continuous=True)
 
 
 def hybrid_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, context: int, kv_dtype: str) -> Plan:
@@ -265,7 +266,8 @@ def _hybrid_estimate(spec: ModelSpec, node: Node, gpu, w: Workload, kv_dtype: st
     # prompt passes of PREFILL_THRESHOLD tokens or more ship every layer's experts over pinned memory
     shipped = experts_total / (node.host_to_device_gbs * 1e9 * speed.HYBRID_STREAM)
     ttft += sum(shipped if p.tokens >= PREFILL_THRESHOLD else p.tokens * step for p in passes)
-    return estimate(step, ttft, w, "host RAM bandwidth (CPU experts)", (speed.HYBRID_SOURCE, speed.PREFILL.source))
+    return estimate(step, ttft, w, "host RAM bandwidth (CPU experts)", (speed.HYBRID_SOURCE, speed.PREFILL.source),
+                    continuous=True)
 
 
 def cpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, context: int, kv_dtype: str,
@@ -401,8 +403,8 @@ def parallel_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str
     share = Workload(w.prompt_tokens, w.output_tokens, per_replica, w.goal)  # what one replica serves
     if tp == 1:  # each replica is the single-GPU fast path: the same speed model, so ties go to fewer GPUs
         one = _one_gpu_estimate(served, gpu, share, kv_dtype)
-        est = estimate(one.tpot_s, one.ttft_s, w, one.bound, one.basis, rows=per_replica,
-                       busy=min(dp, -(-batch // per_replica)), tokenize=False)
+        est = estimate(1.0 / one.decode_tok_s, one.ttft_s, w, one.bound, one.basis, rows=per_replica,
+                       busy=min(dp, -(-batch // per_replica)), tokenize=False, continuous=True)
     else:
         # per step: each GPU streams its share; graph replay and the all-reduces do not shrink with tp. With
         # whole experts per GPU a step waits for the GPU whose experts the batch touched most
@@ -421,7 +423,7 @@ def parallel_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str
         ttft = prefill_time(served, Parallel(tp=tp, dp=dp), gpu, node, batch, w.prompt_tokens, speed.PREFILL, passes)
         est = estimate(t, ttft, w, "GPU memory bandwidth and per-layer launches",
                        (speed.TP_DECODE.source, speed.PREFILL.source), rows=per_replica,
-                       busy=min(dp, -(-batch // per_replica)))
+                       busy=min(dp, -(-batch // per_replica)), continuous=True)
     devices = tuple(DeviceUse(f"cuda:{i}", f"{gpu.vendor}-gpu", cap / GiB, weights / GiB, kv / GiB, overhead / GiB)
                     for i in range(n))
     per_token = mm.kv_bytes_per_token(served, kv_dtype) * kv_share

@@ -504,7 +504,7 @@ def _estimate(spec: ModelSpec, layout: Parallel, gpu: Accelerator, hw: HardwareP
         step_s += layout.pp * layers.touched(micro) / host
         ttft += sum(layers.prefill(p.tokens) for p in passes(step.rows, w.prompt_tokens)) / host
         bound, basis = "the host link (cpu_offload_gb: offloaded weights read in place)", basis + (speed.UVA_SOURCE,)
-    return estimate(step_s, ttft, w, bound, basis, rows=step.rows, busy=step.busy)
+    return estimate(step_s, ttft, w, bound, basis, rows=step.rows, busy=step.busy, continuous=True)
 
 
 @dataclass(frozen=True)
@@ -627,7 +627,7 @@ def cpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request) -> Plan:
     step = max(stream / bw, 2 * served.active_params() * seqs / rate) + CPU_STEP_OVERHEAD_S + hops
     ttft = 2 * served.active_params() * seqs * w.prompt_tokens / rate + CPU_STEP_OVERHEAD_S + hops
     est = estimate(step, ttft, w, "host RAM bandwidth" if stream / bw > CPU_STEP_OVERHEAD_S else
-                   "per-step engine overhead", CPU_BASIS)
+                   "per-step engine overhead", CPU_BASIS, continuous=True)
     per_token = mm.kv_bytes_per_token(served, kv_dtype)
     max_context = min(served.max_position, int(kv_space_gib * GiB / max(per_token * seqs, 1))) if per_token else served.max_position
     engine_args = {
