@@ -175,8 +175,9 @@ def verdict(best: Estimate, other: Estimate, best_name: str, w: Workload) -> str
     """The goal's figure of the chosen plan against another's."""
     if w.goal == "throughput" and other.total_tok_s >= best.total_tok_s * 0.995 or (
             w.goal == "latency" and other.latency_s <= best.latency_s * 1.005):
-        return (f"as fast: {best.latency_s:.2f} s per request either way, so the plan on fewer GPUs or with less "
-                f"offloaded is taken")
+        same = (f"{best.total_tok_s:.0f} against {other.total_tok_s:.0f} output tok/s" if w.goal == "throughput"
+                else f"{best.latency_s:.2f} s per request either way")
+        return f"as fast: {same}, so the plan on fewer GPUs or with less offloaded is taken"
     if w.goal == "throughput":
         return f"{best_name} gives {best.total_tok_s:.0f} output tok/s against {other.total_tok_s:.0f}"
     return (f"{best_name} finishes a request in {best.latency_s:.2f} s against {other.latency_s:.2f} s "

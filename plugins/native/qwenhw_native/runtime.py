@@ -532,10 +532,9 @@ class Runtime:
         waiting: list[_Sequence] = []
         seqs: list[_Sequence | None] = [None] * self.batch
         filling: list[Filling] = []
+        numbered = 0
         tokens = torch.zeros(self.batch, dtype=torch.long, device=self.device)
         self.reset()
-
-        numbered = 0
 
         def queue(pairs: Any) -> None:
             """Requests in line, numbered on; each may take what its row's cache holds after its prompt."""

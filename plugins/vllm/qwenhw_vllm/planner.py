@@ -13,7 +13,7 @@ heads % TP, KV-head replication (TP > KV heads), the 128 block rule of block-FP8
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from qwenhw.hardware.profile import Accelerator, GiB, HardwareProfile
 from qwenhw.models import memory as mm
@@ -23,7 +23,7 @@ from qwenhw.planning.footprint import GPU_UTILISATION, RAM_HEADROOM, usable_ram
 from qwenhw.planning.layout import candidate_layouts, decode_step, experts_touched, head_rules, prefill_time, shard
 from qwenhw.planning.plan import DeviceUse, Estimate, Offload, Parallel, Plan, Request
 from qwenhw.planning.precision import stored_dtype, with_weight_dtype
-from qwenhw.planning.workload import Workload, context_floor, default_context, estimate, workload
+from qwenhw.planning.workload import Workload, context_floor, default_context, estimate, in_waves, workload
 
 from . import speed
 
@@ -367,6 +367,18 @@ def layout_plan(spec: ModelSpec, prec: Precision, hw: HardwareProfile, gpu: Acce
     if chosen and chosen[0] == "fp8" and "auto" in kv_options:
         reasons.append(f"fp8 KV cache (kv_cache_dtype=fp8): halves KV bytes so context {chosen[1]} fits "
                        f"({gpu.name} has fp8 support)")
+    held = seqs  # the workload's sequences one replica's KV pages hold at once
+    if chosen is None:
+        # vLLM's scheduler queues the requests its pages cannot hold (and preempts the newest as answers grow):
+        # a pool with room for one whole context serves the workload, the others waiting their turn
+        kvb = _kv_bytes_dtype(kv_options[0], served)
+        each = kv_need(served, layout, kvb, min(reach, context), 1)
+        if each > 0 and pool >= kv_need(served, layout, kvb, context, 1, reach):
+            held = max(1, min(seqs, int(pool // each)))
+            chosen = (kv_options[0], context)
+            reasons.append(f"KV pages for {held} of the {seqs} sequences of {min(reach, context)} tokens at once per "
+                           f"replica: vLLM's scheduler keeps the others waiting (and preempts the newest as answers "
+                           f"grow); throughput counts them as later waves")
     if chosen is None and req.context is None:
         # not even the shortest context keeps the weights on the GPU: plan that one, so the least crosses PCIe
         floor = context_floor(served.max_position, w)
@@ -378,7 +390,7 @@ def layout_plan(spec: ModelSpec, prec: Precision, hw: HardwareProfile, gpu: Acce
             context = floor
     kv_dtype, context = chosen or (kv_options[0], context)
     kvb = _kv_bytes_dtype(kv_dtype, served)
-    need = kv_need(served, layout, kvb, context, seqs, reach)
+    need = kv_need(served, layout, kvb, context, held, reach)
     shortfall = weights + overhead + need - budget
     offload_per_gpu = 0.0
     if chosen is None and shortfall > 0 and not rule:
@@ -413,7 +425,8 @@ def layout_plan(spec: ModelSpec, prec: Precision, hw: HardwareProfile, gpu: Acce
     if layout.dp > 1:
         warnings.append(f"data parallel ({layout.dp} replicas) runs as `vllm serve --data-parallel-size "
                         f"{layout.dp}` (see artifacts); qwenhw.load runs one replica in this process")
-    est = _estimate(served, layout, gpu, hw, w, kvb, offload_per_gpu, batched_tokens)
+    est = in_waves(lambda n: _estimate(served, layout, gpu, hw, replace(w, concurrency=n), kvb, offload_per_gpu,
+                                       batched_tokens), min(held * layout.dp, w.concurrency), w)
     if fits:
         reasons.append(_explain(spec, prec, hw, gpu, layout, w_gpu, kv_pool, kvb, context))
         reasons += list(prec.notes)
