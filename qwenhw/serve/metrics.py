@@ -58,7 +58,8 @@ class Metrics:
 
 
 class _KVCache:
-    """The engine's KV cache, read at each scrape (engines that say: Engine.kv_cache)."""
+    """The engine's KV cache, read at each scrape (engines that say: Engine.kv_cache): plain reads, from the
+    server's thread, of a count and a list length that the scheduler's thread writes."""
 
     def __init__(self, scheduler) -> None:
         self.scheduler = scheduler
