@@ -6,9 +6,8 @@ A sequence's slot s lives in page table[row, s // page], at s % page. Two layout
 - paged: pages of PAGE slots from a pool (vLLM's paged attention, its block tables): a sequence takes the pages
   of its prompt when it is admitted, one more each time its answer reaches the end of the last (`grow`), and
   gives them back when it leaves, so a pool of N tokens holds as many sequences as their lengths allow, not
-  N / max_len. Page 0 is the scratch page: every entry of
-  a free row points to it, so the scratch slot (max_len - 1, what rows that do not decode write and read) lands
-  there, never in a page a sequence holds.
+  N / max_len. Page 0 is the scratch page: every entry of a free row points to it, so the scratch slot
+  (max_len - 1, what rows that do not decode write and read) lands there, never in a page a sequence holds.
 
 The table lives on the device (the kernels and captured graphs read it); changes go up before the next pass
 (`upload`, through graphs.Upload: without waiting for the GPU's queue).
@@ -79,9 +78,8 @@ class KVCache:
     def admit(self, row: int, tokens: int) -> None:
         """Free row `row` takes the pages for `tokens` slots (its prompt and the first token of its answer)."""
         assert not self.held[row], "a row takes pages once, until it is released"
-        if not self.grow(row, tokens):
-            raise RuntimeError(f"{pages_for(tokens, self.page)} pages asked, {len(self.free)} free")  # callers
-            # ask `fits` first
+        if not self.grow(row, tokens):  # callers ask `fits` first
+            raise RuntimeError(f"{pages_for(tokens, self.page)} pages asked, {len(self.free)} free")
 
     def grow(self, row: int, tokens: int) -> bool:
         """Row `row` holds the pages for `tokens` slots: it takes the ones it lacks (a sequence's answer takes a

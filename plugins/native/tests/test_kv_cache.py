@@ -64,3 +64,18 @@ def test_the_static_cache_is_one_page_per_row():
 def test_a_pool_must_hold_one_whole_sequence():
     with pytest.raises(ValueError, match="cannot hold one 600-token sequence"):
         _cache(512)
+
+
+def test_a_row_grows_page_by_page_or_not_at_all():
+    """`grow`: a row takes the pages it lacks for more slots, all of them or none (the runtime then preempts)."""
+    c = _cache(4 * PAGE)
+    c.admit(0, 10)  # one page
+    assert c.grow(0, PAGE) and len(c.held[0]) == 1  # still within it
+    assert c.grow(0, PAGE + 1) and len(c.held[0]) == 2
+    c.admit(1, PAGE + 1)  # the last two
+    assert not c.grow(0, 2 * PAGE + 1) and len(c.held[0]) == 2 and c.free == []  # nothing taken
+    c.upload()
+    assert c.table[0, :2].tolist() == c.held[0] and c.table[0, 2].item() == 0
+    c.release(1)
+    assert c.grow(0, 3 * PAGE) and len(c.held[0]) == 3 and c.usage == 0.75
+    assert _cache(0).grow(2, 10**6)  # a static row holds its whole context
