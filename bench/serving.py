@@ -8,8 +8,9 @@ OpenAI server), on the same GPU, random weights (`--load-format dummy`), the ran
 
 Each run starts the server, waits for /health, runs `vllm bench serve` at each request rate (1024-token
 prompts, 256-token answers, EOS ignored so every answer is 256 tokens), saves vLLM's result JSON per rate
-(`{server}_rate{R}.json`: TTFT, TPOT, ITL and end-to-end medians and p99, output throughput), and stops the
-server with Ctrl-C. Needs vLLM importable (its benchmark client) and a GPU.
+(`{server}_rate{R}.json`: TTFT, TPOT, ITL and end-to-end medians and p99, output throughput) and the server's
+own preemption and batch counters, and stops the server with Ctrl-C. Needs vLLM importable (its benchmark
+client) and a GPU.
 """
 
 from __future__ import annotations
@@ -91,6 +92,30 @@ def bench(args, port: int, rate: str, out: Path) -> dict:
     return json.loads((out / name).read_text())
 
 
+# the server's own counters after each rate (/metrics, qwenhw's and vLLM's names; cumulative over the rates): how
+# often it preempted a sequence for KV pages, and (qwenhw) the sequences its batches held when they started or
+# rows joined
+SERVER_METRICS = ("num_preemptions_total", "batch_size_sum", "batch_size_count")
+
+
+def server_metrics(port: int) -> dict[str, float]:
+    """The SERVER_METRICS lines of the server's /metrics, by name (unlabelled series; {} where it has none)."""
+    try:
+        with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.split(":", 1)[-1] in SERVER_METRICS:
+            try:
+                out[name] = float(value)
+            except ValueError:
+                pass
+    return out
+
+
 def run(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -106,7 +131,8 @@ def run(args) -> None:
             r = bench(args, port, rate, out)
             row = {"rate": rate, "completed": r.get("completed"), "output_tok_s": r.get("output_throughput"),
                    **{k: r.get(k) for k in ("median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms",
-                                            "median_itl_ms", "median_e2el_ms", "p99_e2el_ms")}}
+                                            "median_itl_ms", "median_e2el_ms", "p99_e2el_ms")},
+                   "server": server_metrics(port)}
             summary["rows"].append(row)
             log(json.dumps(row))
             if not r.get("completed"):  # every request failed: the server is broken, the other rates would be too
