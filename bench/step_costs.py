@@ -4,7 +4,9 @@ own pass (a mixed pass, KernelConfig.mixed: the weights read once for both). Und
 back to back, so a request's time per output token is its steps plus the passes of the prompts that arrive
 while it decodes.
 
-    python bench/step_costs.py DIR --rows 128 --prompt 1024 --prompts 1,2,4,8 --out OUT   # DIR: side_by_side.py prepare's
+    python bench/step_costs.py DIR --rows 128 --prompt 1024 --prompts 1,2,4,8 --profile 2 --out OUT
+
+(DIR: bench/side_by_side.py prepare's folder.)
 
 ROWS - max(K) rows decode (each holding a PROMPT-token sequence) while the K prompts go into the free rows; each
 figure is the median of 5 timings (CUDA synchronised around each call). `--profile K`: the GPU kernels of a
