@@ -268,3 +268,17 @@ def test_one_gpu_pages_the_kv_cache_of_several_sequences():
     one = qwenhw.plan("Qwen3-30B-A3B", hardware="1xH200-141G", concurrency=1, **ask)
     assert "kv_tokens" not in one.config and "static KV cache" in one.reasons[0]
     assert PREFILL_TOKENS == 32768
+
+
+def test_sequences_run_at_once_as_their_pages_grow_not_whole():
+    """The native runtime hands a sequence pages as its answer grows (vLLM's way): a pool that holds 29 requests of
+    1024 + 4096 tokens whole runs ~48 at once on average (prompt + half the answer each); the estimate counts
+    those, the reason says both."""
+    plan = qwenhw.plan("Qwen3-30B-A3B", hardware="1xH100-80G", backend="native", engine="one-gpu", concurrency=128,
+                       prompt_tokens=1024, output_tokens=4096, context=8192)
+    pool = plan.config["kv_tokens"]
+    whole, running = pool // 5120, pool // 3072
+    assert whole < running < 128
+    said = f"{whole} of the 128 sequences of the workload's 5120 tokens at once (~{running} as pages go"
+    assert said in plan.reasons[0]
+    assert round(plan.estimate.throughput_tok_s / plan.estimate.decode_tok_s) == running

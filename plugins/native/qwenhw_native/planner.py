@@ -95,6 +95,9 @@ def one_gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str,
     node, gpu, served, cap, act = b.node, b.gpu, b.served, b.cap, b.act
     dev = gpu.device_id
     w = workload(req)
+    # pages go to a sequence as its answer grows (Runtime.stream_batch): on average it holds its prompt and half
+    # its answer, so more run at once than the pool holds whole
+    running = min(c, max(m.rows, pool // (pages_for(int(w.kv_tokens)) * PAGE))) if pool else m.rows
     if room <= 0:
         why = (f"KV cache ({kv / GiB:.1f} GiB) and activations ({act / GiB:.1f} GiB) alone exceed the "
                f"{cap / GiB:.1f} GiB GPU budget: lower --context or --concurrency")
@@ -102,8 +105,8 @@ def one_gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str,
         why = (f"weights ({wb.total / GiB:.1f} GiB) exceed the {room / GiB:.1f} GiB the GPU has left beside the "
                f"KV cache and activations")
     else:
-        held = (f"{m.rows} of the {c} sequences of the workload's {reach(context, w)} tokens at once, the others "
-                f"waiting for pages" if m.rows < c else
+        held = (f"{m.rows} of the {c} sequences of the workload's {reach(context, w)} tokens at once (~{running} as "
+                f"pages go to answers as they grow), the others waiting for pages" if m.rows < c else
                 f"{c} sequences of the workload's {reach(context, w)} tokens, or fewer longer ones")
         cache = f"KV cache in pages ({pool} tokens: {held}, up to {context} each)" if pool else "static KV cache"
         why = (f"everything fits on {dev} ({wb.total / GiB:.1f} GiB of weights): {cache} and one CUDA graph "
@@ -123,7 +126,7 @@ def one_gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str,
         context=context, max_context=max_context,
         concurrency=req.concurrency, dtype=stored_dtype(served), kv_dtype=kv_dtype,
         estimate=(in_waves(lambda n: _one_gpu_estimate(served, gpu, replace(w, concurrency=n), kv_dtype, budget),
-                           m.rows, w) if fits else Estimate()),
+                           running, w) if fits else Estimate()),
         reasons=(why,), config=NativeConfig(dtype=stored_dtype(served), main_device=dev, threads=node.cpu.physical_cores,
                                             prefill_tokens=budget, kv_tokens=pool).to_dict(),
     )

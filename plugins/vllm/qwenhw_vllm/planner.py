@@ -367,18 +367,21 @@ def layout_plan(spec: ModelSpec, prec: Precision, hw: HardwareProfile, gpu: Acce
     if chosen and chosen[0] == "fp8" and "auto" in kv_options:
         reasons.append(f"fp8 KV cache (kv_cache_dtype=fp8): halves KV bytes so context {chosen[1]} fits "
                        f"({gpu.name} has fp8 support)")
-    held = seqs  # the workload's sequences one replica's KV pages hold at once
+    held = running = seqs  # the workload's sequences one replica's KV pages hold whole / run at once on average
     if chosen is None:
         # vLLM's scheduler queues the requests its pages cannot hold (and preempts the newest as answers grow):
-        # a pool with room for one whole context serves the workload, the others waiting their turn
+        # a pool with room for one whole context serves the workload, the others waiting their turn. Pages go to
+        # a sequence as it grows, so on average one holds its prompt and half its answer
         kvb = _kv_bytes_dtype(kv_options[0], served)
         each = kv_need(served, layout, kvb, min(reach, context), 1)
         if each > 0 and pool >= kv_need(served, layout, kvb, context, 1, reach):
             held = max(1, min(seqs, int(pool // each)))
+            running = max(held, min(seqs, int(pool // kv_need(served, layout, kvb, int(w.kv_tokens), 1))))
             chosen = (kv_options[0], context)
             reasons.append(f"KV pages for {held} of the {seqs} sequences of {min(reach, context)} tokens at once per "
-                           f"replica: vLLM's scheduler keeps the others waiting (and preempts the newest as answers "
-                           f"grow); throughput counts them as later waves")
+                           f"replica (~{running} with pages handed out as answers grow): vLLM's scheduler keeps "
+                           f"the others waiting and preempts the newest when pages run out; throughput counts them "
+                           f"as later waves")
     if chosen is None and req.context is None:
         # not even the shortest context keeps the weights on the GPU: plan that one, so the least crosses PCIe
         floor = context_floor(served.max_position, w)
@@ -426,7 +429,7 @@ def layout_plan(spec: ModelSpec, prec: Precision, hw: HardwareProfile, gpu: Acce
         warnings.append(f"data parallel ({layout.dp} replicas) runs as `vllm serve --data-parallel-size "
                         f"{layout.dp}` (see artifacts); qwenhw.load runs one replica in this process")
     est = in_waves(lambda n: _estimate(served, layout, gpu, hw, replace(w, concurrency=n), kvb, offload_per_gpu,
-                                       batched_tokens), min(held * layout.dp, w.concurrency), w)
+                                       batched_tokens), min(running * layout.dp, w.concurrency), w)
     if fits:
         reasons.append(_explain(spec, prec, hw, gpu, layout, w_gpu, kv_pool, kvb, context))
         reasons += list(prec.notes)
