@@ -24,3 +24,19 @@ def _rel(a, r) -> float:
 def rel():
     """Relative error of a against the reference r, in fp32."""
     return _rel
+
+
+def _rotary(rows: int, tokens: int, d: int, generator, dtype=None):
+    """cos, sin [rows, tokens, d] of random angles, laid out as transformers' rotary embedding gives them (each
+    half the same angles)."""
+    import torch
+
+    ang = torch.randn(rows, tokens, d // 2, generator=generator)
+    cos, sin = (torch.cat([f(ang), f(ang)], -1) for f in (torch.cos, torch.sin))
+    return (cos, sin) if dtype is None else (cos.to(dtype), sin.to(dtype))
+
+
+@pytest.fixture
+def rotary():
+    """cos, sin of random rotary angles: rotary(rows, tokens, head_dim, generator, dtype=None)."""
+    return _rotary

@@ -24,7 +24,7 @@ def test_split_doctests():
 @pytest.mark.parametrize("dtype, tol", CASES)
 @pytest.mark.parametrize("qwen3", [True, False], ids=["qwen3 norms", "qwen2 bias"])
 @pytest.mark.parametrize("slices", [1, 4])
-def test_qkv_rope_follows_cublas_and_the_rope_kernel(dtype, tol, qwen3, slices, rel):
+def test_qkv_rope_follows_cublas_and_the_rope_kernel(dtype, tol, qwen3, slices, rel, rotary):
     g = torch.Generator().manual_seed(0)
     b, hidden, hq, hk, d, length, p = 3, 128, 4, 2, 64, 16, 5
     qn, kn = Qwen3MoeRMSNorm(d).to(dtype), Qwen3MoeRMSNorm(d).to(dtype)
@@ -34,8 +34,7 @@ def test_qkv_rope_follows_cublas_and_the_rope_kernel(dtype, tol, qwen3, slices, 
     w = (torch.randn((hq + 2 * hk) * d, hidden, generator=g) * 0.1).to(dtype)
     bias = None if qwen3 else torch.randn((hq + 2 * hk) * d, generator=g).to(dtype)
     x = torch.randn(b, hidden, generator=g).to(dtype)
-    ang = torch.randn(1, 1, d // 2, generator=g)
-    cos, sin = (torch.cat([f(ang), f(ang)], -1).to(dtype) for f in (torch.cos, torch.sin))
+    cos, sin = rotary(1, 1, d, g, dtype)
     norms = (qn, kn) if qwen3 else (None, None)
     with torch.no_grad():
         kr, vr = (torch.full((b, hk, length, d), float("nan"), dtype=dtype) for _ in range(2))
@@ -49,7 +48,7 @@ def test_qkv_rope_follows_cublas_and_the_rope_kernel(dtype, tol, qwen3, slices, 
     assert int(common._COUNTS[(x.device, "qkv")].count_nonzero()) == 0  # left at zero for the next call
 
 
-def test_qkv_rope_writes_each_sequence_at_its_own_position(rel):
+def test_qkv_rope_writes_each_sequence_at_its_own_position(rel, rotary):
     """Continuous batching: pos [b] and cos/sin [b, 1, d]; the same as the rope kernel after cuBLAS."""
     g = torch.Generator().manual_seed(3)
     b, hidden, hq, hk, d, length = 3, 128, 4, 2, 64, 16
@@ -57,8 +56,7 @@ def test_qkv_rope_writes_each_sequence_at_its_own_position(rel):
     qn, kn = Qwen3MoeRMSNorm(d), Qwen3MoeRMSNorm(d)
     w = torch.randn((hq + 2 * hk) * d, hidden, generator=g) * 0.1
     x = torch.randn(b, hidden, generator=g)
-    ang = torch.randn(b, 1, d // 2, generator=g)
-    cos, sin = (torch.cat([f(ang), f(ang)], -1) for f in (torch.cos, torch.sin))
+    cos, sin = rotary(b, 1, d, g)
     with torch.no_grad():
         kr, vr, kc, vc = (torch.full((b, hk, length, d), float("nan")) for _ in range(4))
         q, k, v = F.linear(x, w).view(b, 1, -1, d).split([hq, hk, hk], dim=2)

@@ -48,7 +48,7 @@ def test_decode_attention_over_pages_reads_what_the_static_cache_holds(rel):
     assert rel(got, sdpa.transpose(1, 2).reshape(B, 1, -1)) < 1e-5
 
 
-def test_the_cache_writes_land_in_the_pages_the_table_gives(rel):
+def test_the_cache_writes_land_in_the_pages_the_table_gives(rel, rotary):
     """The rope/cache kernel (prompt tokens packed, and decode rows) and the q/k/v decode GEMM write each
     token's key and value at page table[row, slot // PAGE], slot % PAGE, and nowhere else."""
     g = torch.Generator().manual_seed(2)
@@ -58,8 +58,7 @@ def test_the_cache_writes_land_in_the_pages_the_table_gives(rel):
     rows, slots = torch.tensor([1, 1, 1, 1, 2, 2]), torch.tensor([254, 255, 256, 257, 0, 1])
     t = len(rows)
     q, k, v = (torch.randn(1, t, n, D, generator=g) for n in (HQ, HK, HK))
-    ang = torch.randn(1, t, D // 2, generator=g)
-    cos, sin = (torch.cat([f(ang), f(ang)], -1) for f in (torch.cos, torch.sin))
+    cos, sin = rotary(1, t, D, g)
     static_k, static_v = (torch.full((B, HK, MAX_LEN, D), float("nan")) for _ in range(2))
     pk, pv = empty(), empty()
     ref_q = rope_cache.qk_rope_cache(q, k, v, None, None, cos, sin, slots, static_k, static_v, rows=rows)
@@ -75,8 +74,7 @@ def test_the_cache_writes_land_in_the_pages_the_table_gives(rel):
     qn, kn = Qwen3MoeRMSNorm(D), Qwen3MoeRMSNorm(D)
     w = torch.randn((HQ + 2 * HK) * D, hidden, generator=g) * 0.1
     x = torch.randn(B, hidden, generator=g)
-    ang = torch.randn(B, 1, D // 2, generator=g)
-    cos, sin = (torch.cat([f(ang), f(ang)], -1) for f in (torch.cos, torch.sin))
+    cos, sin = rotary(B, 1, D, g)
     pk, pv = empty(), empty()
     static_k, static_v = (torch.full((B, HK, MAX_LEN, D), float("nan")) for _ in range(2))
     with torch.no_grad():

@@ -10,7 +10,7 @@ from qwenhw_native.kernels import rope_cache
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_norm_rope_and_cache_write_follow_transformers(dtype, tol, rel):
+def test_norm_rope_and_cache_write_follow_transformers(dtype, tol, rel, rotary):
     g = torch.Generator().manual_seed(0)
     b, t, hq, hk, d, length, p = 2, 1, 8, 2, 64, 16, 5
     qn, kn = Qwen3MoeRMSNorm(d).to(dtype), Qwen3MoeRMSNorm(d).to(dtype)
@@ -18,8 +18,7 @@ def test_norm_rope_and_cache_write_follow_transformers(dtype, tol, rel):
         qn.weight.copy_(1 + 0.2 * torch.randn(d, generator=g))
         kn.weight.copy_(1 + 0.2 * torch.randn(d, generator=g))
         q, k, v = (torch.randn(b, t, n * d, generator=g).to(dtype).view(b, t, n, d) for n in (hq, hk, hk))
-        ang = torch.randn(1, t, d // 2, generator=g)
-        cos, sin = (torch.cat([f(ang), f(ang)], -1).to(dtype) for f in (torch.cos, torch.sin))
+        cos, sin = rotary(1, t, d, g, dtype)
         kc = torch.full((b, hk, length, d), float("nan"), dtype=dtype)
         vc = kc.clone()
         qr, kr = apply_rotary_pos_emb(qn(q).transpose(1, 2), kn(k).transpose(1, 2), cos, sin)
@@ -29,14 +28,13 @@ def test_norm_rope_and_cache_write_follow_transformers(dtype, tol, rel):
     assert kc[:, :, :p].isnan().all()  # only the step's slot is written
 
 
-def test_each_sequence_written_at_its_own_position(rel):
+def test_each_sequence_written_at_its_own_position(rel, rotary):
     """Continuous batching: pos [b] and cos/sin [b, 1, d], one slot per sequence."""
     g = torch.Generator().manual_seed(2)
     b, hq, hk, d, length = 3, 4, 2, 64, 16
     pos = [5, 0, 11]
     q, k, v = (torch.randn(b, 1, n, d, generator=g) for n in (hq, hk, hk))
-    ang = torch.randn(b, 1, d // 2, generator=g)
-    cos, sin = (torch.cat([f(ang), f(ang)], -1) for f in (torch.cos, torch.sin))
+    cos, sin = rotary(b, 1, d, g)
     kc = torch.full((b, hk, length, d), float("nan"))
     vc = kc.clone()
     qr, kr = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
@@ -47,15 +45,14 @@ def test_each_sequence_written_at_its_own_position(rel):
         assert kc[j].isnan().sum() == hk * (length - 1) * d  # nothing but its own slot
 
 
-def test_prompt_tokens_go_to_the_rows_they_are_given(rel):
+def test_prompt_tokens_go_to_the_rows_they_are_given(rel, rotary):
     """Prompt passes: sequences into chosen cache rows (prompts joining a running batch), and prompts packed
     into one sequence, each token to its own (row, slot)."""
     g = torch.Generator().manual_seed(3)
     hq, hk, d, length, rows_n = 4, 2, 64, 16, 4
     t = 5
     q, k, v = (torch.randn(2, t, n, d, generator=g) for n in (hq, hk, hk))
-    ang = torch.randn(1, t, d // 2, generator=g)
-    cos, sin = (torch.cat([f(ang), f(ang)], -1) for f in (torch.cos, torch.sin))
+    cos, sin = rotary(1, t, d, g)
     kc = torch.full((rows_n, hk, length, d), float("nan"))
     vc = kc.clone()
     qr, kr = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
