@@ -14,51 +14,22 @@ mask, the graphs and the loop are here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any, Callable, Iterator
 
 import torch
 
+from .batching import ContinuousBatch, Filling, Piece
 from .config import KernelConfig
 from .graphs import Emulated, Upload, capture
 from .kv_cache import KVCache
 from .limits import ADMIT_SPARE, ARCHITECTURES, PREFILL_CHUNK, PREFILL_TOKENS, STEP_PREFILL_TOKENS
-from .sampling import SampleParams, sample_rows
+from .sampling import SampleParams
 from .step import NOTHING, LayerStep, Packed, Rows, rms_norm
 
 
 def supported(model: Any) -> bool:
     return getattr(model.config, "model_type", "") in ARCHITECTURES
-
-
-@dataclass
-class Filling:
-    """A prompt going into its row of the cache: the tokens of it already in."""
-
-    row: int
-    ids: list[int]
-    done: int = 0
-
-
-# a decode step in flight: its decoding rows, their sequences' numbers, the token of every row it computed (by
-# row), and the event after which those are on the host (None on the CPU, where they already are)
-_Step = tuple[list[int], list[int], torch.Tensor, Any]
-
-
-@dataclass
-class _Sequence:
-    """A request, waiting or in a row of the batch: its number in the pieces, its prompt, the tokens sampled
-    (a preempted sequence goes in again as prompt + these) and the most it may take."""
-
-    id: int
-    ids: list[int]
-    limit: int
-    out: list[int] = field(default_factory=list)
-
-    @property
-    def count(self) -> int:
-        return len(self.out)
 
 
 class Runtime:
@@ -511,7 +482,7 @@ class Runtime:
     def stream_batch(self, prompts: list[list[int]], max_new: list[int], params: SampleParams, eos: set[int],
                      alive: Callable[[int], bool] | None = None,
                      join: Callable[[int], list[tuple[list[int], int]]] | None = None,
-                     ) -> Iterator[tuple[int, int, bool]]:
+                     ) -> Iterator[Piece]:
         """Prompts decoded together, `batch` rows at a time: (sequence, token, last) as each step samples,
         sequences numbered in the order they came. A sequence ends at its EOS (yielded, last), after its own
         max_new tokens or when its row of the cache is full (last), or when `alive(sequence)` turns false
@@ -525,166 +496,9 @@ class Runtime:
         interleave differently. A paged cache admits a prompt when the pool has its pages (`admits`) and
         gives a decoding row a page as it reaches one (`room`); where the pool has none left, the newest
         sequences give theirs back and go first in line again, their prompt and tokens so far to compute
-        again (vLLM's preemption by recomputation). The loop ends when no row is busy and nothing joins."""
-        gen = None
-        if params.seed is not None:
-            gen = torch.Generator(device=self.device).manual_seed(params.seed)
-        waiting: list[_Sequence] = []
-        seqs: list[_Sequence | None] = [None] * self.batch
-        filling: list[Filling] = []
-        numbered = 0
-        tokens = torch.zeros(self.batch, dtype=torch.long, device=self.device)
-        self.reset()
-
-        def queue(pairs: Any) -> None:
-            """Requests in line, numbered on; each may take what its row's cache holds after its prompt."""
-            nonlocal numbered
-            for ids, most in pairs:
-                waiting.append(_Sequence(numbered, ids, min(most, self.max_len - len(ids))))
-                numbered += 1
-
-        queue(zip(prompts, max_new))
-
-        def leave(r: int) -> None:
-            seqs[r] = None
-            self.release(r)
-            filling[:] = [f for f in filling if f.row != r]
-
-        def emit(rows: list[int], logits: torch.Tensor) -> Iterator[tuple[int, int, bool]]:
-            sampled = sample_rows(logits, params, gen)
-            for r, token in zip(rows, sampled.tolist()):
-                s = seqs[r]
-                if s is None or not self.active[r]:  # a row of a decode step that does not decode
-                    continue
-                yield from take(r, s, token)
-            if rows == list(range(len(rows))):  # a decode step's
-                tokens[:len(rows)] = sampled
-            else:  # prompts that went in
-                tokens[torch.tensor(rows, device=self.device)] = sampled
-
-        def take(r: int, s: _Sequence, token: int) -> Iterator[tuple[int, int, bool]]:
-            if alive is not None and not alive(s.id):
-                leave(r)
-                return
-            s.out.append(token)
-            last = token in eos or s.count >= s.limit
-            if last:
-                leave(r)
-            yield s.id, token, last
-
-        def ending(step: _Step | None) -> list[int]:
-            """The rows whose token in `step` is their sequence's last by count."""
-            if step is None:
-                return []
-            return [r for r, sid in zip(*step[:2]) if (s := seqs[r]) is not None and s.id == sid
-                    and s.count + 1 >= s.limit]
-
-        def launch(before: _Step | None) -> _Step | None:
-            """The next decode step, sampled on the device into `tokens`, its tokens copied to the host as it
-            ends; the step before it still in flight (`before`): a row whose token there is its last by count
-            decodes no further (its cache may hold no more)."""
-            for r in ending(before):
-                self.active[r] = False
-            if not any(self.active):
-                return None
-            rows = [r for r, on in enumerate(self.active) if on]
-            ids = [seqs[r].id for r in rows]
-            logits = self.decode(tokens)
-            sampled = sample_rows(logits, params, gen)
-            tokens[:len(sampled)] = sampled
-            if not sampled.is_cuda:
-                return rows, ids, sampled, None
-            # every computed row's token (picking the rows on the device would copy their numbers there from
-            # pageable memory: a stream sync, this step's launch waiting for it to end)
-            host = sampled.to("cpu", non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-            return rows, ids, host, done
-
-        def settle(step: _Step | None) -> Iterator[tuple[int, int, bool]]:
-            """A decode step's tokens once it is done, to the sequences its rows held when it launched (a row
-            whose sequence ended meanwhile, at its EOS, computed a token that goes nowhere)."""
-            if step is None:
-                return
-            rows, ids, host, done = step
-            if done is not None:
-                done.synchronize()
-            picked = host.tolist()  # one per computed row
-            for r, sid in zip(rows, ids):
-                token = picked[r]
-                s = seqs[r]
-                if s is not None and s.id == sid:
-                    yield from take(r, s, token)
-
-        def room() -> Iterator[tuple[int, int, bool]]:
-            """Every row that decodes next holds the page of the slot it writes: oldest sequences first, the
-            newest giving theirs back where the pool has none (after the step in flight has handed out its
-            tokens, which they compute again)."""
-            nonlocal pending
-            stopping = set(ending(pending))
-            for r in sorted((r for r, on in enumerate(self.active) if on), key=lambda r: seqs[r].id):
-                while self.active[r] and r not in stopping and not self.grow(r):
-                    if pending is not None:
-                        yield from settle(pending)
-                        pending = None
-                        continue
-                    victim = max((q for q, s in enumerate(seqs) if s is not None and self.cache.held[q]),
-                                 key=lambda q: seqs[q].id)
-                    s = seqs[victim]
-                    leave(victim)
-                    waiting.insert(0, s)
-                    self.preemptions += 1
-
-        pending: _Step | None = None  # a decode step in flight (asynchronous steps)
-        while True:
-            if (waiting or join is not None) and ending(pending):  # their rows take prompts in this pass, not
-                yield from settle(pending)                         # one step later
-                pending = None
-            if self.cache.paged:
-                yield from room()
-            free = [r for r, s in enumerate(seqs) if s is None]
-            if free and not waiting and join is not None:
-                queue(join(len(free)))
-            # in order, while rows are free and (a paged cache) the head's prompt's pages are: a later, shorter
-            # request does not pass it
-            while free and waiting:
-                s = waiting[0]
-                if alive is not None and not alive(s.id):  # its client left while it waited
-                    waiting.pop(0)
-                    continue
-                ids = s.ids + s.out  # a preempted sequence's tokens so far go in again with its prompt
-                if len(ids) < self.max_len and not self.admits(len(ids) + 1):
-                    break
-                waiting.pop(0)
-                r = free.pop(0)
-                seqs[r] = s
-                filling.append(Filling(r, ids))
-                self._check(filling)
-                self.admit(r, len(ids) + 1)
-            if not filling and not any(self.active) and pending is None:
-                return
-            decoded = False
-            if filling:
-                yield from settle(pending)  # who decodes must be known before a pass that carries them
-                pending = None
-                rows, logits, decoded = self.fill_and_decode(filling, tokens)
-                if rows:
-                    yield from emit(rows, logits)
-            for r, s in enumerate(seqs):  # clients that left while the step's tokens went out
-                if s is not None and alive is not None and not alive(s.id):
-                    leave(r)
-            if any(self.active) and not decoded and self.kernels.async_steps:
-                # the next step goes to the GPU before this one's tokens are handed out: the host's work
-                # (sampling's sync, text, the server) overlaps the next step's kernels
-                before, pending = pending, None
-                pending = launch(before)
-                yield from settle(before)
-            elif any(self.active) and not decoded:
-                logits = self.decode(tokens)
-                yield from emit(list(range(len(logits))), logits)
-            else:
-                yield from settle(pending)
-                pending = None
+        again (vLLM's preemption by recomputation). The loop ends when no row is busy and nothing joins. The loop
+        and its state: batching.ContinuousBatch."""
+        yield from ContinuousBatch(self, prompts, max_new, params, eos, alive, join).run()
 
     def generate(self, ids: list[int], max_new: int, params: SampleParams, eos: set[int]) -> Iterator[int]:
         """One sequence's tokens, up to its EOS (yielded) or `max_new` or a full cache."""
