@@ -30,6 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from side_by_side import random_model  # noqa: E402
 
 
+def agreement(together: list[list[int]], alone: list[list[int]]) -> list[int]:
+    """Each sequence's greedy tokens equal to alone before its first difference (random weights: near-ties in bf16
+    may flip one token between batch sizes, and the rest follow it; a wrong position or slot flips all of them)."""
+    return [next((j for j, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(together, alone)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
@@ -78,9 +84,7 @@ def main() -> None:
         if changes and not pool and together != first:  # the same arithmetic in another order of programs: equal tokens
             failed = True
             print(f"{label}: greedy tokens differ from the defaults': FAILED")
-        # tokens equal before each sequence's first difference (random weights: near-ties in bf16 may flip one
-        # token between batch sizes, and the rest follow it; a wrong position or slot flips all of them)
-        prefix = [next((j for j, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(together, each)]
+        prefix = agreement(together, each)
         agree, total = sum(prefix), sum(most)
         ok = [len(t) for t in together] == most and agree >= 0.5 * total
         failed |= not ok
@@ -94,10 +98,8 @@ def main() -> None:
     each = [one.generate_batch([p], 40, SampleParams(), set())[0] for p in short]
     rt = Runtime(model, max_len=1024, device="cuda", batch=3, kv_tokens=1024)
     rt.warm()
-    together = [[] for _ in short]
-    for seq, token, _ in rt.stream_batch(short, [40] * 3, SampleParams(), set()):
-        together[seq].append(token)
-    prefix = [next((j for j, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(together, each)]
+    together = rt.generate_batch(short, 40, SampleParams(), set())
+    prefix = agreement(together, each)
     ok = [len(t) for t in together] == [40] * 3 and sum(prefix) >= 60 and rt.preemptions >= 1
     failed |= not ok
     print(f"paged KV, 1024-slot pool, {rt.preemptions} preemption(s): {sum(prefix)}/120 greedy tokens equal to "
