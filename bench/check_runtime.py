@@ -2,11 +2,11 @@
 kernels and graphs): random bf16 weights of the model directory's shape, a few layers.
 
 - packed prefill (FlashAttention's variable-length kernel): prompts of different lengths in one pass give
-  the last-token logits each gives alone;
+  the last-token logits each gives alone, and so do they in chunks (each later chunk over its earlier keys);
 - continuous batching under CUDA graphs: prompts joining rows while others decode get the greedy tokens
   they get alone; with the engine's defaults (asynchronous decode steps), with them off
   (KernelConfig.async_steps) and with prompt passes that carry the decoding rows' tokens (.mixed, off by
-  default);
+  default; there in 256-token chunks);
 - the MoE decode kernels with each program finding its own pairs (Tiles.moe_index_pairs past the step's): the
   same greedy tokens as the default, a step's pairs sorted once per layer, bit for bit;
 - a paged KV cache (kv_cache.py) whose pool of 2048 slots makes sequences wait for pages, and one of 1024 where
@@ -54,14 +54,17 @@ def main() -> None:
     failed = False
 
     rt = Runtime(model, max_len=2048, device="cuda", batch=len(prompts))
-    packed = rt.prefill(prompts).float()
     alone = torch.stack([rt.prefill([p])[0] for p in prompts]).float()
-    err = ((packed - alone).norm(dim=-1) / alone.norm(dim=-1)).max().item()
-    same = (packed.argmax(-1) == alone.argmax(-1)).all().item()
-    ok = err < 2e-2 and same
-    failed |= not ok
-    print(f"packed prefill of {[len(p) for p in prompts]} tokens vs one at a time: max relative L2 {err:.2e}, "
-          f"argmax {'equal' if same else 'DIFFERENT'}: {'ok' if ok else 'FAILED'}")
+    for label, chunk in ((f"packed prefill of {[len(p) for p in prompts]} tokens", rt.prefill_chunk),
+                         ("chunked prefill (256-token chunks, each later one over its earlier keys)", 256)):
+        rt.prefill_chunk = chunk
+        got = rt.prefill(prompts).float()
+        err = ((got - alone).norm(dim=-1) / alone.norm(dim=-1)).max().item()
+        same = (got.argmax(-1) == alone.argmax(-1)).all().item()
+        ok = err < 2e-2 and same
+        failed |= not ok
+        print(f"{label} vs one at a time: max relative L2 {err:.2e}, argmax {'equal' if same else 'DIFFERENT'}: "
+              f"{'ok' if ok else 'FAILED'}")
 
     most = [40, 5, 17, 9, 3]
     one = Runtime(model, max_len=2048, device="cuda", batch=1)
@@ -77,6 +80,8 @@ def main() -> None:
         with tiles.override(torch.device("cuda"), **changes):  # graphs keep the tiles they were captured with
             rt = Runtime(model, max_len=2048, device="cuda", batch=2, kernels=kernels, kv_tokens=pool)
             rt.warm()
+        if kernels.mixed:  # the long prompts' chunks ride the decode steps too
+            rt.prefill_chunk = 256
         together = [[] for _ in prompts]
         for seq, token, _ in rt.stream_batch(prompts, most, SampleParams(), set()):
             together[seq].append(token)

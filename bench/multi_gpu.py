@@ -152,10 +152,10 @@ MOE_COPIES = 4  # consecutive timed calls use different weights, as consecutive 
 
 
 def moe_kernel_check(hidden: int = 2048, inter: int = 768, n_exp: int = 128, top_k: int = 8,
-                     shares: tuple[str, ...] = tuple(MOE_SHARES), kernels=None) -> dict:
+                     shares: tuple[str, ...] = tuple(MOE_SHARES), kernels=None, tokens: tuple[int, ...] = (1, 16)) -> dict:
     """The fused MoE decode kernels against transformers' grouped_mm experts (same module, same routing),
     for one rank's experts of each layout: all (1 GPU), whole experts of one EP rank ("ep2", "ep4"), or
-    every expert's 1/2 or 1/4 of the intermediate size ("tp2", "tp4"); at 1 and 16 tokens.
+    every expert's 1/2 or 1/4 of the intermediate size ("tp2", "tp4"); at each of `tokens` (1 and 16).
     Each kernel is timed alone inside CUDA graphs: the gate/up kernel for every MOE_UP_BLOCKS shape, then
     the down kernel for every MOE_DOWN_BLOCKS shape, then the sum; the fastest pair is timed whole (and
     checked against transformers) next to the default. `best[share][tokens]`: {"block", "down_block"}.
@@ -194,7 +194,7 @@ def moe_kernel_check(hidden: int = 2048, inter: int = 768, n_exp: int = 128, top
             copies.append(ex)
         ex = copies[0]
         out["best"][key] = {}
-        for t in (1, 16):
+        for t in tokens:
             x = torch.randn(t, hidden, device="cuda").bfloat16()
             routes = [torch.stack([torch.randperm(n_exp, device="cuda")[:top_k] for _ in range(t)])
                       for _ in range(MOE_COPIES)]

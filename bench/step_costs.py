@@ -70,10 +70,13 @@ def main() -> None:
         rt.fill(filling)
     sync()
 
+    host: dict[int, list[float]] = {}  # per call: ms until it returned (the host's launches), before the sync
+
     def timed(call) -> float:
         sync()
         t0 = time.perf_counter()
         call()
+        host.setdefault(id(call), []).append((time.perf_counter() - t0) * 1e3)
         sync()
         return (time.perf_counter() - t0) * 1e3
 
@@ -99,16 +102,23 @@ def main() -> None:
         call()  # a first run compiles what this shape needs
         return statistics.median(timed(call) for _ in range(5))
 
+    def returned(call) -> float:
+        """Median ms until `call` returned in its timings: launch-bound where it is near the whole time."""
+        return statistics.median(host[id(call)])
+
     result = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if cuda else "cpu",
               "rows_decoding": decoding, "prompt": args.prompt, "mixes": rt.mixes, "command": " ".join(sys.argv),
               "decode_step_ms": median(step), "passes": []}
     print(f"decode step, {decoding} rows: {result['decode_step_ms']:.2f} ms")
     print("| prompts | prompt pass ms | mixed pass ms | step + pass ms | mixed saves |")
     for k in counts:
-        alone, mixed = median(joining(k, False)), median(joining(k, True))
+        calls = joining(k, False), joining(k, True)
+        alone, mixed = (median(c) for c in calls)
         both = result["decode_step_ms"] + alone
-        result["passes"].append({"prompts": k, "pass_ms": alone, "mixed_ms": mixed, "step_and_pass_ms": both})
-        print(f"| {k} x {args.prompt} | {alone:.2f} | {mixed:.2f} | {both:.2f} | {both - mixed:+.2f} |")
+        result["passes"].append({"prompts": k, "pass_ms": alone, "mixed_ms": mixed, "step_and_pass_ms": both,
+                                 "pass_returned_ms": returned(calls[0]), "mixed_returned_ms": returned(calls[1])})
+        print(f"| {k} x {args.prompt} | {alone:.2f} | {mixed:.2f} | {both:.2f} | {both - mixed:+.2f} | "
+              f"returned after {returned(calls[0]):.2f} / {returned(calls[1]):.2f} ms")
     if args.profile and cuda:
         from decode_rows import profile
 

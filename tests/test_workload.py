@@ -141,6 +141,10 @@ def test_prefill_passes_follow_each_engine():
     assert [p.tokens for p in native] == [32768, 32768]
     assert speed.budget_passes(16, 2048, 2048, 32768) == own
     assert speed.budget_passes(2, 5000, 2048, 32768) == long
+    # the last prompt that fits is cut where the pass ends; its rest goes first in the next, which cuts none
+    cut = speed.budget_passes(16, 1500, 2048, 8192)
+    assert [p.tokens for p in cut] == [8192, 6808, 8192, 808]
+    assert cut[1].pairs == 808 * 692 + 808 * 809 / 2 + 4 * 1500 * 1501 / 2  # the rest also over its first 692
 
 
 def test_native_activation_reserve_stops_growing_with_concurrency():

@@ -125,14 +125,25 @@ def row_passes(prompts: int, tokens: int, chunk: int) -> list[Pass]:
 
 
 def budget_passes(prompts: int, tokens: int, chunk: int, budget: int) -> list[Pass]:
-    """qwenhw's native runtime: passes of as many whole prompts as `budget` tokens hold; a prompt longer
-    than `chunk` alone, chunk by chunk."""
-    if tokens > chunk:
-        return row_passes(prompts, tokens, chunk)
-    per, out = max(1, budget // tokens), []
-    for first in range(0, prompts, per):
-        k = min(per, prompts - first)
-        out.append(Pass(k * tokens, k * _causal(0, tokens)))
+    """qwenhw's native runtime (its Runtime._pieces): passes of up to `budget` prompt tokens, at most `chunk`
+    of each prompt, the prompts in order; a prompt cut short (a longer one's chunk, or the last that fits)
+    only where no other piece of the pass is cut or a later chunk (so one prompt is part-way in at a time)."""
+    out: list[Pass] = []
+    part, fresh = 0, prompts  # tokens in of the prompt part-way in (0: none); prompts not begun
+    while part or fresh:
+        room, n, pairs, cut = budget, 0, 0.0, False
+        if part:
+            take = min(tokens - part, chunk, room)
+            pairs, n, room, cut = _causal(part, take), take, room - take, True
+            part = (part + take) % tokens
+        while fresh and room > 0:
+            take = min(tokens, chunk, room)
+            if take < tokens and cut:
+                break
+            pairs, n, room, fresh = pairs + _causal(0, take), n + take, room - take, fresh - 1
+            if take < tokens:
+                part, cut = take, True
+        out.append(Pass(n, pairs))
     return out
 
 

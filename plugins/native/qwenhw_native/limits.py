@@ -9,11 +9,12 @@ from __future__ import annotations
 # routed experts as well (the MoE ones).
 ARCHITECTURES = ("qwen3", "qwen3_moe", "qwen2")
 
-# Prompts go in passes of as many whole ones as PREFILL_TOKENS hold (padding included); a prompt longer than
-# PREFILL_CHUNK goes alone, one chunk per pass. The planner reserves activations for the largest pass:
+# Prompts go in passes of up to PREFILL_TOKENS prompt tokens, at most PREFILL_CHUNK of each prompt (a longer
+# one takes a chunk per pass, attending to its earlier ones; the last prompt that fits is cut where the pass
+# ends; one prompt cut or continued per pass). The planner reserves activations for the largest pass:
 # min(concurrency x PREFILL_CHUNK, PREFILL_TOKENS) tokens. While rows decode, one pass of at most
-# STEP_PREFILL_TOKENS runs between two decode steps (chunked prefill: a burst of prompts stalls them for
-# one such pass at a time, not for all of its prompts).
+# STEP_PREFILL_TOKENS runs between two decode steps, or (KernelConfig.mixed) carries the step's tokens
+# (chunked prefill: a burst of prompts or a long one stalls them for one such pass at a time).
 # Where the reserve for PREFILL_TOKENS keeps the requested concurrency off one GPU, the plan takes halves of it
 # down to STEP_PREFILL_TOKENS (NativeConfig.prefill_tokens): a burst of prompts then takes more passes (16 x
 # 2048 tokens in 4 instead of 1: ~10% later first tokens), against rows that would not fit at all.

@@ -117,8 +117,8 @@ class Runtime:
         self._step_graphs: dict[int, tuple[Any, torch.Tensor]] = {}
         self._layer_graphs: list[Any] = []
         self._graph_out: Any = None
-        # prompt tokens one pass holds: in all, while no row decodes, and a longer prompt alone, chunk by chunk
-        # (limits.py; LayerStep.rows says where a pass writes)
+        # prompt tokens one pass holds: in all, while no row decodes, and of one prompt (limits.py; `_pieces`
+        # says what a pass takes, LayerStep.rows where it writes)
         self.prefill_tokens, self.step_prefill_tokens = prefill_tokens, min(STEP_PREFILL_TOKENS, prefill_tokens)
         self.prefill_chunk = PREFILL_CHUNK
 
@@ -238,7 +238,7 @@ class Runtime:
         logits: list[Any] = [None] * len(rows)
         while filling:
             done, out = self.fill(filling)
-            for r, row_logits in zip(done, out if out is not None else []):
+            for r, row_logits in zip(done, out):
                 logits[r] = row_logits
         return torch.stack(logits)
 
@@ -250,47 +250,12 @@ class Runtime:
             raise ValueError(f"prompt of {n} tokens does not fit the {self.max_len}-token cache")
 
     @torch.inference_mode()
-    def fill(self, filling: list["Filling"]) -> tuple[list[int], torch.Tensor | None]:
-        """One prefill pass over the prompts in `filling` (in the order they came; each into its free row,
-        from slot 0): the next chunk of the first one when it is longer than `prefill_chunk`, else the
-        first ones whole, packed into one sequence (no padding), as many as `prefill_tokens` hold
-        (`step_prefill_tokens` while rows decode). Returns the rows whose prompts are now complete, which
-        decode from the next step on, and their last tokens' logits (None if none)."""
-        self._use_experts(self.prefill_experts)
-        self.step.decoding = False
-        self.cache.upload()
-        head = filling[0]
-        if self._whole_first(filling):
-            passing = self._whole_prompts(filling)
-            logits = self._prefill_pass([f.row for f in passing], [f.ids for f in passing])
-            complete = passing
-        else:
-            chunk = head.ids[head.done:head.done + self.prefill_chunk]
-            logits = self._prefill_chunk(head.row, chunk, head.done)
-            head.done += len(chunk)
-            self.lengths[head.row] = head.done
-            if head.done < len(head.ids):
-                return [], None
-            complete = [filling.pop(0)]
-        for f in complete:
-            self.lengths[f.row], self.active[f.row] = len(f.ids), True
-        return [f.row for f in complete], logits
-
-    def _whole_first(self, filling: list["Filling"]) -> bool:
-        """Whether the next pass takes whole prompts: the first one has not begun and fits one chunk."""
-        return filling[0].done == 0 and len(filling[0].ids) <= self.prefill_chunk
-
-    def _whole_prompts(self, filling: list["Filling"]) -> list["Filling"]:
-        """The first whole prompts of `filling` (taken out of it) that one pass holds: as many as
-        `prefill_tokens` hold (`step_prefill_tokens` while rows decode), none longer than a chunk."""
-        budget = self.step_prefill_tokens if any(self.active) else self.prefill_tokens
-        take, tokens = 0, 0
-        for f in filling:
-            if len(f.ids) > self.prefill_chunk or take and tokens + len(f.ids) > budget:
-                break
-            take, tokens = take + 1, tokens + len(f.ids)
-        passing, filling[:] = filling[:take], filling[take:]
-        return passing
+    def fill(self, filling: list["Filling"]) -> tuple[list[int], torch.Tensor]:
+        """One prompt pass over what of `filling` (the prompts going in, in the order they came, each into its
+        free row) it holds (`_pieces`). Returns the rows whose prompts are now complete, which decode from the
+        next step on, and their last tokens' logits."""
+        rows, logits, _ = self._fill(filling, None)
+        return rows, logits
 
     @property
     def mixes(self) -> bool:
@@ -301,67 +266,108 @@ class Runtime:
 
     @torch.inference_mode()
     def fill_and_decode(self, filling: list["Filling"], tokens: torch.Tensor) -> tuple[list[int], torch.Tensor, bool]:
-        """`fill` and a decode step in one pass where rows decode and whole prompts go in (vLLM's chunked
-        prefill mixes them so: the weights are read once for both, where a pass and a step read them twice):
-        each decoding row's next token (`tokens` [batch], as `decode` takes) goes first, then the prompts,
-        packed. Returns the rows that sampled (the decoding ones, then those whose prompts are complete),
-        their logits, and whether the rows decoded (False: `fill` alone ran, a long prompt's chunk or no row
-        decoding; the decode step is still to come)."""
-        if not (self.mixes and any(self.active) and self._whole_first(filling)):
+        """`fill` and a decode step in one pass where rows decode (vLLM's chunked prefill mixes them so: the
+        weights are read once for both, where a pass and a step read them twice): each decoding row's next
+        token (`tokens` [batch], as `decode` takes) goes first, then the prompts' pieces, packed. Returns the
+        rows that sampled (the decoding ones, then those whose prompts are complete), their logits, and whether
+        the rows decoded (False: `fill` alone ran, passes not mixing or no row decoding; the step is to come)."""
+        if not (self.mixes and any(self.active)):
             rows, logits = self.fill(filling)
             return rows, logits, False
+        return self._fill(filling, tokens)
+
+    def _fill(self, filling: list["Filling"], tokens: torch.Tensor | None) -> tuple[list[int], torch.Tensor, bool]:
         self._use_experts(self.prefill_experts)
         self.step.decoding = False
         self.cache.upload()
-        passing = self._whole_prompts(filling)
-        m = self.busy_rows()
-        decoding = [r for r in range(m) if self.active[r]]
-        self._advance(m)
-        logits = self._prefill_pass([f.row for f in passing], [f.ids for f in passing], tokens[:m])
-        for f in passing:
-            self.lengths[f.row], self.active[f.row] = len(f.ids), True
-        sampled = decoding + list(range(m, m + len(passing)))
-        return decoding + [f.row for f in passing], logits[torch.tensor(sampled, device=self.device)], True
+        m, decoding = 0, []
+        if tokens is not None:
+            m = self.busy_rows()
+            decoding = [r for r in range(m) if self.active[r]]
+            self._advance(m)
+        pieces = self._pieces(filling)
+        logits = self._prompt_pass(pieces, decoding, tokens[:m] if m else None)
+        for f, n in pieces:
+            f.done += n
+            self.lengths[f.row] = f.done
+        complete = [f for f, _ in pieces if f.done == len(f.ids)]
+        for f in complete:
+            self.active[f.row] = True
+        filling[:] = [f for f in filling if f.done < len(f.ids)]
+        return decoding + [f.row for f in complete], logits, m > 0
 
-    def _prefill_pass(self, rows: list[int], prompts: list[list[int]],
-                      decode: torch.Tensor | None = None) -> torch.Tensor:
-        """Whole prompts into their rows from slot 0 in one pass: as a batch [rows, tokens] when they are of
-        one length, else packed into one sequence (LayerStep's `Packed`: no pad computed). `decode`: the next
-        token of each of rows 0..m-1 (their slots set by `_advance`), packed first. Returns the logits of
-        each decode row's token, then of each prompt's last."""
-        n = len(prompts[0])
-        if decode is None and all(len(p) == n for p in prompts):
+    def _pieces(self, filling: list["Filling"]) -> list[tuple["Filling", int]]:
+        """What of `filling` the next pass takes, in order: of each prompt its next tokens, at most
+        `prefill_chunk`, while the pass holds them (`prefill_tokens` of prompts, `step_prefill_tokens` while
+        rows decode). A prompt cut short (a long one's chunk, or the last that fits) goes in only where no other
+        piece of the pass is cut or a later chunk: a pass reads the earlier keys of one prompt at most (vLLM's
+        one partial prefill at a time)."""
+        budget = self.step_prefill_tokens if any(self.active) else self.prefill_tokens
+        pieces, cut = [], False
+        for f in filling:
+            rest = len(f.ids) - f.done
+            n = min(rest, self.prefill_chunk, budget)
+            partial = f.done > 0 or n < rest
+            if n <= 0 or partial and cut:
+                break
+            pieces.append((f, n))
+            budget, cut = budget - n, cut or partial
+        return pieces
+
+    def _prompt_pass(self, pieces: list[tuple["Filling", int]], decoding: list[int],
+                     decode: torch.Tensor | None = None) -> torch.Tensor:
+        """The pieces (prompt f's tokens f.done..f.done + n) into their rows in one pass: whole prompts of one
+        length as a batch [prompts, tokens], anything else packed into one sequence (LayerStep's `Packed`: no
+        pad computed; a later chunk attends to its row's earlier slots too). `decode`: the next token of each
+        of rows 0..m-1 (their slots set by `_advance`), packed first. Returns the logits of the `decoding`
+        rows' tokens, then of the last token of each prompt the pass completes."""
+        n = pieces[0][1]
+        if decode is None and all(f.done == 0 and k == len(f.ids) == n for f, k in pieces):
+            rows = [f.row for f, _ in pieces]
             every = rows == list(range(self.batch))
             self.step.rows = Rows(slice(None) if every else torch.tensor(rows, device=self.device))
-            ids, pos = torch.tensor(prompts, device=self.device), torch.arange(n, device=self.device)
-            last = torch.full((len(prompts),), n - 1, device=self.device)
-        else:  # packed: the decode rows' tokens (if any) first, then each prompt from slot 0 of its row
-            m = decode.numel() if decode is not None else 0
-            lengths = [len(p) for p in prompts]
-            bounds = [0] + list(accumulate(lengths))
-            to = lambda xs, dtype=torch.long: torch.tensor(xs, dtype=dtype, device=self.device)  # noqa: E731
-            pos = torch.cat([self.pos[:m]] + [self.arange[:k] for k in lengths])
-            rows_t = torch.cat([self.arange[:m], to([r for r, k in zip(rows, lengths) for _ in range(k)])])
-            self.step.rows = Packed(rows_t, pos, to(bounds, torch.int32), bounds, decode=m, start=self.start[:m])
-            prompt_ids = to([t for p in prompts for t in p])
-            ids = (torch.cat([decode.view(-1), prompt_ids]) if m else prompt_ids)[None]
-            last = torch.cat([self.arange[:m], m + to(bounds[1:]) - 1])
+            ids = torch.tensor([f.ids for f, _ in pieces], device=self.device)
+            pos, last = torch.arange(n, device=self.device), torch.full((len(pieces),), n - 1, device=self.device)
+        else:
+            self.step.rows, ids, pos, last = self._packed(pieces, decoding, decode)
         try:
             return self._forward(ids, pos, last)
         finally:
             self.step.rows = Rows()
 
-    def _prefill_chunk(self, row: int, chunk: list[int], lo: int) -> torch.Tensor:
-        """A chunk of a long prompt at slots [lo, lo + len(chunk)) of its row, attending to the slots the
-        earlier chunks wrote. A whole batch of 32k-token prompts in one pass would hold activations for all
-        of them at once."""
-        self.step.rows = Rows(slice(row, row + 1), lo)
-        try:
-            t = torch.tensor([chunk], dtype=torch.long, device=self.device)
-            return self._forward(t, torch.arange(lo, lo + len(chunk), device=self.device),
-                                 torch.tensor([len(chunk) - 1], device=self.device))
-        finally:
-            self.step.rows = Rows()
+    def _packed(self, pieces: list[tuple["Filling", int]], decoding: list[int],
+                decode: torch.Tensor | None) -> tuple[Packed, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A packed pass's addresses (decode rows first, then each piece at its slots f.done..f.done + n of its
+        row), its token ids [1, tokens], their positions and the tokens whose logits it returns. Every number
+        from the host goes up in one copy (each copy of pageable memory waits for the GPU's queue)."""
+        m = decode.numel() if decode is not None else 0
+        firsts, lengths = [f.done for f, _ in pieces], [k for _, k in pieces]
+        ends = [lo + k for lo, k in zip(firsts, lengths)]
+        bounds, bounds_k = [0, *accumulate(lengths)], [0, *accumulate(ends)]
+        last = decoding + [m + b - 1 for (f, _), b, e in zip(pieces, bounds[1:], ends) if e == len(f.ids)]
+        later = any(firsts)  # a later chunk: keys from its row's slot 0
+        host = [t for f, k in pieces for t in f.ids[f.done:f.done + k]]
+        host += [f.row for f, k in pieces for _ in range(k)]
+        host += [s for lo, k in zip(firsts, lengths) for s in range(lo, lo + k)]
+        host += bounds + last + ([f.row for f, _ in pieces] + ends + bounds_k if later else [])
+        up = torch.tensor(host, dtype=torch.long, device=self.device)
+        t, p = bounds[-1], len(pieces)
+        ids, rows, slots = up[:t], up[t:2 * t], up[2 * t:3 * t]
+        at = 3 * t + p + 1
+        cu, last_t = up[3 * t:at].int(), up[at:at + len(last)]
+        keys = cu_k = None
+        if later:
+            at += len(last)
+            piece_rows, piece_ends, cu_k = up[at:at + p], up[at + p:at + 2 * p], up[at + 2 * p:at + 3 * p + 1]
+            total = bounds_k[-1]
+            key_slots = torch.arange(total, device=self.device) - torch.repeat_interleave(
+                cu_k[:-1], piece_ends, output_size=total)
+            keys = torch.repeat_interleave(piece_rows, piece_ends, output_size=total), key_slots
+            cu_k = cu_k.int()
+        pos = torch.cat([self.pos[:m], slots])
+        packed = Packed(torch.cat([self.arange[:m], rows]), pos, cu, bounds, decode=m, start=self.start[:m],
+                        keys=keys, cu_k=cu_k, bounds_k=bounds_k if later else None)
+        return packed, (torch.cat([decode.view(-1), ids]) if m else ids)[None], pos, last_t
 
     @property
     def _whole_batch(self) -> bool:

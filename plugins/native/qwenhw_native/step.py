@@ -40,28 +40,36 @@ NOTHING = Ahead()
 
 @dataclass(frozen=True)
 class Rows:
-    """Where a prompt pass writes its keys: rows `rows` of the cache (a slice, or a tensor of row numbers for
-    prompts joining a running batch), from slot `first` (a long prompt's later chunks follow its earlier ones,
-    and attend to them)."""
+    """Where a pass of whole prompts of one length writes its keys: rows `rows` of the cache (a slice, or a
+    tensor of row numbers for prompts joining a running batch), from slot 0."""
 
     rows: Any = field(default_factory=lambda: slice(None))
-    first: int = 0
 
 
 @dataclass(frozen=True)
 class Packed:
-    """Prompts of different lengths packed into one sequence of a pass (no padding): token j goes to slot
-    `slots[j]` of cache row `rows[j]`; prompt p is tokens cu[p]..cu[p + 1] (`bounds`, the same on the host)
-    of the prompt part. A mixed pass (`decode` > 0) starts with the next token of each of the cache's rows
-    0..decode-1, as a decode step computes them: each attends to its row's slots start[j]..slots[j] (the
-    decode-attention kernel), a row that does not decode to the scratch slot only."""
+    """Prompt pieces packed into one sequence of a pass (no padding): token j goes to slot `slots[j]` of cache
+    row `rows[j]`; piece p is tokens cu[p]..cu[p + 1] (`bounds`, the same on the host) of the prompt part. A
+    piece that does not start its prompt (a later chunk) also attends to its row's earlier slots: then `keys`
+    = (rows, slots) of every piece's keys from its row's slot 0 on, piece p's at cu_k[p]..cu_k[p + 1]
+    (`bounds_k`); None: each piece's keys are its own tokens. A mixed pass (`decode` > 0) starts with the
+    next token of each of the cache's rows 0..decode-1, as a decode step computes them: each attends to its
+    row's slots start[j]..slots[j] (the decode-attention kernel), a row that does not decode to the scratch
+    slot only."""
 
     rows: torch.Tensor
     slots: torch.Tensor
-    cu: torch.Tensor  # int32 [prompts + 1], what the varlen attention kernel reads
+    cu: torch.Tensor  # int32 [pieces + 1], what the varlen attention kernel reads
     bounds: list[int]
     decode: int = 0
     start: torch.Tensor | None = None  # [decode]: each decoding row's first slot
+    keys: tuple[torch.Tensor, torch.Tensor] | None = None
+    cu_k: torch.Tensor | None = None
+    bounds_k: list[int] | None = None
+
+    def key_addresses(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, slots) of the keys the pieces attend to, packed as packed_attention takes them."""
+        return self.keys if self.keys is not None else (self.rows[self.decode:], self.slots[self.decode:])
 
 # attention module -> its merged q/k/v weight and bias (LayerStep._merge_qkv), kept beside the model, not on it
 _MERGED: "weakref.WeakKeyDictionary[Any, tuple[torch.Tensor, torch.Tensor | None]]" = weakref.WeakKeyDictionary()
@@ -124,22 +132,16 @@ class LayerStep:
             c.write(i, rows, pos, k[:, :, 0], v[:, :, 0])
             kc, vc = c.rows_view(i, slice(0, b), c.max_len)
             out = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=a.scaling, enable_gqa=True)
-        elif isinstance(self.rows, Packed):  # prompts packed in one sequence: each attends to its own keys
+        elif isinstance(self.rows, Packed):  # pieces packed in one sequence: each over its row's keys
             p = self.rows
             c.write(i, p.rows, p.slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
+            if p.keys is not None:  # later chunks: their rows' earlier slots too
+                k, v = (x.transpose(0, 1)[None] for x in c.read(i, *p.keys))
             out = packed_attention(q, k, v, p, a.scaling)
-        else:
-            rows, first = self._rows(b), self.rows.first
-            c.write(i, rows[:, None], torch.arange(first, first + t, device=h.device)[None, :], k.transpose(1, 2),
+        else:  # whole prompts of one length from slot 0: plain causal attention over their own keys
+            c.write(i, self._rows(b)[:, None], torch.arange(t, device=h.device)[None, :], k.transpose(1, 2),
                     v.transpose(1, 2))
-            if first == 0:  # a prompt from slot 0: plain causal attention over its own keys (flash kernels)
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=a.scaling, enable_gqa=True)
-            else:  # a later chunk: its queries see the earlier slots and, causally, their own (the causal
-                # mask aligned to the lower right, never materialised)
-                end = first + t
-                out = F.scaled_dot_product_attention(q, *c.rows_view(i, self.rows.rows, end),
-                                                     attn_mask=causal_lower_right(t, end), scale=a.scaling,
-                                                     enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=a.scaling, enable_gqa=True)
         out = a.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         return self._reduce(out, h)
 
@@ -156,17 +158,12 @@ class LayerStep:
         q, k, v = F.linear(x, w, bias).view(b, t, -1, self.head_dim).split(heads, dim=2)
         norms = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
         where = self.rows
-        if isinstance(where, Packed):
-            rows = where.rows
-        elif isinstance(where.rows, slice):
-            rows = None if where.rows == slice(None) else torch.full((1,), where.rows.start, device=h.device)
-        else:
-            rows = where.rows
+        rows = None if isinstance(where, Rows) and isinstance(where.rows, slice) else where.rows  # None: 0, 1, ...
         c = self.cache
         q = rope_cache.qk_rope_cache(q, k, v, *norms, cos, sin, pos, self.k[i], self.v[i], rows=rows, table=c.table)
-        if isinstance(where, Packed):  # the prompts (after a mixed pass's decode rows) over their own keys
+        if isinstance(where, Packed):  # the pieces (after a mixed pass's decode rows) over their rows' keys
             d = where.decode
-            keys, values = (x.transpose(0, 1)[None] for x in c.read(i, where.rows[d:], where.slots[d:]))
+            keys, values = (x.transpose(0, 1)[None] for x in c.read(i, *where.key_addresses()))
             out = packed_attention(q[:, :, d:], keys, values, where, a.scaling)
             if d:  # the decode rows over their rows of the cache, first
                 rows_out = attention.decode_attention(q[0, :, :d].transpose(0, 1)[:, :, None].contiguous(), self.k[i],
@@ -175,11 +172,8 @@ class LayerStep:
                 out = torch.cat([rows_out.view(1, d, -1), out.transpose(1, 2).reshape(1, t - d, -1)], dim=1)
                 return self._reduce(a.o_proj(out), h)
         else:
-            end = where.first + t
-            keys, values = c.rows_view(i, where.rows, end)
-            mask = None if where.first == 0 else causal_lower_right(t, end)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=where.first == 0,
-                                                 scale=a.scaling, enable_gqa=True)
+            keys, values = c.rows_view(i, where.rows, t)
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=a.scaling, enable_gqa=True)
         out = a.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         return self._reduce(out, h)
 
@@ -371,18 +365,26 @@ class LayerStep:
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Packed, scale: float) -> torch.Tensor:
-    """Causal attention of packed prompts [1, heads, tokens, head_dim], each over its own keys: FlashAttention's
-    variable-length kernel on CUDA (one launch, grouped kv heads as they are), a causal SDPA per prompt
-    elsewhere."""
+    """Causal attention of packed pieces [1, heads, tokens, head_dim], each over its keys (k, v [1, kv_heads,
+    keys, head_dim], packed by `p.bounds_k`, else by `p.bounds`): a piece's queries are its keys' last ones,
+    the causal mask aligned to the lower right. FlashAttention's variable-length kernel on CUDA (one launch,
+    grouped kv heads as they are; its causal mask is aligned so), an SDPA per piece elsewhere."""
+    bounds_k = p.bounds_k or p.bounds
+    spans = list(zip(zip(p.bounds, p.bounds[1:]), zip(bounds_k, bounds_k[1:])))
     if q.is_cuda:
-        longest = max(b - a for a, b in zip(p.bounds, p.bounds[1:]))
+        longest_q = max(b - a for (a, b), _ in spans)
+        longest_k = max(b - a for _, (a, b) in spans)
         out = torch.ops.aten._flash_attention_forward(
-            q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), p.cu, p.cu, longest, longest, 0.0,
-            True, False, scale=scale)[0]
+            q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), p.cu,
+            p.cu if p.cu_k is None else p.cu_k, longest_q, longest_k, 0.0, True, False, scale=scale)[0]
         return out.transpose(0, 1)[None]
-    return torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True,
-                                                     scale=scale, enable_gqa=True)
-                      for a, b in zip(p.bounds, p.bounds[1:])], dim=2)
+    out = []
+    for (a, b), (ka, kb) in spans:
+        t, n = b - a, kb - ka  # a later chunk sees its row's earlier slots and, causally, its own
+        mask = {"is_causal": True} if n == t else {"attn_mask": causal_lower_right(t, n)}
+        out.append(F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, ka:kb], v[:, :, ka:kb], scale=scale,
+                                                  enable_gqa=True, **mask))
+    return torch.cat(out, dim=2)
 
 
 def is_rms(module: Any) -> bool:

@@ -110,16 +110,16 @@ def test_fast_path_decodes_prompts_continuously_like_one_at_a_time(tiny_moe, gra
     with qwenhw.load(plan.replace(config={**plan.config, "cuda_graphs": graphs})) as eng:
         rt = eng.batched
         assert rt is not None and rt.batch == 3 and eng.continuous
-        admitted, real = [], rt._prefill_pass
+        admitted, real = [], rt._prompt_pass
 
-        def spy(rows, ids):  # which rows took a prompt, and which rows were decoding then
-            admitted.append((list(rows), list(rt.active)))
-            return real(rows, ids)
+        def spy(pieces, *a):  # which rows took a prompt, and which rows were decoding then
+            admitted.append(([f.row for f, _ in pieces], list(rt.active)))
+            return real(pieces, *a)
 
-        rt._prefill_pass = spy
+        rt._prompt_pass = spy
         samplings = [Sampling(max_tokens=m, temperature=0, ignore_eos=True) for m in most]
         pieces = list(eng.stream_batch(prompts, samplings, stream=False))
-        del rt._prefill_pass
+        del rt._prompt_pass
         alone = [eng.runtime.generate_batch([eng.tokenizer(p).input_ids], m, SampleParams(), set())[0]
                  for p, m in zip(prompts, most)]
     ends = {p.row: p for p in pieces if p.finish}
@@ -175,8 +175,9 @@ def test_asynchronous_steps_give_what_one_step_at_a_time_gives(tiny_moe):
 
 
 def test_a_long_prompt_goes_in_chunk_by_chunk_between_decode_steps(tiny_moe):
-    """Chunked prefill: a prompt longer than a pass holds goes in one chunk per step while the other rows
-    keep decoding (a decode step between every two chunks), and both get the tokens they get alone."""
+    """Chunked prefill: a prompt longer than a chunk goes in one chunk per pass (the first beside a short
+    prompt) while the other rows keep decoding (a decode step between every two chunks), and both get the
+    tokens they get alone."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -187,17 +188,16 @@ def test_a_long_prompt_goes_in_chunk_by_chunk_between_decode_steps(tiny_moe):
     rt = Runtime(model, 64, "cpu", graphs=False, batch=2)
     rt.prefill_chunk = 5
     events: list[str] = []
-    for name in ("_prefill_pass", "_prefill_chunk", "decode"):
-        real = getattr(rt, name)
-        setattr(rt, name, lambda *a, _real=real, _name=name: events.append(_name) or _real(*a))
+    real_pass, real_decode = rt._prompt_pass, rt.decode
+    rt._prompt_pass = lambda pieces, *a: events.append("+".join(str(k) for _, k in pieces)) or real_pass(pieces, *a)
+    rt.decode = lambda *a: events.append("decode") or real_decode(*a)
     got: dict[int, list[int]] = {0: [], 1: []}
     for seq, token, _ in rt.stream_batch([short, long], [12, 4], SampleParams(), set()):
         got[seq].append(token)
     alone = Runtime(model, 64, "cpu", graphs=False)
     assert got == {0: alone.generate_batch([short], 12, SampleParams(), set())[0],
                    1: alone.generate_batch([long], 4, SampleParams(), set())[0]}
-    order = ",".join(e.strip("_").split("_")[-1] for e in events)
-    assert order.startswith("pass,decode,chunk,decode,chunk,decode,chunk,decode,chunk,decode,chunk,decode"), order
+    assert ",".join(events).startswith("4+5,decode,5,decode,5,decode,5,decode,3,decode"), events
 
 
 @pytest.mark.parametrize("graphs", [False, "emulate"])
@@ -341,11 +341,33 @@ def test_the_plans_prompt_pass_budget_reaches_the_runtimes(tiny_moe):
     with qwenhw.load(plan.replace(config={**plan.config, "prefill_tokens": 16})) as eng:
         rt = eng.batched
         assert rt.prefill_tokens == rt.step_prefill_tokens == eng.runtime.prefill_tokens == 16
-        passes: list[int] = []
-        real = rt._prefill_pass
-        rt._prefill_pass = lambda rows, prompts, *a: passes.append(sum(map(len, prompts))) or real(rows, prompts, *a)
+        passes: list[list[int]] = []
+        real = rt._prompt_pass
+        rt._prompt_pass = lambda pieces, *a: passes.append([k for _, k in pieces]) or real(pieces, *a)
         rt.prefill([list(range(100, 110)), list(range(200, 210)), list(range(300, 305))])
-    assert passes == [10, 15]  # 10 + 10 > 16: the first prompt alone, then the other two together
+    assert passes == [[10, 6], [4, 5]]  # 10 + 10 > 16: the second prompt cut where the first pass ends
+
+
+@pytest.mark.parametrize("prompts,tokens,chunk,budget", [(16, 1500, 2048, 8192), (2, 5000, 2048, 32768),
+                                                         (64, 1024, 2048, 32768), (7, 9, 4, 10)])
+def test_the_planner_counts_the_passes_the_runtime_makes(prompts, tokens, chunk, budget):
+    """The planner's prefill passes (qwenhw.planning.speed.budget_passes) are what Runtime._pieces takes, pass
+    by pass, for prompts of one length."""
+    from types import SimpleNamespace
+
+    from qwenhw.planning import speed
+    from qwenhw_native.runtime import Filling, Runtime
+
+    rt = SimpleNamespace(active=[False], prefill_tokens=budget, step_prefill_tokens=budget, prefill_chunk=chunk)
+    filling = [Filling(r, [0] * tokens) for r in range(prompts)]
+    passes = []
+    while filling:
+        pieces = Runtime._pieces(rt, filling)
+        passes.append(sum(k for _, k in pieces))
+        for f, k in pieces:
+            f.done += k
+        filling = [f for f in filling if f.done < tokens]
+    assert passes == [p.tokens for p in speed.budget_passes(prompts, tokens, chunk, budget)]
 
 
 def test_plan_config_is_typed_and_reported(tiny_moe):

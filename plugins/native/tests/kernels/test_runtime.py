@@ -169,6 +169,35 @@ def test_prompts_joining_decoding_rows_go_in_with_their_decode_step(tiny_moe):
                                               for p, n in zip(prompts, limits))}
 
 
+def test_a_long_prompts_chunks_ride_the_decode_steps(tiny_moe):
+    """Mixed passes carry a long prompt's later chunks too, each over its row's earlier keys (vLLM's chunked
+    prefill): while a row decodes, every chunk goes in with its decode step, none in a pass of its own, and
+    both sequences get the tokens they get alone."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32).eval()
+    short, long = list(range(100, 104)), list(range(300, 323))  # 4 tokens; 23: chunks of 5, 5, 5, 5, 3
+    from qwenhw_native.config import KernelConfig
+
+    rt = Runtime(model, 64, "cpu", graphs=False, batch=2, kernels=KernelConfig(mixed=True))
+    rt.prefill_chunk = 5
+    events: list[str] = []
+    taken: list[list[int]] = []  # each pass's pieces: tokens of each prompt
+    real_decode, real_mix, real_pieces = rt.decode, rt.fill_and_decode, rt._pieces
+    rt.decode = lambda *a: events.append("decode") or real_decode(*a)
+    rt.fill_and_decode = lambda *a: (lambda out: events.append("mixed" if out[2] else "pass") or out)(real_mix(*a))
+    rt._pieces = lambda filling: (lambda out: taken.append([k for _, k in out]) or out)(real_pieces(filling))
+    got: dict[int, list[int]] = {0: [], 1: []}
+    for seq, token, _ in rt.stream_batch([short, long], [12, 4], SampleParams(), set()):
+        got[seq].append(token)
+    alone = Runtime(model, 64, "cpu", graphs=False)
+    assert got == {0: alone.generate_batch([short], 12, SampleParams(), set())[0],
+                   1: alone.generate_batch([long], 4, SampleParams(), set())[0]}
+    # the short prompt and the long one's first chunk in one pass; its other four chunks beside the short one's
+    # decoding, each in the pass that is that row's step; then decode steps alone
+    assert taken == [[4, 5], [5], [5], [5], [3]], taken
+    assert events[:6] == ["pass", "decode", "mixed", "mixed", "mixed", "mixed"], events
+    assert set(events[6:]) == {"decode"}
+
+
 def test_rows_that_do_not_decode_route_to_no_expert(tiny_moe, monkeypatch):
     """A decode step computes the rows up to the last busy one; the free rows among them (at the scratch slot)
     get expert id -1 from the router kernel, so the experts' kernels read no expert for them, and the busy
