@@ -1,15 +1,18 @@
 """Continuous batching over a Runtime (Runtime.stream_batch): requests in line, a row for each as rows free up and
-(a paged KV cache) as the pool has its prompt's pages; one bounded prompt pass and one decode step per turn, the
-decode steps asynchronous (the next launched before the tokens of the one before are handed out); pages for the
-answers as they grow, the newest sequence preempted where none is left; clients that leave, dropped."""
+(a paged KV cache) as the pool has its prompt's pages; one bounded prompt pass and one decode step per turn (or a
+pass that carries the step), asynchronous: a turn's pass and step go to the GPU before the tokens of the turn
+before are handed out; pages for the answers as they grow, the newest sequence preempted where none is left;
+clients that leave, dropped."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
+from .graphs import to_device
 from .sampling import SampleParams, sample_rows
 
 if TYPE_CHECKING:
@@ -27,9 +30,10 @@ class Filling:
 # what stream_batch yields: (sequence, token, whether it is the sequence's last)
 Piece = tuple[int, int, bool]
 
-# a decode step in flight: its decoding rows, their sequences' numbers, the token of every row it computed (by
-# row), and the event after which those are on the host (None on the CPU, where they already are)
-_Step = tuple[list[int], list[int], torch.Tensor, Any]
+# a pass or decode step in flight: the rows it sampled a token for, their sequences' numbers, where each row's
+# token is among the ones it computed, those tokens and the event after which they are on the host (None on the
+# CPU, where they already are)
+_Step = tuple[list[int], list[int], list[int], torch.Tensor, Any]
 
 
 @dataclass
@@ -63,7 +67,7 @@ class ContinuousBatch:
         self.filling: list[Filling] = []
         self.numbered = 0
         self.tokens = torch.zeros(rt.batch, dtype=torch.long, device=rt.device)
-        self.pending: _Step | None = None  # a decode step in flight (asynchronous steps)
+        self.pending: list[_Step] = []  # the turn in flight (asynchronous steps): its pass, its step
         rt.reset()
         self.queue(zip(prompts, max_new))
 
@@ -88,7 +92,7 @@ class ContinuousBatch:
         if rows == list(range(len(rows))):  # a decode step's
             self.tokens[:len(rows)] = sampled
         else:  # prompts that went in
-            self.tokens[torch.tensor(rows, device=self.rt.device)] = sampled
+            self.tokens[to_device(rows, self.rt.device)] = sampled
 
     def take(self, r: int, s: Sequence, token: int) -> Iterator[Piece]:
         if self.alive is not None and not self.alive(s.id):
@@ -100,54 +104,68 @@ class ContinuousBatch:
             self.leave(r)
         yield s.id, token, last
 
-    def ending(self, step: _Step | None) -> list[int]:
-        """The rows whose token in `step` is their sequence's last by count."""
-        if step is None:
-            return []
-        return [r for r, sid in zip(*step[:2]) if (s := self.seqs[r]) is not None and s.id == sid
-                and s.count + 1 >= s.limit]
+    def ending(self, steps: list[_Step]) -> list[int]:
+        """The rows whose tokens in `steps` take their sequence to its limit by count."""
+        coming: Counter = Counter()
+        for rows, ids, *_ in steps:
+            coming.update(r for r, sid in zip(rows, ids) if (s := self.seqs[r]) is not None and s.id == sid)
+        return [r for r, n in coming.items() if self.seqs[r].count + n >= self.seqs[r].limit]
 
-    def launch(self, before: _Step | None) -> _Step | None:
-        """The next decode step, sampled on the device into `tokens`, its tokens copied to the host as it ends;
-        the step before it still in flight (`before`): a row whose token there is its last by count decodes no
-        further (its cache may hold no more)."""
+    def launch(self, before: list[_Step]) -> list[_Step]:
+        """The next turn to the GPU, its tokens sampled on the device into `tokens` and copied to the host as it
+        ends: a prompt pass (which may carry the decode step) and the decode step. The turn before is still in
+        flight (`before`): a row whose token there is its last by count decodes no further (its cache may hold
+        no more), nor does one whose first token in this pass is."""
         rt = self.rt
         for r in self.ending(before):
             rt.active[r] = False
-        if not any(rt.active):
-            return None
-        rows = [r for r, on in enumerate(rt.active) if on]
-        ids = [self.seqs[r].id for r in rows]
-        logits = rt.decode(self.tokens)
+        turn: list[_Step] = []
+        decoded = False
+        if self.filling:
+            rows, logits, decoded = rt.fill_and_decode(self.filling, self.tokens)
+            if rows:
+                turn.append(self.sampled(rows, list(range(len(rows))), logits, to_device(rows, rt.device)))
+            for r in self.ending(before + turn):
+                rt.active[r] = False
+        if any(rt.active) and not decoded:
+            rows = [r for r, on in enumerate(rt.active) if on]
+            turn.append(self.sampled(rows, rows, rt.decode(self.tokens)))
+        return turn
+
+    def sampled(self, rows: list[int], at: list[int], logits: torch.Tensor,
+                where: torch.Tensor | None = None) -> _Step:
+        """`logits`' tokens into `tokens` (at rows `where` of it; None: a decode step's, every computed row's) and
+        on their way to the host: what is in flight for `rows`, whose tokens are the computed ones `at`. Every
+        computed row's token goes to the host (picking the rows on the device would copy their numbers there
+        from pageable memory: a stream sync, the next launch waiting for this one to end)."""
         sampled = sample_rows(logits, self.params, self.gen)
-        self.tokens[:len(sampled)] = sampled
+        if where is None:
+            self.tokens[:len(sampled)] = sampled
+        else:
+            self.tokens[where] = sampled
+        ids = [self.seqs[r].id for r in rows]
         if not sampled.is_cuda:
-            return rows, ids, sampled, None
-        # every computed row's token (picking the rows on the device would copy their numbers there from
-        # pageable memory: a stream sync, this step's launch waiting for it to end)
+            return rows, ids, at, sampled, None
         host = sampled.to("cpu", non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        return rows, ids, host, done
+        return rows, ids, at, host, done
 
-    def settle(self, step: _Step | None) -> Iterator[Piece]:
-        """A decode step's tokens once it is done, to the sequences its rows held when it launched (a row whose
-        sequence ended meanwhile, at its EOS, computed a token that goes nowhere)."""
-        if step is None:
-            return
-        rows, ids, host, done = step
-        if done is not None:
-            done.synchronize()
-        picked = host.tolist()  # one per computed row
-        for r, sid in zip(rows, ids):
-            token = picked[r]
-            s = self.seqs[r]
-            if s is not None and s.id == sid:
-                yield from self.take(r, s, token)
+    def settle(self, steps: list[_Step]) -> Iterator[Piece]:
+        """The tokens of passes and steps once they are done, to the sequences their rows held when they
+        launched (a row whose sequence ended meanwhile, at its EOS, computed a token that goes nowhere)."""
+        for rows, ids, at, host, done in steps:
+            if done is not None:
+                done.synchronize()
+            picked = host.tolist()
+            for r, sid, j in zip(rows, ids, at):
+                s = self.seqs[r]
+                if s is not None and s.id == sid:
+                    yield from self.take(r, s, picked[j])
 
     def settle_pending(self) -> Iterator[Piece]:
-        yield from self.settle(self.pending)
-        self.pending = None
+        pending, self.pending = self.pending, []
+        yield from self.settle(pending)
 
     def room(self) -> Iterator[Piece]:
         """Every row that decodes next holds the page of the slot it writes: oldest sequences first, the newest
@@ -157,7 +175,7 @@ class ContinuousBatch:
         stopping = set(self.ending(self.pending))
         for r in sorted((r for r, on in enumerate(rt.active) if on), key=lambda r: self.seqs[r].id):
             while rt.active[r] and r not in stopping and not rt.grow(r):
-                if self.pending is not None:
+                if self.pending:
                     yield from self.settle_pending()
                     continue
                 victim = max((q for q, s in enumerate(self.seqs) if s is not None and rt.cache.held[q]),
@@ -194,28 +212,31 @@ class ContinuousBatch:
         while True:
             if (self.waiting or self.join is not None) and self.ending(self.pending):  # their rows take prompts
                 yield from self.settle_pending()                                       # in this pass, not one
-            if rt.cache.paged:                                                         # step later
+            if rt.cache.paged:                                                         # turn later
                 yield from self.room()
             self.admit()
-            if not self.filling and not any(rt.active) and self.pending is None:
+            if not self.filling and not any(rt.active) and not self.pending:
                 return
-            decoded = False
-            if self.filling:
-                yield from self.settle_pending()  # who decodes must be known before a pass that carries them
-                rows, logits, decoded = rt.fill_and_decode(self.filling, self.tokens)
-                if rows:
-                    yield from self.emit(rows, logits)
-            for r, s in enumerate(self.seqs):  # clients that left while the step's tokens went out
-                if s is not None and self.alive is not None and not self.alive(s.id):
-                    self.leave(r)
-            if any(rt.active) and not decoded and rt.kernels.async_steps:
-                # the next step goes to the GPU before this one's tokens are handed out: the host's work
-                # (sampling's sync, text, the server) overlaps the next step's kernels
-                before, self.pending = self.pending, None
+            if rt.kernels.async_steps:
+                # the next turn goes to the GPU before this one's tokens are handed out: the host's work
+                # (sampling's sync, text, the server) overlaps the next turn's kernels
+                before, self.pending = self.pending, []
                 self.pending = self.launch(before)
                 yield from self.settle(before)
-            elif any(rt.active) and not decoded:
-                logits = rt.decode(self.tokens)
-                yield from self.emit(list(range(len(logits))), logits)
             else:
-                yield from self.settle_pending()
+                yield from self.turn()
+            for r, s in enumerate(self.seqs):  # clients that left while the turn's tokens went out
+                if s is not None and self.alive is not None and not self.alive(s.id):
+                    self.leave(r)
+
+    def turn(self) -> Iterator[Piece]:
+        """One turn, its tokens handed out as its pass and its step end (asynchronous steps off)."""
+        rt = self.rt
+        decoded = False
+        if self.filling:
+            rows, logits, decoded = rt.fill_and_decode(self.filling, self.tokens)
+            if rows:
+                yield from self.emit(rows, logits)
+        if any(rt.active) and not decoded:
+            logits = rt.decode(self.tokens)
+            yield from self.emit(list(range(len(logits))), logits)

@@ -31,7 +31,7 @@ class KernelConfig:
     # one GPU: prompt passes carry the decoding rows' tokens (Runtime.fill_and_decode); off: they delayed new
     # requests' first token and saved no time per token (docs/benchmarks.md)
     mixed: bool = False
-    async_steps: bool = True  # the next decode step launches before the last one's tokens go out
+    async_steps: bool = True  # the next pass and decode step launch before the last one's tokens go out
     pdl: bool = True  # dependent launches on Hopper and later
     symm_mem: bool = True  # TP: all-reduce over symmetric memory (off: torch.distributed)
     fused_reduce: bool = True  # TP: the all-reduce and the next RMSNorm in one kernel

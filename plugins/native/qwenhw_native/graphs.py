@@ -80,3 +80,13 @@ class Upload:
         stage.copy_(values)
         self.dst.copy_(stage, non_blocking=True)
         copied.record()
+
+
+def to_device(values: list, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A host list as a device tensor, the copy queued behind the kernels before (through pinned memory, which
+    torch keeps until the copy has left it) rather than waiting for them as a copy of pageable memory does."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+

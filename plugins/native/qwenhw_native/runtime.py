@@ -21,7 +21,7 @@ import torch
 
 from .batching import ContinuousBatch, Filling, Piece
 from .config import KernelConfig
-from .graphs import Emulated, Upload, capture
+from .graphs import Emulated, Upload, capture, to_device
 from .kv_cache import KVCache
 from .limits import ADMIT_SPARE, ARCHITECTURES, PREFILL_CHUNK, PREFILL_TOKENS, STEP_PREFILL_TOKENS
 from .sampling import SampleParams
@@ -325,8 +325,8 @@ class Runtime:
         if decode is None and all(f.done == 0 and k == len(f.ids) == n for f, k in pieces):
             rows = [f.row for f, _ in pieces]
             every = rows == list(range(self.batch))
-            self.step.rows = Rows(slice(None) if every else torch.tensor(rows, device=self.device))
-            ids = torch.tensor([f.ids for f, _ in pieces], device=self.device)
+            self.step.rows = Rows(slice(None) if every else to_device(rows, self.device))
+            ids = to_device([f.ids for f, _ in pieces], self.device)
             pos, last = torch.arange(n, device=self.device), torch.full((len(pieces),), n - 1, device=self.device)
         else:
             self.step.rows, ids, pos, last = self._packed(pieces, decoding, decode)
@@ -339,7 +339,7 @@ class Runtime:
                 decode: torch.Tensor | None) -> tuple[Packed, torch.Tensor, torch.Tensor, torch.Tensor]:
         """A packed pass's addresses (decode rows first, then each piece at its slots f.done..f.done + n of its
         row), its token ids [1, tokens], their positions and the tokens whose logits it returns. Every number
-        from the host goes up in one copy (each copy of pageable memory waits for the GPU's queue)."""
+        from the host goes up in one copy, queued behind the kernels before (`to_device`)."""
         m = decode.numel() if decode is not None else 0
         firsts, lengths = [f.done for f, _ in pieces], [k for _, k in pieces]
         ends = [lo + k for lo, k in zip(firsts, lengths)]
@@ -350,7 +350,7 @@ class Runtime:
         host += [f.row for f, k in pieces for _ in range(k)]
         host += [s for lo, k in zip(firsts, lengths) for s in range(lo, lo + k)]
         host += bounds + last + ([f.row for f, _ in pieces] + ends + bounds_k if later else [])
-        up = torch.tensor(host, dtype=torch.long, device=self.device)
+        up = to_device(host, self.device)
         t, p = bounds[-1], len(pieces)
         ids, rows, slots = up[:t], up[t:2 * t], up[2 * t:3 * t]
         at = 3 * t + p + 1
@@ -497,9 +497,9 @@ class Runtime:
         arrived meanwhile). Each step runs one prefill pass of the prompts going in (`fill`: a burst of
         prompts or a long one stalls the rows decoding one bounded pass at a time), then one decode step; with
         `KernelConfig.mixed` (one GPU) a pass of whole prompts carries the decode step's tokens too
-        (`fill_and_decode`). With `KernelConfig.async_steps` a decode step launches before the tokens of the one
-        before are handed out (`launch`, `settle`): each sequence's tokens are the same, the sequences' pieces
-        interleave differently. A paged cache admits a prompt when the pool has its pages (`admits`) and
+        (`fill_and_decode`). With `KernelConfig.async_steps` a turn's pass and decode step launch before the tokens
+        of the turn before are handed out (`launch`, `settle`): each sequence's tokens are the same, the
+        sequences' pieces interleave differently. A paged cache admits a prompt when the pool has its pages (`admits`) and
         gives a decoding row a page as it reaches one (`room`); where the pool has none left, the newest
         sequences give theirs back and go first in line again, their prompt and tokens so far to compute
         again (vLLM's preemption by recomputation). The loop ends when no row is busy and nothing joins. The loop

@@ -153,21 +153,26 @@ def test_asynchronous_steps_give_what_one_step_at_a_time_gives(tiny_moe):
     runs = {}
     for steps in (False, True):
         rt = Runtime(model, 64, "cpu", graphs=False, batch=2, kernels=KernelConfig(async_steps=steps))
-        decodes: list[int] = []
-        real = rt.decode
-        rt.decode = lambda *a, _real=real: decodes.append(1) or _real(*a)
+        events: list[str] = []
+        real_decode, real_pass = rt.decode, rt.fill_and_decode
+        rt.decode = lambda *a: events.append("step") or real_decode(*a)
+        rt.fill_and_decode = lambda *a: events.append("pass") or real_pass(*a)
         gone: set[int] = set()
         out = []
         for seq, token, last in rt.stream_batch(prompts, most, SampleParams(), eos, alive=lambda i: i not in gone):
             out.append((seq, token, last))
+            events.append("token")
             if seq == 2 and len([o for o in out if o[0] == 2]) == 3:
                 gone.add(2)  # its client leaves after 3 tokens
         per: dict[int, list[tuple[int, bool]]] = {}
         for seq, token, last in out:
             per.setdefault(seq, []).append((token, last))
-        runs[steps] = per, len(decodes)
-    (sync, sync_steps), (both, async_steps) = runs[False], runs[True]
+        runs[steps] = per, events.count("step"), ",".join(events)
+    (sync, sync_steps, sync_order), (both, async_steps, async_order) = runs[False], runs[True]
     assert both == sync and len(sync) == 5
+    # one at a time, a prompt's first token goes out after its pass; asynchronous, the pass and the step after
+    # it both go to the device before the tokens of the turn before go out
+    assert "pass,token" in sync_order and "pass,token" not in async_order and "pass,step" in async_order
     ends = {seq: got[-1][0] for seq, got in sync.items() if got[-1][1]}
     assert ends[0] in eos and len(sync[0]) == 6 and 2 not in ends and len(sync[2]) == 3
     assert len(sync[1]) == 3 and len(sync[3]) == 30 and len(sync[4]) == 64 - 50
