@@ -276,7 +276,9 @@ def attention_check(heads: int = 32, kv_heads: int = 4, head_dim: int = 128, ker
     kernels = kernels or KernelConfig.resolve()
     pdl = kernels.pdl and common.pdl_supported(torch.device("cuda", torch.cuda.current_device()))
     rows = []
-    for b, max_len, pos in ((1, 1024, 64), (16, 1024, 64), (16, 8192, 64), (16, 8192, 8000), (1, 32768, 64)):
+    # (128, 2048, 1200): a serving step's rows and contexts (1024-token prompts, answers half done)
+    for b, max_len, pos in ((1, 1024, 64), (16, 1024, 64), (16, 8192, 64), (16, 8192, 8000), (1, 32768, 64),
+                            (128, 2048, 1200)):
         q = torch.randn(b, heads, 1, head_dim, device="cuda").bfloat16()
         kc, vc = (torch.randn(b, kv_heads, max_len, head_dim, device="cuda").bfloat16() for _ in range(2))
         p = torch.tensor([pos], device="cuda")

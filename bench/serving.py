@@ -4,12 +4,13 @@ OpenAI server), on the same GPU, random weights (`--load-format dummy`), the ran
 
     python bench/serving.py DIR --server qwenhw --out OUT     # DIR: bench/side_by_side.py prepare's folder
     python bench/serving.py DIR --server vllm --out OUT
-    python bench/serving.py report OUT                        # the table of both
+    QWENHW_MIXED_PASSES=1 python bench/serving.py DIR --server qwenhw --label mixed --out OUT   # an A/B's variant
+    python bench/serving.py report OUT                        # the table of every run in OUT
 
 Each run starts the server, waits for /health, runs `vllm bench serve` at each request rate (1024-token
 prompts, 256-token answers, EOS ignored so every answer is 256 tokens), saves vLLM's result JSON per rate
-(`{server}_rate{R}.json`: TTFT, TPOT, ITL and end-to-end medians and p99, output throughput) and the server's
-own preemption and batch counters, and stops the server with Ctrl-C. Needs vLLM importable (its benchmark
+(`{label}_rate{R}.json`, the label the server's name unless given: TTFT, TPOT, ITL and end-to-end medians and
+p99, output throughput) and the server's own preemption and batch counters, and stops the server with Ctrl-C. Needs vLLM importable (its benchmark
 client) and a GPU.
 """
 
@@ -79,7 +80,7 @@ def wait_ready(proc: subprocess.Popen, port: int, timeout: float = 900) -> float
 
 
 def bench(args, port: int, rate: str, out: Path) -> dict:
-    name = f"{args.server}_rate{rate}.json"
+    name = f"{args.label or args.server}_rate{rate}.json"
     cmd = [args.client_python, "-c", CLIENT, "--backend", "openai",
            "--base-url", f"http://127.0.0.1:{port}", "--endpoint", "/v1/completions", "--model", "m",
            "--tokenizer", args.model, "--dataset-name", "random", "--random-input-len", str(args.input_len),
@@ -121,7 +122,8 @@ def run(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     proc = start_server(args, port)
-    summary = {"server": args.server, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
+    summary = {"server": args.server, "label": args.label or args.server, "date": time.strftime("%Y-%m-%d"),
+               "command": " ".join(sys.argv),
                "input_len": args.input_len, "output_len": args.output_len, "rows": [],
                # the engine switches the server ran with (an A/B's variant)
                "settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith("QWENHW_")}}
@@ -144,15 +146,15 @@ def run(args) -> None:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
-    (out / f"{args.server}_summary.json").write_text(json.dumps(summary, indent=2))
+    (out / f"{summary['label']}_summary.json").write_text(json.dumps(summary, indent=2))
 
 
 def report(folder: str) -> None:
-    runs = {s: json.loads((Path(folder) / f"{s}_summary.json").read_text()) for s in ("qwenhw", "vllm")
-            if (Path(folder) / f"{s}_summary.json").exists()}
+    runs = {p.name[:-len("_summary.json")]: json.loads(p.read_text())
+            for p in sorted(Path(folder).glob("*_summary.json"))}
     print("| rate | server | out tok/s | TTFT median / p99 ms | TPOT median / p99 ms | e2e median s |")
     print("|---|---|---:|---:|---:|---:|")
-    rates = [r["rate"] for r in next(iter(runs.values()))["rows"]] if runs else []
+    rates = list(dict.fromkeys(r["rate"] for run_ in runs.values() for r in run_["rows"]))  # every run's, in order
     for rate in rates:
         for name, run_ in runs.items():
             r = next((x for x in run_["rows"] if x["rate"] == rate), None)
@@ -168,6 +170,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="bench/side_by_side.py prepare's folder (config.json + tokenizer, no weights)")
     ap.add_argument("--server", choices=("qwenhw", "vllm"), required=True)
+    ap.add_argument("--label", default="", help="the run's name in OUT's files (default: the server's; an A/B's variant)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--rates", default=",".join(RATES))
     ap.add_argument("--num-prompts", type=int, default=None, help="per rate (default: 32 at 1/s, 64 at 4/s, else 128)")

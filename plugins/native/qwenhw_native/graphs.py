@@ -89,4 +89,3 @@ def to_device(values: list, device: torch.device, dtype: torch.dtype = torch.lon
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
-

@@ -277,6 +277,7 @@ class Runtime:
         return self._fill(filling, tokens)
 
     def _fill(self, filling: list["Filling"], tokens: torch.Tensor | None) -> tuple[list[int], torch.Tensor, bool]:
+        """A pass of `_pieces`, carrying the decode step where `tokens` are given (`fill_and_decode`)."""
         self._use_experts(self.prefill_experts)
         self.step.decoding = False
         self.cache.upload()
