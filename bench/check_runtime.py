@@ -7,8 +7,9 @@ kernels and graphs): random bf16 weights of the model directory's shape, a few l
   they get alone; with the engine's defaults (asynchronous decode steps), with them off
   (KernelConfig.async_steps) and with prompt passes that carry the decoding rows' tokens (.mixed, off by
   default; there in 256-token chunks);
-- the MoE decode kernels with each program finding its own pairs (Tiles.moe_index_pairs past the step's): the
-  same greedy tokens as the default, a step's pairs sorted once per layer, bit for bit;
+- the MoE decode kernels with each program finding its own pairs (Tiles.moe_index_pairs past the step's), and
+  with their programs over blocks of the sorted pairs (Tiles.moe_blocks): the same greedy tokens as the
+  default, a step's pairs sorted once per layer, bit for bit;
 - a paged KV cache (kv_cache.py) whose pool of 2048 slots makes sequences wait for pages, and one of 1024 where
   answers that reach a second page make the newest sequences give theirs back and go in again (preemption by
   recomputation): the greedy tokens they get alone (their batches differ from the static cache's, so not bit
@@ -76,6 +77,7 @@ def main() -> None:
                                           ("async_steps off", replace(defaults, async_steps=False), {}, 0),
                                           ("mixed passes", replace(defaults, mixed=True), {}, 0),
                                           ("each program finds its pairs", defaults, {"moe_index_pairs": 1 << 30}, 0),
+                                          ("MoE programs over blocks of pairs", defaults, {"moe_blocks": True}, 0),
                                           ("paged KV, 2048-slot pool", defaults, {}, 2048)):
         with tiles.override(torch.device("cuda"), **changes):  # graphs keep the tiles they were captured with
             rt = Runtime(model, max_len=2048, device="cuda", batch=2, kernels=kernels, kv_tokens=pool)

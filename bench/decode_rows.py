@@ -9,6 +9,8 @@ paths for the routed experts of a decode step (Tiles.moe_max_pairs and moe_index
             its expert's pairs among all the step's pairs (up to moe.MAX_PAIRS = 512 pairs; past it: grouped)
   indexed   the same kernels, the pairs sorted by expert once per layer by a kernel of their own (up to
             moe.MAX_INDEXED_PAIRS)
+  blocks    indexed, the programs over the sorted pairs' blocks of 16 (Tiles.moe_blocks), not a program per
+            expert and possible chunk
   grouped   the prompt pass's: pairs sorted by expert, torch's grouped GEMMs, kernels/moe_prompt.py around them
 `--profile ROWS`: the GPU kernels of one generation at that many rows, per variant, the costliest first.
 Each variant is a runtime of its own (its CUDA graphs keep the path they were captured with); tokens/s over
@@ -29,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "plugins" / "native"), str(ROOT / "bench")]
 
 VARIANTS = {"slots": {"moe_index_pairs": 1 << 30}, "indexed": {"moe_index_pairs": 0, "moe_max_pairs": 2048},
+            "blocks": {"moe_index_pairs": 0, "moe_max_pairs": 2048, "moe_blocks": True},
             "grouped": {"moe_max_pairs": 0}}
 
 

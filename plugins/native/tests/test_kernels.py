@@ -93,14 +93,16 @@ def test_moe_kernels_compile_for_hopper():
     tiles = {"BP": 128, "BM": 16, "BN": 64, "BK": 128, "EXACT": False}
     kernels = [
         (moe._moe_gate_up, {"x_ptr": "*bf16", "w_ptr": "*bf16", "ids_ptr": "*i64", "index_ptr": "*i32",
-                              "h_ptr": "*bf16", "part_ptr": "*fp32", "cnt_ptr": "*i32", "P": "i32", "ep_start": "i32",
-                              "E": "i32", "rank": "i32"},
+                              "h_ptr": "*bf16", "part_ptr": "*fp32", "cnt_ptr": "*i32", "P": "i32", "S": "i32",
+                              "C": "i32", "ep_start": "i32", "E": "i32", "rank": "i32"},
          [{"H": 2048, "I": inter, "TOP_K": 8, "SPLIT": split, "PDL": split == 2, "SHARES": 1 + (inter == 768),
-           "NW": 2, "INDEXED": split == 1, **tiles} for inter in (768, 192) for split in (1, 2)]),
+           "NW": 2, "INDEXED": split == 1, "BLOCKS": split == 1 and inter == 768, **tiles}
+          for inter in (768, 192) for split in (1, 2)]),
         (moe._moe_down, {"h_ptr": "*bf16", "w_ptr": "*bf16", "ids_ptr": "*i64", "index_ptr": "*i32", "rw_ptr": "*bf16",
-                           "y_ptr": "*bf16", "P": "i32", "ep_start": "i32", "E": "i32", "rank": "i32"},
+                           "y_ptr": "*bf16", "P": "i32", "S": "i32", "ep_start": "i32", "E": "i32", "rank": "i32"},
          [{"H": 2048, "I": inter, "PDL": pdl, "LINE": 64, "LINES": lines, "SHARES": 1 + pdl, "NW": 2,
-           "INDEXED": inter == 768, **tiles} for inter, lines in ((192, 4), (768, 16)) for pdl in (False, True)]),
+           "INDEXED": inter == 768, "BLOCKS": inter == 768 and pdl, **tiles}
+          for inter, lines in ((192, 4), (768, 16)) for pdl in (False, True)]),
         (router._router, {"x_ptr": "*bf16", "g_ptr": "*bf16", "part_ptr": "*fp32", "cnt_ptr": "*i32", "w_ptr": "*bf16",
                          "idx_ptr": "*i64", "nw_ptr": "*bf16", "xn_ptr": "*bf16", "sq_ptr": "*fp32", "N": "i32",
                          "E": "i32", "SQ": "i32", "eps": "fp32"},
@@ -122,9 +124,9 @@ def test_moe_kernels_compile_for_hopper():
                     assert ptx.index("prefetch.global.L2") < ptx.index("griddepcontrol.wait")
     # the index kernel: histogram, gather and sort over a step's pairs (batch 128 at top-8), dealt or not
     sig = {"ids_ptr": "*i64", "index_ptr": "*i32", "P": "i32", "ep_start": "i32", "E": "i32", "rank": "i32",
-           "S": "i32"}
-    for consts in ({"SHARES": 1, "BP": 1024, "EB": 128, "SB": 128, "PDL": True},
-                   {"SHARES": 2, "BP": 256, "EB": 128, "SB": 64, "PDL": False}):
+           "S": "i32", "B": "i32"}
+    for consts in ({"SHARES": 1, "BP": 1024, "EB": 128, "SB": 128, "BLOCKS": True, "BM": 16, "BB": 256, "PDL": True},
+                   {"SHARES": 2, "BP": 256, "EB": 128, "SB": 64, "BLOCKS": False, "BM": 16, "BB": 16, "PDL": False}):
         ptx = _hopper_ptx(moe._moe_index, sig, consts)
         assert ("griddepcontrol.wait" in ptx) == consts["PDL"]
     # the sum kernel, dealing the touched experts out (each program finds which of its token's are its rank's)

@@ -7,7 +7,9 @@ Each kernel's grid axis 0 is a slot, not an expert: slot j finds the j-th expert
 (`_slot_expert`), so the grid follows the batch, not the expert count. Past Tiles.moe_index_pairs pairs a
 fourth kernel sorts the pairs by slot once (`_moe_index`) and the GEMM programs read their expert and pairs
 from it: finding them among all the pairs in every program grows with the pairs, and at 64 rows the
-programs outnumber the touched experts' column blocks 4 to 1. Where every GPU holds every expert,
+programs outnumber the touched experts' column blocks 4 to 1; with Tiles.moe_blocks the index also lists the
+blocks of 16 sorted pairs and the programs go over those (a slot's possible chunks past its pairs are not
+launched: at 128 rows 184 programs per column block, not 1024). Where every GPU holds every expert,
 the touched experts are dealt out to the GPUs (`share`, `_dealt`). Expert ids are global; a module holding
 experts [ep_start, ep_start + E) skips the others (expert parallel).
 """
@@ -105,12 +107,15 @@ def _count(ids_ptr, P, e, ep_start, BP: tl.constexpr):
 
 
 @jit
-def _moe_index(ids_ptr, index_ptr, P, ep_start, E, rank, S, SHARES: tl.constexpr, BP: tl.constexpr,
-               EB: tl.constexpr, SB: tl.constexpr, PDL: tl.constexpr):
+def _moe_index(ids_ptr, index_ptr, P, ep_start, E, rank, S, B, SHARES: tl.constexpr, BP: tl.constexpr,
+               EB: tl.constexpr, SB: tl.constexpr, BLOCKS: tl.constexpr, BM: tl.constexpr, BB: tl.constexpr,
+               PDL: tl.constexpr):
     """The step's pairs sorted by slot, once for both GEMM kernels: index[s] is slot s's local expert (-1:
     none), index[S + s] its first place in the sorted pairs, index[2S + s] its pair count, index[3S + j]
     the j-th pair (the experts of a slot in pair order; pairs of no slot of this rank at the end). Slots
-    as in `_slot_expert`: the (s * SHARES + rank)-th touched expert."""
+    as in `_slot_expert`: the (s * SHARES + rank)-th touched expert. BLOCKS: then index[3S + P + b], for
+    each of the B blocks of BM sorted pairs a GEMM program may take, its slot * 65536 + its chunk of the
+    slot's pairs (the slots' chunks back to back; -1: no block)."""
     _after_previous(PDL)  # the routing comes from the kernel before
     p = tl.arange(0, BP)
     loc = tl.load(ids_ptr + p, mask=p < P, other=-1) - ep_start
@@ -132,18 +137,33 @@ def _moe_index(ids_ptr, index_ptr, P, ep_start, E, rank, S, SHARES: tl.constexpr
     ours = (loc >= 0) & (tl.gather(mine.to(tl.int32), tl.maximum(loc, 0), 0) > 0)
     key = tl.sort(tl.where(ours, loc, EB) * BP + p)  # (expert, pair) order: the slots' runs back to back
     tl.store(index_ptr + 3 * S + p, key % BP, mask=p < P)
+    if BLOCKS:  # each slot's chunks, in slot (= expert) order: block b lies in the slot whose run holds it
+        nb = tl.where(mine, (cnt + BM - 1) // BM, 0)
+        end = tl.cumsum(nb, 0)
+        b = tl.arange(0, BB)
+        hit = (b[:, None] >= (end - nb)[None, :]) & (b[:, None] < end[None, :])
+        code = tl.sum(tl.where(hit, slot[None, :] * 65536 + b[:, None] - (end - nb)[None, :], 0), 1)
+        code = tl.where(tl.sum(hit.to(tl.int32), 1) > 0, code, -1)
+        tl.store(index_ptr + 3 * S + P + b, code, mask=b < B)
 
 
 @jit
-def _slot_pairs(index_ptr, ids_ptr, P, ep_start, E, rank, chunk, INDEXED: tl.constexpr, SHARES: tl.constexpr,
-                BP: tl.constexpr, BM: tl.constexpr, NW: tl.constexpr):
-    """The program's slot's local expert (-1: none), its pair count and its chunk's pairs (pair index, valid):
-    read from the index, or (not INDEXED) found among all the pairs. The pairs only where the chunk has any."""
+def _slot_pairs(index_ptr, ids_ptr, P, S, ep_start, E, rank, chunk, INDEXED: tl.constexpr, BLOCKS: tl.constexpr,
+                SHARES: tl.constexpr, BP: tl.constexpr, BM: tl.constexpr, NW: tl.constexpr):
+    """The program's slot's local expert (-1: none), its pair count, its chunk's pairs (pair index, valid) and
+    the chunk: read from the index, or (not INDEXED) found among all the pairs, the pairs only where the chunk
+    has any. The program is slot `program_id(0)`'s chunk `chunk`, or (BLOCKS) the program_id(0)-th block of
+    the index's (a program that has none: no pairs)."""
     if INDEXED:
-        S = tl.num_programs(0)
         slot = tl.program_id(0)  # .cg: from L2; the down kernel reads the index before its wait
+        if BLOCKS:
+            code = tl.load(index_ptr + 3 * S + P + slot, cache_modifier=".cg")
+            slot = tl.maximum(code, 0) // 65536
+            chunk = tl.maximum(code, 0) % 65536
         e = tl.load(index_ptr + slot, cache_modifier=".cg")
         count = tl.load(index_ptr + 2 * S + slot, cache_modifier=".cg")
+        if BLOCKS:
+            count = tl.where(code >= 0, count, 0)
         m = chunk * BM + tl.arange(0, BM)
         valid = m < count
         first = tl.load(index_ptr + S + slot, cache_modifier=".cg")
@@ -155,14 +175,15 @@ def _slot_pairs(index_ptr, ids_ptr, P, ep_start, E, rank, chunk, INDEXED: tl.con
         valid = pair > 0
         if chunk * BM < count:
             pair, valid = _pairs_of(ids_ptr, P, e, ep_start, chunk * BM, BP, BM)
-    return e, count, pair, valid
+    return e, count, pair, valid, chunk
 
 
 @jit
-def _moe_gate_up(x_ptr, w_ptr, ids_ptr, index_ptr, h_ptr, part_ptr, cnt_ptr, P, ep_start, E, rank,
+def _moe_gate_up(x_ptr, w_ptr, ids_ptr, index_ptr, h_ptr, part_ptr, cnt_ptr, P, S, C, ep_start, E, rank,
                  H: tl.constexpr, I: tl.constexpr, TOP_K: tl.constexpr, BP: tl.constexpr, BM: tl.constexpr,
                  BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, EXACT: tl.constexpr,
-                 SHARES: tl.constexpr, NW: tl.constexpr, INDEXED: tl.constexpr, PDL: tl.constexpr):
+                 SHARES: tl.constexpr, NW: tl.constexpr, INDEXED: tl.constexpr, BLOCKS: tl.constexpr,
+                 PDL: tl.constexpr):
     """h[pair, n] = act(x[token] @ gate[e, n]) * (x[token] @ up[e, n]) for BM of expert e's pairs (chunk
     c of its pairs; programs past its count return at once, without reading a weight), BN columns; e is
     the expert of the program's slot (`_slot_expert`).
@@ -177,8 +198,8 @@ def _moe_gate_up(x_ptr, w_ptr, ids_ptr, index_ptr, h_ptr, part_ptr, cnt_ptr, P, 
     chunk = tl.program_id(2) // SPLIT
     s = tl.program_id(2) % SPLIT
     n = tile * BN + tl.arange(0, BN)
-    e, count, pair, valid = _slot_pairs(index_ptr, ids_ptr, P, ep_start, E, rank, chunk, INDEXED, SHARES, BP, BM,
-                                        NW)
+    e, count, pair, valid, chunk = _slot_pairs(index_ptr, ids_ptr, P, S, ep_start, E, rank, chunk, INDEXED, BLOCKS,
+                                               SHARES, BP, BM, NW)
     if chunk * BM < count:
         tok = pair // TOP_K
         w_e = w_ptr + e.to(tl.int64) * 2 * I * H
@@ -200,7 +221,7 @@ def _moe_gate_up(x_ptr, w_ptr, ids_ptr, index_ptr, h_ptr, part_ptr, cnt_ptr, P, 
             tl.store(part_ptr + at, acc_g, mask=out)
             tl.store(part_ptr + at + I, acc_u, mask=out)
             tl.debug_barrier()  # every thread's partials written before the count says so (release)
-            cnt = cnt_ptr + (e * tl.num_programs(1) + tile) * (tl.num_programs(2) // SPLIT) + chunk
+            cnt = cnt_ptr + (e * tl.num_programs(1) + tile) * C + chunk  # C: chunks an expert may have
             last = tl.atomic_add(cnt, 1, sem="acq_rel") == SPLIT - 1
             if last:
                 tl.store(cnt, 0)  # for the next call (and the next replay of a CUDA graph)
@@ -219,10 +240,10 @@ def _moe_gate_up(x_ptr, w_ptr, ids_ptr, index_ptr, h_ptr, part_ptr, cnt_ptr, P, 
 
 
 @jit
-def _moe_down(h_ptr, w_ptr, ids_ptr, index_ptr, rw_ptr, y_ptr, P, ep_start, E, rank, H: tl.constexpr,
+def _moe_down(h_ptr, w_ptr, ids_ptr, index_ptr, rw_ptr, y_ptr, P, S, ep_start, E, rank, H: tl.constexpr,
               I: tl.constexpr, BP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
               EXACT: tl.constexpr, SHARES: tl.constexpr, NW: tl.constexpr, INDEXED: tl.constexpr,
-              PDL: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr):
+              BLOCKS: tl.constexpr, PDL: tl.constexpr, LINE: tl.constexpr, LINES: tl.constexpr):
     """y[pair, n] = (h[pair] @ down[e, n]) * routing weight[pair], for BM of expert e's pairs (chunk c),
     BN columns.
 
@@ -233,8 +254,8 @@ def _moe_down(h_ptr, w_ptr, ids_ptr, index_ptr, rw_ptr, y_ptr, P, ep_start, E, r
     ty = y_ptr.dtype.element_ty
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     chunk = tl.program_id(2)
-    e, count, pair, valid = _slot_pairs(index_ptr, ids_ptr, P, ep_start, E, rank, chunk, INDEXED, SHARES, BP, BM,
-                                        NW)
+    e, count, pair, valid, chunk = _slot_pairs(index_ptr, ids_ptr, P, S, ep_start, E, rank, chunk, INDEXED, BLOCKS,
+                                               SHARES, BP, BM, NW)
     w_e = w_ptr + e.to(tl.int64) * H * I
     if PDL and LINES > 0:
         if chunk * BM < count:
@@ -309,7 +330,7 @@ def experts(x: torch.Tensor, module: Any, idx: torch.Tensor, weights: torch.Tens
             residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
             down_block: tuple[int, ...] | None = None, share: tuple[int, int] = (0, 1),
             norm: tuple[torch.Tensor, float, torch.Tensor] | None = None, pdl: bool = False,
-            every_expert: bool = False, indexed: bool | None = None) -> torch.Tensor:
+            every_expert: bool = False, indexed: bool | None = None, blocks: bool | None = None) -> torch.Tensor:
     """The routed experts' output [tokens, hidden] for x [tokens, hidden], ids/weights [tokens, top_k].
 
     Experts are `module.gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I] (transformers' layout); ids are
@@ -322,10 +343,12 @@ def experts(x: torch.Tensor, module: Any, idx: torch.Tensor, weights: torch.Tens
     ranks): every rank holds every expert and computes the touched ones dealt to it (`_dealt`). `norm` =
     (weight, eps, xn) (a whole sum on one GPU): the last kernel also writes RMSNorm(out) * weight into xn.
     `every_expert`: a program per local expert, not per expert the batch can touch (the bench's A/B).
-    `indexed`: the pairs sorted by slot first, in a kernel of their own (None: past Tiles.moe_index_pairs).
+    `indexed`: the pairs sorted by slot first, in a kernel of their own (None: past Tiles.moe_index_pairs);
+    `blocks` (indexed): the GEMM kernels' programs over the index's blocks of pairs, not over each slot's every
+    possible chunk (None: Tiles.moe_blocks).
     """
     call = MoeCall(x, module, idx, weights, ep_start, block, down_block, residual, out, share, pdl, every_expert,
-                   indexed)
+                   indexed, blocks)
     call.gate_up()
     call.down()
     return call.sum(norm)
@@ -338,7 +361,7 @@ class MoeCall:
                  block: tuple[int, ...] | None = None, down_block: tuple[int, ...] | None = None,
                  residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
                  share: tuple[int, int] = (0, 1), pdl: bool = False, every_expert: bool = False,
-                 indexed: bool | None = None):
+                 indexed: bool | None = None, blocks: bool | None = None):
         self.gu, self.dn = module.gate_up_proj, module.down_proj
         self.launch = launch(pdl)
         t = for_device(x.device)
@@ -375,10 +398,15 @@ class MoeCall:
         if self.pairs > (MAX_INDEXED_PAIRS if self.indexed else MAX_PAIRS):
             raise ValueError(f"{self.pairs} (token, expert) pairs: the decode kernels take at most "
                              f"{MAX_PAIRS} ({MAX_INDEXED_PAIRS} indexed); larger batches take moe_prompt's")
-        # the index: each slot's expert, first place and count, then the pairs sorted by slot (`_moe_index`)
-        self.index = torch.empty(3 * self.slots + self.pairs, dtype=torch.int32, device=dev) if self.indexed \
-            else self.ids
-        common = dict(BM=16, EXACT=exact, INDEXED=self.indexed, **self.dealt)
+        # blocks: a GEMM program per block of 16 of a slot's sorted pairs (at most pairs / 16 + a block per slot:
+        # at 128 rows 184 programs per column block, where the slots' every possible chunk are 1024)
+        self.blocks = self.indexed and (t.moe_blocks if blocks is None else blocks)
+        self.n_blocks = triton.cdiv(self.pairs + self.slots * 15, 16) if self.blocks else 0
+        # the index: each slot's expert, first place and count, then the pairs sorted by slot (`_moe_index`), then
+        # the blocks
+        self.index = torch.empty(3 * self.slots + self.pairs + self.n_blocks, dtype=torch.int32, device=dev) \
+            if self.indexed else self.ids
+        common = dict(BM=16, EXACT=exact, INDEXED=self.indexed, BLOCKS=self.blocks, **self.dealt)
         self.up_tiles = dict(BN=bn, BK=bk, num_warps=warps, num_stages=stages, **common)
         if down_block is None:  # an explicit `block` sets both kernels' tiles unless down_block is given too
             down_block = t.moe_down_block if block is None and x.is_cuda and t.moe_down_block else (bn, bk, warps, stages)
@@ -390,21 +418,31 @@ class MoeCall:
             self.part = torch.empty((split, self.pairs, two_i), dtype=torch.float32, device=dev)
             self.cnt = counts(dev, self.n_exp * self.n_tiles * self.chunks, "moe")
 
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The GEMM kernels' programs (axes 0 and 2) per column block: a slot's every possible chunk, or blocks."""
+        return (self.n_blocks, 1) if self.blocks else (self.slots, self.chunks)
+
     def gate_up(self) -> None:
         if self.indexed:
             bp = self.dealt["BP"]
             _moe_index[(1,)](self.ids, self.index, self.pairs, self.ep_start, self.n_exp, self.rank, self.slots,
-                             SHARES=self.dealt["SHARES"], BP=bp, EB=max(16, triton.next_power_of_2(self.n_exp)),
-                             SB=max(16, triton.next_power_of_2(self.slots)), num_warps=4 if bp <= 256 else 8,
+                             self.n_blocks, SHARES=self.dealt["SHARES"], BP=bp,
+                             EB=max(16, triton.next_power_of_2(self.n_exp)),
+                             SB=max(16, triton.next_power_of_2(self.slots)), BLOCKS=self.blocks, BM=16,
+                             BB=max(16, triton.next_power_of_2(self.n_blocks)), num_warps=4 if bp <= 256 else 8,
                              **self.launch)
-        _moe_gate_up[(self.slots, self.n_tiles, self.chunks * self.split)](
-            self.x, self.gu, self.ids, self.index, self.h, self.part, self.cnt, self.pairs, self.ep_start, self.n_exp,
-            self.rank, H=self.hidden, I=self.inter, TOP_K=self.top_k, SPLIT=self.split, **self.up_tiles, **self.launch)
+        programs, chunks = self.grid
+        _moe_gate_up[(programs, self.n_tiles, chunks * self.split)](
+            self.x, self.gu, self.ids, self.index, self.h, self.part, self.cnt, self.pairs, self.slots, self.chunks,
+            self.ep_start, self.n_exp, self.rank, H=self.hidden, I=self.inter, TOP_K=self.top_k, SPLIT=self.split,
+            **self.up_tiles, **self.launch)
 
     def down(self) -> None:
-        _moe_down[(self.slots, triton.cdiv(self.hidden, self.down_tiles["BN"]), self.chunks)](
-            self.h, self.dn, self.ids, self.index, self.rw, self.y, self.pairs, self.ep_start, self.n_exp, self.rank,
-            H=self.hidden, I=self.inter, LINE=self.line,
+        programs, chunks = self.grid
+        _moe_down[(programs, triton.cdiv(self.hidden, self.down_tiles["BN"]), chunks)](
+            self.h, self.dn, self.ids, self.index, self.rw, self.y, self.pairs, self.slots, self.ep_start, self.n_exp,
+            self.rank, H=self.hidden, I=self.inter, LINE=self.line,
             LINES=min(self.down_prefetch, triton.next_power_of_2(triton.cdiv(self.inter, self.line))),
             **self.down_tiles, **self.launch)
 

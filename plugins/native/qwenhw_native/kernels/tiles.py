@@ -44,6 +44,9 @@ class Tiles:
     # 268 / 242 tok/s, 16 rows 1088 / 1089, 32 rows 1624 / 1592, 64 rows 2676 / 2345 (docs/benchmarks.md), and
     # under vLLM's serving client at 1 request/s 6.8 / 7.6 ms per output token: sorted at every size
     moe_index_pairs: int = 0
+    # sorted pairs: the GEMM kernels' programs over the index's blocks of 16 pairs (each a slot's chunk) instead of
+    # a program per slot and possible chunk (at 128 rows 7 in 8 of those find no pair). Unmeasured: off
+    moe_blocks: bool = False
     # decode GEMMs (q/k/v + RoPE + cache, o_proj + residual) in Triton up to this many rows (cuBLAS won at 64)
     linear_max_tokens: int = 16
     linear_bk: int = 128

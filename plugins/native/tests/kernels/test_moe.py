@@ -131,3 +131,28 @@ def test_pairs_sorted_once_match_each_program_finding_its_own(case, rel):
     for e, f, c in zip(experts, first, count):
         if e >= 0:
             assert pairs[f:f + c] == [p for p, pe in enumerate(flat) if pe == e]
+
+
+@torch.no_grad()
+def test_programs_over_blocks_of_sorted_pairs_match_a_program_per_slot_and_chunk(case, rel):
+    """Tiles.moe_blocks: the GEMM kernels' programs over the index's blocks of 16 sorted pairs (`_moe_index`
+    lists each slot's chunks back to back) give, bit for bit, what a program per slot and possible chunk gives:
+    one GPU (expert 0's 17 pairs: two blocks), idle rows, an expert-parallel share, dealt experts, top-1, the
+    gate/up kernel split over the hidden size; and the block list itself."""
+    ex, upper, idx, x, w = (case[k] for k in ("ex", "upper", "idx", "x", "w"))
+    idle = idx.clone()
+    idle[[2, 7]] = -1
+    calls = [dict(module=ex, idx=idx), dict(module=ex, idx=idle), dict(module=upper, idx=idx, ep_start=4),
+             dict(module=ex, idx=idx, share=(1, 3)), dict(module=ex, idx=idx[:, :1], weights=w[:, :1]),
+             dict(module=ex, idx=idx[:4], weights=w[:4], x=x[:4], block=(16, 16, 4, 1, 3))]
+    for kw in calls:
+        kw = {"weights": w, "x": x, **kw}
+        assert rel(moe.experts(indexed=True, blocks=True, **kw), moe.experts(indexed=True, blocks=False, **kw)) == 0
+    call = moe.MoeCall(x, ex, idle, w, indexed=True, blocks=True)
+    call.gate_up()
+    s, p = call.slots, call.pairs
+    count = call.index[2 * s:3 * s].tolist()
+    codes = call.index[3 * s + p:].tolist()
+    assert call.grid == (call.n_blocks, 1) and call.n_blocks == -(-(p + 15 * s) // 16)
+    want = [slot * 65536 + c for slot, n in enumerate(count) for c in range(-(-n // 16))]
+    assert codes == want + [-1] * (call.n_blocks - len(want)) and count[0] == 17  # slot 0: two blocks
