@@ -13,7 +13,8 @@ kernels and graphs): random bf16 weights of the model directory's shape, a few l
 - a paged KV cache (kv_cache.py) whose pool of 2048 slots makes sequences wait for pages, and one of 1024 where
   answers that reach a second page make the newest sequences give theirs back and go in again (preemption by
   recomputation): the greedy tokens they get alone (their batches differ from the static cache's, so not bit
-  for bit).
+  for bit);
+- prefix caching: prompts that start like an earlier one go in over its pages: the tokens they get without.
 
     python bench/check_runtime.py DIR --layers 4      # DIR: side_by_side.py prepare's folder
 
@@ -111,6 +112,21 @@ def main() -> None:
     failed |= not ok
     print(f"paged KV, 1024-slot pool, {rt.preemptions} preemption(s): {sum(prefix)}/120 greedy tokens equal to "
           f"alone before a first difference {prefix}: {'ok' if ok else 'FAILED'}")
+
+    # prefix caching: a prompt that starts like an earlier one (512 tokens: two pages) goes in from its first token
+    # after them, over the keys they hold; the first prompt again finds two of its three pages
+    first = torch.randint(1000, 150000, (700,), generator=g).tolist()
+    alike = first[:512] + torch.randint(1000, 150000, (100,), generator=g).tolist()
+    runs = []
+    for cached in (False, True):
+        rt = Runtime(model, max_len=1024, device="cuda", batch=2, kv_tokens=4096, prefix_caching=cached)
+        rt.warm()
+        runs.append([rt.generate_batch([p], 40, SampleParams(), set())[0] for p in (first, alike, first)])
+    prefix = agreement(runs[1], runs[0])
+    ok = sum(prefix) >= 60 and runs[1][0] == runs[0][0] and rt.cache.hit == 1024
+    failed |= not ok
+    print(f"prefix caching, {rt.cache.hit} of {rt.cache.queried} prompt tokens found: {sum(prefix)}/120 greedy "
+          f"tokens equal to no cache before a first difference {prefix}: {'ok' if ok else 'FAILED'}")
     sys.exit(1 if failed else 0)
 
 

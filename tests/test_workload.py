@@ -140,11 +140,13 @@ def test_prefill_passes_follow_each_engine():
     native = speed.budget_passes(64, 1024, 2048, 32768)  # the native runtime: 32 whole prompts per pass
     assert [p.tokens for p in native] == [32768, 32768]
     assert speed.budget_passes(16, 2048, 2048, 32768) == own
-    assert speed.budget_passes(2, 5000, 2048, 32768) == long
-    # the last prompt that fits is cut where the pass ends; its rest goes first in the next, which cuts none
+    # one prompt cut per pass: a long one's chunks alone, its last beside the next one's first
+    assert [p.tokens for p in speed.budget_passes(2, 5000, 2048, 32768)] == [2048, 2048, 904 + 2048, 2048, 904]
+    # the last prompt that fits is cut where the pass ends; its rest goes first in the next
     cut = speed.budget_passes(16, 1500, 2048, 8192)
-    assert [p.tokens for p in cut] == [8192, 6808, 8192, 808]
-    assert cut[1].pairs == 808 * 692 + 808 * 809 / 2 + 4 * 1500 * 1501 / 2  # the rest also over its first 692
+    assert [p.tokens for p in cut] == [8192, 8192, 7616]
+    # the cut prompt's rest also over its first 692 tokens
+    assert cut[1].pairs == 808 * 692 + 808 * 809 / 2 + 4 * 1500 * 1501 / 2 + 1384 * 1385 / 2
 
 
 def test_native_activation_reserve_stops_growing_with_concurrency():

@@ -269,7 +269,8 @@ class Engine:
 
     def kv_cache(self) -> dict[str, float] | None:
         """The KV cache now, for /metrics: {"usage": the share sequences hold, "preemptions": sequences that gave
-        theirs back for others so far}; None where the engine does not say."""
+        theirs back for others so far, and with prefix caching "prefix_queries" / "prefix_hits": prompt tokens
+        looked up / found}; None where the engine does not say."""
         return None
 
     def count_tokens(self, text: str) -> int:

@@ -126,15 +126,15 @@ def row_passes(prompts: int, tokens: int, chunk: int) -> list[Pass]:
 
 def budget_passes(prompts: int, tokens: int, chunk: int, budget: int) -> list[Pass]:
     """qwenhw's native runtime (its Runtime._pieces): passes of up to `budget` prompt tokens, at most `chunk`
-    of each prompt, the prompts in order; a prompt cut short (a longer one's chunk, or the last that fits)
-    only where no other piece of the pass is cut or a later chunk (so one prompt is part-way in at a time)."""
+    of each prompt, the prompts in order; one prompt at most cut short per pass (a longer one's chunk, or the
+    last that fits), whose rest goes first in the next."""
     out: list[Pass] = []
     part, fresh = 0, prompts  # tokens in of the prompt part-way in (0: none); prompts not begun
     while part or fresh:
         room, n, pairs, cut = budget, 0, 0.0, False
         if part:
             take = min(tokens - part, chunk, room)
-            pairs, n, room, cut = _causal(part, take), take, room - take, True
+            pairs, n, room, cut = _causal(part, take), take, room - take, part + take < tokens
             part = (part + take) % tokens
         while fresh and room > 0:
             take = min(tokens, chunk, room)

@@ -73,3 +73,8 @@ class _KVCache:
                                 value=state["usage"])
         yield CounterMetricFamily("qwenhw:num_preemptions", "Sequences that gave their KV cache pages back for "
                                   "others and went in again", value=state["preemptions"])
+        if "prefix_queries" in state:  # prefix caching (vLLM's names)
+            yield CounterMetricFamily("qwenhw:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      value=state["prefix_queries"])
+            yield CounterMetricFamily("qwenhw:prefix_cache_hits", "Prompt tokens the prefix cache held",
+                                      value=state["prefix_hits"])

@@ -198,14 +198,14 @@ class ContinuousBatch:
                 self.waiting.pop(0)
                 continue
             ids = s.ids + s.out  # a preempted sequence's tokens so far go in again with its prompt
-            if len(ids) < rt.max_len and not rt.admits(len(ids) + 1):
+            if len(ids) < rt.max_len and not rt.admits(len(ids) + 1, ids):
                 break
             self.waiting.pop(0)
             r = free.pop(0)
             self.seqs[r] = s
             self.filling.append(Filling(r, ids))
             rt._check(self.filling)
-            rt.admit(r, len(ids) + 1)
+            self.filling[-1].done = rt.admit(r, len(ids) + 1, ids)  # from the first token no cached page holds
 
     def run(self) -> Iterator[Piece]:
         rt = self.rt

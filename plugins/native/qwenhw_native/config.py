@@ -64,6 +64,9 @@ class NativeConfig:
     decode_experts: str | None = "grouped_mm"  # transformers' experts kernel where the Triton one does not run
     prefill_tokens: int = PREFILL_TOKENS  # prompt tokens a pass holds while no row decodes (the plan's reserve)
     kv_tokens: int = 0  # the batched runtime's KV cache: a pool of this many slots in pages (0: static, context per row)
+    # a paged pool keeps the pages of prompts that went in, for prompts that start alike (vLLM's automatic prefix
+    # caching; kv_cache.py)
+    prefix_caching: bool = True
     load_format: str = "auto"  # "dummy": random weights from config.json
     # the hybrid: routed experts in host RAM
     expert_cache_bytes: int = 0  # GPU cache of hot experts

@@ -74,7 +74,12 @@ class RuntimeEngine(HFEngine):
 
     def kv_cache(self) -> dict[str, float] | None:
         rt = self.batched if self.batched is not None else self.runtime
-        return None if rt is None else {"usage": rt.kv_usage(), "preemptions": rt.preemptions}
+        if rt is None:
+            return None
+        state = {"usage": rt.kv_usage(), "preemptions": rt.preemptions}
+        if rt.cache.prefix:
+            state.update(prefix_queries=rt.cache.queried, prefix_hits=rt.cache.hit)
+        return state
 
     @property
     def max_batch(self) -> int:
@@ -160,7 +165,8 @@ def runtime_engine(model: Any, tokenizer: Any, plan: Any, device: str, sequences
     kernels = cfg.kernel_config()
     runtimes = [Runtime(model, max_len=int(plan.context), device=device, batch=b, graphs=cfg.cuda_graphs,
                         decode_experts=cfg.decode_experts, group=group, kernels=kernels,
-                        prefill_tokens=cfg.prefill_tokens, kv_tokens=cfg.kv_tokens if b > 1 else 0)
+                        prefill_tokens=cfg.prefill_tokens, kv_tokens=cfg.kv_tokens if b > 1 else 0,
+                        prefix_caching=cfg.prefix_caching)
                 for b in runtime_batches(sequences, paged=cfg.kv_tokens > 0)]
     for rt in runtimes:
         rt.warm()

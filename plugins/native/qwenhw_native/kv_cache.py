@@ -9,11 +9,21 @@ A sequence's slot s lives in page table[row, s // page], at s % page. Two layout
   N / max_len. Page 0 is the scratch page: every entry of a free row points to it, so the scratch slot
   (max_len - 1, what rows that do not decode write and read) lands there, never in a page a sequence holds.
 
+Prefix caching (paged, `prefix=True`; vLLM's automatic prefix caching): a page that holds PAGE tokens of a
+prompt is named by those tokens and all before them (a chained hash); a sequence admitted with a prompt whose
+first pages are named takes those very pages (shared, counted per holder) and its prompt goes in from the first
+token after them. A page no sequence holds keeps its name, and its keys, until the pool needs it: the free pages
+go first, then the named ones, least recently given back first.
+
 The table lives on the device (the kernels and captured graphs read it); changes go up before the next pass
 (`upload`, through graphs.Upload: without waiting for the GPU's queue).
 """
 
 from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
 
 import torch
 
@@ -30,9 +40,10 @@ class KVCache:
     of PAGE, rows taking them as sequences are admitted (`admit`, `release`)."""
 
     def __init__(self, layers: int, rows: int, kv_heads: int, head_dim: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device, pool_tokens: int = 0):
+                 device: torch.device, pool_tokens: int = 0, prefix: bool = False):
         self.rows, self.max_len, self.device = rows, max_len, device
         self.paged = pool_tokens > 0
+        self.prefix = prefix and self.paged
         if self.paged:
             if pool_tokens < max_len:
                 raise ValueError(f"a KV pool of {pool_tokens} tokens cannot hold one {max_len}-token sequence")
@@ -51,6 +62,15 @@ class KVCache:
         self._upload = Upload(self.table, buffers=1)
         self.held: list[list[int]] = [[] for _ in range(rows)]
         self._dirty = False
+        # prefix caching: rows holding each page; page <-> name (hash) of the named ones; the named pages no row
+        # holds, least recently given back first; each row's prompt pages' names and how many of them are named
+        self.refs = [0] * pages
+        self.named: dict[bytes, int] = {}
+        self.name_of: dict[int, bytes] = {}
+        self.idle: OrderedDict[int, None] = OrderedDict()
+        self.names: list[list[bytes]] = [[] for _ in range(rows)]
+        self.registered = [0] * rows
+        self.queried = self.hit = 0  # prompt tokens looked up, and found (tokens)
 
     @property
     def pool_tokens(self) -> int:
@@ -58,28 +78,88 @@ class KVCache:
 
     @property
     def free_tokens(self) -> int:
-        return len(self.free) * self.page
+        """Slots of the pages no sequence holds (named ones included: the pool takes them back as it needs)."""
+        return (len(self.free) + len(self.idle)) * self.page
 
     @property
     def usage(self) -> float:
         """The share of a pool's pages that sequences hold."""
-        return 1 - len(self.free) / (self.k.shape[1] - 1) if self.paged else 0.0
+        return 1 - (len(self.free) + len(self.idle)) / (self.k.shape[1] - 1) if self.paged else 0.0
 
     # --- pages of the pool ------------------------------------------------------------------------------
     def slots(self, row: int) -> int:
         """The slots row `row` holds: its pages' (static: its whole context)."""
         return len(self.held[row]) * self.page if self.paged else self.max_len
 
-    def fits(self, tokens: int, spare: int = 0) -> bool:
+    def fits(self, tokens: int, spare: int = 0, ids: list[int] | None = None) -> bool:
         """Whether the pool has the pages for a sequence of `tokens` slots now, `spare` pages left over (static:
-        always)."""
-        return not self.paged or pages_for(tokens, self.page) + spare <= len(self.free)
+        always); `ids`, its prompt: the named pages it would share need none."""
+        if not self.paged:
+            return True
+        shared = self.match(ids) if ids is not None else []
+        taken_idle = sum(1 for p in shared if p in self.idle)
+        return pages_for(tokens, self.page) - len(shared) + spare <= len(self.free) + len(self.idle) - taken_idle
 
-    def admit(self, row: int, tokens: int) -> None:
-        """Free row `row` takes the pages for `tokens` slots (its prompt and the first token of its answer)."""
+    def admit(self, row: int, tokens: int, ids: list[int] | None = None) -> int:
+        """Free row `row` takes the pages for `tokens` slots (its prompt and the first token of its answer);
+        with its prompt `ids` (prefix caching) the named pages of its first tokens are shared. Returns the
+        prompt tokens those pages hold (0: the prompt goes in from its first token)."""
         assert not self.held[row], "a row takes pages once, until it is released"
+        shared = self.match(ids) if ids is not None else []
+        for p in shared:
+            self.refs[p] += 1
+            self.idle.pop(p, None)
+        if shared:
+            self.held[row] = list(shared)
+            self.table_host[row, :len(shared)] = torch.tensor(shared, dtype=torch.int32)
+            self._dirty = True
+        if ids is not None and self.prefix:
+            self.names[row], self.registered[row] = self._names(ids), len(shared)
+            self.queried, self.hit = self.queried + len(ids), self.hit + len(shared) * self.page
         if not self.grow(row, tokens):  # callers ask `fits` first
-            raise RuntimeError(f"{pages_for(tokens, self.page)} pages asked, {len(self.free)} free")
+            raise RuntimeError(f"{pages_for(tokens, self.page) - len(shared)} pages asked, "
+                               f"{len(self.free) + len(self.idle)} free")
+        return len(shared) * self.page
+
+    def _names(self, ids: list[int]) -> list[bytes]:
+        """The names of a prompt's whole pages but the one holding its last token, which a pass computes (its
+        logits are the answer's first token): each the hash of the name before and the page's tokens."""
+        out, name = [], b""
+        for a in range(0, (len(ids) - 1) // self.page * self.page, self.page):
+            name = hashlib.sha256(name + array("q", ids[a:a + self.page]).tobytes()).digest()
+            out.append(name)
+        return out
+
+    def match(self, ids: list[int] | None) -> list[int]:
+        """The named pages that hold the first pages of prompt `ids`, in order (prefix caching; else none)."""
+        if not self.prefix or not ids:
+            return []
+        out = []
+        for name in self._names(ids):
+            if (p := self.named.get(name)) is None:
+                break
+            out.append(p)
+        return out
+
+    def register(self, row: int, tokens: int) -> None:
+        """Row `row`'s prompt has its first `tokens` in its pages: the whole ones among them take their names,
+        where no other page has it."""
+        if not self.prefix:
+            return
+        names = self.names[row]
+        while self.registered[row] < min(len(names), tokens // self.page):
+            j = self.registered[row]
+            if names[j] not in self.named:
+                self.named[names[j]], self.name_of[self.held[row][j]] = self.held[row][j], names[j]
+            self.registered[row] += 1
+
+    def _take(self) -> int:
+        """A page for a row: a free one, else the named page given back the longest ago (its name goes)."""
+        if self.free:
+            return self.free.pop()
+        page, _ = self.idle.popitem(last=False)
+        del self.named[self.name_of.pop(page)]
+        return page
 
     def grow(self, row: int, tokens: int) -> bool:
         """Row `row` holds the pages for `tokens` slots: it takes the ones it lacks (a sequence's answer takes a
@@ -89,19 +169,29 @@ class KVCache:
         have, need = len(self.held[row]), pages_for(tokens, self.page)
         if need <= have:
             return True
-        if need - have > len(self.free):
+        if need - have > len(self.free) + len(self.idle):
             return False
-        self.held[row] += [self.free.pop() for _ in range(need - have)]
-        self.table_host[row, have:need] = torch.tensor(self.held[row][have:], dtype=torch.int32)
+        new = [self._take() for _ in range(need - have)]
+        for p in new:
+            self.refs[p] = 1
+        self.held[row] += new
+        self.table_host[row, have:need] = torch.tensor(new, dtype=torch.int32)
         self._dirty = True
         return True
 
     def release(self, row: int) -> None:
-        """The row's pages go back to the pool; its entries to the scratch page."""
+        """The row's pages go back to the pool (a named one keeps its name and keys, for a prompt that starts
+        alike, until the pool needs it); its entries to the scratch page."""
         if not self.paged or not self.held[row]:
             return
-        self.free.extend(reversed(self.held[row]))
-        self.held[row] = []
+        for p in reversed(self.held[row]):
+            self.refs[p] -= 1
+            if self.refs[p] == 0:
+                if p in self.name_of:
+                    self.idle[p] = None
+                else:
+                    self.free.append(p)
+        self.held[row], self.names[row], self.registered[row] = [], [], 0
         self.table_host[row] = 0
         self._dirty = True
 

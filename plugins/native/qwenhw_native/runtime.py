@@ -53,7 +53,7 @@ class Runtime:
     def __init__(self, model: Any, max_len: int, device: str | torch.device, graphs: bool = True,
                  moe_hook: Callable | None = None, decode_experts: str | None = None, batch: int = 1,
                  group: Any = None, kernels: KernelConfig | None = None, prefill_tokens: int = PREFILL_TOKENS,
-                 kv_tokens: int = 0):
+                 kv_tokens: int = 0, prefix_caching: bool = False):
         self.model = model
         self.batch = batch
         self.group = group  # tensor/expert-parallel process group (see sharding.py); None = one device
@@ -80,7 +80,7 @@ class Runtime:
         self.kv_heads = attn.k_proj.weight.shape[0] // self.head_dim  # this rank's share under TP
         dtype = model.model.embed_tokens.weight.dtype
         self.cache = KVCache(len(self.layers), batch, self.kv_heads, self.head_dim, max_len, dtype, self.device,
-                             kv_tokens)
+                             kv_tokens, prefix=prefix_caching)
         self.k, self.v = self.cache.k, self.cache.v
         self.arange = torch.arange(max_len, device=self.device)
         self.kernels = kernels or KernelConfig.resolve()
@@ -170,13 +170,18 @@ class Runtime:
         self.active[row] = False
         self.cache.release(row)
 
-    def admits(self, tokens: int) -> bool:
-        """Whether a sequence of `tokens` slots can take a row's pages now (beside others: leaving `spare`)."""
-        return self.cache.fits(min(tokens, self.scratch), self.spare if any(self.cache.held) else 0)
+    def admits(self, tokens: int, ids: list[int] | None = None) -> bool:
+        """Whether a sequence of `tokens` slots (prompt `ids`: pages it would share need none) can take a row's
+        pages now (beside others: leaving `spare`)."""
+        return self.cache.fits(min(tokens, self.scratch), self.spare if any(self.cache.held) else 0, ids)
 
-    def admit(self, row: int, tokens: int) -> None:
-        """Row `row` takes the pages for a sequence of up to `tokens` slots (a static cache: nothing to take)."""
-        self.cache.admit(row, min(tokens, self.scratch))
+    def admit(self, row: int, tokens: int, ids: list[int] | None = None) -> int:
+        """Row `row` takes the pages for a sequence of up to `tokens` slots (a static cache: nothing to take); with
+        its prompt `ids` and prefix caching, the pages a prompt that started alike left. Returns the prompt
+        tokens those hold (the prompt goes in from there)."""
+        cached = self.cache.admit(row, min(tokens, self.scratch), ids)
+        self.lengths[row] = cached
+        return cached
 
     def kv_usage(self) -> float:
         """The share of the KV cache that sequences hold: a pool's pages, or a static cache's rows."""
@@ -291,6 +296,7 @@ class Runtime:
         for f, n in pieces:
             f.done += n
             self.lengths[f.row] = f.done
+            self.cache.register(f.row, f.done)  # its whole pages, for prompts that start alike
         complete = [f for f, _ in pieces if f.done == len(f.ids)]
         for f in complete:
             self.active[f.row] = True
@@ -300,19 +306,18 @@ class Runtime:
     def _pieces(self, filling: list["Filling"]) -> list[tuple["Filling", int]]:
         """What of `filling` the next pass takes, in order: of each prompt its next tokens, at most
         `prefill_chunk`, while the pass holds them (`prefill_tokens` of prompts, `step_prefill_tokens` while
-        rows decode). A prompt cut short (a long one's chunk, or the last that fits) goes in only where no other
-        piece of the pass is cut or a later chunk: a pass reads the earlier keys of one prompt at most (vLLM's
-        one partial prefill at a time)."""
+        rows decode). One prompt at most is cut short (a long one's chunk, or the last that fits: vLLM's one
+        partial prefill at a time), and the earlier slots the pieces read (a later chunk's, a prompt's cached
+        pages') hold one context at most beside the first piece's."""
         budget = self.step_prefill_tokens if any(self.active) else self.prefill_tokens
-        pieces, cut = [], False
+        pieces, cut, before = [], False, 0
         for f in filling:
             rest = len(f.ids) - f.done
             n = min(rest, self.prefill_chunk, budget)
-            partial = f.done > 0 or n < rest
-            if n <= 0 or partial and cut:
+            if n <= 0 or n < rest and cut or pieces and before + f.done > self.max_len:
                 break
             pieces.append((f, n))
-            budget, cut = budget - n, cut or partial
+            budget, cut, before = budget - n, cut or n < rest, before + f.done
         return pieces
 
     def _prompt_pass(self, pieces: list[tuple["Filling", int]], decoding: list[int],

@@ -10,9 +10,9 @@ torch = pytest.importorskip("torch")
 from qwenhw_native.kv_cache import PAGE, KVCache  # noqa: E402
 
 
-def _cache(pool: int, rows: int = 3, max_len: int = 600) -> KVCache:
+def _cache(pool: int, rows: int = 3, max_len: int = 600, prefix: bool = False) -> KVCache:
     return KVCache(layers=2, rows=rows, kv_heads=2, head_dim=4, max_len=max_len, dtype=torch.float32,
-                   device=torch.device("cpu"), pool_tokens=pool)
+                   device=torch.device("cpu"), pool_tokens=pool, prefix=prefix)
 
 
 def test_rows_take_whole_pages_and_give_them_back():
@@ -79,3 +79,35 @@ def test_a_row_grows_page_by_page_or_not_at_all():
     c.release(1)
     assert c.grow(0, 3 * PAGE) and len(c.held[0]) == 3 and c.usage == 0.75
     assert _cache(0).grow(2, 10**6)  # a static row holds its whole context
+
+
+def test_prompts_that_start_alike_share_the_pages_the_first_left():
+    """Prefix caching: a prompt's whole pages but the one holding its last token take names as they fill; a
+    later prompt starting alike shares them (counted per holder) and goes in from the first token after them;
+    pages no row holds keep their names until the pool needs them, free pages going first, then the named ones
+    given back the longest ago."""
+    c = _cache(6 * PAGE, max_len=1200, prefix=True)
+    a = list(range(1000, 1000 + 2 * PAGE + 88))  # two whole pages, then 88 tokens
+    b = a[:2 * PAGE] + list(range(5000, 5100))  # starts alike for two pages
+    assert c.admit(0, len(a) + 1, a) == 0 and c.match(b) == []  # nothing named yet
+    c.register(0, PAGE + 5)  # the prompt's first page has gone in
+    assert c.match(b) == c.held[0][:1]
+    c.register(0, len(a))
+    assert c.match(b) == c.held[0][:2] and c.match(a[:2 * PAGE]) == c.held[0][:1]  # its last page: computed
+    first = c.held[0][:2]
+    assert c.fits(len(b) + 1, ids=b) and c.free_tokens == 3 * PAGE
+    assert c.admit(1, len(b) + 1, b) == 2 * PAGE and c.held[1][:2] == first and len(c.held[1]) == 3
+    assert c.queried == len(a) + len(b) and c.hit == 2 * PAGE
+    c.release(0)
+    assert c.usage == 3 / 6 and c.match(b) == first  # still held by row 1
+    c.release(1)
+    assert c.free_tokens == 6 * PAGE and list(c.idle) == first[::-1] and c.match(b) == first  # kept, named
+    assert c.admit(2, len(b) + 1, b) == 2 * PAGE and not c.idle  # back from the named pages no row held
+    c.release(2)
+    c.admit(0, 4 * PAGE)  # the four free pages
+    # the pool takes a named page back: the prompt's second (a row gives its pages back last first, so a
+    # prefix's tail goes before its head)
+    assert c.match(b) == first and c.grow(0, 5 * PAGE) and c.match(b) == first[:1]
+    assert c.fits(PAGE) and not c.fits(2 * PAGE)
+    plain = _cache(6 * PAGE)
+    assert plain.admit(0, len(a) + 1, a) == 0 and plain.match(a) == [] and not plain.prefix

@@ -238,7 +238,7 @@ def test_a_paged_cache_gives_the_static_caches_tokens_and_admits_by_pages(tiny_m
     # a waiting request whose client leaves never goes in; the one behind it does
     admitted = []
     real = rt.admit
-    rt.admit = lambda row, n: admitted.append(n) or real(row, n)
+    rt.admit = lambda row, n, ids=None: admitted.append(n) or real(row, n, ids)
     left = list(rt.stream_batch(prompts, most, SampleParams(), set(), alive=lambda seq: seq != 2))
     assert tokens(left) == {**tokens(paged), 2: []} and admitted == [301, 21, 6]  # a prompt's pages and one slot
 
@@ -261,13 +261,13 @@ def test_answers_take_pages_as_they_grow_and_the_newest_gives_them_back(tiny_moe
     prompts = [list(range(100, 350)), list(range(400, 410)), list(range(500, 600))]
     most = [20, 40, 30]
     runs = []
-    for pool in (0, 3 * PAGE):
+    for pool, prefix in ((0, False), (3 * PAGE, True), (3 * PAGE, False)):  # prefix caching: nothing to share
         rt = Runtime(model, 600, "cpu", graphs=graphs, batch=3, kv_tokens=pool,
-                     kernels=KernelConfig(async_steps=steps))
+                     kernels=KernelConfig(async_steps=steps), prefix_caching=prefix)
         runs.append(list(rt.stream_batch(prompts, most, SampleParams(), set())))
-    static, paged = runs
+    static, cached, paged = runs
     tokens = lambda run: {s: [t for q, t, _ in run if q == s] for s in range(3)}  # noqa: E731
-    assert tokens(paged) == tokens(static) and [len(t) for t in tokens(paged).values()] == most
+    assert tokens(paged) == tokens(static) == tokens(cached) and [len(t) for t in tokens(paged).values()] == most
     assert rt.preemptions == 1 and rt.cache.free_tokens == 3 * PAGE
     order = [q for q, _, _ in paged]
     # sequence 2 had tokens before it gave its page back and the rest only after sequence 0 ended
@@ -353,6 +353,34 @@ def test_the_plans_prompt_pass_budget_reaches_the_runtimes(tiny_moe):
     assert passes == [[10, 6], [4, 5]]  # 10 + 10 > 16: the second prompt cut where the first pass ends
 
 
+@pytest.mark.parametrize("graphs", [False, "emulate"])
+def test_a_prompt_that_starts_like_an_earlier_one_goes_in_from_its_cached_pages(tiny_moe, graphs):
+    """Prefix caching (NativeConfig.prefix_caching): a prompt whose first pages another prompt filled before
+    goes in from the first token after them, over the keys those pages hold, and gets the tokens it gets
+    without the cache; the same prompt again takes all its pages but the last (whose logits give its first
+    token)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qwenhw_native.kv_cache import PAGE
+    from qwenhw_native.runtime import Runtime, SampleParams
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32)
+    a = list(range(1000, 1000 + 2 * PAGE + 88))
+    b = a[:2 * PAGE] + list(range(5000, 5050))
+    plain = Runtime(model, 1200, "cpu", graphs=graphs, batch=2, kv_tokens=8 * PAGE)
+    want = [plain.generate_batch([p], 6, SampleParams(), set())[0] for p in (a, b, a)]
+    rt = Runtime(model, 1200, "cpu", graphs=graphs, batch=2, kv_tokens=8 * PAGE, prefix_caching=True)
+    starts: list[list[int]] = []
+    real = rt._pieces
+    rt._pieces = lambda filling: (lambda out: starts.append([f.done for f, _ in out]) or out)(real(filling))
+    got = [rt.generate_batch([p], 6, SampleParams(), set())[0] for p in (a, b, a)]
+    assert got == want
+    assert starts == [[0], [2 * PAGE], [2 * PAGE]] and rt.cache.hit == 4 * PAGE
+    assert rt.cache.queried == 2 * len(a) + len(b)
+    assert not plain.cache.prefix and plain.cache.hit == 0
+
+
 @pytest.mark.parametrize("prompts,tokens,chunk,budget", [(16, 1500, 2048, 8192), (2, 5000, 2048, 32768),
                                                          (64, 1024, 2048, 32768), (7, 9, 4, 10)])
 def test_the_planner_counts_the_passes_the_runtime_makes(prompts, tokens, chunk, budget):
@@ -363,7 +391,8 @@ def test_the_planner_counts_the_passes_the_runtime_makes(prompts, tokens, chunk,
     from qwenhw.planning import speed
     from qwenhw_native.runtime import Filling, Runtime
 
-    rt = SimpleNamespace(active=[False], prefill_tokens=budget, step_prefill_tokens=budget, prefill_chunk=chunk)
+    rt = SimpleNamespace(active=[False], prefill_tokens=budget, step_prefill_tokens=budget, prefill_chunk=chunk,
+                         max_len=tokens + 1)
     filling = [Filling(r, [0] * tokens) for r in range(prompts)]
     passes = []
     while filling:
@@ -414,8 +443,8 @@ def test_plans_saved_under_the_offload_backends_names_still_load(tiny_moe, hf_re
 
 
 def test_the_servers_metrics_show_the_kv_pool_held_while_a_request_decodes(tiny_moe):
-    """/metrics reads the engine's KV cache at each scrape (vLLM's kv_cache_usage_perc and num_preemptions): a
-    share of the pool held while a streamed answer decodes, none once it is done."""
+    """/metrics reads the engine's KV cache at each scrape (vLLM's kv_cache_usage_perc, num_preemptions and
+    prefix cache counters): a share of the pool held while a streamed answer decodes, none once it is done."""
     import http.client
 
     import openai
@@ -444,6 +473,16 @@ def test_the_servers_metrics_show_the_kv_pool_held_while_a_request_decodes(tiny_
             list(stream)
             assert 0 < held < 1 and metric("qwenhw:kv_cache_usage_perc") == 0
             assert metric("qwenhw:num_preemptions_total") == eng.batched.preemptions == 0
+            # prefix caching (vLLM's counters, in prompt tokens): the second of two prompts alike finds the
+            # first's whole page
+            asked = metric("qwenhw:prefix_cache_queries_total")
+            assert asked == eng.batched.cache.queried > 0 and metric("qwenhw:prefix_cache_hits_total") == 0
+            long = "one two three four " * 80
+            for _ in range(2):
+                client.completions.create(model="tiny", prompt=long, max_tokens=2, temperature=0)
+            n = eng.count_tokens(long)
+            assert 256 < n < 512 and metric("qwenhw:prefix_cache_queries_total") == asked + 2 * n
+            assert metric("qwenhw:prefix_cache_hits_total") == 256
         finally:
             server.shutdown()
             server.server_close()
