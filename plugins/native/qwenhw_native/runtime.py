@@ -344,31 +344,34 @@ class Runtime:
     def _packed(self, pieces: list[tuple["Filling", int]], decoding: list[int],
                 decode: torch.Tensor | None) -> tuple[Packed, torch.Tensor, torch.Tensor, torch.Tensor]:
         """A packed pass's addresses (decode rows first, then each piece at its slots f.done..f.done + n of its
-        row), its token ids [1, tokens], their positions and the tokens whose logits it returns. Every number
-        from the host goes up in one copy, queued behind the kernels before (`to_device`)."""
+        row), its token ids [1, tokens], their positions and the tokens whose logits it returns. What the host
+        gives goes up in one copy, queued behind the kernels before (`to_device`): the ids, and a few numbers per
+        piece from which the device spreads each token's row and slot."""
         m = decode.numel() if decode is not None else 0
         firsts, lengths = [f.done for f, _ in pieces], [k for _, k in pieces]
         ends = [lo + k for lo, k in zip(firsts, lengths)]
         bounds, bounds_k = [0, *accumulate(lengths)], [0, *accumulate(ends)]
         last = decoding + [m + b - 1 for (f, _), b, e in zip(pieces, bounds[1:], ends) if e == len(f.ids)]
-        later = any(firsts)  # a later chunk: keys from its row's slot 0
-        host = [t for f, k in pieces for t in f.ids[f.done:f.done + k]]
-        host += [f.row for f, k in pieces for _ in range(k)]
-        host += [s for lo, k in zip(firsts, lengths) for s in range(lo, lo + k)]
-        host += bounds + last + ([f.row for f, _ in pieces] + ends + bounds_k if later else [])
+        later = any(firsts)  # a later chunk (or cached pages): every piece's keys from its row's slot 0
+        host: list[int] = []
+        for f, k in pieces:
+            host += f.ids[f.done:f.done + k]
+        host += [f.row for f, _ in pieces] + lengths + [lo - b for lo, b in zip(firsts, bounds)] + bounds + last
+        host += ends + bounds_k if later else []
         up = to_device(host, self.device)
         t, p = bounds[-1], len(pieces)
-        ids, rows, slots = up[:t], up[t:2 * t], up[2 * t:3 * t]
-        at = 3 * t + p + 1
-        cu, last_t = up[3 * t:at].int(), up[at:at + len(last)]
+        ids, piece_rows, piece_len, shift = up[:t], up[t:t + p], up[t + p:t + 2 * p], up[t + 2 * p:t + 3 * p]
+        at = t + 4 * p + 1
+        cu, last_t = up[t + 3 * p:at].int(), up[at:at + len(last)]
+        spread = lambda xs, n, size: torch.repeat_interleave(xs, n, output_size=size)  # noqa: E731
+        rows = spread(piece_rows, piece_len, t)
+        slots = torch.arange(t, device=self.device) + spread(shift, piece_len, t)  # piece p from firsts[p]
         keys = cu_k = None
         if later:
             at += len(last)
-            piece_rows, piece_ends, cu_k = up[at:at + p], up[at + p:at + 2 * p], up[at + 2 * p:at + 3 * p + 1]
-            total = bounds_k[-1]
-            key_slots = torch.arange(total, device=self.device) - torch.repeat_interleave(
-                cu_k[:-1], piece_ends, output_size=total)
-            keys = torch.repeat_interleave(piece_rows, piece_ends, output_size=total), key_slots
+            piece_ends, cu_k, total = up[at:at + p], up[at + p:at + 2 * p + 1], bounds_k[-1]
+            keys = (spread(piece_rows, piece_ends, total),
+                    torch.arange(total, device=self.device) - spread(cu_k[:-1], piece_ends, total))
             cu_k = cu_k.int()
         pos = torch.cat([self.pos[:m], slots])
         packed = Packed(torch.cat([self.arange[:m], rows]), pos, cu, bounds, decode=m, start=self.start[:m],
