@@ -56,7 +56,8 @@ def make_request(context: int | None = None, concurrency: int = 1, dtype: str | 
                  kv_dtype: str | None = None, backend: str | None = None, engine: str | None = None,
                  gpu_memory_gib: float | None = None, cpu_memory_gib: float | None = None, allow_offload: bool = True,
                  prompt_tokens: int | None = None, output_tokens: int | None = None,
-                 goal: str | None = None, load_format: str | None = None, ray_address: str | None = None) -> Request:
+                 goal: str | None = None, load_format: str | None = None, ray_address: str | None = None,
+                 prefix_caching: bool = True) -> Request:
     if context is not None and context < 16:
         raise BadInput(f"--context {context} is too small: a request needs at least 16 tokens (try 4096).")
     if concurrency < 1:
@@ -100,6 +101,7 @@ def make_request(context: int | None = None, concurrency: int = 1, dtype: str | 
         goal=goal,
         load_format=load_format or "auto",
         ray_address=ray_address,
+        prefix_caching=bool(prefix_caching),
     )
 
 

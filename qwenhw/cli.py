@@ -240,6 +240,8 @@ def request_options(fn: Callable) -> Callable:
                           "plans for what it holds."),
         click.option("--load-format", type=click.Choice(["auto", "dummy"]),
                      help="dummy: random weights from the checkpoint's config.json (benchmarks; answers are noise)."),
+        click.option("--prefix-caching/--no-prefix-caching", default=True, show_default=True,
+                     help="Reuse the KV cache of prompts that start alike (vLLM's automatic prefix caching)."),
         click.option("--goal", type=click.Choice(["latency", "throughput"]),
                      help="Rank by request latency or by output tokens/s [default: latency at concurrency 1, "
                           "else throughput]."),
@@ -251,7 +253,7 @@ def request_options(fn: Callable) -> Callable:
 
 def _request(kw: dict[str, Any]) -> dict[str, Any]:
     keys = ("context", "concurrency", "dtype", "kv_dtype", "backend", "engine", "gpu_memory_gib", "cpu_memory_gib",
-            "prompt_tokens", "output_tokens", "goal", "load_format", "ray_address")
+            "prompt_tokens", "output_tokens", "goal", "load_format", "ray_address", "prefix_caching")
     return {k: kw[k] for k in keys if k in kw}
 
 

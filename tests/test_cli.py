@@ -23,6 +23,18 @@ def test_plan_json_for_4xh100():
     assert d["fits"] and d["model"] == "Qwen3-30B-A3B" and len(d["devices"]) >= 1
 
 
+def test_no_prefix_caching_reaches_each_engines_config():
+    """--no-prefix-caching: the native plan's config turns it off; a vLLM plan's `vllm serve` says so (vLLM's flag)."""
+    for backend, where in (("native", lambda d: d["config"]["prefix_caching"]),
+                           ("vllm", lambda d: d["config"]["engine_args"]["enable_prefix_caching"])):
+        on, off = (json.loads(qwenhw_cli("plan", "Qwen3-30B-A3B", "--hardware", "1xH100-80G", "--backend", backend,
+                                         "--json", *flags).stdout) for flags in ((), ("--no-prefix-caching",)))
+        assert where(off) is False, backend
+        # the default: on (a native config leaves defaults out), vLLM's own (also on)
+        assert ("prefix_caching" not in on["config"]) if backend == "native" else where(on) is None
+        assert ("--no-enable-prefix-caching" in off["artifacts"].get("vllm-serve.sh", "")) == (backend == "vllm")
+
+
 @pytest.mark.parametrize("profile", bundled_names())
 def test_plan_is_fast_on_every_profile(profile):
     start = time.perf_counter()

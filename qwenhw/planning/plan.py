@@ -32,6 +32,7 @@ class Request:
     goal: str | None = None  # "latency" or "throughput" (default: latency at concurrency 1, else throughput)
     load_format: str = "auto"  # "dummy": random weights from the checkpoint's config (benchmarks)
     ray_address: str | None = None  # the Ray cluster a multi-node plan runs on (default: RAY_ADDRESS)
+    prefix_caching: bool = True  # reuse the KV cache of prompts' shared beginnings (vLLM's automatic prefix caching)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -128,7 +128,8 @@ def one_gpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str,
         estimate=(in_waves(lambda n: _one_gpu_estimate(served, gpu, replace(w, concurrency=n), kv_dtype, budget),
                            running, w) if fits else Estimate()),
         reasons=(why,), config=NativeConfig(dtype=stored_dtype(served), main_device=dev, threads=node.cpu.physical_cores,
-                                            prefill_tokens=budget, kv_tokens=pool).to_dict(),
+                                            prefill_tokens=budget, kv_tokens=pool,
+                                            prefix_caching=req.prefix_caching).to_dict(),
     )
 
 
@@ -296,7 +297,7 @@ def cpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request, dtype: str, con
            f"cores, weights in {dt}" if fits else
            f"needs {(wb.total + kv + act) / GiB:.1f} GiB; the host RAM budget is {ram / GiB:.1f} GiB")
     config = NativeConfig(dtype=dt, main_device="cpu", threads=node.cpu.physical_cores, cuda_graphs=False,
-                          kv_tokens=pool).to_dict()
+                          kv_tokens=pool, prefix_caching=req.prefix_caching).to_dict()
     per_token = mm.kv_bytes_per_token(served, kv_dtype)
     return Plan(
         model=spec.name, backend="native", engine=engine, fits=fits, parallel=Parallel(),

@@ -486,3 +486,7 @@ def test_the_servers_metrics_show_the_kv_pool_held_while_a_request_decodes(tiny_
         finally:
             server.shutdown()
             server.server_close()
+    off = qwenhw.plan(str(tiny_moe), backend="native", engine="one-gpu", context=512, concurrency=2,
+                      prefix_caching=False)
+    with qwenhw.load(off) as eng:  # --no-prefix-caching: nothing named, no prefix counters
+        assert eng.batched.cache.paged and not eng.batched.cache.prefix and "prefix_hits" not in eng.kv_cache()

@@ -62,6 +62,8 @@ def serve_argv(plan: Any, head_address: str | None = None) -> list[str]:
         argv += [flag, str(value)]
     if a.get("enable_expert_parallel"):
         argv.append("--enable-expert-parallel")
+    if a.get("enable_prefix_caching") is False:
+        argv.append("--no-enable-prefix-caching")
     parser = reasoning_parser(plan)
     if parser:
         argv += ["--reasoning-parser", parser]

@@ -453,6 +453,7 @@ def layout_plan(spec: ModelSpec, prec: Precision, hw: HardwareProfile, gpu: Acce
         "dtype": prec.torch_dtype,
         "distributed_executor_backend": "ray" if nodes > 1 else ("mp" if layout.world > 1 else None),
         "load_format": "dummy" if req.load_format == "dummy" else None,
+        "enable_prefix_caching": None if req.prefix_caching else False,  # None: vLLM's default (on)
     }
     return Plan(
         model=spec.name, backend="vllm", engine="vllm", fits=fits, parallel=layout, devices=tuple(devices),
@@ -652,6 +653,7 @@ def cpu_plan(spec: ModelSpec, hw: HardwareProfile, req: Request) -> Plan:
         "max_num_batched_tokens": CPU_MAX_BATCHED_TOKENS, "kv_cache_dtype": "auto", "quantization": None,
         "dtype": prec.torch_dtype, "distributed_executor_backend": "mp" if layout.pp > 1 else None,
         "load_format": "dummy" if req.load_format == "dummy" else None,
+        "enable_prefix_caching": None if req.prefix_caching else False,  # None: vLLM's default (on)
     }
     head_ip = nodes[0].address or "127.0.0.1"
     if layout.pp > 1:  # node_rank and master_port are set per node when the ranks start

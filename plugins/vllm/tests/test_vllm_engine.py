@@ -208,6 +208,7 @@ def test_chat_equals_llm_chat_with_chat_template_kwargs(engine):
 # --- every emitted vllm command parses with vLLM's own parser -------------------------------------------------
 PLANS = [
     ("Qwen3-30B-A3B-FP8", "4xH100-80G", {"concurrency": 32}),
+    ("Qwen3-30B-A3B", "1xH100-80G", {"prefix_caching": False}),
     ("Qwen3-235B-A22B", "8xH200-141G", {}),
     ("Qwen3-235B-A22B", "2x8xH100-80G", {"context": 32768, "concurrency": 32, "kv_dtype": "bf16"}),
     ("Qwen3-30B-A3B", "4xA10-24G", {}),
@@ -229,7 +230,8 @@ print("@@" + json.dumps(out, default=str))
 """
 KEYS = ["model", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "enable_expert_parallel",
         "gpu_memory_utilization", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_dtype",
-        "cpu_offload_gb", "quantization", "dtype", "distributed_executor_backend", "reasoning_parser"]
+        "cpu_offload_gb", "quantization", "dtype", "distributed_executor_backend", "reasoning_parser",
+        "enable_prefix_caching"]
 
 
 def _script_argv(text: str) -> list[str]:
@@ -268,6 +270,8 @@ def test_every_emitted_vllm_command_parses_with_vllms_parser(ckpt):
         for key in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "enable_expert_parallel",
                     "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_dtype", "dtype"):
             assert got[key] == want[key], (plan.model, plan.hardware, key, got[key], want[key])
+        if want.get("enable_prefix_caching") is False:  # --no-prefix-caching (else vLLM's default)
+            assert got["enable_prefix_caching"] is False
         assert float(got["cpu_offload_gb"]) == float(want.get("cpu_offload_gb") or 0)
         assert got["quantization"] == want["quantization"]
         assert got["distributed_executor_backend"] == want["distributed_executor_backend"]
