@@ -381,6 +381,29 @@ def test_a_prompt_that_starts_like_an_earlier_one_goes_in_from_its_cached_pages(
     assert not plain.cache.prefix and plain.cache.hit == 0
 
 
+def test_a_preempted_sequence_goes_in_again_over_its_own_cached_pages(tiny_moe):
+    """Prefix caching under preemption: a sequence that gave its pages back keeps its prompt's whole page named,
+    and goes in again from the token after it; every sequence gets the tokens it gets without the cache."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qwenhw_native.kv_cache import PAGE
+    from qwenhw_native.runtime import Runtime, SampleParams
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32)
+    # two 300-token prompts (two pages each, the first named) in a pool of five pages: at their 213th token
+    # each needs a third; the older takes the last free one, the newer gives its pages back and goes in again
+    # once the older is done, over its own named page
+    prompts = [list(range(1000, 1300)), list(range(2000, 2300))]
+    runs = []
+    for cached in (False, True):
+        rt = Runtime(model, 600, "cpu", graphs=False, batch=2, kv_tokens=5 * PAGE, prefix_caching=cached)
+        runs.append(rt.generate_batch(prompts, 260, SampleParams(), set()))
+        assert rt.preemptions == 1
+    assert runs[0] == runs[1] and [len(t) for t in runs[1]] == [260, 260]
+    assert rt.cache.hit == PAGE  # the newer's first page, when it went in again
+
+
 @pytest.mark.parametrize("prompts,tokens,chunk,budget", [(16, 1500, 2048, 8192), (2, 5000, 2048, 32768),
                                                          (64, 1024, 2048, 32768), (7, 9, 4, 10)])
 def test_the_planner_counts_the_passes_the_runtime_makes(prompts, tokens, chunk, budget):
