@@ -115,13 +115,13 @@ def main() -> None:
 
     # prefix caching: a prompt that starts like an earlier one (512 tokens: two pages) goes in from its first token
     # after them, over the keys they hold; the first prompt again finds two of its three pages
-    first = torch.randint(1000, 150000, (700,), generator=g).tolist()
-    alike = first[:512] + torch.randint(1000, 150000, (100,), generator=g).tolist()
+    base = torch.randint(1000, 150000, (700,), generator=g).tolist()
+    alike = base[:512] + torch.randint(1000, 150000, (100,), generator=g).tolist()
     runs = []
     for cached in (False, True):
         rt = Runtime(model, max_len=1024, device="cuda", batch=2, kv_tokens=4096, prefix_caching=cached)
         rt.warm()
-        runs.append([rt.generate_batch([p], 40, SampleParams(), set())[0] for p in (first, alike, first)])
+        runs.append([rt.generate_batch([p], 40, SampleParams(), set())[0] for p in (base, alike, base)])
     prefix = agreement(runs[1], runs[0])
     ok = sum(prefix) >= 60 and runs[1][0] == runs[0][0] and rt.cache.hit == 1024
     failed |= not ok
