@@ -82,18 +82,6 @@ class ContinuousBatch:
         self.rt.release(r)
         self.filling[:] = [f for f in self.filling if f.row != r]
 
-    def emit(self, rows: list[int], logits: torch.Tensor) -> Iterator[Piece]:
-        sampled = sample_rows(logits, self.params, self.gen)
-        for r, token in zip(rows, sampled.tolist()):
-            s = self.seqs[r]
-            if s is None or not self.rt.active[r]:  # a row of a decode step that does not decode
-                continue
-            yield from self.take(r, s, token)
-        if rows == list(range(len(rows))):  # a decode step's
-            self.tokens[:len(rows)] = sampled
-        else:  # prompts that went in
-            self.tokens[to_device(rows, self.rt.device)] = sampled
-
     def take(self, r: int, s: Sequence, token: int) -> Iterator[Piece]:
         if self.alive is not None and not self.alive(s.id):
             self.leave(r)
@@ -119,18 +107,28 @@ class ContinuousBatch:
         rt = self.rt
         for r in self.ending(before):
             rt.active[r] = False
-        turn: list[_Step] = []
-        decoded = False
-        if self.filling:
-            rows, logits, decoded = rt.fill_and_decode(self.filling, self.tokens)
-            if rows:
-                turn.append(self.sampled(rows, list(range(len(rows))), logits, to_device(rows, rt.device)))
+        turn, decoded = self.fill()
+        if turn:
             for r in self.ending(before + turn):
                 rt.active[r] = False
         if any(rt.active) and not decoded:
-            rows = [r for r, on in enumerate(rt.active) if on]
-            turn.append(self.sampled(rows, rows, rt.decode(self.tokens)))
+            turn.append(self.decode())
         return turn
+
+    def fill(self) -> tuple[list[_Step], bool]:
+        """The prompt pass of the prompts going in, if any (carrying the decode step where passes mix): what is
+        in flight for the rows that sampled, and whether the rows decoded."""
+        if not self.filling:
+            return [], False
+        rows, logits, decoded = self.rt.fill_and_decode(self.filling, self.tokens)
+        if not rows:
+            return [], decoded
+        return [self.sampled(rows, list(range(len(rows))), logits, to_device(rows, self.rt.device))], decoded
+
+    def decode(self) -> _Step:
+        """A decode step of the decoding rows (each computed row's token at its row)."""
+        rows = [r for r, on in enumerate(self.rt.active) if on]
+        return self.sampled(rows, rows, self.rt.decode(self.tokens))
 
     def sampled(self, rows: list[int], at: list[int], logits: torch.Tensor,
                 where: torch.Tensor | None = None) -> _Step:
@@ -231,12 +229,7 @@ class ContinuousBatch:
 
     def turn(self) -> Iterator[Piece]:
         """One turn, its tokens handed out as its pass and its step end (asynchronous steps off)."""
-        rt = self.rt
-        decoded = False
-        if self.filling:
-            rows, logits, decoded = rt.fill_and_decode(self.filling, self.tokens)
-            if rows:
-                yield from self.emit(rows, logits)
-        if any(rt.active) and not decoded:
-            logits = rt.decode(self.tokens)
-            yield from self.emit(list(range(len(logits))), logits)
+        passed, decoded = self.fill()
+        yield from self.settle(passed)
+        if any(self.rt.active) and not decoded:
+            yield from self.settle([self.decode()])

@@ -77,14 +77,18 @@ class KVCache:
         return (self.k.shape[1] - 1) * self.page if self.paged else 0
 
     @property
+    def unheld(self) -> int:
+        """Pages no sequence holds (named ones included: the pool takes them back as it needs)."""
+        return len(self.free) + len(self.idle)
+
+    @property
     def free_tokens(self) -> int:
-        """Slots of the pages no sequence holds (named ones included: the pool takes them back as it needs)."""
-        return (len(self.free) + len(self.idle)) * self.page
+        return self.unheld * self.page
 
     @property
     def usage(self) -> float:
         """The share of a pool's pages that sequences hold."""
-        return 1 - (len(self.free) + len(self.idle)) / (self.k.shape[1] - 1) if self.paged else 0.0
+        return 1 - self.unheld / (self.k.shape[1] - 1) if self.paged else 0.0
 
     # --- pages of the pool ------------------------------------------------------------------------------
     def slots(self, row: int) -> int:
@@ -98,7 +102,7 @@ class KVCache:
             return True
         shared = self.match(ids) if ids is not None else []
         taken_idle = sum(1 for p in shared if p in self.idle)
-        return pages_for(tokens, self.page) - len(shared) + spare <= len(self.free) + len(self.idle) - taken_idle
+        return pages_for(tokens, self.page) - len(shared) + spare <= self.unheld - taken_idle
 
     def admit(self, row: int, tokens: int, ids: list[int] | None = None) -> int:
         """Free row `row` takes the pages for `tokens` slots (its prompt and the first token of its answer);
@@ -118,7 +122,7 @@ class KVCache:
             self.queried, self.hit = self.queried + len(ids), self.hit + len(shared) * self.page
         if not self.grow(row, tokens):  # callers ask `fits` first
             raise RuntimeError(f"{pages_for(tokens, self.page) - len(shared)} pages asked, "
-                               f"{len(self.free) + len(self.idle)} free")
+                               f"{self.unheld} free")
         return len(shared) * self.page
 
     def _names(self, ids: list[int]) -> list[bytes]:
@@ -169,7 +173,7 @@ class KVCache:
         have, need = len(self.held[row]), pages_for(tokens, self.page)
         if need <= have:
             return True
-        if need - have > len(self.free) + len(self.idle):
+        if need - have > self.unheld:
             return False
         new = [self._take() for _ in range(need - have)]
         for p in new:
