@@ -53,3 +53,32 @@ def _row_texts(pieces) -> list[tuple[str, str, int]]:
 @pytest.fixture
 def texts():
     return _row_texts
+
+
+def _streamed(rt, prompts, limits) -> dict[int, list[int]]:
+    """A native runtime's greedy tokens of `prompts` decoded together (stream_batch), by sequence."""
+    from qwenhw_native.sampling import SampleParams
+
+    got: dict[int, list[int]] = {}
+    for seq, token, _ in rt.stream_batch(prompts, limits, SampleParams(), set()):
+        got.setdefault(seq, []).append(token)
+    return got
+
+
+def _alone(model, prompts, limits, max_len: int = 64) -> dict[int, list[int]]:
+    """Each prompt's greedy tokens decoded alone on a one-row native runtime (eager, CPU): what decoding them
+    together must give each, by sequence."""
+    from qwenhw_native.runtime import Runtime, SampleParams
+
+    rt = Runtime(model, max_len, "cpu", graphs=False)
+    return {i: rt.generate_batch([p], n, SampleParams(), set())[0] for i, (p, n) in enumerate(zip(prompts, limits))}
+
+
+@pytest.fixture
+def streamed():
+    return _streamed
+
+
+@pytest.fixture
+def alone():
+    return _alone

@@ -179,14 +179,14 @@ def test_asynchronous_steps_give_what_one_step_at_a_time_gives(tiny_moe):
     assert async_steps <= sync_steps + 1  # at most the EOS row's token that went nowhere (a step alone)
 
 
-def test_a_long_prompt_goes_in_chunk_by_chunk_between_decode_steps(tiny_moe):
+def test_a_long_prompt_goes_in_chunk_by_chunk_between_decode_steps(tiny_moe, streamed, alone):
     """Chunked prefill: a prompt longer than a chunk goes in one chunk per pass (the first beside a short
     prompt) while the other rows keep decoding (a decode step between every two chunks), and both get the
     tokens they get alone."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qwenhw_native.runtime import Runtime, SampleParams
+    from qwenhw_native.runtime import Runtime
 
     model = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32)
     short, long = list(range(100, 104)), list(range(300, 323))  # 4 tokens; 23: 5 chunks of 5
@@ -196,12 +196,7 @@ def test_a_long_prompt_goes_in_chunk_by_chunk_between_decode_steps(tiny_moe):
     real_pass, real_decode = rt._prompt_pass, rt.decode
     rt._prompt_pass = lambda pieces, *a: events.append("+".join(str(k) for _, k in pieces)) or real_pass(pieces, *a)
     rt.decode = lambda *a: events.append("decode") or real_decode(*a)
-    got: dict[int, list[int]] = {0: [], 1: []}
-    for seq, token, _ in rt.stream_batch([short, long], [12, 4], SampleParams(), set()):
-        got[seq].append(token)
-    alone = Runtime(model, 64, "cpu", graphs=False)
-    assert got == {0: alone.generate_batch([short], 12, SampleParams(), set())[0],
-                   1: alone.generate_batch([long], 4, SampleParams(), set())[0]}
+    assert streamed(rt, [short, long], [12, 4]) == alone(model, [short, long], [12, 4])
     assert ",".join(events).startswith("4+5,decode,5,decode,5,decode,5,decode,3,decode"), events
 
 

@@ -131,7 +131,7 @@ def test_prompt_passes_on_the_kernels_chunked_packed_and_joining(tiny_moe):
         assert torch.allclose(rt.k[:, row, :, :len(prompts[j])], keys[j], atol=1e-5)
 
 
-def test_prompts_joining_decoding_rows_go_in_with_their_decode_step(tiny_moe):
+def test_prompts_joining_decoding_rows_go_in_with_their_decode_step(tiny_moe, streamed, alone):
     """A pass of whole prompts while rows decode carries those rows' next tokens (one pass instead of a pass
     and a decode step): every sequence gets the tokens it gets alone, and no decode step runs beside it."""
     model = AutoModelForCausalLM.from_pretrained(tiny_moe, dtype=torch.float32).eval()
@@ -151,25 +151,17 @@ def test_prompts_joining_decoding_rows_go_in_with_their_decode_step(tiny_moe):
 
     rt.decode = lambda *a: events.append("decode") or real_decode(*a)
     rt.fill_and_decode = mix
-    got: dict[int, list[int]] = {}
-    for seq, token, _ in rt.stream_batch(prompts, limits, SampleParams(), set()):
-        got.setdefault(seq, []).append(token)
-    alone = Runtime(model, 64, "cpu", graphs=False)
-    assert got == {i: alone.generate_batch([p], n, SampleParams(), set())[0]
-                   for i, (p, n) in enumerate(zip(prompts, limits))}
+    each = alone(model, prompts, limits)
+    assert streamed(rt, prompts, limits) == each
     # prompts 0 and 1 go in alone; 2 and 3 each take a freed row beside the decoding sequence 1 (its third and
     # fifth tokens), with no decode step of their own
     assert events == ["pass", "decode", "mixed", "decode", "mixed", "decode"], events
     apart = Runtime(model, 64, "cpu", graphs=False, batch=2)  # the default
     assert not apart.mixes
-    got = {}
-    for seq, token, _ in apart.stream_batch(prompts, limits, SampleParams(), set()):
-        got.setdefault(seq, []).append(token)
-    assert got == {i: t for i, t in enumerate(alone.generate_batch([p], n, SampleParams(), set())[0]
-                                              for p, n in zip(prompts, limits))}
+    assert streamed(apart, prompts, limits) == each
 
 
-def test_a_long_prompts_chunks_ride_the_decode_steps(tiny_moe):
+def test_a_long_prompts_chunks_ride_the_decode_steps(tiny_moe, streamed, alone):
     """Mixed passes carry a long prompt's later chunks too, each over its row's earlier keys (vLLM's chunked
     prefill): while a row decodes, every chunk goes in with its decode step, none in a pass of its own, and
     both sequences get the tokens they get alone."""
@@ -185,12 +177,7 @@ def test_a_long_prompts_chunks_ride_the_decode_steps(tiny_moe):
     rt.decode = lambda *a: events.append("decode") or real_decode(*a)
     rt.fill_and_decode = lambda *a: (lambda out: events.append("mixed" if out[2] else "pass") or out)(real_mix(*a))
     rt._pieces = lambda filling: (lambda out: taken.append([k for _, k in out]) or out)(real_pieces(filling))
-    got: dict[int, list[int]] = {0: [], 1: []}
-    for seq, token, _ in rt.stream_batch([short, long], [12, 4], SampleParams(), set()):
-        got[seq].append(token)
-    alone = Runtime(model, 64, "cpu", graphs=False)
-    assert got == {0: alone.generate_batch([short], 12, SampleParams(), set())[0],
-                   1: alone.generate_batch([long], 4, SampleParams(), set())[0]}
+    assert streamed(rt, [short, long], [12, 4]) == alone(model, [short, long], [12, 4])
     # the short prompt and the long one's first chunk in one pass; its other four chunks beside the short one's
     # decoding, each in the pass that is that row's step; then decode steps alone
     assert taken == [[4, 5], [5], [5], [5], [3]], taken
